@@ -1,0 +1,11 @@
+"""ctflow: generate 3D chest CT volumes from radiology reports.
+
+A CT volume is treated as a video of axial slices: a slice autoencoder maps each
+slice to a latent, a report encoder reads the text, and a flow-matching
+transformer generates the latent volume one chunk of slices at a time.
+"""
+
+from ctflow.errors import CTFlowError
+
+__version__ = "0.1.0"
+__all__ = ["CTFlowError", "__version__"]

@@ -1,0 +1,81 @@
+"""Atomic writes and the overwrite guard.
+
+Every output is written to a temporary sibling and renamed into place, so an
+interrupted or failed run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ctflow.errors import CTFlowError
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to clobber an existing output unless ``overwrite``; make the parent folder."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CTFlowError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CTFlowError(f"cannot write {path}: {path.parent} is not a folder")
+    return path
+
+
+def _suffixes(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".tar.gz"):
+        if name.endswith(ext):
+            return ext
+    return path.suffix
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path next to ``path``; rename it onto ``path`` on success.
+
+    The temporary name keeps the extension so writers that infer the format
+    from it (nibabel, imageio) behave the same.
+    """
+    path = check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffixes(path), dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        if path.is_dir():
+            raise CTFlowError(f"cannot write {path}: a folder of that name exists")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; move it onto ``path`` on success."""
+    path = check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old) if path.is_dir() else path.unlink()
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    with atomic_path(path, overwrite) as tmp:
+        tmp.write_text(text)
+    return Path(path)
