@@ -1,0 +1,166 @@
+"""The ``ctflow`` command line.
+
+Every command turns bad input into a one-line ``error: ...`` message naming the
+problem and the fix, exits non-zero, and leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ctflow.errors import CTFlowError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Generate 3D chest CT volumes from radiology reports.",
+)
+convert_app = typer.Typer(no_args_is_help=True, help="Convert third-party weights to ctflow/transformers folders.")
+app.add_typer(convert_app, name="convert")
+console = Console(stderr=True)
+
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+
+
+def _progress(transient: bool = False):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=not sys.stderr.isatty() and os.environ.get("CTFLOW_PROGRESS") != "1",
+    )
+
+
+@app.command()
+def phantoms(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (CT-RATE layout).")],
+    n: Annotated[int, typer.Option("--n", help="Number of volumes.")] = 100,
+    size: Annotated[int, typer.Option(help="In-plane size in pixels.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the first volume; volume i uses seed+i.")] = 0,
+    split: Annotated[str, typer.Option(help="Split name used in file names.")] = "train",
+    min_slices: Annotated[int, typer.Option(help="Fewest slices per volume.")] = 64,
+    max_slices: Annotated[int, typer.Option(help="Most slices per volume.")] = 160,
+    overwrite: Overwrite = False,
+):
+    """Write a procedural chest-CT phantom data set with reports and ground truth."""
+    from ctflow.data.ctrate import CTRateWriter
+    from ctflow.data.phantom import make_phantom, sample_spec
+    from ctflow.data.reports import phantom_report
+    from ctflow.files import atomic_dir
+
+    if n < 1:
+        raise CTFlowError(f"--n must be at least 1, got {n}")
+    if not 16 <= size <= 1024:
+        raise CTFlowError(f"--size must be between 16 and 1024 pixels, got {size}")
+    if not 1 <= min_slices <= max_slices <= 2048:
+        raise CTFlowError(f"need 1 <= --min-slices <= --max-slices <= 2048, got {min_slices} and {max_slices}")
+    if not split.isalpha() or not split.islower():
+        raise CTFlowError(f"--split must be lower-case letters like 'train' or 'valid', got {split!r}")
+    with atomic_dir(out, overwrite) as tmp, _progress() as bar:
+        writer = CTRateWriter(tmp, split)
+        task = bar.add_task("phantoms", total=n)
+        for i in range(n):
+            spec = sample_spec(seed + i, size=size, slice_range=(min_slices, max_slices))
+            volume, truth = make_phantom(spec)
+            writer.add(i, volume, phantom_report(truth, seed=seed + i), truth["labels"], extra=truth)
+            bar.advance(task)
+        writer.close()
+    console.print(f"wrote {n} phantoms to {out}")
+
+
+@app.command()
+def preview(
+    volume: Annotated[Path, typer.Argument(help="NIfTI file or DICOM series folder.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG (tri-planar) or, with --gif, GIF path.")],
+    gif: Annotated[bool, typer.Option("--gif", help="Write an axial scroll GIF instead of the PNG.")] = False,
+    overwrite: Overwrite = False,
+):
+    """Write a tri-planar preview (lung and mediastinal windows) or an axial scroll GIF."""
+    from ctflow.data.io import read_volume
+    from ctflow.data.preview import write_gif, write_preview
+
+    want = ".gif" if gif else ".png"
+    if out.suffix.lower() != want:
+        raise CTFlowError(f"--out must end in {want}, got {out.name}")
+    vol = read_volume(volume)
+    (write_gif if gif else write_preview)(vol, out, overwrite=overwrite)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def info(volume: Annotated[Path, typer.Argument(help="NIfTI file or DICOM series folder.")]):
+    """Print shape, spacing, orientation, HU range and whether a volume is synthetic."""
+    import nibabel as nib
+
+    from ctflow.data.io import read_volume
+
+    vol = read_volume(volume)
+    hu = vol.hu()
+    facts = {
+        "path": str(volume),
+        "shape": list(vol.shape),
+        "spacing_mm": [round(v, 4) for v in vol.spacing],
+        "orientation": "".join(nib.aff2axcodes(vol.affine)),
+        "hu_min": float(hu.min()),
+        "hu_max": float(hu.max()),
+        "hu_mean": round(float(hu.mean()), 2),
+        "synthetic": vol.synthetic,
+    }
+    typer.echo(json.dumps(facts, indent=1))
+
+
+@convert_app.command("ctclip")
+def convert_ctclip(
+    checkpoint: Annotated[Path, typer.Argument(help="CT-CLIP checkpoint (.pt), read with weights_only=True.")],
+    out: Annotated[Path, typer.Option("--out", help="Output transformers folder.")],
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder to copy in (CXR-BERT).")] = None,
+    overwrite: Overwrite = False,
+):
+    """Extract CT-CLIP's text tower into a transformers folder (safetensors)."""
+    from ctflow.models.ctclip import convert_ctclip as convert
+
+    convert(checkpoint, out, tokenizer=tokenizer, overwrite=overwrite)
+    console.print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the app on ``argv`` and return the exit code, turning CTFlowError into one line and exit code 1."""
+    import click
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="ctflow")
+    except CTFlowError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 1
+    except click.exceptions.Abort:
+        console.print("aborted")
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    return rv if isinstance(rv, int) else 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,224 @@
+"""Rectified flow: the training objective, classifier-free guidance and the chunk sampler.
+
+Convention (t in [0, 1], 1 = pure noise; the model predicts the velocity v)::
+
+    x_t = (1 - t) * x0 + t * noise        v = noise - x0
+
+Sampling integrates dx/dt = v from t = 1 to t = 0 with diffusers' ``FlowMatchEulerDiscreteScheduler``
+or ``FlowMatchHeunDiscreteScheduler``: their ``step`` does ``sample + (sigma_next - sigma) *
+model_output``, which is this convention with t = sigma. At step i the model gets
+t = ``scheduler.sigmas[i]`` and the scheduler gets ``scheduler.timesteps[i]`` (= 1000 * sigma).
+
+A condition ``cond`` is a dict of the transformer's keyword arguments: ``encoder_hidden_states``
+[B,L,text_dim], ``encoder_attention_mask`` [B,L] (1 keep, 0 pad), ``pooled_text`` [B,text_dim],
+``chunk_index`` [B] long and ``context`` [B,C,S,h,w] (the previous chunk) or None for the first chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from ctflow.errors import CTFlowError
+
+NUM_TRAIN_TIMESTEPS = 1000
+TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text")
+SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
+
+
+def make_scheduler(name: str = "euler", shift: float = 1.0):
+    """A diffusers flow-matching scheduler ("euler" or "heun") set up for this convention."""
+    if name not in SCHEDULERS:
+        raise CTFlowError(f"unknown sampler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name](num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # x0, noise [B,...]; t [B] -> x_t = (1 - t) * x0 + t * noise
+    t = t.to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+    return (1 - t) * x0 + t * noise
+
+
+def sample_time(
+    batch: int,
+    generator: torch.Generator | None = None,
+    distribution: str = "logit_normal",
+    device: torch.device | str | None = None,
+    mean: float = 0.0,
+    std: float = 1.0,
+) -> torch.Tensor:
+    """Training times t [B] in (0, 1): sigmoid(N(mean, std)) (SD3's logit-normal) or uniform."""
+    rand_device = generator.device if generator is not None else device
+    if distribution == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=rand_device))
+    elif distribution == "uniform":
+        t = torch.rand(batch, generator=generator, device=rand_device)
+    else:
+        raise CTFlowError(f"unknown time distribution {distribution!r}; choose 'logit_normal' or 'uniform'")
+    return t if device is None else t.to(device)
+
+
+def model_output(out) -> torch.Tensor:
+    """The velocity tensor from a model's output (a tensor or a diffusers output with ``.sample``)."""
+    return out.sample if hasattr(out, "sample") else out
+
+
+def flow_matching_loss(
+    model: Callable,
+    x0: torch.Tensor,
+    cond: dict,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    distribution: str = "logit_normal",
+) -> tuple[torch.Tensor, dict]:
+    """MSE between the predicted and the true velocity (noise - x0) at x_t, averaged over everything.
+
+    ``t`` [B] defaults to :func:`sample_time` with ``distribution``. Returns the loss and detached
+    logs: ``loss``, ``loss_per_sample`` [B] and ``t`` [B].
+    """
+    if t is None:
+        t = sample_time(x0.shape[0], generator, distribution, device=x0.device)
+    if noise is None:
+        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    target = noise - x0
+    pred = model_output(model(interpolate(x0, noise, t), t, **cond))
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    loss = per_sample.mean()
+    return loss, {"loss": loss.detach(), "loss_per_sample": per_sample.detach(), "t": t.detach()}
+
+
+def context_noise(
+    context: torch.Tensor | None, std: float = 0.05, generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """Training-time Gaussian noise on the context chunk, so the model tolerates its own imperfect chunks."""
+    if context is None or std <= 0:
+        return context
+    return context + std * randn_tensor(
+        context.shape, generator=generator, device=context.device, dtype=context.dtype
+    )
+
+
+def null_condition(cond: dict) -> dict:
+    """The unconditional version of ``cond``: zero text tokens (only the first kept) and zero pooled text."""
+    mask = torch.zeros_like(cond["encoder_attention_mask"])
+    mask[:, 0] = 1
+    return {
+        **cond,
+        "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+        "encoder_attention_mask": mask,
+        "pooled_text": torch.zeros_like(cond["pooled_text"]),
+    }
+
+
+def drop_condition(cond: dict, p: float, generator: torch.Generator | None = None) -> dict:
+    """Replace the text conditioning by the null condition for a random fraction ``p`` of the batch."""
+    if p <= 0:
+        return cond
+    pooled = cond["pooled_text"]
+    rand_device = generator.device if generator is not None else pooled.device
+    drop = torch.rand(pooled.shape[0], generator=generator, device=rand_device).to(pooled.device) < p  # [B]
+    null = null_condition(cond)
+    out = dict(cond)
+    for key in TEXT_KEYS:
+        out[key] = torch.where(drop.view(-1, *[1] * (cond[key].ndim - 1)), null[key], cond[key])
+    return out
+
+
+def cfg_condition(cond: dict, uncond: dict) -> dict:
+    """One batch [cond; uncond] for a single guided forward; text of different lengths is padded."""
+    uncond = {**cond, **uncond}
+    length = max(cond["encoder_hidden_states"].shape[1], uncond["encoder_hidden_states"].shape[1])
+    out = {}
+    for key, value in cond.items():
+        pair = [value, uncond[key]]
+        if value is None:
+            out[key] = None
+            continue
+        if key in ("encoder_hidden_states", "encoder_attention_mask"):
+            pair = [_pad_length(x, length) for x in pair]
+        out[key] = torch.cat(pair)
+    return out
+
+
+def _pad_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    # x [B,L] or [B,L,D] -> zero-padded to [B,length] or [B,length,D]
+    pad = length - x.shape[1]
+    return F.pad(x, (0, 0, 0, pad) if x.ndim == 3 else (0, pad))
+
+
+def _guided(uncond: dict | None, guidance_scale: float) -> bool:
+    return uncond is not None and guidance_scale > 1.0
+
+
+def context_cache_for(model, cond: dict, uncond: dict | None = None, guidance_scale: float = 1.0):
+    """The model's context cache for the batch :func:`guided_velocity` runs (None in concat mode)."""
+    batch = cfg_condition(cond, uncond) if _guided(uncond, guidance_scale) else cond
+    return model.compute_context_cache(
+        batch.get("context"),
+        batch["encoder_hidden_states"],
+        batch["encoder_attention_mask"],
+        batch["pooled_text"],
+        batch["chunk_index"],
+    )
+
+
+def guided_velocity(
+    model: Callable,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict,
+    uncond: dict | None = None,
+    guidance_scale: float = 1.0,
+    context_cache=None,
+) -> torch.Tensor:
+    """Classifier-free guided velocity v_u + g * (v_c - v_u) from ONE forward over [cond; uncond].
+
+    With ``guidance_scale <= 1`` or no ``uncond`` it is the conditional velocity (one forward of batch B).
+    ``context_cache`` must come from :func:`context_cache_for` with the same arguments.
+    """
+    t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+    if not _guided(uncond, guidance_scale):
+        return model_output(model(x, t, **cond, context_cache=context_cache))
+    both = cfg_condition(cond, uncond)
+    v = model_output(model(torch.cat([x, x]), torch.cat([t, t]), **both, context_cache=context_cache))
+    v_cond, v_uncond = v.chunk(2)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def sample_chunk(
+    model: Callable,
+    scheduler,
+    shape: tuple[int, ...],
+    cond: dict,
+    num_inference_steps: int,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    uncond: dict | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Generate one chunk x0 [B,C,S,h,w] from noise, integrating t: 1 -> 0 with ``scheduler``.
+
+    The context cache is computed once and reused at every step. ``callback(i)`` runs after step i of
+    ``len(scheduler.timesteps)`` (Heun evaluates the model twice per interval).
+    """
+    if shape[0] != cond["pooled_text"].shape[0]:
+        raise CTFlowError(
+            f"sample shape {tuple(shape)} has batch {shape[0]} but cond has {cond['pooled_text'].shape[0]}"
+        )
+    device = cond["pooled_text"].device
+    x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    cache = context_cache_for(model, cond, uncond, guidance_scale)
+    for i, timestep in enumerate(scheduler.timesteps):
+        t = scheduler.sigmas[i].to(device=device, dtype=torch.float32).expand(shape[0])
+        v = guided_velocity(model, x, t, cond, uncond, guidance_scale, context_cache=cache)
+        x = scheduler.step(v.float(), timestep, x, return_dict=False)[0]
+        if callback is not None:
+            callback(i)
+    return x

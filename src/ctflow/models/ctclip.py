@@ -1,0 +1,98 @@
+"""Extract CT-CLIP's text tower (a CXR-BERT) into a transformers folder in safetensors.
+
+CT-CLIP checkpoints are PyTorch pickles holding the whole CLIP model; the text
+transformer's weights sit under the ``text_transformer.`` prefix with BertModel
+key names. We load them with ``torch.load(weights_only=True)`` (tensors only,
+never arbitrary objects), infer the BERT configuration from the shapes and write
+``config.json`` + ``model.safetensors`` (+ the tokenizer if one is given).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from ctflow.errors import CTFlowError
+from ctflow.files import atomic_dir
+
+PREFIX = "text_transformer."
+
+
+def _load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    if not checkpoint.is_file():
+        raise CTFlowError(f"checkpoint {checkpoint} not found")
+    try:
+        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported the same way
+        raise CTFlowError(f"cannot read {checkpoint} as a weights-only checkpoint: {str(e).splitlines()[0]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CTFlowError(f"{checkpoint} does not hold a state dict")
+    return obj
+
+
+def bert_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
+    try:
+        vocab, hidden = state["embeddings.word_embeddings.weight"].shape
+        max_pos = state["embeddings.position_embeddings.weight"].shape[0]
+        type_vocab = state["embeddings.token_type_embeddings.weight"].shape[0]
+        intermediate = state["encoder.layer.0.intermediate.dense.weight"].shape[0]
+    except KeyError as e:
+        raise CTFlowError(f"checkpoint text tower lacks {e.args[0]}; is this a CT-CLIP checkpoint?") from None
+    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k)))
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, int(hidden) // 64),
+        "intermediate_size": int(intermediate),
+        "max_position_embeddings": int(max_pos),
+        "type_vocab_size": int(type_vocab),
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+    }
+
+
+def convert_ctclip(
+    checkpoint: str | Path,
+    out: str | Path,
+    tokenizer: str | Path | None = None,
+    num_attention_heads: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write CT-CLIP's text transformer as a transformers BertModel folder."""
+    from transformers import BertConfig, BertModel
+
+    state = _load_state_dict(Path(checkpoint))
+    text = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
+    if not text:
+        raise CTFlowError(f"no '{PREFIX}*' keys in {checkpoint}; expected a CT-CLIP checkpoint")
+    text = {k.removeprefix("bert."): v for k, v in text.items()}
+    cfg = bert_config_from_state_dict(text)
+    if num_attention_heads:
+        cfg["num_attention_heads"] = num_attention_heads
+    model = BertModel(BertConfig(**cfg), add_pooling_layer=any(k.startswith("pooler.") for k in text))
+    expected = model.state_dict()
+    text = {k: v for k, v in text.items() if k in expected or not k.endswith("position_ids")}
+    missing = sorted(set(expected) - set(text) - {"embeddings.position_ids"})
+    if missing:
+        raise CTFlowError(f"text tower in {checkpoint} lacks {len(missing)} weights, e.g. {missing[0]}")
+    model.load_state_dict(text, strict=False)
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tok = Path(tokenizer)
+            if not tok.is_dir():
+                raise CTFlowError(f"tokenizer folder {tok} not found")
+            for f in tok.iterdir():
+                if f.name.startswith(("tokenizer", "vocab", "special_tokens")) and f.is_file():
+                    shutil.copy(f, tmp / f.name)
+    return Path(out)

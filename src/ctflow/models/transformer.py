@@ -1,0 +1,566 @@
+"""The chunk flow transformer: a DiT that generates S consecutive latent slices at a time.
+
+A chest CT is a video of axial slices. The slice VAE maps each slice to a latent [C, h, w]; this model
+predicts the flow-matching velocity of a chunk of S latent slices [C, S, h, w] from the report (text
+tokens for cross-attention, the pooled embedding for the adaLN conditioning vector), the chunk's
+absolute depth (which chunk of the volume it is) and the previous chunk.
+
+Two ways to see the previous chunk (``context``):
+
+* ``"concat"``: stacked on the channel axis before patch embedding (zeros for the first chunk).
+* ``"tokens"``: patchified into context tokens (a learned start context for the first chunk) that go
+  through the same blocks at t = 0. Attention is block-causal: context tokens look only at context
+  tokens, chunk tokens look at both. Context tokens never depend on the chunk or on t, so their
+  per-block keys/values are computed once per chunk (:meth:`CTFlowTransformer.compute_context_cache`)
+  and reused at every ODE step.
+
+Two attention layouts (``attention``):
+
+* ``"full"``: joint self-attention over all tokens of the chunk.
+* ``"factorized"``: spatial attention within each latent slice, then temporal attention across slices
+  at each spatial position (STDiT), each with its own adaLN gate.
+
+Tokens are ordered (slice, row, column); shapes in comments use S' = S / patch_s, P = (h / patch_h) *
+(w / patch_w) and N = S' * P.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ctflow.errors import CTFlowError
+
+TRANSFORMER_PRESETS: dict[str, dict] = {
+    "ctflow-0.5b": {
+        "in_channels": 16,
+        "sample_size": 32,
+        "chunk_slices": 16,
+        "patch_size": (2, 2, 2),
+        "hidden_size": 1024,
+        "depth": 24,
+        "num_heads": 16,
+        "text_dim": 768,
+        "attention": "full",
+        "context": "tokens",
+    },
+    "tiny": {
+        "in_channels": 8,
+        "sample_size": 16,
+        "chunk_slices": 8,
+        "patch_size": (2, 2, 2),
+        "hidden_size": 192,
+        "depth": 6,
+        "num_heads": 6,
+        "text_dim": 384,
+        "attention": "full",
+        "context": "tokens",
+    },
+}
+FREQUENCY_EMBEDDING_SIZE = 256
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # x [B,N,D]; shift, scale [B,D]
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Sin-cos embedding of positions [L] -> [L, dim] (as in MAE / DiT)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.double()[:, None] * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
+
+
+def sincos_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
+    """Sin-cos embedding of a rows x cols grid -> [rows * cols, dim]: half the channels per axis."""
+    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, row.flatten()), sincos_1d(dim // 2, col.flatten())], dim=1)
+
+
+@dataclass
+class ContextCache:
+    """Per-block keys/values of the context tokens, for the attention where chunk tokens see them.
+
+    ``kv[i]`` is block i's (key, value), each [B, heads, N, head_dim] for full attention or
+    [B * P, heads, S', head_dim] for factorized (temporal) attention.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    batch_size: int
+
+
+class TimestepEmbedder(nn.Module):
+    """Flow time t in [0, 1] -> [B, D]: sinusoidal embedding of t * 1000, then an MLP (DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        # t [B] -> [B, dim]
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = self.timestep_embedding(t * 1000, self.frequency_embedding_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention whose queries may also look at a prefix of extra keys/values."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        # x [B,L,D]; prefix (k, v) each [B,heads,Lp,hd] -> out [B,L,D] and own (k, v) each [B,heads,L,hd]
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        keys, values = (
+            (k, v) if prefix is None else (torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2))
+        )
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d)), (k, v)
+
+
+class CrossAttention(nn.Module):
+    """Tokens attend to the report's text tokens; padded text tokens are masked out."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        # x [B,N,D]; text [B,L,D]; text_mask [B,L] bool (True = real token) -> [B,N,D]
+        b, n, d = x.shape
+        q = self.q_norm(self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2))
+        k, v = self.kv(text).view(b, text.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=text_mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CTFlowBlock(nn.Module):
+    """adaLN-Zero DiT block: self-attention (full, or spatial then temporal), cross-attention, MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, factorized: bool, qk_norm: bool):
+        super().__init__()
+        self.factorized = factorized
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
+        if factorized:
+            self.norm_temporal = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.temporal_attn = Attention(hidden_size, num_heads, qk_norm)
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_hidden, hidden_size),
+        )
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, (9 if factorized else 6) * hidden_size)
+        )
+
+    def spatial_attention(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        # h [B,N,D], grid (S', P) -> [B,N,D]; a token sees only the tokens of its own latent slice
+        b, n, d = h.shape
+        out, _ = self.attn(h.reshape(b * grid[0], grid[1], d))
+        return out.reshape(b, n, d)
+
+    def temporal_attention(
+        self, h: torch.Tensor, grid: tuple[int, int], prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        # h [B,N,D], grid (S', P) -> [B,N,D] and own (k, v) each [B*P,heads,S',hd];
+        # a token sees only the tokens at its own spatial position (and the prefix there)
+        b, n, d = h.shape
+        slices, positions = grid
+        h = h.reshape(b, slices, positions, d).transpose(1, 2).reshape(b * positions, slices, d)
+        out, kv = self.temporal_attn(h, prefix)
+        return out.reshape(b, positions, slices, d).transpose(1, 2).reshape(b, n, d), kv
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        grid: tuple[int, int],
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        # x [B,N,D]; c [B,D]; text [B,L,D]; text_mask [B,L]; prefix: the context's (k, v) for the attention
+        # that crosses streams (full: self-attention, factorized: temporal) -> x [B,N,D] and own (k, v) there
+        if self.factorized:
+            (shift_s, scale_s, gate_s, shift_t, scale_t, gate_t, shift_mlp, scale_mlp, gate_mlp) = (
+                self.adaLN_modulation(c).chunk(9, dim=1)
+            )
+            x = x + gate_s.unsqueeze(1) * self.spatial_attention(
+                modulate(self.norm1(x), shift_s, scale_s), grid
+            )
+            out, kv = self.temporal_attention(modulate(self.norm_temporal(x), shift_t, scale_t), grid, prefix)
+            x = x + gate_t.unsqueeze(1) * out
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+                6, dim=1
+            )
+            out, kv = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), prefix)
+            x = x + gate_msa.unsqueeze(1) * out
+        x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x, kv
+
+
+class FinalLayer(nn.Module):
+    """adaLN + linear to the patch values (DiT)."""
+
+    def __init__(self, hidden_size: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x [B,N,D]; c [B,D] -> [B,N,out_dim]
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class CTFlowTransformer(ModelMixin, ConfigMixin):
+    """Predicts the velocity of a chunk of latent slices; see the module docstring."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        sample_size: int = 32,
+        chunk_slices: int = 16,
+        patch_size: tuple[int, int, int] = (2, 2, 2),
+        hidden_size: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        text_dim: int = 384,
+        max_chunks: int = 64,
+        attention: str = "factorized",
+        context: str = "concat",
+        qk_norm: bool = False,
+    ):
+        super().__init__()
+        patch_size = tuple(patch_size)
+        _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads, attention, context)
+        ps, ph, pw = patch_size
+        self.grid = (chunk_slices // ps, sample_size // ph, sample_size // pw)  # (S', H', W')
+        slices, rows, cols = self.grid
+
+        self.x_embedder = nn.Conv3d(
+            in_channels * (2 if context == "concat" else 1),
+            hidden_size,
+            kernel_size=patch_size,
+            stride=patch_size,
+        )
+        if context == "tokens":
+            self.context_embedder = nn.Conv3d(
+                in_channels, hidden_size, kernel_size=patch_size, stride=patch_size
+            )
+            self.start_context = nn.Parameter(torch.zeros(1, slices, rows * cols, hidden_size))  # [1,S',P,D]
+        # fixed 2D sin-cos position within a slice [1,1,P,D]; learned slice-in-chunk position [1,S',1,D]
+        self.register_buffer("pos_embed", sincos_2d(hidden_size, rows, cols)[None, None], persistent=False)
+        self.slice_embed = nn.Parameter(sincos_1d(hidden_size, torch.arange(slices))[None, :, None])
+        self.depth_embed = nn.Embedding(max_chunks, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.text_embedder = nn.Sequential(
+            nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+        )
+        self.pooled_embedder = nn.Sequential(
+            nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.blocks = nn.ModuleList(
+            CTFlowBlock(hidden_size, num_heads, mlp_ratio, attention == "factorized", qk_norm)
+            for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, ps * ph * pw * in_channels)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> CTFlowTransformer:
+        return cls(**preset_config(name, **overrides))
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation: xavier linears, zeroed adaLN modulations, cross-attention outputs and final layer."""
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        embedders = [self.x_embedder] + ([self.context_embedder] if self.config.context == "tokens" else [])
+        for embedder in embedders:
+            nn.init.xavier_uniform_(embedder.weight.data.view(embedder.weight.shape[0], -1))
+            nn.init.zeros_(embedder.bias)
+        if self.config.context == "tokens":
+            nn.init.normal_(self.start_context, std=0.02)
+        nn.init.normal_(self.depth_embed.weight, std=0.02)
+        for mlp in (self.t_embedder.mlp, self.text_embedder, self.pooled_embedder):
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for block in self.blocks:
+            zeroed += [block.adaLN_modulation[-1], block.cross_attn.proj]
+        for linear in zeroed:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def compute_context_cache(
+        self,
+        context: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        pooled_text: torch.Tensor,
+        chunk_index: torch.Tensor,
+    ) -> ContextCache | None:
+        """The context tokens' per-block keys/values, reusable at every ODE step of one chunk.
+
+        ``context`` [B,C,S,h,w] is the previous chunk (None: the learned start context). Returns None
+        for ``context="concat"``, where there is nothing to cache.
+        """
+        if self.config.context == "concat":
+            return None
+        text, text_mask, y, depth = self._condition(
+            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index
+        )
+        return self._context_cache(context, text, text_mask, y, depth)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        pooled_text: torch.Tensor,
+        chunk_index: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_cache: ContextCache | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Velocity [B,C,S,h,w] of the noisy chunk ``hidden_states`` [B,C,S,h,w] at flow time ``timestep`` [B].
+
+        ``encoder_hidden_states`` [B,L,text_dim] with ``encoder_attention_mask`` [B,L] (1 keep, 0 pad),
+        ``pooled_text`` [B,text_dim], ``chunk_index`` [B] (absolute depth, clamped to max_chunks - 1),
+        ``context`` [B,C,S,h,w] the previous chunk or None for the first. In tokens mode a
+        ``context_cache`` from :meth:`compute_context_cache` replaces ``context``.
+        """
+        b = self._check_chunk(hidden_states, "hidden_states")
+        dtype = self.x_embedder.weight.dtype
+        text, text_mask, y, depth = self._condition(
+            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index
+        )
+        x = hidden_states.to(dtype)
+        if self.config.context == "concat":
+            if context_cache is not None:
+                raise CTFlowError(
+                    "context_cache is only for context='tokens' models; this one concatenates the context"
+                )
+            if context is None:
+                context = torch.zeros_like(x)
+            else:
+                self._check_chunk(context, "context", b)
+            x = torch.cat([x, context.to(dtype)], dim=1)  # [B,2C,S,h,w]
+        elif context_cache is None:
+            context_cache = self._context_cache(context, text, text_mask, y, depth)
+        elif context_cache.batch_size != b:
+            raise CTFlowError(f"context_cache was computed for batch {context_cache.batch_size}, not {b}")
+
+        x = self._tokens(self.x_embedder(x), depth)  # [B,N,D]
+        t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
+        c = self.t_embedder(t) + y  # [B,D]
+        for i, block in enumerate(self.blocks):
+            prefix = None if context_cache is None else context_cache.kv[i]
+            x, _ = self._block(block, x, c, text, text_mask, prefix)
+        out = self.unpatchify(self.final_layer(x, c))  # [B,C,S,h,w]
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        # x [B,N,ps*ph*pw*C] -> [B,C,S,h,w]
+        slices, rows, cols = self.grid
+        ps, ph, pw = self.config.patch_size
+        c = self.config.in_channels
+        x = x.reshape(x.shape[0], slices, rows, cols, ps, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], c, slices * ps, rows * ph, cols * pw)
+
+    def _condition(self, encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index):
+        # -> text tokens [B,L,D], text mask [B,L] bool, pooled embedding y [B,D], depth embedding [B,D]
+        dtype = self.x_embedder.weight.dtype
+        text = self.text_embedder(encoder_hidden_states.to(dtype))
+        y = self.pooled_embedder(pooled_text.to(dtype))
+        index = chunk_index.to(self.depth_embed.weight.device, torch.long).clamp(
+            0, self.config.max_chunks - 1
+        )
+        depth = self.depth_embed(index)
+        return text, encoder_attention_mask.to(text.device, torch.bool), y, depth
+
+    def _tokens(self, patches: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        # patches [B,D,S',H',W'] (or [1,S',P,D] start context) -> tokens [B,N,D] with positions and depth added
+        if patches.ndim == 5:
+            patches = patches.flatten(3).permute(0, 2, 3, 1)  # [B,S',P,D]
+        tokens = patches + self.pos_embed + self.slice_embed
+        return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]) + depth[:, None]
+
+    def _context_cache(self, context, text, text_mask, y, depth) -> ContextCache:
+        b = y.shape[0]
+        if context is None:
+            ctx = self._tokens(self.start_context, depth)  # [B,N,D]
+        else:
+            self._check_chunk(context, "context", b)
+            ctx = self._tokens(self.context_embedder(context.to(self.x_embedder.weight.dtype)), depth)
+        c = self.t_embedder(y.new_zeros(b)) + y  # context tokens are clean: t = 0
+        kv = []
+        for block in self.blocks:
+            ctx, block_kv = self._block(block, ctx, c, text, text_mask)
+            kv.append(block_kv)
+        return ContextCache(kv=kv, batch_size=b)
+
+    def _block(self, block, x, c, text, text_mask, prefix=None):
+        grid = (self.grid[0], self.grid[1] * self.grid[2])
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, x, c, text, text_mask, grid, prefix)
+        return block(x, c, text, text_mask, grid, prefix)
+
+    def _check_chunk(self, x: torch.Tensor, name: str, batch: int | None = None) -> int:
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.chunk_slices, cfg.sample_size, cfg.sample_size)
+        if x.ndim != 5 or tuple(x.shape[1:]) != expected or (batch is not None and x.shape[0] != batch):
+            want = "x".join(map(str, ((batch or "B"), *expected)))
+            raise CTFlowError(
+                f"{name} has shape {tuple(x.shape)}; this transformer expects [B,C,S,h,w] = {want}"
+            )
+        return x.shape[0]
+
+
+def _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads, attention, context) -> None:
+    if attention not in ("full", "factorized"):
+        raise CTFlowError(f"attention must be 'full' or 'factorized', not {attention!r}")
+    if context not in ("concat", "tokens"):
+        raise CTFlowError(f"context must be 'concat' or 'tokens', not {context!r}")
+    if (
+        len(patch_size) != 3
+        or chunk_slices % patch_size[0]
+        or sample_size % patch_size[1]
+        or sample_size % patch_size[2]
+    ):
+        raise CTFlowError(
+            f"patch_size {patch_size} (slice, h, w) must divide chunk_slices {chunk_slices} and sample_size {sample_size}"
+        )
+    if hidden_size % num_heads or hidden_size % 4:
+        raise CTFlowError(f"hidden_size {hidden_size} must be a multiple of 4 and of num_heads {num_heads}")
+
+
+def preset_config(name: str, **overrides) -> dict:
+    """The full constructor arguments of a preset, with overrides applied."""
+    if name not in TRANSFORMER_PRESETS:
+        raise CTFlowError(
+            f"unknown transformer preset {name!r}; choose one of: {', '.join(TRANSFORMER_PRESETS)}"
+        )
+    return full_config({**TRANSFORMER_PRESETS[name], **overrides})
+
+
+def full_config(config: str | Mapping) -> dict:
+    """Constructor arguments from a preset name, a partial dict or a model's ``config``, defaults filled in."""
+    if isinstance(config, str):
+        return preset_config(config)
+    params = inspect.signature(CTFlowTransformer.__init__).parameters
+    defaults = {name: p.default for name, p in params.items() if name != "self"}
+    given = {k: v for k, v in config.items() if not k.startswith("_")}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise CTFlowError(f"unknown transformer config keys: {', '.join(unknown)}")
+    out = {**defaults, **given}
+    out["patch_size"] = tuple(out["patch_size"])
+    return out
+
+
+def count_params(config: str | Mapping) -> int:
+    """Number of parameters, counted on a model built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        model = CTFlowTransformer(**full_config(config))
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(
+    config: str | Mapping, batch: int = 1, text_len: int = 256, context_stream: bool = True
+) -> int:
+    """Analytic FLOPs of one forward pass (2 per multiply-add; linear layers and attention matmuls).
+
+    ``context_stream``: in tokens mode, also count the context tokens' pass through the blocks, as in
+    training or a forward without a cache; False counts one ODE step that reuses the context cache.
+    """
+    cfg = full_config(config)
+    d, c, text_dim = cfg["hidden_size"], cfg["in_channels"], cfg["text_dim"]
+    ps, ph, pw = cfg["patch_size"]
+    slices, positions = cfg["chunk_slices"] // ps, (cfg["sample_size"] // ph) * (cfg["sample_size"] // pw)
+    n, patch_dim = slices * positions, ps * ph * pw * c
+    mlp_hidden = int(d * cfg["mlp_ratio"])
+    factorized, tokens_mode = cfg["attention"] == "factorized", cfg["context"] == "tokens"
+
+    def block(sees_context: bool) -> int:
+        prefix = 2 if sees_context else 1  # chunk tokens also attend to the context's keys
+        attn_linear = 2 * n * d * 4 * d * (2 if factorized else 1)  # qkv + proj (spatial and temporal)
+        if factorized:
+            attn_matmul = 4 * n * d * positions + 4 * n * d * slices * prefix
+        else:
+            attn_matmul = 4 * n * d * n * prefix
+        cross = 2 * n * d * 2 * d + 2 * text_len * d * 2 * d + 4 * n * d * text_len
+        mlp = 4 * n * d * mlp_hidden
+        ada = 2 * d * (9 if factorized else 6) * d
+        return attn_linear + attn_matmul + cross + mlp + ada
+
+    conditioning = 2 * (FREQUENCY_EMBEDDING_SIZE * d + d * d) + 2 * (text_dim * d + d * d)
+    conditioning += 2 * text_len * (text_dim * d + d * d)
+    patch_in = 2 * n * d * patch_dim * (2 if cfg["context"] == "concat" else 1)
+    final = 2 * d * 2 * d + 2 * n * d * patch_dim
+    total = conditioning + patch_in + final + cfg["depth"] * block(tokens_mode)
+    if tokens_mode and context_stream:
+        total += (
+            2 * (FREQUENCY_EMBEDDING_SIZE * d + d * d) + 2 * n * d * patch_dim + cfg["depth"] * block(False)
+        )
+    return batch * total

@@ -1,0 +1,42 @@
+import torch
+from transformers import BertConfig, BertModel
+
+from ctflow.models.ctclip import convert_ctclip
+from tests.conftest import assert_clean_error
+
+
+class Arbitrary:
+    """Unpickling this would run arbitrary code paths; weights_only must refuse it."""
+
+
+def _fake_ctclip(path, add_pooler=True):
+    """A checkpoint with CT-CLIP's key layout: text tower under text_transformer., plus other parts."""
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
+                     intermediate_size=128, max_position_embeddings=64)
+    bert = BertModel(cfg, add_pooling_layer=add_pooler).eval()
+    state = {f"text_transformer.{k}": v for k, v in bert.state_dict().items()}
+    state["visual_transformer.to_patch_emb.weight"] = torch.randn(8, 8)
+    state["to_text_latent.weight"] = torch.randn(32, 64)
+    torch.save(state, path)
+    return bert
+
+
+def test_convert_ctclip_writes_an_equivalent_safetensors_bert(tmp_path):
+    bert = _fake_ctclip(tmp_path / "ctclip.pt")
+    out = convert_ctclip(tmp_path / "ctclip.pt", tmp_path / "text", num_attention_heads=1)
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    loaded = BertModel.from_pretrained(out, local_files_only=True).eval()
+    ids = torch.randint(0, 100, (2, 10))
+    torch.testing.assert_close(loaded(ids).last_hidden_state, bert(ids).last_hidden_state)
+
+
+def test_convert_ctclip_cli_refuses_a_checkpoint_without_text_tower(tmp_path, run_cli):
+    torch.save({"visual.weight": torch.zeros(2)}, tmp_path / "x.pt")
+    assert_clean_error(run_cli("convert", "ctclip", tmp_path / "x.pt", "--out", tmp_path / "o"), "text_transformer")
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_ctclip_refuses_pickled_objects(tmp_path, run_cli):
+    torch.save({"a": Arbitrary()}, tmp_path / "e.pt")  # an arbitrary object, not tensors
+    assert_clean_error(run_cli("convert", "ctclip", tmp_path / "e.pt", "--out", tmp_path / "o"), "weights-only")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from ctflow.models.text import ReportEncoder, format_report, parse_meta, with_meta
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return ReportEncoder.from_pretrained()
+
+
+def test_format_report_puts_meta_line_first_and_collapses_whitespace():
+    text = format_report("Lungs  clear.\n", "Normal.", num_slices=96, spacing=2.5)
+    assert text == "Volume: 96 slices, 2.5 mm spacing. Findings: Lungs clear. Impressions: Normal."
+    assert parse_meta(text) == (96, 2.5)
+
+
+def test_format_report_without_meta_has_no_meta_line():
+    assert parse_meta(format_report("x", "y")) == (None, None)
+
+
+def test_with_meta_adds_line_once():
+    text = with_meta("Findings: clear.", 80, 1.5)
+    assert parse_meta(text) == (80, 1.5)
+    assert with_meta(text, 40) == text
+
+
+def test_default_encoder_loads_offline_and_returns_tokens_mask_pooled(encoder):
+    emb = encoder(["Volume: 64 slices. Findings: normal.", "Findings: a 12 mm nodule in the right upper lobe."])
+    b, length, d = emb.tokens.shape
+    assert (b, d) == (2, 384) and emb.mask.shape == (2, length) and emb.pooled.shape == (2, 384)
+    assert emb.mask[0].sum() < emb.mask[1].sum()  # the shorter report is padded
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_pooled_embedding_ignores_padding(encoder):
+    alone = encoder(["Heart size is normal."]).pooled
+    padded = encoder(["Heart size is normal.", "A much longer report " * 10]).pooled[:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-4)
+
+
+def test_different_reports_give_different_embeddings(encoder):
+    emb = encoder(["Left pleural effusion.", "Right pleural effusion.", "Left pleural effusion."]).pooled
+    assert not torch.allclose(emb[0], emb[1])
+    torch.testing.assert_close(emb[0], emb[2])
+
+
+def test_long_report_is_truncated_with_a_warning_saying_by_how_much(encoder):
+    with pytest.warns(UserWarning, match=r"truncated by \d+ tokens"):
+        emb = encoder(["word " * 400])
+    assert emb.tokens.shape[1] == encoder.max_length

@@ -1,0 +1,269 @@
+import time
+
+import pytest
+import torch
+
+from ctflow.errors import CTFlowError
+from ctflow.models.transformer import (
+    TRANSFORMER_PRESETS,
+    CTFlowBlock,
+    CTFlowTransformer,
+    count_params,
+    forward_flops,
+    preset_config,
+)
+
+C, S, HW, TEXT_DIM, L = 4, 4, 8, 16, 6
+MODES = [(a, c) for a in ("full", "factorized") for c in ("concat", "tokens")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is several times faster than two on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(attention="full", context="tokens", randomize=True, **kw):
+    torch.manual_seed(0)
+    cfg = dict(
+        in_channels=C, sample_size=HW, chunk_slices=S, hidden_size=32, depth=2, num_heads=4, text_dim=TEXT_DIM
+    )
+    model = CTFlowTransformer(**{**cfg, **kw}, attention=attention, context=context).eval()
+    if randomize:  # adaLN-Zero makes every output 0: give the zeroed weights some signal
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(std=0.1)
+    return model
+
+
+def make_inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, L)
+    mask[0, 4:] = 0
+    return {
+        "hidden_states": torch.randn(batch, C, S, HW, HW, generator=g),
+        "timestep": torch.rand(batch, generator=g),
+        "encoder_hidden_states": torch.randn(batch, L, TEXT_DIM, generator=g),
+        "encoder_attention_mask": mask,
+        "pooled_text": torch.randn(batch, TEXT_DIM, generator=g),
+        "chunk_index": torch.tensor([0, 3])[:batch],
+        "context": torch.randn(batch, C, S, HW, HW, generator=g),
+    }
+
+
+def run(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+@pytest.mark.parametrize("attention,context", MODES)
+def test_output_shape_matches_input_with_and_without_context(attention, context):
+    model = make_model(attention, context)
+    inputs = make_inputs()
+    assert run(model, **inputs).shape == inputs["hidden_states"].shape
+    first = run(model, **{**inputs, "context": None})
+    assert first.shape == inputs["hidden_states"].shape and torch.isfinite(first).all()
+
+
+@pytest.mark.parametrize("attention,context", MODES)
+def test_adaln_zero_init_gives_exactly_zero_output(attention, context):
+    out = run(make_model(attention, context, randomize=False), **make_inputs())
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("attention", ["full", "factorized"])
+@pytest.mark.parametrize("first_chunk", [False, True])
+def test_forward_with_precomputed_cache_equals_forward_without(attention, first_chunk):
+    model = make_model(attention, "tokens")
+    inputs = make_inputs()
+    if first_chunk:
+        inputs["context"] = None
+    with torch.no_grad():
+        cache = model.compute_context_cache(
+            inputs["context"],
+            inputs["encoder_hidden_states"],
+            inputs["encoder_attention_mask"],
+            inputs["pooled_text"],
+            inputs["chunk_index"],
+        )
+        cached = model(**{**inputs, "context": None}, context_cache=cache).sample
+    assert len(cache.kv) == 2
+    torch.testing.assert_close(cached, run(model, **inputs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["full", "factorized"])
+def test_context_stream_is_not_affected_by_chunk_tokens(attention):
+    model = make_model(attention, "tokens")
+    caches = []
+    compute = model._context_cache
+    model._context_cache = lambda *args: caches.append(compute(*args)) or caches[-1]
+    inputs = make_inputs()
+    out_a = run(model, **inputs)
+    out_b = run(
+        model,
+        **{
+            **inputs,
+            "hidden_states": torch.randn_like(inputs["hidden_states"]),
+            "timestep": 1 - inputs["timestep"],
+        },
+    )
+    assert not torch.allclose(out_a, out_b)
+    for (k_a, v_a), (k_b, v_b) in zip(caches[0].kv, caches[1].kv, strict=True):
+        assert torch.equal(k_a, k_b) and torch.equal(v_a, v_b)
+
+
+@pytest.mark.parametrize("attention,context", MODES)
+def test_context_changes_output(attention, context):
+    model = make_model(attention, context)
+    inputs = make_inputs()
+    out = run(model, **inputs)
+    assert not torch.allclose(out, run(model, **{**inputs, "context": torch.randn_like(inputs["context"])}))
+    assert not torch.allclose(out, run(model, **{**inputs, "context": None}))
+
+
+def test_concat_mode_rejects_a_context_cache():
+    model = make_model("full", "concat")
+    inputs = make_inputs()
+    text = (inputs["encoder_hidden_states"], inputs["encoder_attention_mask"], inputs["pooled_text"])
+    assert model.compute_context_cache(inputs["context"], *text, inputs["chunk_index"]) is None
+    with pytest.raises(CTFlowError, match="context_cache"):
+        model(**inputs, context_cache=object())
+
+
+def test_factorized_spatial_step_keeps_slices_apart_and_temporal_step_keeps_positions_apart():
+    torch.manual_seed(0)
+    block = CTFlowBlock(32, 4, 4.0, factorized=True, qk_norm=False).eval()
+    slices, positions = 4, 9
+    grid = (slices, positions)
+    h = torch.randn(2, slices * positions, 32)
+    changed = h.view(2, slices, positions, 32).clone()
+    changed[:, 1] += 1.0  # perturb every token of slice 1
+    with torch.no_grad():
+        a = block.spatial_attention(h, grid).view(2, slices, positions, 32)
+        b = block.spatial_attention(changed.view_as(h), grid).view(2, slices, positions, 32)
+    assert not torch.allclose(a[:, 1], b[:, 1])
+    torch.testing.assert_close(a[:, [0, 2, 3]], b[:, [0, 2, 3]], atol=0, rtol=0)
+
+    changed = h.view(2, slices, positions, 32).clone()
+    changed[:, :, 5] += 1.0  # perturb spatial position 5 in every slice
+    with torch.no_grad():
+        a = block.temporal_attention(h, grid)[0].view(2, slices, positions, 32)
+        b = block.temporal_attention(changed.view_as(h), grid)[0].view(2, slices, positions, 32)
+    others = [p for p in range(positions) if p != 5]
+    assert not torch.allclose(a[:, :, 5], b[:, :, 5])
+    torch.testing.assert_close(a[:, :, others], b[:, :, others], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("attention,context", MODES)
+def test_padded_text_tokens_are_ignored(attention, context):
+    model = make_model(attention, context)
+    inputs = make_inputs()
+    text = inputs["encoder_hidden_states"].clone()
+    text[0, 4:] = 100.0  # sample 0's padded tokens
+    torch.testing.assert_close(run(model, **{**inputs, "encoder_hidden_states": text}), run(model, **inputs))
+    text[0, :4] += 1.0  # its real tokens do matter
+    assert not torch.allclose(run(model, **{**inputs, "encoder_hidden_states": text}), run(model, **inputs))
+
+
+def test_absolute_depth_embedding_changes_output_and_is_clamped():
+    model = make_model("factorized", "tokens", max_chunks=8)
+    inputs = make_inputs()
+    out = run(model, **inputs)
+    assert not torch.allclose(out, run(model, **{**inputs, "chunk_index": torch.tensor([1, 3])}))
+    torch.testing.assert_close(
+        run(model, **{**inputs, "chunk_index": torch.tensor([7, 7])}),
+        run(model, **{**inputs, "chunk_index": torch.tensor([7, 500])}),
+    )
+
+
+def test_tiny_transformer_overfits_a_fixed_batch():
+    from ctflow.flow import flow_matching_loss
+
+    model = make_model("full", "tokens", randomize=False, hidden_size=64).train()
+    inputs = make_inputs(seed=3)
+    x0, t = inputs.pop("hidden_states"), inputs.pop("timestep")
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    start = time.perf_counter()
+    losses = []
+    for _ in range(100):
+        loss, _ = flow_matching_loss(model, x0, inputs, t=t, noise=noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    assert time.perf_counter() - start < 20
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model("factorized", "tokens").train()
+    inputs = make_inputs()
+
+    def grads():
+        model.zero_grad()
+        model(**inputs).sample.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_return_dict_false_gives_a_tuple():
+    model = make_model()
+    inputs = make_inputs()
+    with torch.no_grad():
+        (out,) = model(**inputs, return_dict=False)
+    torch.testing.assert_close(out, run(model, **inputs))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = make_model("factorized", "tokens")
+    model.save_pretrained(tmp_path)
+    loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
+    assert tuple(loaded.config.patch_size) == (2, 2, 2)
+    inputs = make_inputs()
+    torch.testing.assert_close(run(loaded, **inputs), run(model, **inputs))
+
+
+def test_bad_shapes_and_configs_raise_ctflow_errors():
+    model = make_model()
+    inputs = make_inputs()
+    with pytest.raises(CTFlowError, match="hidden_states"):
+        model(**{**inputs, "hidden_states": inputs["hidden_states"][:, :, :3]})
+    with pytest.raises(CTFlowError, match="context"):
+        model(**{**inputs, "context": inputs["context"][:1]})
+    with pytest.raises(CTFlowError, match="patch_size"):
+        CTFlowTransformer(sample_size=9, hidden_size=32, depth=1, num_heads=4)
+    with pytest.raises(CTFlowError, match="attention"):
+        CTFlowTransformer(hidden_size=32, depth=1, num_heads=4, attention="axial")
+    with pytest.raises(CTFlowError, match="unknown transformer preset"):
+        CTFlowTransformer.from_preset("huge")
+    with pytest.raises(CTFlowError, match="unknown transformer config keys: widht"):
+        preset_config("tiny", widht=3)
+
+
+def test_presets_param_counts_on_the_meta_device():
+    start = time.perf_counter()
+    big = count_params("ctflow-0.5b")
+    assert time.perf_counter() - start < 5
+    assert 0.3e9 < big < 0.8e9
+    assert 1e6 < count_params("tiny") < 20e6
+    tiny = CTFlowTransformer.from_preset("tiny", depth=1)
+    assert tiny.config.hidden_size == TRANSFORMER_PRESETS["tiny"]["hidden_size"] and len(tiny.blocks) == 1
+    assert sum(p.numel() for p in tiny.parameters()) == count_params(preset_config("tiny", depth=1))
+
+
+def test_forward_flops_grow_with_depth_and_the_cache_saves_work():
+    flops = [forward_flops(preset_config("ctflow-0.5b", depth=d)) for d in (1, 2, 12, 24)]
+    assert flops == sorted(flops) and len(set(flops)) == 4
+    assert forward_flops("ctflow-0.5b", context_stream=False) < forward_flops("ctflow-0.5b")
+    assert forward_flops("tiny", batch=2) == 2 * forward_flops("tiny")
+    factorized = preset_config("ctflow-0.5b", attention="factorized")
+    assert forward_flops(factorized) > 0 and count_params(factorized) > count_params("ctflow-0.5b")

@@ -1,0 +1,239 @@
+import pytest
+import torch
+
+from ctflow.errors import CTFlowError
+from ctflow.flow import (
+    cfg_condition,
+    context_cache_for,
+    context_noise,
+    drop_condition,
+    flow_matching_loss,
+    guided_velocity,
+    interpolate,
+    make_scheduler,
+    null_condition,
+    sample_chunk,
+    sample_time,
+)
+from ctflow.models.transformer import CTFlowTransformer
+
+SHAPE = (2, 3, 4, 5, 5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cond(batch=2, length=6, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, 3:] = 0
+    return {
+        "encoder_hidden_states": torch.randn(batch, length, dim, generator=g),
+        "encoder_attention_mask": mask,
+        "pooled_text": torch.randn(batch, dim, generator=g),
+        "chunk_index": torch.arange(batch),
+        "context": None,
+    }
+
+
+class FakeModel:
+    """Velocity from a closure; counts forwards, their batch sizes and context-cache computations."""
+
+    def __init__(self, velocity):
+        self.velocity = velocity
+        self.batches = []
+        self.cache_calls = 0
+
+    def __call__(self, x, t, context_cache=None, **cond):
+        self.batches.append(x.shape[0])
+        assert context_cache == ("cache", x.shape[0])
+        return self.velocity(x, t, cond)
+
+    def compute_context_cache(
+        self, context, encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index
+    ):
+        self.cache_calls += 1
+        return ("cache", pooled_text.shape[0])
+
+
+def oracle(x0):
+    """The exact velocity of the straight path through x0: (x_t - x0) / t."""
+    return lambda x, t, cond: (x - x0) / t.view(-1, 1, 1, 1, 1)
+
+
+def test_interpolation_endpoints_and_midpoint():
+    x0, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+    torch.testing.assert_close(interpolate(x0, noise, torch.zeros(2)), x0)
+    torch.testing.assert_close(interpolate(x0, noise, torch.ones(2)), noise)
+    torch.testing.assert_close(
+        interpolate(x0, noise, torch.tensor([0.5, 0.25]))[1], 0.75 * x0[1] + 0.25 * noise[1]
+    )
+
+
+def test_loss_is_zero_for_the_oracle_velocity_and_positive_otherwise():
+    x0, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+    loss, logs = flow_matching_loss(lambda x, t, **cond: noise - x0, x0, make_cond(), noise=noise)
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert logs["loss_per_sample"].shape == (2,) and logs["t"].shape == (2,)
+    loss, _ = flow_matching_loss(lambda x, t, **cond: torch.zeros_like(x), x0, make_cond(), noise=noise)
+    assert loss.item() == pytest.approx((noise - x0).pow(2).mean().item())
+
+
+def test_loss_is_deterministic_with_a_generator():
+    x0 = torch.randn(SHAPE)
+
+    def model(x, t, **cond):
+        return x * t.view(-1, 1, 1, 1, 1)
+
+    a = flow_matching_loss(model, x0, make_cond(), generator=torch.Generator().manual_seed(5))[0]
+    b = flow_matching_loss(model, x0, make_cond(), generator=torch.Generator().manual_seed(5))[0]
+    assert a.item() == b.item()
+
+
+def test_sample_time_ranges_and_determinism():
+    for distribution in ("logit_normal", "uniform"):
+        t = sample_time(4096, torch.Generator().manual_seed(0), distribution)
+        assert t.shape == (4096,) and (t > 0).all() and (t < 1).all()
+        assert abs(t.mean().item() - 0.5) < 0.02
+        torch.testing.assert_close(t, sample_time(4096, torch.Generator().manual_seed(0), distribution))
+    logit = sample_time(4096, torch.Generator().manual_seed(0))
+    assert ((logit - 0.5).abs() < 0.25).float().mean() > 0.6  # logit-normal puts its mass in the middle
+    with pytest.raises(CTFlowError, match="time distribution"):
+        sample_time(2, distribution="beta")
+
+
+@pytest.mark.parametrize("steps", [1, 4, 25])
+def test_euler_with_the_oracle_velocity_recovers_x0(steps):
+    x0 = torch.randn(SHAPE)
+    model = FakeModel(oracle(x0))
+    out = sample_chunk(
+        model, make_scheduler("euler"), SHAPE, make_cond(), steps, generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
+    assert model.batches == [2] * steps
+
+
+def test_heun_with_the_oracle_velocity_ends_near_x0():
+    x0 = torch.randn(SHAPE)
+    model = FakeModel(oracle(x0))
+    out = sample_chunk(model, make_scheduler("heun"), SHAPE, make_cond(), 5)
+    # Heun's last sigma is its sigma_min (1e-3), so the sample keeps that much noise
+    torch.testing.assert_close(out, x0, atol=1e-2, rtol=0)
+    assert len(model.batches) == 2 * 5 - 1
+
+
+def test_unknown_sampler_raises():
+    with pytest.raises(CTFlowError, match="sampler"):
+        make_scheduler("dpm")
+
+
+def test_cfg_scale_one_is_the_conditional_velocity_in_one_forward():
+    model = FakeModel(lambda x, t, cond: x + cond["pooled_text"].mean(1).view(-1, 1, 1, 1, 1))
+    x, t, cond = torch.randn(SHAPE), torch.rand(2), make_cond()
+    uncond = null_condition(cond)
+    v = guided_velocity(model, x, t, cond, uncond, 1.0, context_cache=("cache", 2))
+    torch.testing.assert_close(v, model.velocity(x, t, cond))
+    assert model.batches == [2]
+
+
+def test_cfg_runs_cond_and_uncond_in_one_batched_forward():
+    model = FakeModel(lambda x, t, cond: x + cond["pooled_text"].mean(1).view(-1, 1, 1, 1, 1))
+    x, t, cond = torch.randn(SHAPE), torch.rand(2), make_cond()
+    uncond = null_condition(cond)
+    v = guided_velocity(model, x, t, cond, uncond, 3.0, context_cache=("cache", 4))
+    v_c, v_u = model.velocity(x, t, cond), model.velocity(x, t, uncond)
+    torch.testing.assert_close(v, v_u + 3.0 * (v_c - v_u))
+    assert model.batches == [4]
+
+
+def test_sample_chunk_computes_the_cache_once_and_one_forward_per_step():
+    model = FakeModel(lambda x, t, cond: 0.1 * x)
+    cond = make_cond()
+    sample_chunk(model, make_scheduler(), SHAPE, cond, 6, guidance_scale=4.0, uncond=null_condition(cond))
+    assert model.cache_calls == 1 and model.batches == [4] * 6
+    steps = []
+    sample_chunk(model, make_scheduler(), SHAPE, cond, 3, callback=steps.append)
+    assert model.cache_calls == 2 and steps == [0, 1, 2]
+
+
+def test_sample_chunk_rejects_a_batch_mismatch():
+    with pytest.raises(CTFlowError, match="batch"):
+        sample_chunk(FakeModel(lambda x, t, cond: x), make_scheduler(), (3, *SHAPE[1:]), make_cond(), 2)
+
+
+def test_null_and_dropped_conditions():
+    cond = make_cond(batch=4)
+    null = null_condition(cond)
+    assert not null["encoder_hidden_states"].any() and not null["pooled_text"].any()
+    assert null["encoder_attention_mask"].tolist() == [[1, 0, 0, 0, 0, 0]] * 4
+    assert drop_condition(cond, 0.0) is cond
+    for key in ("encoder_hidden_states", "encoder_attention_mask", "pooled_text"):
+        torch.testing.assert_close(drop_condition(cond, 1.0)[key], null[key])
+    cond = make_cond(batch=2000, seed=1)
+    dropped = drop_condition(cond, 0.25, torch.Generator().manual_seed(0))
+    fraction = (dropped["pooled_text"] == 0).all(1).float().mean().item()
+    assert 0.2 < fraction < 0.3
+    rows = (dropped["pooled_text"] == 0).all(1)
+    assert (dropped["encoder_attention_mask"][rows].sum(1) == 1).all()
+    torch.testing.assert_close(
+        dropped["encoder_attention_mask"][~rows], cond["encoder_attention_mask"][~rows]
+    )
+    torch.testing.assert_close(dropped["encoder_hidden_states"][~rows], cond["encoder_hidden_states"][~rows])
+    torch.testing.assert_close(dropped["chunk_index"], torch.arange(2000))
+
+
+def test_cfg_condition_pads_text_of_different_lengths():
+    cond, short = make_cond(length=6), make_cond(length=2, seed=1)
+    both = cfg_condition(cond, short)
+    assert both["encoder_hidden_states"].shape == (4, 6, 8) and both["context"] is None
+    assert both["encoder_attention_mask"][2:, 2:].sum() == 0
+    torch.testing.assert_close(both["chunk_index"], torch.tensor([0, 1, 0, 1]))
+
+
+def test_context_noise():
+    context = torch.zeros(2, 3, 4, 16, 16)
+    a = context_noise(context, 0.05, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, context_noise(context, 0.05, torch.Generator().manual_seed(0)))
+    assert abs(a.std().item() - 0.05) < 0.005
+    assert context_noise(None) is None
+    assert context_noise(context, 0.0) is context
+
+
+@pytest.mark.parametrize("context", ["tokens", "concat"])
+def test_sample_chunk_with_a_tiny_transformer(context):
+    torch.manual_seed(0)
+    model = CTFlowTransformer(
+        in_channels=3,
+        sample_size=4,
+        chunk_slices=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=4,
+        text_dim=8,
+        context=context,
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+    calls = []
+    compute = model.compute_context_cache
+    model.compute_context_cache = lambda *args: calls.append(1) or compute(*args)
+    cond = {**make_cond(), "context": torch.randn(2, 3, 4, 4, 4)}
+    shape = (2, 3, 4, 4, 4)
+    out = sample_chunk(
+        model, make_scheduler(), shape, cond, 3, 2.0, torch.Generator().manual_seed(0), null_condition(cond)
+    )
+    assert out.shape == shape and torch.isfinite(out).all() and len(calls) == 1
+    if context == "tokens":  # the cached sampler equals the one that recomputes the context every step
+        x, t = torch.randn(shape), torch.full((2,), 0.7)
+        cache = context_cache_for(model, cond, null_condition(cond), 2.0)
+        with torch.no_grad():
+            cached = guided_velocity(model, x, t, cond, null_condition(cond), 2.0, context_cache=cache)
+            fresh = guided_velocity(model, x, t, cond, null_condition(cond), 2.0)
+        torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=0)
