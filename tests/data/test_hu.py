@@ -1,0 +1,169 @@
+"""HU windowing and volume resampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ctflow.data.hu import (
+    HU_WINDOW,
+    DenormalizeHU,
+    NormalizeHU,
+    denormalize_hu,
+    normalize_hu,
+    resample_volume,
+)
+from ctflow.data.volume import Volume, canonical_affine
+from ctflow.errors import CTFlowError
+
+# --- normalize / denormalize -----------------------------------------------------------------
+
+
+def test_window_constant():
+    assert HU_WINDOW == (-1000.0, 1000.0)
+
+
+def test_normalize_numpy_round_trip_and_clip():
+    hu = np.array([-3000, -1000, -500, 0, 250, 1000, 4000], dtype=np.int16)
+    x = normalize_hu(hu)
+    assert isinstance(x, np.ndarray) and x.dtype == np.float32
+    np.testing.assert_allclose(x, [-1, -1, -0.5, 0, 0.25, 1, 1], atol=1e-7)
+    back = denormalize_hu(x)
+    np.testing.assert_allclose(back, np.clip(hu, -1000, 1000), atol=1e-3)
+    inside = np.linspace(-1000, 1000, 101)
+    np.testing.assert_allclose(denormalize_hu(normalize_hu(inside)), inside, atol=1e-9)
+    assert normalize_hu(inside).dtype == np.float64
+
+
+def test_normalize_torch_keeps_type():
+    hu = torch.tensor([[-2000.0, 0.0, 500.0]], dtype=torch.float32)
+    x = normalize_hu(hu)
+    assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
+    torch.testing.assert_close(x, torch.tensor([[-1.0, 0.0, 0.5]]))
+    torch.testing.assert_close(denormalize_hu(x), torch.tensor([[-1000.0, 0.0, 500.0]]))
+    assert normalize_hu(torch.tensor([0, 1000], dtype=torch.int16)).dtype == torch.float32
+
+
+def test_custom_window_numbers_and_denormalize_clip():
+    assert normalize_hu(40.0, window=(-160, 240)) == pytest.approx(0.0)
+    assert denormalize_hu(1.5) == 1000.0
+    assert denormalize_hu(1.5, clip=False) == pytest.approx(1500.0)
+    assert denormalize_hu(np.array([-2.0]))[0] == -1000.0
+
+
+@pytest.mark.parametrize("window", [(100, 100), (200, -200), (0, float("nan")), "ab", (1, 2, 3)])
+def test_bad_window(window):
+    with pytest.raises(CTFlowError) as e:
+        normalize_hu(np.zeros(3), window=window)
+    assert "window" in str(e.value)
+
+
+def test_named_transforms():
+    sample = {"image": np.array([-1000.0, 0.0, 1000.0]), "text": "report"}
+    out = NormalizeHU(keys=["image"])(sample)
+    np.testing.assert_allclose(out["image"], [-1, 0, 1])
+    assert out["text"] == "report" and sample["image"][0] == -1000.0  # input not mutated
+    np.testing.assert_allclose(NormalizeHU(keys=["image"]).inverse(out)["image"], sample["image"])
+    np.testing.assert_allclose(DenormalizeHU()(np.array([0.5])), [500.0])
+    with pytest.raises(CTFlowError):
+        NormalizeHU(keys=["missing"])(sample)
+
+
+# --- resampling ------------------------------------------------------------------------------
+
+SPACING = (2.0, 0.8, 0.8)
+SHAPE = (16, 32, 40)
+ORIGIN = (10.0, -20.0, 30.0)
+
+
+def block_volume(dtype=np.float32) -> tuple[Volume, tuple[slice, slice, slice]]:
+    array = np.full(SHAPE, -1000, dtype=dtype)
+    block = (slice(4, 8), slice(8, 16), slice(20, 28))
+    array[block] = 1000
+    return Volume(array, SPACING, canonical_affine(SPACING, ORIGIN)), block
+
+
+def world_centroid(vol: Volume) -> np.ndarray:
+    weights = np.clip(vol.array.astype(np.float64) + 1000.0, 0, None)
+    idx = np.indices(vol.shape).reshape(3, -1)
+    centroid = (idx * weights.ravel()).sum(axis=1) / weights.sum()
+    return (vol.affine @ np.array([*centroid, 1.0]))[:3]
+
+
+def fov_centre(vol: Volume) -> np.ndarray:
+    return (vol.affine @ np.array([*((np.array(vol.shape) - 1) / 2.0), 1.0]))[:3]
+
+
+def test_double_spacing_halves_shape():
+    vol, _ = block_volume()
+    out = resample_volume(vol, spacing=(4.0, 1.6, 1.6))
+    assert out.shape == (8, 16, 20)
+    assert out.spacing == (4.0, 1.6, 1.6)
+    np.testing.assert_allclose(np.linalg.norm(out.affine[:3, :3], axis=0), out.spacing)
+    np.testing.assert_allclose(fov_centre(out), fov_centre(vol), atol=1e-9)
+    np.testing.assert_allclose(world_centroid(out), world_centroid(vol), atol=0.05)
+    # The block's centre voxel is still bright, a far corner still air.
+    centre_world = world_centroid(vol)
+    centre_idx = np.rint(np.linalg.solve(out.affine, [*centre_world, 1.0])[:3]).astype(int)
+    assert out.array[tuple(centre_idx)] > 800  # slightly blurred by anti-aliasing
+    assert out.array[-1, -1, -1] == pytest.approx(-1000)
+    assert out.array.dtype == np.float32
+    assert out.metadata["resampled_from"]["shape"] == SHAPE
+
+
+def test_upsample_and_nearest_marker_world_position():
+    vol, block = block_volume()
+    out = resample_volume(vol, spacing=(1.0, 0.4, 0.4), order=0)
+    assert out.shape == (32, 64, 80)
+    np.testing.assert_allclose(world_centroid(out), world_centroid(vol), atol=1e-6)
+    assert set(np.unique(out.array)) == {-1000.0, 1000.0}
+
+
+def test_size_keeps_field_of_view():
+    vol, _ = block_volume()
+    out = resample_volume(vol, size=(16, 20))
+    assert out.shape == (16, 16, 20)
+    np.testing.assert_allclose(out.spacing, (2.0, 1.6, 1.6))
+    extent = np.array(out.shape) * np.array(out.spacing)
+    np.testing.assert_allclose(extent, np.array(SHAPE) * np.array(SPACING))
+    np.testing.assert_allclose(fov_centre(out), fov_centre(vol), atol=1e-9)
+    np.testing.assert_allclose(world_centroid(out), world_centroid(vol), atol=0.05)
+
+
+def test_spacing_and_size_pads_with_air():
+    vol, _ = block_volume(np.int16)
+    vol.array[vol.array == -1000] = 0  # soft tissue background, so padding is visible
+    out = resample_volume(vol, spacing=(2.0, 0.8, 0.8), size=(48, 40))
+    assert out.shape == (16, 48, 40) and out.array.dtype == np.int16
+    assert np.all(out.array[:, :8] == -1024) and np.all(out.array[:, -8:] == -1024)
+    np.testing.assert_array_equal(out.array[:, 8:40], vol.array)  # same grid: copied exactly
+    np.testing.assert_allclose(fov_centre(out), fov_centre(vol), atol=1e-9)
+
+
+def test_no_target_is_a_copy_and_bad_args():
+    vol, _ = block_volume()
+    same = resample_volume(vol)
+    np.testing.assert_array_equal(same.array, vol.array)
+    assert same.array is not vol.array
+    with pytest.raises(CTFlowError):
+        resample_volume(vol, spacing=(1.0, 0.0, 1.0))
+    with pytest.raises(CTFlowError):
+        resample_volume(vol, spacing=(1.0, 1.0))
+    with pytest.raises(CTFlowError):
+        resample_volume(vol, size=(0, 10))
+    with pytest.raises(CTFlowError):
+        resample_volume(vol, size=(10.5, 10))
+    with pytest.raises(CTFlowError):
+        resample_volume(vol, spacing=(1, 1, 1), order=7)
+
+
+def test_antialias_blur_matches_scipy():
+    from scipy import ndimage
+
+    from ctflow.data.hu import _gaussian_along
+
+    x = np.random.default_rng(0).normal(size=(7, 9, 11)).astype(np.float32)
+    for axis in range(3):
+        expected = ndimage.gaussian_filter1d(x, 1.5, axis=axis, mode="nearest")
+        np.testing.assert_allclose(_gaussian_along(x, 1.5, axis), expected, atol=1e-5)
