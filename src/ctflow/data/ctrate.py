@@ -1,0 +1,253 @@
+"""Read (and write) data sets in the layout of the public CT-RATE release.
+
+::
+
+    ROOT/dataset/<split>/<patient>/<study>/<volume>.nii.gz      e.g. train/train_1/train_1_a/train_1_a_1.nii.gz
+    ROOT/radiology_text_reports/<split>_reports.csv              VolumeName, ClinicalInformation_EN, Technique_EN,
+                                                                 Findings_EN, Impressions_EN
+    ROOT/metadata/<split>_metadata.csv                           VolumeName, XYSpacing, ZSpacing, RescaleSlope,
+                                                                 RescaleIntercept, ...
+    ROOT/multi_abnormality_labels/<split>_predicted_labels.csv   VolumeName + 18 binary labels (optional)
+
+CT-RATE stores raw scanner values: HU = raw * RescaleSlope + RescaleIntercept
+from the metadata CSV, and the metadata's spacing is authoritative. Phantom data
+sets (``ctflow phantoms``) are written in exactly this layout, so one reader
+serves both. Rows that are missing or malformed are reported by volume name
+(``dataset.problems``) and skipped, never crashed on mid-epoch.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctflow.data.labels import CTRATE_LABELS
+from ctflow.data.volume import Volume
+from ctflow.errors import CTFlowError
+from ctflow.files import atomic_path
+from ctflow.models.text import format_report
+
+REPORT_COLUMNS = ("VolumeName", "Findings_EN", "Impressions_EN")
+METADATA_COLUMNS = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")
+NAME_PATTERN = re.compile(r"^(?P<split>[a-z]+)_(?P<patient>\d+)_(?P<study>[a-z]+)_(?P<rec>\d+)\.nii(\.gz)?$")
+
+
+def volume_relpath(name: str) -> Path:
+    """``train_1_a_1.nii.gz`` -> ``dataset/train/train_1/train_1_a/train_1_a_1.nii.gz``."""
+    m = NAME_PATTERN.match(name)
+    if not m:
+        raise CTFlowError(f"volume name {name!r} is not in CT-RATE form <split>_<patient>_<study>_<n>.nii.gz")
+    patient = f"{m['split']}_{m['patient']}"
+    return Path("dataset", m["split"], patient, f"{patient}_{m['study']}", name)
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a CSV as dicts; refuse a missing file or missing required columns."""
+    if not path.is_file():
+        raise CTFlowError(f"{path} not found; expected the CT-RATE layout (see `ctflow phantoms --help`)")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CTFlowError(f"cannot parse {path} as CSV: {e}") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise CTFlowError(f"{path.name} lacks column(s) {', '.join(missing)}; CT-RATE CSVs need {', '.join(required)}")
+    return rows
+
+
+def _parse_xy(value: str) -> float:
+    v = ast.literal_eval(value.strip()) if value.strip().startswith(("[", "(")) else float(value)
+    v = float(v[0]) if isinstance(v, list | tuple) else float(v)
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"XYSpacing {value!r}")
+    return v
+
+
+@dataclass
+class CTRateRecord:
+    name: str
+    path: Path
+    findings: str
+    impressions: str
+    clinical: str = ""
+    technique: str = ""
+    xy_spacing: float = 1.0
+    z_spacing: float = 1.0
+    slope: float = 1.0
+    intercept: float = 0.0
+    labels: dict[str, int] | None = None
+
+
+@dataclass
+class CTRateSample:
+    name: str
+    volume: Volume
+    report: str  # the conditioning text: meta line + Findings + Impressions
+    record: CTRateRecord
+    labels: dict[str, int] | None = None
+
+
+@dataclass
+class CTRateDataset:
+    """Index of one split; ``problems`` lists every skipped row with the reason."""
+
+    root: Path
+    split: str = "train"
+    records: list[CTRateRecord] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, root: str | Path, split: str = "train", check_files: bool = True) -> CTRateDataset:
+        root = Path(root)
+        if not root.is_dir():
+            raise CTFlowError(f"data set folder {root} not found")
+        ds = cls(root=root, split=split)
+        reports = read_csv(root / "radiology_text_reports" / f"{split}_reports.csv", REPORT_COLUMNS)
+        meta = {
+            r["VolumeName"]: r
+            for r in read_csv(root / "metadata" / f"{split}_metadata.csv", METADATA_COLUMNS)
+        }
+        label_path = root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
+        labels = {r["VolumeName"]: r for r in read_csv(label_path, ("VolumeName",))} if label_path.exists() else None
+        for row in reports:
+            name = (row.get("VolumeName") or "").strip()
+            try:
+                ds.records.append(ds._record(row, name, meta.get(name), labels, check_files))
+            except (CTFlowError, ValueError, SyntaxError) as e:
+                ds.problems.append(f"{name or '<no VolumeName>'}: {e}")
+        return ds
+
+    def _record(self, row, name, meta, labels, check_files) -> CTRateRecord:
+        if not name:
+            raise ValueError("empty VolumeName")
+        findings = (row.get("Findings_EN") or "").strip()
+        impressions = (row.get("Impressions_EN") or "").strip()
+        if not findings and not impressions:
+            raise ValueError("empty Findings_EN and Impressions_EN")
+        if meta is None:
+            raise ValueError("no row in the metadata CSV")
+        path = self.root / volume_relpath(name)
+        if check_files and not path.is_file():
+            raise ValueError(f"volume file {path} missing")
+        z = float(meta["ZSpacing"])
+        if not np.isfinite(z) or z <= 0:
+            raise ValueError(f"ZSpacing {meta['ZSpacing']!r}")
+        rec = CTRateRecord(
+            name=name,
+            path=path,
+            findings=findings,
+            impressions=impressions,
+            clinical=(row.get("ClinicalInformation_EN") or "").strip(),
+            technique=(row.get("Technique_EN") or "").strip(),
+            xy_spacing=_parse_xy(meta["XYSpacing"]),
+            z_spacing=z,
+            slope=float(meta["RescaleSlope"] or 1.0),
+            intercept=float(meta["RescaleIntercept"] or 0.0),
+        )
+        if labels is not None:
+            lab = labels.get(name)
+            if lab is None:
+                raise ValueError("no row in the labels CSV")
+            rec.labels = {k: int(float(lab[k])) for k in CTRATE_LABELS if k in lab and lab[k] != ""}
+        return rec
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, i: int) -> CTRateSample:
+        """Read one volume in HU (metadata rescale and spacing applied) with its report."""
+        from ctflow.data.nifti import read_nifti
+
+        rec = self.records[i]
+        vol = read_nifti(rec.path)
+        hu = vol.array.astype(np.float32) * rec.slope + rec.intercept
+        spacing = (rec.z_spacing, rec.xy_spacing, rec.xy_spacing)
+        affine = vol.affine.copy()
+        for axis, sp in enumerate(spacing):  # metadata spacing is authoritative
+            norm = np.linalg.norm(affine[:3, axis])
+            affine[:3, axis] *= sp / norm if norm > 0 else 0.0
+        volume = Volume(hu, spacing, affine, {"source": str(rec.path), "name": rec.name})
+        report = format_report(rec.findings, rec.impressions, volume.num_slices, rec.z_spacing)
+        return CTRateSample(rec.name, volume, report, rec, rec.labels)
+
+    def __iter__(self) -> Iterator[CTRateSample]:
+        """Every readable sample; unreadable volumes are added to ``problems`` and skipped."""
+        for i in range(len(self)):
+            try:
+                yield self.load(i)
+            except CTFlowError as e:
+                self.problems.append(f"{self.records[i].name}: {e}")
+
+
+def _csv_text(columns: list[str], rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+class CTRateWriter:
+    """Write volumes + reports + metadata + labels in the CT-RATE layout.
+
+    Volumes are stored directly in HU (int16), so any viewer shows them right;
+    the metadata says so with RescaleSlope 1 / RescaleIntercept 0. (Real CT-RATE
+    files hold raw values with intercept -1024; the reader handles both.) The
+    CSVs are written atomically by :meth:`close`.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", overwrite: bool = False):
+        self.root, self.split, self.overwrite = Path(root), split, overwrite
+        self.reports: list[dict] = []
+        self.metadata: list[dict] = []
+        self.labels: list[dict] = []
+
+    def add(self, index: int, volume: Volume, report: dict[str, str], labels: dict[str, int], extra: dict | None = None):
+        from ctflow.data.nifti import write_nifti
+
+        name = f"{self.split}_{index + 1}_a_1.nii.gz"
+        path = self.root / volume_relpath(name)
+        hu = np.clip(np.rint(volume.hu()), -32768, 32767).astype(np.int16)
+        write_nifti(Volume(hu, volume.spacing, volume.affine, dict(volume.metadata)), path, self.overwrite)
+        if extra is not None:
+            with atomic_path(path.with_name(name.replace(".nii.gz", ".json")), self.overwrite) as tmp:
+                tmp.write_text(json.dumps(extra, indent=1))
+        self.reports.append({"VolumeName": name, **report})
+        self.metadata.append(
+            {
+                "VolumeName": name,
+                "XYSpacing": f"[{volume.spacing[1]:g}, {volume.spacing[2]:g}]",
+                "ZSpacing": f"{volume.spacing[0]:g}",
+                "RescaleSlope": 1,
+                "RescaleIntercept": 0,
+                "Rows": volume.shape[1],
+                "Columns": volume.shape[2],
+                "NumberofSlices": volume.shape[0],
+            }
+        )
+        self.labels.append({"VolumeName": name, **{k: int(labels.get(k, 0)) for k in CTRATE_LABELS}})
+        return path
+
+    def close(self) -> None:
+        report_cols = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
+        outputs = [
+            ("radiology_text_reports", "reports", report_cols, self.reports),
+            ("metadata", "metadata", list(self.metadata[0]) if self.metadata else list(METADATA_COLUMNS), self.metadata),
+            ("multi_abnormality_labels", "predicted_labels", ["VolumeName", *CTRATE_LABELS], self.labels),
+        ]
+        for folder, stem, cols, rows in outputs:
+            rows = [{c: r.get(c, "") for c in cols} for r in rows]
+            path = self.root / folder / f"{self.split}_{stem}.csv"
+            with atomic_path(path, self.overwrite) as tmp:
+                tmp.write_text(_csv_text(cols, rows))

@@ -1,0 +1,235 @@
+"""CT-RATE style radiology reports for procedural phantoms.
+
+:func:`phantom_report` turns a phantom's ground truth (see
+:func:`ctflow.data.phantom.make_phantom`) into the four text fields of a
+CT-RATE report. Each sentence is drawn from a few templates with a seeded RNG,
+absent findings get explicit negative sentences, and only findings that are
+visible in the scanned range are reported (the same rule the CT-RATE labels of
+the ground truth follow). The slice-count meta line is not written here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ctflow.errors import CTFlowError
+
+_CLINICAL = (
+    "Cough.",
+    "Shortness of breath.",
+    "Chest pain.",
+    "Fever and cough.",
+    "Dyspnea.",
+    "Follow-up.",
+    "Routine control.",
+    "Not given.",
+    "Evaluation of the lungs.",
+    "Smoking history, screening.",
+)
+
+_TECHNIQUE_PLAIN = (
+    "Non-contrast chest CT was obtained with {t} mm slice thickness.",
+    "Chest CT without intravenous contrast was performed with {t} mm slice thickness.",
+    "Thorax CT examination was performed without contrast; axial images were reconstructed with {t} mm slice thickness.",
+)
+_TECHNIQUE_CONTRAST = (
+    "Contrast-enhanced chest CT was obtained with {t} mm slice thickness.",
+    "Chest CT with intravenous contrast was performed with {t} mm slice thickness.",
+    "Thorax CT examination was performed after intravenous contrast; axial images were reconstructed with {t} mm slice thickness.",
+)
+
+_TRACHEA = (
+    "Trachea and both main bronchi are in normal width and patent.",
+    "Trachea and both main bronchi are patent, and no obstructive pathology is detected in the lumen.",
+    "The trachea and main bronchi are open and of normal caliber.",
+)
+_MEDIASTINUM = (
+    "Mediastinal main vascular structures are of normal width.",
+    "The calibers of the mediastinal main vascular structures are normal.",
+    "Mediastinal vascular structures show normal width and course.",
+)
+_HEART_NORMAL = (
+    "Heart size is normal.",
+    "Heart contour and size are normal.",
+    "The heart is of normal size.",
+)
+_HEART_ENLARGED = (
+    "Heart size is enlarged.",
+    "The heart is enlarged (cardiomegaly).",
+    "Cardiomegaly is present, with increased heart size.",
+)
+_PERICARDIAL = (
+    "Pericardial effusion was not observed.",
+    "No pericardial effusion or thickening was detected.",
+    "Pericardial effusion-thickening is absent.",
+)
+_ESOPHAGUS = (
+    "Thoracic esophagus calibration was normal.",
+    "No significant wall thickening was detected in the thoracic esophagus.",
+)
+_LYMPH = (
+    "No lymph node in pathological size and appearance was detected in the mediastinum and hila.",
+    "No mediastinal or hilar lymphadenopathy was detected.",
+)
+_PARENCHYMA_INTRO = (
+    "When examined in the lung parenchyma window;",
+    "In the lung parenchyma window;",
+    "Lung parenchyma:",
+)
+_EMPHYSEMA_POS = (
+    "Emphysematous changes are observed in both lungs, more prominent in the upper lobes.",
+    "Centrilobular emphysema is present in both lungs.",
+    "There are emphysematous areas of low attenuation in both lungs.",
+)
+_EMPHYSEMA_NEG = (
+    "No emphysema was detected.",
+    "There is no emphysema in either lung.",
+    "No emphysematous change is seen.",
+)
+_NODULE_POS = (
+    "A {n} mm nodule is seen in the {lobe}.",
+    "A {n} mm nodule is observed in the {lobe}.",
+    "There is a {n} mm solid nodule in the {lobe}.",
+)
+_NODULE_NEG = (
+    "No mass or nodule was detected in either lung.",
+    "No pulmonary nodule or mass is seen.",
+    "No nodular lesion was detected in both lungs.",
+)
+_CONSOLIDATION_POS = (
+    "Consolidation with air bronchograms is observed in the {lobe}.",
+    "An area of consolidation is seen in the {lobe}.",
+    "There is consolidation in the {lobe}.",
+)
+_CONSOLIDATION_NEG = (
+    "No consolidation or infiltrative lesion was detected.",
+    "There is no consolidation in either lung.",
+    "No pneumonic consolidation is seen.",
+)
+_EFFUSION_POS = {
+    "left": (
+        "Left-sided pleural effusion is present.",
+        "Pleural effusion is seen on the left side.",
+        "There is a left pleural effusion.",
+    ),
+    "right": (
+        "Right-sided pleural effusion is present.",
+        "Pleural effusion is seen on the right side.",
+        "There is a right pleural effusion.",
+    ),
+    "bilateral": (
+        "Bilateral pleural effusion is present.",
+        "Pleural effusion is seen on both sides.",
+        "There are bilateral pleural effusions.",
+    ),
+}
+_EFFUSION_NEG = (
+    "No pleural effusion was detected.",
+    "No pleural effusion or thickening was observed.",
+    "There is no pleural effusion.",
+)
+_ABDOMEN = (
+    "Upper abdominal organs included in the sections are normal.",
+    "No abnormality was detected in the upper abdominal organs within the scan range.",
+)
+_BONES = (
+    "Bone structures in the study area are natural.",
+    "No lytic or destructive lesion was detected in the bone structures.",
+    "Vertebral corpus heights are preserved and bone structures are normal.",
+)
+NORMAL_IMPRESSION = "No significant pathology was detected in the chest."
+
+
+def lobe_phrase(lobe: str, style: int = 0) -> str:
+    """``"right upper"`` -> ``"upper lobe of the right lung"`` (style 0) or ``"right upper lobe"`` (style 1)."""
+    side, part = lobe.split()
+    return f"{part} lobe of the {side} lung" if style == 0 else f"{side} {part} lobe"
+
+
+def _visible(findings: list[dict], kind: str) -> list[dict]:
+    return [f for f in findings if f.get("type") == kind and f.get("visible", True)]
+
+
+def _fmt_mm(v: float) -> str:
+    return f"{float(v):g}"
+
+
+def phantom_report(ground_truth: dict, seed: int | None = None) -> dict[str, str]:
+    """A CT-RATE style report ``{ClinicalInformation_EN, Technique_EN, Findings_EN, Impressions_EN}``.
+
+    ``seed`` picks the wording (default: the phantom's seed); the same ground truth
+    and seed always give the same text.
+    """
+    if not isinstance(ground_truth, dict) or "findings" not in ground_truth:
+        raise CTFlowError("phantom_report needs a phantom ground-truth dict with a 'findings' list")
+    spec: dict[str, Any] = ground_truth.get("spec", {}) or {}
+    if seed is None:
+        seed = int(spec.get("seed", 0))
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5EED])
+
+    def pick(options):
+        return options[int(rng.integers(len(options)))]
+
+    findings = list(ground_truth["findings"])
+    thickness = spec.get("slice_spacing")
+    if thickness is None:
+        thickness = (ground_truth.get("spacing") or [2.5])[0]
+    contrast = bool(ground_truth.get("contrast", spec.get("contrast", False)))
+
+    nodules = _visible(findings, "nodule")
+    effusions = _visible(findings, "effusion")
+    cardio = _visible(findings, "cardiomegaly")
+    emph = _visible(findings, "emphysema")
+    consol = _visible(findings, "consolidation")
+
+    clinical = pick(_CLINICAL)
+    technique = pick(_TECHNIQUE_CONTRAST if contrast else _TECHNIQUE_PLAIN).format(t=_fmt_mm(thickness))
+
+    lobe_style = int(rng.integers(2))
+    sent = [pick(_TRACHEA), pick(_MEDIASTINUM)]
+    sent.append(pick(_HEART_ENLARGED) if cardio else pick(_HEART_NORMAL))
+    sent += [pick(_PERICARDIAL), pick(_ESOPHAGUS), pick(_LYMPH), pick(_PARENCHYMA_INTRO)]
+    sent.append(pick(_EMPHYSEMA_POS) if emph else pick(_EMPHYSEMA_NEG))
+    if nodules:
+        for f in nodules:
+            n = int(round(float(f.get("size_mm", 10.0))))
+            sent.append(pick(_NODULE_POS).format(n=n, lobe=lobe_phrase(f["lobe"], lobe_style)))
+    else:
+        sent.append(pick(_NODULE_NEG))
+    if consol:
+        for f in consol:
+            sent.append(pick(_CONSOLIDATION_POS).format(lobe=lobe_phrase(f["lobe"], lobe_style)))
+    else:
+        sent.append(pick(_CONSOLIDATION_NEG))
+    if effusions:
+        sides = {f["side"] for f in effusions}
+        side = "bilateral" if ("bilateral" in sides or sides == {"left", "right"}) else sides.pop()
+        sent.append(pick(_EFFUSION_POS[side]))
+    else:
+        sent.append(pick(_EFFUSION_NEG))
+    sent += [pick(_ABDOMEN), pick(_BONES)]
+
+    impressions = []
+    for f in nodules:
+        n = int(round(float(f.get("size_mm", 10.0))))
+        impressions.append(f"{n} mm nodule in the {lobe_phrase(f['lobe'], 1)}.")
+    for f in consol:
+        impressions.append(f"Consolidation in the {lobe_phrase(f['lobe'], 1)}.")
+    if effusions:
+        sides = {f["side"] for f in effusions}
+        side = "bilateral" if ("bilateral" in sides or sides == {"left", "right"}) else next(iter(sides))
+        impressions.append(
+            "Bilateral pleural effusion." if side == "bilateral" else f"{side.capitalize()} pleural effusion."
+        )
+    if cardio:
+        impressions.append("Cardiomegaly.")
+    if emph:
+        impressions.append("Emphysema.")
+    return {
+        "ClinicalInformation_EN": clinical,
+        "Technique_EN": technique,
+        "Findings_EN": " ".join(sent),
+        "Impressions_EN": " ".join(impressions) if impressions else NORMAL_IMPRESSION,
+    }

@@ -1,0 +1,99 @@
+import csv
+
+import numpy as np
+import pytest
+
+from ctflow.data.ctrate import CTRateDataset, CTRateWriter, volume_relpath
+from ctflow.data.labels import CTRATE_LABELS
+from ctflow.data.nifti import write_nifti
+from ctflow.data.volume import Volume
+from ctflow.errors import CTFlowError
+
+
+def _write_csv(path, columns, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _fixture(root, n=3, drop_findings=False, raw=True):
+    """A tiny data set written by hand in exactly the public CT-RATE layout."""
+    reports, meta, labels = [], [], []
+    for i in range(n):
+        name = f"train_{i + 1}_a_1.nii.gz"
+        hu = np.full((6 + i, 8, 8), -1000, np.int16)
+        hu[:, 2:6, 2:6] = 40
+        stored = hu + 1024 if raw else hu
+        write_nifti(Volume(stored.astype(np.int16), (1.0, 1.0, 1.0)), root / volume_relpath(name))
+        reports.append({"VolumeName": name, "ClinicalInformation_EN": "Cough.", "Technique_EN": "Non-contrast.",
+                        "Findings_EN": f"Finding {i}.", "Impressions_EN": f"Impression {i}."})
+        meta.append({"VolumeName": name, "XYSpacing": "[0.75, 0.75]", "ZSpacing": "1.5",
+                     "RescaleSlope": "1", "RescaleIntercept": "-1024" if raw else "0"})
+        labels.append({"VolumeName": name, **{k: int(k == "Lung nodule" and i == 1) for k in CTRATE_LABELS}})
+    report_cols = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Impressions_EN"]
+    if not drop_findings:
+        report_cols.insert(3, "Findings_EN")
+    else:
+        for r in reports:
+            del r["Findings_EN"]
+    _write_csv(root / "radiology_text_reports" / "train_reports.csv", report_cols, reports)
+    _write_csv(root / "metadata" / "train_metadata.csv", list(meta[0]), meta)
+    _write_csv(root / "multi_abnormality_labels" / "train_predicted_labels.csv", list(labels[0]), labels)
+    return reports
+
+
+def test_volume_relpath_follows_ctrate_folders():
+    assert str(volume_relpath("valid_12_b_2.nii.gz")) == "dataset/valid/valid_12/valid_12_b/valid_12_b_2.nii.gz"
+    with pytest.raises(CTFlowError, match="CT-RATE form"):
+        volume_relpath("scan.nii.gz")
+
+
+def test_reader_applies_metadata_rescale_and_spacing(tmp_path):
+    _fixture(tmp_path)
+    ds = CTRateDataset.open(tmp_path)
+    assert len(ds) == 3 and ds.problems == []
+    s = ds.load(1)
+    assert s.volume.spacing == (1.5, 0.75, 0.75)
+    assert s.volume.hu()[0, 0, 0] == -1000 and s.volume.hu()[0, 3, 3] == 40
+    assert s.report.startswith("Volume: 7 slices, 1.5 mm spacing. Findings: Finding 1.")
+    assert "Impressions: Impression 1." in s.report
+    assert s.labels["Lung nodule"] == 1 and len(s.labels) == 18
+
+
+def test_reader_reports_bad_rows_by_name_and_skips_them(tmp_path):
+    _fixture(tmp_path)
+    (tmp_path / volume_relpath("train_2_a_1.nii.gz")).unlink()
+    path = tmp_path / "metadata" / "train_metadata.csv"
+    path.write_text(path.read_text().replace('"[0.75, 0.75]",1.5', '"[0.75, 0.75]",oops', 1))
+    ds = CTRateDataset.open(tmp_path)
+    names = " ".join(ds.problems)
+    assert "train_2_a_1.nii.gz" in names and "train_1_a_1.nii.gz" in names
+    assert [r.name for r in ds.records] == ["train_3_a_1.nii.gz"]
+
+
+def test_iteration_skips_unreadable_volumes_instead_of_crashing(tmp_path):
+    _fixture(tmp_path)
+    (tmp_path / volume_relpath("train_2_a_1.nii.gz")).write_bytes(b"\x1f\x8b broken")
+    ds = CTRateDataset.open(tmp_path)
+    assert [s.name for s in ds] == ["train_1_a_1.nii.gz", "train_3_a_1.nii.gz"]
+    assert any("train_2_a_1" in p for p in ds.problems)
+
+
+def test_missing_findings_column_is_refused_with_the_column_name(tmp_path):
+    _fixture(tmp_path, drop_findings=True)
+    with pytest.raises(CTFlowError, match="Findings_EN"):
+        CTRateDataset.open(tmp_path)
+
+
+def test_writer_output_reads_back_through_the_reader(tmp_path):
+    w = CTRateWriter(tmp_path, "valid")
+    hu = np.linspace(-1000, 500, 5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7).round()
+    w.add(0, Volume(hu, (2.5, 0.8, 0.8)), {"Findings_EN": "Clear.", "Impressions_EN": "Normal."},
+          {"Emphysema": 1}, extra={"truth": 1})
+    w.close()
+    s = CTRateDataset.open(tmp_path, "valid").load(0)
+    np.testing.assert_array_equal(s.volume.hu(), hu)
+    assert s.volume.spacing == (2.5, 0.8, 0.8) and s.labels["Emphysema"] == 1
+    assert (tmp_path / "dataset/valid/valid_1/valid_1_a/valid_1_a_1.json").exists()

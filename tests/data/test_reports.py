@@ -1,0 +1,163 @@
+"""CT-RATE style reports generated from phantom ground truth."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+
+from ctflow.data.phantom import PhantomSpec, make_phantom
+from ctflow.data.reports import NORMAL_IMPRESSION, lobe_phrase, phantom_report
+from ctflow.errors import CTFlowError
+
+KEYS = ("ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
+
+
+def _gt(findings=(), seed=4, **kw):
+    spec = PhantomSpec(
+        seed=seed,
+        size=64,
+        num_slices=64,
+        slice_spacing=kw.pop("slice_spacing", 5.0),
+        pixel_spacing=5.6,
+        start_level=-25.0,
+        findings=list(findings),
+        **kw,
+    )
+    return make_phantom(spec)[1]
+
+
+@pytest.fixture(scope="module")
+def normal_gt():
+    return _gt()
+
+
+@pytest.fixture(scope="module")
+def abnormal_gt():
+    return _gt(
+        [
+            {"type": "nodule", "lobe": "right upper", "size_mm": 12.0},
+            {"type": "effusion", "side": "left"},
+            {"type": "cardiomegaly"},
+            {"type": "emphysema"},
+            {"type": "consolidation", "lobe": "left lower"},
+        ]
+    )
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.;:])\s+", text) if s.strip()]
+
+
+def _sentence_with(text: str, *words: str) -> str:
+    hits = [s for s in _sentences(text) if all(w.lower() in s.lower() for w in words)]
+    assert hits, f"no sentence with {words} in: {text}"
+    return hits[0]
+
+
+def test_all_fields_present_and_no_slice_meta_line(normal_gt):
+    rep = phantom_report(normal_gt, seed=1)
+    assert tuple(rep) == KEYS
+    assert all(isinstance(rep[k], str) and rep[k].strip() for k in KEYS)
+    assert all("slices" not in rep[k].lower() for k in KEYS)
+    assert len(_sentences(rep["Findings_EN"])) >= 10
+
+
+def test_negatives_when_normal(normal_gt):
+    for seed in range(8):
+        rep = phantom_report(normal_gt, seed=seed)
+        f = rep["Findings_EN"].lower()
+        assert "pleural effusion" in f and re.search(r"no pleural effusion|there is no pleural effusion", f)
+        assert "enlarged" not in f and "cardiomegaly" not in f
+        assert re.search(r"heart (size|contour|is of normal)", f) and "normal" in _sentence_with(f, "heart")
+        assert "emphysema" in f and not re.search(
+            r"emphysema is present|emphysematous (changes|areas) (are|of)", f
+        )
+        assert "nodul" in f and not re.search(r"\d+ mm", f)
+        assert "consolidation" in f and "air bronchogram" not in f
+        assert "pericardial effusion" in f
+        assert rep["Impressions_EN"] == NORMAL_IMPRESSION
+
+
+def test_positive_sentences_for_each_finding(abnormal_gt):
+    assert all(f["visible"] for f in abnormal_gt["findings"])
+    for seed in range(8):
+        rep = phantom_report(abnormal_gt, seed=seed)
+        f = rep["Findings_EN"]
+        heart = _sentence_with(f, "heart")
+        assert "enlarged" in heart.lower() or "cardiomegaly" in heart.lower()
+        eff = _sentence_with(f, "pleural effusion")
+        assert "left" in eff.lower() and "right" not in eff.lower() and not eff.lower().startswith("no")
+        nod = _sentence_with(f, "nodule")
+        assert "12 mm" in nod and "right" in nod and "upper" in nod
+        assert lobe_phrase("right upper", 0) in nod or lobe_phrase("right upper", 1) in nod
+        con = _sentence_with(f, "consolidation")
+        assert "left" in con and "lower" in con and not con.lower().startswith("no")
+        emph = _sentence_with(f, "emphysem")
+        assert not emph.lower().startswith("no")
+        imp = rep["Impressions_EN"]
+        assert imp != NORMAL_IMPRESSION
+        for word in (
+            "12 mm nodule in the right upper lobe",
+            "Left pleural effusion",
+            "Cardiomegaly",
+            "Emphysema",
+        ):
+            assert word in imp
+        assert "Consolidation in the left lower lobe" in imp
+
+
+@pytest.mark.parametrize(
+    "finding,words,absent",
+    [
+        ({"type": "effusion", "side": "right"}, ("right",), ("left",)),
+        ({"type": "effusion", "side": "bilateral"}, ("bilateral|both",), ("left-sided", "right-sided")),
+        ({"type": "nodule", "lobe": "left upper", "size_mm": 21.0}, ("21 mm", "left", "upper"), ("right",)),
+        ({"type": "nodule", "lobe": "right middle", "size_mm": 7.0}, ("7 mm", "right", "middle"), ("left",)),
+        ({"type": "consolidation", "lobe": "right lower"}, ("right", "lower"), ("left",)),
+    ],
+)
+def test_side_lobe_size_words_match_ground_truth(finding, words, absent):
+    gt = _gt([finding])
+    key = "pleural effusion" if finding["type"] == "effusion" else finding["type"]
+    for seed in range(5):
+        s = _sentence_with(phantom_report(gt, seed=seed)["Findings_EN"], key).lower()
+        for w in words:
+            assert re.search(w.lower(), s), (w, s)
+        for w in absent:
+            assert w not in s, (w, s)
+
+
+def test_technique_mentions_slice_thickness_and_contrast():
+    plain = phantom_report(_gt(slice_spacing=2.5), seed=0)["Technique_EN"]
+    assert "2.5 mm slice thickness" in plain
+    assert re.search(r"non-contrast|without", plain.lower())
+    enhanced = phantom_report(_gt(slice_spacing=5.0, contrast=True), seed=0)["Technique_EN"]
+    assert "5 mm slice thickness" in enhanced
+    assert re.search(r"contrast-enhanced|with intravenous|after intravenous", enhanced.lower())
+    assert phantom_report(_gt(slice_spacing=1.25), seed=0)["Technique_EN"].count("1.25 mm") == 1
+
+
+def test_deterministic_with_seed_and_varied_across_seeds(abnormal_gt):
+    assert phantom_report(abnormal_gt, seed=3) == phantom_report(abnormal_gt, seed=3)
+    assert phantom_report(abnormal_gt) == phantom_report(abnormal_gt, seed=abnormal_gt["spec"]["seed"])
+    texts = {phantom_report(abnormal_gt, seed=s)["Findings_EN"] for s in range(20)}
+    assert len(texts) >= 10
+    techniques = {phantom_report(abnormal_gt, seed=s)["Technique_EN"] for s in range(20)}
+    assert len(techniques) >= 2
+
+
+def test_invisible_findings_are_not_reported(normal_gt):
+    gt = copy.deepcopy(normal_gt)
+    gt["findings"] = [{"type": "nodule", "lobe": "left lower", "size_mm": 9.0, "visible": False}]
+    rep = phantom_report(gt, seed=0)
+    assert "9 mm" not in rep["Findings_EN"]
+    assert rep["Impressions_EN"] == NORMAL_IMPRESSION
+
+
+def test_bad_ground_truth_raises():
+    with pytest.raises(CTFlowError):
+        phantom_report({"labels": {}})
+    with pytest.raises(CTFlowError):
+        phantom_report("not a dict")  # type: ignore[arg-type]
