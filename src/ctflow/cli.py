@@ -23,7 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Generate 3D chest CT volumes from radiology reports.",
 )
-convert_app = typer.Typer(no_args_is_help=True, help="Convert third-party weights to ctflow/transformers folders.")
+convert_app = typer.Typer(
+    no_args_is_help=True, help="Convert third-party weights to ctflow/transformers folders."
+)
 app.add_typer(convert_app, name="convert")
 console = Console(stderr=True)
 
@@ -31,7 +33,14 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing o
 
 
 def _progress(transient: bool = False):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("{task.description}"),
@@ -68,7 +77,9 @@ def phantoms(
     if not 16 <= size <= 1024:
         raise CTFlowError(f"--size must be between 16 and 1024 pixels, got {size}")
     if not 1 <= min_slices <= max_slices <= 2048:
-        raise CTFlowError(f"need 1 <= --min-slices <= --max-slices <= 2048, got {min_slices} and {max_slices}")
+        raise CTFlowError(
+            f"need 1 <= --min-slices <= --max-slices <= 2048, got {min_slices} and {max_slices}"
+        )
     if not split.isalpha() or not split.islower():
         raise CTFlowError(f"--split must be lower-case letters like 'train' or 'valid', got {split!r}")
     with atomic_dir(out, overwrite) as tmp, _progress() as bar:
@@ -124,9 +135,152 @@ def info(volume: Annotated[Path, typer.Argument(help="NIfTI file or DICOM series
     typer.echo(json.dumps(facts, indent=1))
 
 
+@app.command()
+def encode(
+    data: Annotated[Path, typer.Option("--data", help="Data set folder in the CT-RATE layout.")],
+    vae: Annotated[Path, typer.Option("--vae", help="Trained slice VAE (diffusers folder).")],
+    out: Annotated[Path, typer.Option("--out", help="Latent cache folder (resumable).")],
+    split: Annotated[str, typer.Option(help="Split to encode.")] = "train",
+    text_encoder: Annotated[
+        Path | None, typer.Option(help="Report encoder folder (default: packaged MiniLM).")
+    ] = None,
+    shard_size: Annotated[int, typer.Option(help="Volumes per shard.")] = 32,
+    overwrite: Overwrite = False,
+):
+    """Encode a data set into the latent cache that `ctflow train` reads."""
+    from ctflow.data.ctrate import CTRateDataset
+    from ctflow.models.text import ReportEncoder
+    from ctflow.models.vae import SliceVAE
+    from ctflow.train.latents import encode_dataset
+
+    ds = CTRateDataset.open(data, split)
+    model = SliceVAE.load(vae).eval()
+    text = ReportEncoder.from_pretrained(text_encoder)
+    size = int(model.vae.config.sample_size)
+    with _progress() as bar:
+        task = bar.add_task("encode", total=len(ds))
+        encode_dataset(
+            ds,
+            model,
+            text,
+            out,
+            image_size=size,
+            shard_size=shard_size,
+            overwrite=overwrite,
+            progress=lambda k: bar.advance(task, k),
+        )
+    for problem in ds.problems:
+        console.print(f"skipped {problem}")
+    console.print(f"encoded {len(ds) - len(ds.problems)} volumes into {out}")
+
+
+@app.command("train-vae")
+def train_vae_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Data set folder in the CT-RATE layout.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: vae/, checkpoints/, log.jsonl.")],
+    config: Annotated[Path | None, typer.Option(help="YAML config (VAETrainConfig).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")
+    ] = False,
+):
+    """Train the slice autoencoder with the A-VAE objective."""
+    from ctflow.train.config import VAETrainConfig, load_config
+    from ctflow.train.vae_trainer import train_vae
+
+    cfg = load_config(config, VAETrainConfig) if config else VAETrainConfig()
+    train_vae(data, cfg, out, resume=resume, progress=True)
+    console.print(f"wrote {out / 'vae'}")
+
+
+@app.command()
+def train(
+    latents: Annotated[Path, typer.Option("--latents", help="Latent cache from `ctflow encode`.")],
+    config: Annotated[Path, typer.Option("--config", help="YAML config, e.g. configs/tiny-phantom.yaml.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: transformer/, checkpoints/, log.jsonl.")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")
+    ] = False,
+):
+    """Train the chunk flow transformer (runs under accelerate launch / torchrun too)."""
+    from ctflow.train.config import FlowTrainConfig, load_config
+    from ctflow.train.flow_trainer import train_flow
+
+    cfg = load_config(config, FlowTrainConfig)
+    train_flow(latents, cfg, out, resume=resume, progress=True)
+    console.print(f"wrote {out / 'transformer'}")
+
+
+@app.command()
+def generate(
+    report: Annotated[str | None, typer.Argument(help="Report text (Findings/Impressions).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output .nii.gz (or a folder with --prompts).")
+    ] = None,
+    report_file: Annotated[
+        Path | None, typer.Option("--report-file", help="Read the report from a file.")
+    ] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="CSV with a 'report' column.")] = None,
+    dicom: Annotated[Path | None, typer.Option("--dicom", help="Also write a DICOM series folder.")] = None,
+    slices: Annotated[int | None, typer.Option("--slices", help="Number of slices to generate.")] = None,
+    max_slices: Annotated[
+        int | None, typer.Option("--max-slices", help="Upper limit when the model decides.")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="ODE steps per chunk.")] = 20,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 2.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (recorded in the sidecar).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Reports generated together.")] = 1,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Model folder (default: embedded model).")
+    ] = None,
+    overwrite: Overwrite = False,
+):
+    """Generate a synthetic CT volume from a radiology report."""
+    from ctflow.generate import GenerationSettings, generate_one, generate_prompts, read_report_file
+    from ctflow.pipeline import CTFlowPipeline
+
+    sources = [x is not None for x in (report, report_file, prompts)]
+    if sum(sources) != 1:
+        raise CTFlowError("give exactly one of: a REPORT argument, --report-file or --prompts")
+    if out is None:
+        raise CTFlowError("--out is required (a .nii.gz path, or a folder with --prompts)")
+    if batch_size < 1:
+        raise CTFlowError(f"--batch-size must be at least 1, got {batch_size}")
+    settings = GenerationSettings(slices, max_slices, steps, guidance, seed, dicom, overwrite)
+    settings.check()
+    if report_file is not None:
+        report = read_report_file(report_file)
+    if report is not None and not report.strip():
+        raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
+    if prompts is not None:
+        from ctflow.generate import read_prompts
+
+        read_prompts(prompts)  # validate before loading the model
+        pipe = CTFlowPipeline.from_pretrained(model)
+        generate_prompts(pipe, prompts, out, settings, log=console.print)
+        return
+    from ctflow.files import check_output
+    from ctflow.generate import output_paths
+
+    for p in [*output_paths(out).values(), *([dicom] if dicom else [])]:
+        check_output(p, overwrite)
+    pipe = CTFlowPipeline.from_pretrained(model)
+    with _progress() as bar:
+        task = bar.add_task("generate", total=None)
+
+        def on_step(chunk, step, total):
+            bar.update(task, description=f"chunk {chunk + 1} step", completed=step + 1, total=total)
+
+        sidecar = generate_one(pipe, report, out, settings, progress=on_step)
+    console.print(
+        f"wrote {out} ({sidecar['num_slices']} slices, ended by {sidecar['end_reason']}, {sidecar['seconds']:.1f} s)"
+    )
+
+
 @convert_app.command("ctclip")
 def convert_ctclip(
-    checkpoint: Annotated[Path, typer.Argument(help="CT-CLIP checkpoint (.pt), read with weights_only=True.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="CT-CLIP checkpoint (.pt), read with weights_only=True.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output transformers folder.")],
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder to copy in (CXR-BERT).")] = None,
     overwrite: Overwrite = False,

@@ -27,10 +27,24 @@ def _fixture(root, n=3, drop_findings=False, raw=True):
         hu[:, 2:6, 2:6] = 40
         stored = hu + 1024 if raw else hu
         write_nifti(Volume(stored.astype(np.int16), (1.0, 1.0, 1.0)), root / volume_relpath(name))
-        reports.append({"VolumeName": name, "ClinicalInformation_EN": "Cough.", "Technique_EN": "Non-contrast.",
-                        "Findings_EN": f"Finding {i}.", "Impressions_EN": f"Impression {i}."})
-        meta.append({"VolumeName": name, "XYSpacing": "[0.75, 0.75]", "ZSpacing": "1.5",
-                     "RescaleSlope": "1", "RescaleIntercept": "-1024" if raw else "0"})
+        reports.append(
+            {
+                "VolumeName": name,
+                "ClinicalInformation_EN": "Cough.",
+                "Technique_EN": "Non-contrast.",
+                "Findings_EN": f"Finding {i}.",
+                "Impressions_EN": f"Impression {i}.",
+            }
+        )
+        meta.append(
+            {
+                "VolumeName": name,
+                "XYSpacing": "[0.75, 0.75]",
+                "ZSpacing": "1.5",
+                "RescaleSlope": "1",
+                "RescaleIntercept": "-1024" if raw else "0",
+            }
+        )
         labels.append({"VolumeName": name, **{k: int(k == "Lung nodule" and i == 1) for k in CTRATE_LABELS}})
     report_cols = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Impressions_EN"]
     if not drop_findings:
@@ -45,7 +59,9 @@ def _fixture(root, n=3, drop_findings=False, raw=True):
 
 
 def test_volume_relpath_follows_ctrate_folders():
-    assert str(volume_relpath("valid_12_b_2.nii.gz")) == "dataset/valid/valid_12/valid_12_b/valid_12_b_2.nii.gz"
+    assert (
+        str(volume_relpath("valid_12_b_2.nii.gz")) == "dataset/valid/valid_12/valid_12_b/valid_12_b_2.nii.gz"
+    )
     with pytest.raises(CTFlowError, match="CT-RATE form"):
         volume_relpath("scan.nii.gz")
 
@@ -90,8 +106,13 @@ def test_missing_findings_column_is_refused_with_the_column_name(tmp_path):
 def test_writer_output_reads_back_through_the_reader(tmp_path):
     w = CTRateWriter(tmp_path, "valid")
     hu = np.linspace(-1000, 500, 5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7).round()
-    w.add(0, Volume(hu, (2.5, 0.8, 0.8)), {"Findings_EN": "Clear.", "Impressions_EN": "Normal."},
-          {"Emphysema": 1}, extra={"truth": 1})
+    w.add(
+        0,
+        Volume(hu, (2.5, 0.8, 0.8)),
+        {"Findings_EN": "Clear.", "Impressions_EN": "Normal."},
+        {"Emphysema": 1},
+        extra={"truth": 1},
+    )
     w.close()
     s = CTRateDataset.open(tmp_path, "valid").load(0)
     np.testing.assert_array_equal(s.volume.hu(), hu)

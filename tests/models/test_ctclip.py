@@ -11,8 +11,14 @@ class Arbitrary:
 
 def _fake_ctclip(path, add_pooler=True):
     """A checkpoint with CT-CLIP's key layout: text tower under text_transformer., plus other parts."""
-    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
-                     intermediate_size=128, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     bert = BertModel(cfg, add_pooling_layer=add_pooler).eval()
     state = {f"text_transformer.{k}": v for k, v in bert.state_dict().items()}
     state["visual_transformer.to_patch_emb.weight"] = torch.randn(8, 8)
@@ -32,11 +38,15 @@ def test_convert_ctclip_writes_an_equivalent_safetensors_bert(tmp_path):
 
 def test_convert_ctclip_cli_refuses_a_checkpoint_without_text_tower(tmp_path, run_cli):
     torch.save({"visual.weight": torch.zeros(2)}, tmp_path / "x.pt")
-    assert_clean_error(run_cli("convert", "ctclip", tmp_path / "x.pt", "--out", tmp_path / "o"), "text_transformer")
+    assert_clean_error(
+        run_cli("convert", "ctclip", tmp_path / "x.pt", "--out", tmp_path / "o"), "text_transformer"
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_convert_ctclip_refuses_pickled_objects(tmp_path, run_cli):
     torch.save({"a": Arbitrary()}, tmp_path / "e.pt")  # an arbitrary object, not tensors
-    assert_clean_error(run_cli("convert", "ctclip", tmp_path / "e.pt", "--out", tmp_path / "o"), "weights-only")
+    assert_clean_error(
+        run_cli("convert", "ctclip", tmp_path / "e.pt", "--out", tmp_path / "o"), "weights-only"
+    )
     assert not (tmp_path / "o").exists()

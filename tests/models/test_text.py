@@ -26,7 +26,9 @@ def test_with_meta_adds_line_once():
 
 
 def test_default_encoder_loads_offline_and_returns_tokens_mask_pooled(encoder):
-    emb = encoder(["Volume: 64 slices. Findings: normal.", "Findings: a 12 mm nodule in the right upper lobe."])
+    emb = encoder(
+        ["Volume: 64 slices. Findings: normal.", "Findings: a 12 mm nodule in the right upper lobe."]
+    )
     b, length, d = emb.tokens.shape
     assert (b, d) == (2, 384) and emb.mask.shape == (2, length) and emb.pooled.shape == (2, 384)
     assert emb.mask[0].sum() < emb.mask[1].sum()  # the shorter report is padded

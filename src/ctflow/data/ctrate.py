@@ -62,7 +62,9 @@ def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
         raise CTFlowError(f"cannot parse {path} as CSV: {e}") from None
     missing = [c for c in required if c not in columns]
     if missing:
-        raise CTFlowError(f"{path.name} lacks column(s) {', '.join(missing)}; CT-RATE CSVs need {', '.join(required)}")
+        raise CTFlowError(
+            f"{path.name} lacks column(s) {', '.join(missing)}; CT-RATE CSVs need {', '.join(required)}"
+        )
     return rows
 
 
@@ -119,7 +121,11 @@ class CTRateDataset:
             for r in read_csv(root / "metadata" / f"{split}_metadata.csv", METADATA_COLUMNS)
         }
         label_path = root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
-        labels = {r["VolumeName"]: r for r in read_csv(label_path, ("VolumeName",))} if label_path.exists() else None
+        labels = (
+            {r["VolumeName"]: r for r in read_csv(label_path, ("VolumeName",))}
+            if label_path.exists()
+            else None
+        )
         for row in reports:
             name = (row.get("VolumeName") or "").strip()
             try:
@@ -213,7 +219,14 @@ class CTRateWriter:
         self.metadata: list[dict] = []
         self.labels: list[dict] = []
 
-    def add(self, index: int, volume: Volume, report: dict[str, str], labels: dict[str, int], extra: dict | None = None):
+    def add(
+        self,
+        index: int,
+        volume: Volume,
+        report: dict[str, str],
+        labels: dict[str, int],
+        extra: dict | None = None,
+    ):
         from ctflow.data.nifti import write_nifti
 
         name = f"{self.split}_{index + 1}_a_1.nii.gz"
@@ -240,10 +253,21 @@ class CTRateWriter:
         return path
 
     def close(self) -> None:
-        report_cols = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
+        report_cols = [
+            "VolumeName",
+            "ClinicalInformation_EN",
+            "Technique_EN",
+            "Findings_EN",
+            "Impressions_EN",
+        ]
         outputs = [
             ("radiology_text_reports", "reports", report_cols, self.reports),
-            ("metadata", "metadata", list(self.metadata[0]) if self.metadata else list(METADATA_COLUMNS), self.metadata),
+            (
+                "metadata",
+                "metadata",
+                list(self.metadata[0]) if self.metadata else list(METADATA_COLUMNS),
+                self.metadata,
+            ),
             ("multi_abnormality_labels", "predicted_labels", ["VolumeName", *CTRATE_LABELS], self.labels),
         ]
         for folder, stem, cols, rows in outputs:

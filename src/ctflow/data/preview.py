@@ -68,8 +68,13 @@ def write_preview(volume: Volume, path: str | Path, overwrite: bool = False) -> 
     return Path(path)
 
 
-def write_gif(volume: Volume, path: str | Path, overwrite: bool = False, fps: float = 12.0,
-              window: tuple[float, float] = LUNG_WINDOW) -> Path:
+def write_gif(
+    volume: Volume,
+    path: str | Path,
+    overwrite: bool = False,
+    fps: float = 12.0,
+    window: tuple[float, float] = LUNG_WINDOW,
+) -> Path:
     """Write a GIF scrolling through the axial slices, superior to inferior."""
     import imageio.v3 as iio
 

@@ -27,7 +27,9 @@ def _load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported the same way
-        raise CTFlowError(f"cannot read {checkpoint} as a weights-only checkpoint: {str(e).splitlines()[0]}") from None
+        raise CTFlowError(
+            f"cannot read {checkpoint} as a weights-only checkpoint: {str(e).splitlines()[0]}"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

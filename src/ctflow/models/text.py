@@ -85,7 +85,9 @@ class TextEmbedding:
     pooled: torch.Tensor  # [B, D] mean over real tokens
 
     def to(self, *args, **kwargs) -> TextEmbedding:
-        return TextEmbedding(self.tokens.to(*args, **kwargs), self.mask.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+        return TextEmbedding(
+            self.tokens.to(*args, **kwargs), self.mask.to(*args, **kwargs), self.pooled.to(*args, **kwargs)
+        )
 
 
 def load_text_encoder(path: str | Path | None = None):
@@ -96,7 +98,9 @@ def load_text_encoder(path: str | Path | None = None):
     if not path.is_dir():
         raise CTFlowError(f"text encoder folder {path} not found; pass a local transformers folder")
     if not any(path.glob("*.safetensors")):
-        raise CTFlowError(f"no .safetensors weights in {path}; only safetensors are loaded (convert pickles first)")
+        raise CTFlowError(
+            f"no .safetensors weights in {path}; only safetensors are loaded (convert pickles first)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)

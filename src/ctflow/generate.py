@@ -1,0 +1,178 @@
+"""Writing generated volumes to disk: NIfTI (+ DICOM), preview PNG and a JSON sidecar.
+
+Used by ``ctflow generate``. A prompts CSV generates many volumes; finished
+outputs are skipped (resumable) and, under ``accelerate launch`` or
+``torchrun``, rows are split across processes by index (row i goes to
+process i mod N): no duplicates, no gaps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ctflow import __version__
+from ctflow.errors import CTFlowError
+from ctflow.files import check_output, write_text_atomic
+
+MAX_SLICES = 2048
+
+
+@dataclass
+class GenerationSettings:
+    num_slices: int | None = None
+    max_slices: int | None = None
+    steps: int = 20
+    guidance: float = 2.0
+    seed: int | None = None
+    dicom: Path | None = None
+    overwrite: bool = False
+
+    def check(self) -> None:
+        if self.num_slices is not None and not 1 <= self.num_slices <= MAX_SLICES:
+            raise CTFlowError(f"--slices must be between 1 and {MAX_SLICES}, got {self.num_slices}")
+        if self.max_slices is not None and not 1 <= self.max_slices <= MAX_SLICES:
+            raise CTFlowError(f"--max-slices must be between 1 and {MAX_SLICES}, got {self.max_slices}")
+        if self.steps < 1 or self.steps > 1000:
+            raise CTFlowError(f"--steps must be between 1 and 1000, got {self.steps}")
+        if not 0 <= self.guidance <= 100:
+            raise CTFlowError(f"--guidance must be between 0 and 100, got {self.guidance}")
+
+
+def output_paths(out: Path) -> dict[str, Path]:
+    """The files one generation writes, from its NIfTI path."""
+    name = out.name
+    if not (name.endswith(".nii.gz") or name.endswith(".nii")):
+        raise CTFlowError(f"--out must be a .nii.gz or .nii path, got {out}")
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+    return {"nifti": out, "preview": out.with_name(stem + ".png"), "sidecar": out.with_name(stem + ".json")}
+
+
+def read_report_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CTFlowError(f"report file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CTFlowError(f"cannot read report file {path}: {e}") from None
+    if not text.strip():
+        raise CTFlowError(f"report file {path} is empty")
+    return text
+
+
+def generate_one(pipe, report: str, out: Path, settings: GenerationSettings, progress=None) -> dict:
+    """Generate one volume and write its files; returns the sidecar dict."""
+    from ctflow.data.dicom import write_dicom_series
+    from ctflow.data.nifti import write_nifti
+    from ctflow.data.preview import write_preview
+
+    paths = output_paths(out)
+    for p in [*paths.values(), *([settings.dicom] if settings.dicom else [])]:
+        check_output(p, settings.overwrite)
+    seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    result = pipe(
+        report,
+        num_slices=settings.num_slices,
+        max_slices=settings.max_slices,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        generator=generator,
+        callback=progress,
+    )
+    seconds = time.perf_counter() - start
+    volume, end = result.volumes[0], result.end_reasons[0]
+    write_nifti(volume, paths["nifti"], overwrite=settings.overwrite, synthetic=True)
+    if settings.dicom:
+        write_dicom_series(volume, settings.dicom, overwrite=settings.overwrite)
+    write_preview(volume, paths["preview"], overwrite=settings.overwrite)
+    sidecar = {
+        "report": report,
+        "conditioning_text": result.reports[0],
+        "seed": seed,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "requested_slices": settings.num_slices,
+        "num_slices": volume.num_slices,
+        "spacing_mm": list(volume.spacing),
+        "end_reason": end,
+        "model": pipe.name,
+        "model_weights_sha256": pipe.weights_hash,
+        "ctflow_version": __version__,
+        "synthetic": True,
+        "seconds": round(seconds, 3),
+        "files": {k: str(v) for k, v in paths.items()}
+        | ({"dicom": str(settings.dicom)} if settings.dicom else {}),
+    }
+    write_text_atomic(paths["sidecar"], json.dumps(sidecar, indent=1), overwrite=settings.overwrite)
+    return sidecar
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """Rows of a prompts CSV: a ``report`` column, optional ``name``, ``slices`` and ``seed``."""
+    if not path.is_file():
+        raise CTFlowError(f"prompts file {path} not found")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CTFlowError(f"cannot parse {path} as CSV: {e}") from None
+    if "report" not in columns:
+        raise CTFlowError(f"{path} needs a 'report' column (optional: name, slices, seed)")
+    out = []
+    for i, row in enumerate(rows):
+        if not (row.get("report") or "").strip():
+            raise CTFlowError(f"{path} row {i + 2} has an empty report")
+        name = (row.get("name") or "").strip() or f"{i:05d}"
+        if "/" in name or name.startswith("."):
+            raise CTFlowError(f"{path} row {i + 2}: name {name!r} must be a plain file name")
+        try:
+            slices = int(row["slices"]) if (row.get("slices") or "").strip() else None
+            seed = int(row["seed"]) if (row.get("seed") or "").strip() else None
+        except ValueError:
+            raise CTFlowError(f"{path} row {i + 2}: slices and seed must be whole numbers") from None
+        out.append({"index": i, "name": name, "report": row["report"], "slices": slices, "seed": seed})
+    if not out:
+        raise CTFlowError(f"{path} holds no prompts")
+    if len({r["name"] for r in out}) != len(out):
+        raise CTFlowError(f"{path} has duplicate names; each output needs its own name")
+    return out
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) under accelerate launch / torchrun; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def generate_prompts(
+    pipe, prompts: Path, out_dir: Path, settings: GenerationSettings, log=print
+) -> list[str]:
+    """Generate every row of a prompts CSV into ``out_dir``; skip finished ones; this process's share only."""
+    rows = read_prompts(prompts)
+    rank, world = process_rank()
+    done = []
+    for row in rows[rank::world]:
+        out = out_dir / f"{row['name']}.nii.gz"
+        if output_paths(out)["sidecar"].exists() and not settings.overwrite:
+            log(f"skip {row['name']} (finished)")
+            continue
+        s = GenerationSettings(**{**settings.__dict__})
+        s.overwrite = True  # a half-finished row (no sidecar yet) is redone
+        s.num_slices = row["slices"] if row["slices"] is not None else settings.num_slices
+        s.seed = row["seed"] if row["seed"] is not None else (settings.seed or 0) + row["index"]
+        s.dicom = None
+        s.check()
+        generate_one(pipe, row["report"], out, s)
+        done.append(row["name"])
+        log(f"wrote {out} (rank {rank}/{world})")
+    return done

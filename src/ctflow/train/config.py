@@ -1,0 +1,116 @@
+"""Training configurations: YAML files read into dataclasses.
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctflow.errors import CTFlowError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+
+@dataclass
+class FlowTrainConfig:
+    """Flow-transformer training (``ctflow train``)."""
+
+    transformer: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 2000
+    batch_size: int = 16
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    start_boost: float = 0.5  # probability that a training sample is the first chunk (StartBoost)
+    cfg_dropout: float = 0.1  # probability of the null report (classifier-free guidance)
+    meta_dropout: float = 0.1  # probability of the report without its slice-count meta line
+    context_noise: float = 0.05  # std of the noise added to the previous chunk during training
+    time_distribution: str = "logit_normal"  # "logit_normal" | "uniform"
+    log_every: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class VAETrainConfig:
+    """Slice-autoencoder training (``ctflow train-vae``)."""
+
+    preset: str = "tiny"
+    vae: dict[str, Any] = field(default_factory=dict)  # overrides of the preset
+    image_size: int = 64
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, ema_decay=0.0))
+    steps: int = 1500
+    batch_size: int = 16
+    seed: int = 0
+    kl_weight: float = 1e-6
+    disc_start: int = 1000  # step at which the adversarial term switches on
+    disc_weight: float = 0.5
+    disc_lr: float = 2e-4
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+def _build(cls, data: Any, where: str):
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise CTFlowError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CTFlowError(
+            f"unknown config key {where}{unknown[0]!r}; allowed keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}{key}.")
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            base = hint if isinstance(hint, type) else None
+            if base in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
+                value = base(value) if base is float or float(value).is_integer() else value
+            if base is not None and not isinstance(value, base) and not isinstance(hint, types.UnionType):
+                raise CTFlowError(f"config key {where}{key} must be {base.__name__}, got {value!r}")
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path, cls):
+    """Read a YAML file into the dataclass ``cls``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CTFlowError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CTFlowError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return _build(cls, data, "")
+
+
+def config_dict(config) -> dict:
+    return dataclasses.asdict(config)

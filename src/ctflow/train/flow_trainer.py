@@ -1,0 +1,230 @@
+"""Flow-transformer training on the latent cache (``ctflow train``).
+
+A readable loop in the nanoGPT manner. Each step draws a batch of chunks:
+with probability ``start_boost`` the first chunk of a volume (conditioned on the
+report and the start context), otherwise a later chunk (conditioned on the
+report and the previous chunk, lightly noised). Volumes end with white EOS
+slices, so the model learns where scans stop.
+
+Every random draw of step ``k`` comes from a generator seeded by
+``(seed, k, rank)``: resuming from a checkpoint reproduces an uninterrupted
+run exactly, and processes under ``torchrun`` draw different batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ctflow.errors import CTFlowError
+from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
+from ctflow.train.config import FlowTrainConfig
+from ctflow.train.latents import LatentCache
+from ctflow.train.utils import EMA, StepBar, append_jsonl, lr_lambda, step_generator
+
+
+def chunk_sequence(latents: torch.Tensor, eos: torch.Tensor, k: int) -> torch.Tensor:
+    """[C,S,h,w] -> [n,C,k,h,w]: the volume cut into chunks, EOS-padded, plus one full EOS chunk."""
+    c, s, h, w = latents.shape
+    n = math.ceil(s / k) + 1
+    padded = eos[:, None].expand(c, n * k, h, w).clone()
+    padded[:, :s] = latents
+    return padded.view(c, n, k, h, w).permute(1, 0, 2, 3, 4).contiguous()
+
+
+class ChunkSampler:
+    """Draws training chunks (with StartBoost and meta-line dropout) from a latent cache."""
+
+    def __init__(self, cache: LatentCache, chunk_slices: int, config: FlowTrainConfig):
+        self.cache, self.k, self.cfg = cache, chunk_slices, config
+        self.chunks = [chunk_sequence(v.latents, cache.eos, chunk_slices) for v in cache.volumes]
+
+    def batch(self, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
+        x0, ctx, idx, toks, pooled, first = [], [], [], [], [], []
+        for _ in range(batch_size):
+            v = int(torch.randint(len(self.chunks), (), generator=g))
+            seq, vol = self.chunks[v], self.cache.volumes[v]
+            i = 0 if rand() < self.cfg.start_boost else int(torch.randint(1, len(seq), (), generator=g))
+            x0.append(seq[i])
+            ctx.append(seq[i - 1] if i > 0 else torch.zeros_like(seq[0]))
+            first.append(i == 0)
+            idx.append(i)
+            if rand() < self.cfg.meta_dropout:
+                toks.append(vol.tokens_nometa)
+                pooled.append(vol.pooled_nometa)
+            else:
+                toks.append(vol.tokens)
+                pooled.append(vol.pooled)
+        length = max(t.shape[0] for t in toks)
+        tokens = torch.zeros(batch_size, length, pooled[0].shape[0])
+        mask = torch.zeros(batch_size, length, dtype=torch.long)
+        for b, t in enumerate(toks):
+            tokens[b, : t.shape[0]] = t
+            mask[b, : t.shape[0]] = 1
+        context = torch.stack(ctx)
+        if self.cfg.context_noise > 0:
+            context = context + self.cfg.context_noise * torch.randn(context.shape, generator=g)
+        return {
+            "x0": torch.stack(x0),  # [B,C,k,h,w]
+            "context": context,  # [B,C,k,h,w]
+            "first": torch.tensor(first),  # [B] bool: first chunk (start context)
+            "chunk_index": torch.tensor(idx),
+            "encoder_hidden_states": tokens,
+            "encoder_attention_mask": mask,
+            "pooled_text": torch.stack(pooled),
+        }
+
+
+def chunk_loss(model, batch: dict, g: torch.Generator, time_distribution: str, cfg_dropout: float = 0.0):
+    """Flow-matching loss over a batch mixing first chunks (no context) and later chunks.
+
+    A fraction ``cfg_dropout`` of rows gets the null report (classifier-free guidance).
+    """
+    from ctflow.flow import drop_condition, flow_matching_loss
+
+    batch = drop_condition(batch, cfg_dropout, g)
+    keys = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text", "chunk_index")
+    total, n = 0.0, batch["x0"].shape[0]
+    for rows, has_context in ((batch["first"], False), (~batch["first"], True)):
+        if not rows.any():
+            continue
+        cond = {k: batch[k][rows] for k in keys}
+        cond["context"] = batch["context"][rows] if has_context else None
+        loss, _ = flow_matching_loss(
+            model, batch["x0"][rows], cond, generator=g, distribution=time_distribution
+        )
+        total = total + loss * rows.sum() / n
+    return total
+
+
+def build_transformer(config: FlowTrainConfig, cache: LatentCache):
+    from ctflow.models.transformer import CTFlowTransformer
+
+    spec = dict(config.transformer)
+    preset = spec.pop("preset", "tiny")
+    c, h, _ = cache.eos.shape
+    spec.setdefault("in_channels", c)
+    spec.setdefault("sample_size", h)
+    spec.setdefault("text_dim", int(cache.index["text_dim"]))
+    try:
+        return CTFlowTransformer.from_preset(preset, **spec)
+    except TypeError as e:
+        raise CTFlowError(f"bad transformer config: {e}") from None
+
+
+def train_flow(
+    latents: str | Path,
+    config: FlowTrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train and write ``out/transformer`` (EMA weights), ``out/checkpoints`` and ``out/log.jsonl``.
+
+    ``stop_at`` ends the run early at that step (as if interrupted) after checkpointing.
+    """
+    from accelerate import Accelerator
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise CTFlowError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    cache = LatentCache(latents)
+    torch.manual_seed(config.seed)  # same initial weights on every process and every run
+    model = build_transformer(config, cache)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    sampler = ChunkSampler(cache, model.config.chunk_slices, config)
+    o = config.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(o.warmup_steps, config.steps, o.min_lr_ratio)
+    )
+    ema = EMA(model, o.ema_decay)
+    ckpt_dir = out / "checkpoints"
+    step = 0
+    if resume:
+        clean_partial(ckpt_dir)
+        found = list_checkpoints(ckpt_dir)
+        if found:
+            info = restore(found[-1], {"model": model, "ema": ema}, {"optimizer": optimizer})
+            step = info["step"]
+            scheduler.last_epoch = step
+            for group, lr in zip(optimizer.param_groups, scheduler.get_lr(), strict=True):
+                group["lr"] = lr
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
+    log_path = out / "log.jsonl"
+    end = min(config.steps, stop_at) if stop_at is not None else config.steps
+    bar = StepBar(progress and main, "train", end, step)
+    data_time = compute_time = 0.0
+    while step < end:
+        t0 = time.perf_counter()
+        g = step_generator(config.seed, step, rank)
+        batch = sampler.batch(config.batch_size, g)
+        t1 = time.perf_counter()
+        with accelerator.autocast():
+            loss = chunk_loss(model, batch, g, config.time_distribution, config.cfg_dropout)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(accelerator.unwrap_model(model))
+        step += 1
+        t2 = time.perf_counter()
+        data_time, compute_time = data_time + t1 - t0, compute_time + t2 - t1
+        if main and (step % config.log_every == 0 or step == end):
+            record = {
+                "step": step,
+                "loss": round(loss.item(), 6),
+                "grad_norm": round(float(grad_norm), 4),
+                "lr": scheduler.get_last_lr()[0],
+                "data_share": round(data_time / max(1e-9, data_time + compute_time), 4),
+                "sec_per_step": round((data_time + compute_time) / config.log_every, 4),
+            }
+            data_time = compute_time = 0.0
+            append_jsonl(log_path, record)
+            bar.update(step, loss=record["loss"])
+        if step % config.checkpoint_every == 0 or step == end:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(
+                    ckpt_dir,
+                    step,
+                    {"model": accelerator.unwrap_model(model), "ema": ema},
+                    {"optimizer": optimizer},
+                    {"config": asdict(config)},
+                    keep=config.keep_checkpoints,
+                )
+    bar.close()
+    accelerator.wait_for_everyone()
+    # every process must hold the same weights: compare a checksum across processes
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = accelerator.gather(checksum)
+    if main:
+        append_jsonl(
+            log_path,
+            {
+                "step": step,
+                "processes": accelerator.num_processes,
+                "replicas_identical": bool(torch.all(sums == sums[0])),
+            },
+        )
+    if main and step >= config.steps:
+        final = accelerator.unwrap_model(model)
+        ema.copy_to(final)
+        final.save_pretrained(out / "transformer", safe_serialization=True)
+    accelerator.end_training()
+    return out

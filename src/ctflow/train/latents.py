@@ -1,0 +1,167 @@
+"""The latent cache that flow training reads (``ctflow encode``).
+
+Each CT volume of a data set is normalised (HU window -> [-1, 1]), resized
+in-plane to the VAE's input size, encoded slice by slice, and stored with its
+report embeddings in safetensors shards::
+
+    LATENTS/shard_00000.safetensors   <name>.latents [C,S,h,w] fp16,
+                                      <name>.tokens [L,D] / <name>.pooled [D] (report with meta line),
+                                      <name>.tokens_nometa / <name>.pooled_nometa (without it)
+    LATENTS/shard_00000.json          per volume: name, report, num_slices, spacing, labels
+    LATENTS/eos.safetensors           the EOS slice latent (a white slice) [C,h,w]
+    LATENTS/index.json                written last: settings and all volumes
+
+Shards are written atomically; a rerun skips finished shards (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctflow.errors import CTFlowError
+from ctflow.files import atomic_path, write_text_atomic
+from ctflow.models.text import META_PATTERN, ReportEncoder
+
+
+def prepare_slices(hu: np.ndarray, size: int) -> torch.Tensor:
+    """HU [S,H,W] -> normalised [-1,1] float tensor [S,size,size] (bilinear in-plane resize)."""
+    from ctflow.data.hu import normalize_hu
+
+    x = torch.from_numpy(normalize_hu(np.asarray(hu, dtype=np.float32)))
+    if x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(
+            x[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )[:, 0]
+    return x.clamp(-1, 1)
+
+
+def strip_meta(report: str) -> str:
+    """The report without its leading ``Volume: N slices...`` line."""
+    m = META_PATTERN.match(report.strip())
+    return report.strip()[m.end() :].strip() if m else report
+
+
+def encode_dataset(
+    dataset,
+    vae,
+    text: ReportEncoder,
+    out: str | Path,
+    image_size: int,
+    shard_size: int = 32,
+    batch_size: int = 16,
+    overwrite: bool = False,
+    progress=None,
+) -> Path:
+    """Encode a CT-RATE-layout data set into the latent cache; resumable."""
+    out = Path(out)
+    if (out / "index.json").exists() and not overwrite:
+        raise CTFlowError(f"{out} already holds a finished latent cache; pass --overwrite to redo it")
+    out.mkdir(parents=True, exist_ok=True)
+    eos = vae.encode_slices(torch.ones(1, 1, image_size, image_size))[0]  # [C,h,w]
+    with atomic_path(out / "eos.safetensors", overwrite=True) as tmp:
+        save_file({"eos": eos.contiguous()}, tmp)
+    n = len(dataset)
+    volumes = []
+    for start in range(0, n, shard_size):
+        shard = out / f"shard_{start // shard_size:05d}"
+        if shard.with_suffix(".json").exists() and shard.with_suffix(".safetensors").exists():
+            volumes += json.loads(shard.with_suffix(".json").read_text())
+            if progress:
+                progress(min(shard_size, n - start))
+            continue
+        tensors, rows = {}, []
+        for i in range(start, min(start + shard_size, n)):
+            try:
+                sample = dataset.load(i)
+            except CTFlowError as e:
+                dataset.problems.append(f"{dataset.records[i].name}: {e}")
+                continue
+            x = prepare_slices(sample.volume.hu(), image_size)
+            z = vae.encode_volume(x, batch_size=batch_size)  # [C,S,h,w]
+            emb = text([sample.report])
+            emb_nometa = text([strip_meta(sample.report)])
+            name = sample.name
+            tensors[f"{name}.latents"] = z.to(torch.float16).contiguous()
+            tensors[f"{name}.tokens"] = emb.tokens[0].to(torch.float16).contiguous()
+            tensors[f"{name}.pooled"] = emb.pooled[0].contiguous()
+            tensors[f"{name}.tokens_nometa"] = emb_nometa.tokens[0].to(torch.float16).contiguous()
+            tensors[f"{name}.pooled_nometa"] = emb_nometa.pooled[0].contiguous()
+            rows.append(
+                {
+                    "name": name,
+                    "report": sample.report,
+                    "num_slices": int(sample.volume.num_slices),
+                    "spacing": list(sample.volume.spacing),
+                    "labels": sample.labels,
+                }
+            )
+            if progress:
+                progress(1)
+        with atomic_path(shard.with_suffix(".safetensors"), overwrite=True) as tmp:
+            save_file(tensors or {"_empty": torch.zeros(1)}, tmp)
+        write_text_atomic(shard.with_suffix(".json"), json.dumps(rows, indent=1), overwrite=True)
+        volumes += rows
+    index = {
+        "image_size": image_size,
+        "latent_shape": list(eos.shape),
+        "text_dim": text.hidden_size,
+        "num_volumes": len(volumes),
+        "problems": list(dataset.problems),
+        "volumes": volumes,
+    }
+    write_text_atomic(out / "index.json", json.dumps(index, indent=1), overwrite=True)
+    return out
+
+
+@dataclass
+class LatentVolume:
+    name: str
+    latents: torch.Tensor  # [C,S,h,w] float32
+    tokens: torch.Tensor  # [L,D]
+    pooled: torch.Tensor  # [D]
+    tokens_nometa: torch.Tensor
+    pooled_nometa: torch.Tensor
+    num_slices: int
+    spacing: list[float]
+
+
+class LatentCache:
+    """All volumes of a latent cache, in memory (fine for phantoms; shard streaming for CT-RATE scale)."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index_path = folder / "index.json"
+        if not index_path.is_file():
+            raise CTFlowError(
+                f"{folder} is not a finished latent cache (no index.json); run `ctflow encode` first"
+            )
+        self.index = json.loads(index_path.read_text())
+        self.eos = load_file(folder / "eos.safetensors")["eos"].float()  # [C,h,w]
+        self.volumes: list[LatentVolume] = []
+        for shard in sorted(folder.glob("shard_*.safetensors")):
+            t = load_file(shard)
+            for row in json.loads(shard.with_suffix(".json").read_text()):
+                n = row["name"]
+                self.volumes.append(
+                    LatentVolume(
+                        n,
+                        t[f"{n}.latents"].float(),
+                        t[f"{n}.tokens"].float(),
+                        t[f"{n}.pooled"].float(),
+                        t[f"{n}.tokens_nometa"].float(),
+                        t[f"{n}.pooled_nometa"].float(),
+                        row["num_slices"],
+                        row["spacing"],
+                    )
+                )
+        if not self.volumes:
+            raise CTFlowError(f"latent cache {folder} holds no volumes")
+
+    def __len__(self) -> int:
+        return len(self.volumes)

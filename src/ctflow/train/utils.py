@@ -1,0 +1,86 @@
+"""Pieces both trainers share: LR schedule, EMA, per-step generators, progress bar, JSONL log."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to 1, then cosine decay to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """All randomness of one training step: resuming at ``step`` replays it exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank * 104_729)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (float32 shadow copy)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.float(), 1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: v.clone() for k, v in state.items()}
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class StepBar:
+    """A rich progress bar over training steps showing the latest loss (no-op when disabled)."""
+
+    def __init__(self, enabled: bool, name: str, total: int, start: int):
+        self.progress = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(name),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task(name, total=total, completed=start, loss="-")
+        self.progress.start()
+
+    def update(self, step: int, loss: float) -> None:
+        if self.progress:
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()

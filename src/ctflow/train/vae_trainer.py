@@ -1,0 +1,139 @@
+"""Slice-autoencoder training (``ctflow train-vae``): the A-VAE objective on CT slices.
+
+Slices are drawn at random from every volume of a CT-RATE-layout data set
+(normalised HU, resized in-plane to ``image_size``), plus a few white slices so
+the end-of-scan marker reconstructs cleanly. The loss is L1 + KL and, from
+``disc_start`` on, a PatchGAN hinge loss with adaptive weight. At the end the
+latent scale/shift are set from data statistics (unit variance, zero mean),
+as FLUX's constants do for natural images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ctflow.errors import CTFlowError
+from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
+from ctflow.train.config import VAETrainConfig
+from ctflow.train.utils import StepBar, append_jsonl, lr_lambda, step_generator
+
+WHITE_FRACTION = 0.02  # share of training slices that are all-white EOS slices
+
+
+def load_slices(data: str | Path, image_size: int, split: str = "train", max_volumes: int | None = None):
+    """All slices of a data set as one normalised float16 tensor [N,size,size]."""
+    from ctflow.data.ctrate import CTRateDataset
+    from ctflow.train.latents import prepare_slices
+
+    ds = CTRateDataset.open(data, split)
+    slices = []
+    for i, sample in enumerate(ds):
+        if max_volumes is not None and i >= max_volumes:
+            break
+        slices.append(prepare_slices(sample.volume.hu(), image_size).half())
+    if not slices:
+        raise CTFlowError(
+            f"no readable volumes in {data} ({len(ds.problems)} problems, e.g. {ds.problems[:1]})"
+        )
+    return torch.cat(slices)
+
+
+def sample_batch(slices: torch.Tensor, batch_size: int, g: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(len(slices), (batch_size,), generator=g)
+    x = slices[idx].float()[:, None]  # [B,1,H,W]
+    white = torch.rand(batch_size, generator=g) < WHITE_FRACTION
+    x[white] = 1.0
+    return x
+
+
+@torch.no_grad()
+def latent_stats(vae, slices: torch.Tensor, n: int = 512, seed: int = 0) -> tuple[float, float]:
+    """Mean and std of unscaled posterior means over ``n`` random slices."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(slices), generator=g)[:n]
+    z = torch.cat([vae.encode_posterior(slices[chunk].float()[:, None]).mean for chunk in idx.split(64)])
+    return float(z.mean()), float(z.std())
+
+
+def train_vae(
+    data: str | Path,
+    config: VAETrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+    slices: torch.Tensor | None = None,
+) -> Path:
+    """Train and write ``out/vae`` (a diffusers folder), ``out/checkpoints`` and ``out/log.jsonl``."""
+    from ctflow.models.vae import SliceVAE
+    from ctflow.train.vae_loss import AVAELoss
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise CTFlowError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
+    torch.manual_seed(config.seed)
+    if slices is None:
+        slices = load_slices(data, config.image_size)
+    vae = SliceVAE.from_preset(config.preset, **config.vae)
+    loss_fn = AVAELoss(
+        disc_start=config.disc_start,
+        disc_weight=config.disc_weight,
+        kl_weight=config.kl_weight,
+        disc_in_channels=vae.image_channels,
+        disc_ndf=32,
+        disc_layers=2,
+        disc_norm="group",
+    )
+    o = config.optim
+    opt_g = torch.optim.AdamW(vae.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(o.warmup_steps, config.steps, o.min_lr_ratio))
+    ckpt_dir, step = out / "checkpoints", 0
+    modules, optims = {"vae": vae, "disc": loss_fn.discriminator}, {"opt_g": opt_g, "opt_d": opt_d}
+    if resume:
+        clean_partial(ckpt_dir)
+        if found := list_checkpoints(ckpt_dir):
+            step = restore(found[-1], modules, optims)["step"]
+            sched.last_epoch = step
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
+    end = min(config.steps, stop_at) if stop_at is not None else config.steps
+    bar = StepBar(progress, "train-vae", end, step)
+    vae.train()
+    while step < end:
+        g = step_generator(config.seed, step)
+        x = sample_batch(slices, config.batch_size, g)
+        recon, posterior = vae(x, sample=True, generator=g)
+        loss, logs = loss_fn.generator_loss(x, recon, posterior, global_step=step, last_layer=vae.last_layer)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.grad_clip > 0:  # the pixel-summed loss has large gradient norms; 0 turns clipping off
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), o.grad_clip)
+        opt_g.step()
+        sched.step()
+        opt_d.zero_grad(set_to_none=True)
+        if step >= config.disc_start:
+            d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), global_step=step)
+            d_loss.backward()
+            opt_d.step()
+            logs.update(d_logs)
+        step += 1
+        if step % config.log_every == 0 or step == end:
+            record = {"step": step, **{k: round(float(v), 6) for k, v in logs.items() if v.numel() == 1}}
+            append_jsonl(out / "log.jsonl", record)
+            bar.update(step, float(logs["l1_loss"]))
+        if step % config.checkpoint_every == 0 or step == end:
+            save_checkpoint(
+                ckpt_dir, step, modules, optims, {"config": asdict(config)}, keep=config.keep_checkpoints
+            )
+    bar.close()
+    if step >= config.steps:
+        vae.eval()
+        mean, std = latent_stats(vae, slices, seed=config.seed)
+        vae.set_latent_stats(1.0 / std, mean)
+        vae.save(out / "vae", overwrite=True)
+    return out

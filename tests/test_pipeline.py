@@ -1,0 +1,150 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ctflow.errors import CTFlowError
+from ctflow.pipeline import END_COUNT, END_EOS, END_LIMIT, CTFlowPipeline, eos_slices
+from tests.tiny_pipeline import tiny_pipeline
+
+REPORT = "Findings: Heart size is enlarged. Left pleural effusion. Impressions: Cardiomegaly."
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def _scripted_decoder(pipe, monkeypatch, white_from: tuple[int, int] | None):
+    """Decoder stub: black slices, turning white at (call, slice) to simulate the model ending the scan."""
+    calls = []
+
+    def decode(latents, batch_size=16, out=None, progress=False):
+        calls.append(latents.shape)
+        s = latents.shape[1]
+        x = torch.full((s, 32, 32), -0.6)
+        if white_from is not None and len(calls) - 1 >= white_from[0]:
+            start = white_from[1] if len(calls) - 1 == white_from[0] else 0
+            x[start:] = 1.0
+        return x
+
+    monkeypatch.setattr(pipe.vae, "decode_volume", decode)
+    return calls
+
+
+def test_eos_detection_threshold():
+    x = torch.full((3, 8, 8), -0.5)
+    x[1] = 1.0
+    x[2] = 0.3  # bright but not white
+    assert eos_slices(x).tolist() == [False, True, False]
+
+
+def test_generation_stops_at_eos_and_trims_white_slices(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=(2, 1))
+    out = pipe(REPORT, max_slices=40, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.end_reasons == [END_EOS]
+    assert out.volumes[0].num_slices == 4 + 4 + 1
+    assert out.volumes[0].hu().max() < 0  # no white slice kept
+
+
+def test_eos_in_the_first_chunk_is_ignored(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=(0, 0))
+    out = pipe(REPORT, max_slices=8, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.volumes[0].num_slices == 4 and out.end_reasons == [END_EOS]
+
+
+def test_generation_stops_at_the_requested_slice_count(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    out = pipe(REPORT, num_slices=6, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.volumes[0].num_slices == 6 and out.end_reasons == [END_COUNT]
+    assert out.reports[0].startswith("Volume: 6 slices, 2 mm spacing.")
+
+
+def test_generation_stops_at_max_slices(pipe, monkeypatch):
+    calls = _scripted_decoder(pipe, monkeypatch, white_from=None)
+    out = pipe(REPORT, max_slices=9, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.volumes[0].num_slices == 9 and out.end_reasons == [END_LIMIT]
+    assert len(calls) == 3  # ceil(9 / 4) chunks, each decoded once
+
+
+def test_working_set_is_one_chunk_whatever_the_depth(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    seen = []
+    original = pipe.transformer.forward
+
+    def spy(hidden_states, *args, **kwargs):
+        seen.append((hidden_states.shape, None if kwargs.get("context") is None else kwargs["context"].shape))
+        return original(hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    pipe(REPORT, max_slices=16, num_inference_steps=1, guidance_scale=1.0)
+    assert len(seen) == 4
+    assert all(shape[2] == 4 and (ctx is None or ctx[2] == 4) for shape, ctx in seen)
+
+
+def test_same_seed_same_volume_different_seed_different(pipe):
+    a = pipe(REPORT, num_slices=5, num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    b = pipe(REPORT, num_slices=5, num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    c = pipe(REPORT, num_slices=5, num_inference_steps=2, generator=torch.Generator().manual_seed(4))
+    np.testing.assert_array_equal(a.volumes[0].array, b.volumes[0].array)
+    assert not np.array_equal(a.volumes[0].array, c.volumes[0].array)
+
+
+def test_batched_generation_returns_one_volume_per_report(pipe):
+    out = pipe([REPORT, "Findings: normal chest."], num_slices=5, num_inference_steps=1)
+    assert len(out.volumes) == 2 and all(v.num_slices == 5 for v in out.volumes)
+    v = out.volumes[0]
+    assert v.synthetic and v.spacing == (2.0, 1.5, 1.5) and v.array.dtype == np.float32
+    assert -1000.0 <= v.hu().min() and v.hu().max() <= 1000.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"report": "   "}, "empty"),
+        ({"num_slices": 0}, "num_slices"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"max_slices": 100000}, "max_slices"),
+    ],
+)
+def test_bad_arguments_are_refused(pipe, kwargs, match):
+    args = {"report": REPORT, **kwargs}
+    with pytest.raises(CTFlowError, match=match):
+        pipe(args.pop("report"), **args)
+
+
+def test_save_and_load_round_trip_generates_the_same_volume(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    files = {p.relative_to(tmp_path / "m").as_posix() for p in (tmp_path / "m").rglob("*") if p.is_file()}
+    assert {"model_index.json", "vae/config.json", "transformer/config.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    assert json.loads((tmp_path / "m/model_index.json").read_text())["ctflow"]["text_encoder_source"]
+    loaded = CTFlowPipeline.from_pretrained(tmp_path / "m")
+    a = pipe(REPORT, num_slices=5, num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+    b = loaded(REPORT, num_slices=5, num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(a.volumes[0].array, b.volumes[0].array, atol=0.05)  # HU
+    assert len(loaded.weights_hash) == 16
+    with pytest.raises(CTFlowError, match="exists"):
+        pipe.save_pretrained(tmp_path / "m")
+
+
+def test_model_folder_problems_are_named(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    with pytest.raises(CTFlowError, match="not found"):
+        CTFlowPipeline.from_pretrained(tmp_path / "nope")
+    (tmp_path / "m/transformer/extra.bin").write_bytes(b"x")
+    with pytest.raises(CTFlowError, match="pickle"):
+        CTFlowPipeline.from_pretrained(tmp_path / "m")
+    (tmp_path / "m/transformer/extra.bin").unlink()
+    cfg = json.loads((tmp_path / "m/transformer/config.json").read_text())
+    cfg["hidden_size"] = 64
+    (tmp_path / "m/transformer/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CTFlowError, match="transformer"):
+        CTFlowPipeline.from_pretrained(tmp_path / "m")
+    import shutil
+
+    shutil.rmtree(tmp_path / "m/vae")
+    with pytest.raises(CTFlowError, match="vae/"):
+        CTFlowPipeline.from_pretrained(tmp_path / "m")

@@ -1,0 +1,48 @@
+"""A tiny latent cache written directly in the format `ctflow encode` produces."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+
+def make_fake_cache(folder, n=6, channels=4, size=8, text_dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"eos": torch.full((channels, size, size), 2.0)}, folder / "eos.safetensors")
+    tensors, rows = {}, []
+    for i in range(n):
+        name = f"train_{i + 1}_a_1.nii.gz"
+        s = 5 + 3 * i
+        ramp = torch.linspace(-1, 1, s).view(1, s, 1, 1)
+        tensors[f"{name}.latents"] = (ramp + 0.1 * torch.randn(channels, s, size, size, generator=g)).half()
+        for suffix in ("", "_nometa"):
+            length = 4 + i % 3
+            tensors[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
+            tensors[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
+        rows.append(
+            {"name": name, "report": f"r{i}", "num_slices": s, "spacing": [2.0, 1.0, 1.0], "labels": None}
+        )
+    save_file(tensors, folder / "shard_00000.safetensors")
+    (folder / "shard_00000.json").write_text(json.dumps(rows))
+    index = {
+        "image_size": size * 4,
+        "latent_shape": [channels, size, size],
+        "text_dim": text_dim,
+        "num_volumes": n,
+        "problems": [],
+        "volumes": rows,
+    }
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+TINY_TRANSFORMER = {
+    "preset": "tiny",
+    "hidden_size": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "chunk_slices": 4,
+    "patch_size": [2, 2, 2],
+    "max_chunks": 8,
+}

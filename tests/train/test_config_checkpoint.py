@@ -1,0 +1,93 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ctflow.errors import CTFlowError
+from ctflow.train.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint
+from ctflow.train.config import FlowTrainConfig, VAETrainConfig, load_config
+
+
+def test_shipped_configs_load(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    assert load_config(root / "tiny-phantom.yaml", FlowTrainConfig).transformer["preset"] == "tiny"
+    assert load_config(root / "ctrate-512.yaml", FlowTrainConfig).mixed_precision == "bf16"
+    assert load_config(root / "tiny-vae.yaml", VAETrainConfig).image_size == 64
+
+
+def test_unknown_key_is_an_error_naming_the_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("steps: 10\noptim:\n  lr: 0.1\n  lrr: 3\n")
+    with pytest.raises(CTFlowError, match="optim.'lrr'"):
+        load_config(tmp_path / "c.yaml", FlowTrainConfig)
+
+
+def test_wrong_type_and_bad_yaml_are_errors(tmp_path):
+    (tmp_path / "c.yaml").write_text("steps: many\n")
+    with pytest.raises(CTFlowError, match="steps must be int"):
+        load_config(tmp_path / "c.yaml", FlowTrainConfig)
+    (tmp_path / "d.yaml").write_text("steps: [1,\n")
+    with pytest.raises(CTFlowError, match="not valid YAML"):
+        load_config(tmp_path / "d.yaml", FlowTrainConfig)
+
+
+def test_config_values_are_read():
+    cfg = FlowTrainConfig()
+    assert cfg.start_boost == 0.5 and cfg.optim.betas == (0.9, 0.99)
+
+
+def _model_and_opt():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
+    model, opt = _model_and_opt()
+    save_checkpoint(tmp_path, 7, {"model": model}, {"opt": opt}, {"note": "x"})
+    model2, opt2 = torch.nn.Linear(4, 3), None
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
+    info = restore(tmp_path / "step_0000007", {"model": model2}, {"opt": opt2})
+    assert info["step"] == 7 and info["note"] == "x"
+    torch.testing.assert_close(model2.weight, model.weight)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s2["param_groups"][0]["lr"] == 0.1
+    torch.testing.assert_close(s2["state"][0]["exp_avg"], s1["state"][0]["exp_avg"])
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.bin"))
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+    model, opt = _model_and_opt()
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"model": model}, {"opt": opt}, {}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
+
+
+def test_sigkill_during_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    model, opt = _model_and_opt()
+    save_checkpoint(tmp_path, 1, {"model": model}, {"opt": opt}, {})
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        import ctflow.train.checkpoint as ck
+        real = ck.save_file
+        def dying(tensors, path):
+            real(tensors, path)
+            os.kill(os.getpid(), signal.SIGKILL)  # killed after writing, before the rename
+        ck.save_file = dying
+        m = torch.nn.Linear(4, 3)
+        ck.save_checkpoint({str(tmp_path)!r}, 2, {{"model": m}}, {{}}, {{}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
+    groups, info = load_checkpoint(tmp_path / "step_0000001")
+    torch.testing.assert_close(groups["model"]["weight"], model.weight.detach())
+    assert os.path.isdir(tmp_path)

@@ -1,0 +1,126 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctflow.errors import CTFlowError
+from ctflow.train.config import FlowTrainConfig, OptimConfig
+from ctflow.train.flow_trainer import ChunkSampler, chunk_sequence, train_flow
+from ctflow.train.latents import LatentCache
+from tests.train.fake_cache import TINY_TRANSFORMER, make_fake_cache
+
+
+def _config(**kw):
+    base = dict(
+        transformer=dict(TINY_TRANSFORMER),
+        optim=OptimConfig(lr=1e-3, warmup_steps=2, ema_decay=0.9),
+        steps=20,
+        batch_size=4,
+        log_every=5,
+        checkpoint_every=10,
+    )
+    base.update(kw)
+    return FlowTrainConfig(**base)
+
+
+def test_chunk_sequence_pads_with_eos_and_appends_an_eos_chunk():
+    lat = torch.zeros(2, 5, 3, 3)
+    eos = torch.ones(2, 3, 3)
+    seq = chunk_sequence(lat, eos, 4)
+    assert seq.shape == (3, 2, 4, 3, 3)
+    assert (
+        seq[0].eq(0).all() and seq[1, :, 0].eq(0).all() and seq[1, :, 1:].eq(1).all() and seq[2].eq(1).all()
+    )
+
+
+def test_sampler_start_boost_sets_share_of_first_chunks(tmp_path):
+    cache = LatentCache(make_fake_cache(tmp_path / "c"))
+    for boost, lo, hi in ((0.0, 0.0, 0.0), (0.5, 0.35, 0.65), (1.0, 1.0, 1.0)):
+        sampler = ChunkSampler(cache, 4, _config(start_boost=boost, context_noise=0.0))
+        b = sampler.batch(200, torch.Generator().manual_seed(0))
+        share = b["first"].float().mean().item()
+        assert lo <= share <= hi
+        assert (b["chunk_index"] == 0).eq(b["first"]).all()
+        assert b["context"][b["first"]].eq(0).all()
+
+
+def test_sampler_context_is_the_previous_chunk(tmp_path):
+    cache = LatentCache(make_fake_cache(tmp_path / "c"))
+    sampler = ChunkSampler(cache, 4, _config(start_boost=0.0, context_noise=0.0))
+    b = sampler.batch(50, torch.Generator().manual_seed(1))
+    # the fake latents ramp up with depth: a later chunk's context lies above... below it on average
+    assert (b["x0"].mean((1, 2, 3, 4)) > b["context"].mean((1, 2, 3, 4))).float().mean() > 0.9
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
+    cache = make_fake_cache(tmp_path / "c")
+    train_flow(cache, _config(), tmp_path / "full", progress=False)
+    train_flow(cache, _config(), tmp_path / "split", progress=False, stop_at=10)
+    assert not (tmp_path / "split" / "transformer").exists()
+    train_flow(cache, _config(), tmp_path / "split", progress=False, resume=True)
+    a = load_file(tmp_path / "full/transformer/diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "split/transformer/diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line) for line in (tmp_path / "full/log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 5 and "loss" in log[0] and 0 <= log[0]["data_share"] <= 1
+
+
+def test_training_reduces_the_loss(tmp_path):
+    cache = make_fake_cache(tmp_path / "c", n=2)
+    cfg = _config(steps=60, log_every=20, batch_size=8, start_boost=0.5, cfg_dropout=0.0, meta_dropout=0.0)
+    train_flow(cache, cfg, tmp_path / "run", progress=False)
+    losses = [
+        json.loads(x)["loss"] for x in (tmp_path / "run/log.jsonl").read_text().splitlines() if "loss" in x
+    ]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_existing_run_folder_needs_resume(tmp_path):
+    cache = make_fake_cache(tmp_path / "c")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("x")
+    with pytest.raises(CTFlowError, match="--resume"):
+        train_flow(cache, _config(), tmp_path / "run", progress=False)
+
+
+def test_unfinished_cache_is_refused(tmp_path):
+    (tmp_path / "c").mkdir()
+    with pytest.raises(CTFlowError, match="ctflow encode"):
+        LatentCache(tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_keeps_replicas_identical_and_only_rank0_writes(tmp_path):
+    cache = make_fake_cache(tmp_path / "c")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from tests.train.test_flow_trainer import _config\n"
+        "from ctflow.train.flow_trainer import train_flow\n"
+        f"train_flow({str(cache)!r}, _config(steps=6, checkpoint_every=3), {str(tmp_path / 'run')!r}, progress=False)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert records[-1] == {"step": 6, "processes": 2, "replicas_identical": True}
+    assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == [
+        "step_0000003",
+        "step_0000006",
+    ] or sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+    assert len([r for r in records if r.get("step") == 5]) == 1  # one writer: no duplicated log lines
