@@ -27,7 +27,7 @@ convert_app = typer.Typer(
     no_args_is_help=True, help="Convert third-party weights to ctflow/transformers folders."
 )
 app.add_typer(convert_app, name="convert")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 

@@ -93,6 +93,9 @@ class TextEmbedding:
 def load_text_encoder(path: str | Path | None = None):
     """Load ``(model, tokenizer)`` from a local transformers folder (safetensors only)."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     path = Path(path) if path is not None else default_text_encoder_path()
     if not path.is_dir():

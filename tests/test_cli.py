@@ -1,0 +1,147 @@
+"""The command line: every bad input gives one `error:` line, a non-zero exit, no traceback, no output."""
+
+import gzip
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctflow.data.dicom import write_dicom_series
+from ctflow.data.nifti import read_nifti, write_nifti
+from ctflow.data.volume import Volume
+from tests.conftest import assert_clean_error
+
+
+@pytest.fixture
+def nifti(tmp_path):
+    hu = np.full((8, 16, 16), -1000, np.int16)
+    hu[:, 4:12, 4:12] = 40
+    return write_nifti(Volume(hu, (2.0, 1.0, 1.0)), tmp_path / "v.nii.gz")
+
+
+def _listing(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+# ---------------------------------------------------------------- preview / info: good paths
+def test_preview_writes_png_and_gif(nifti, tmp_path, run_cli):
+    assert run_cli("preview", nifti, "--out", tmp_path / "p.png").code == 0
+    assert run_cli("preview", nifti, "--out", tmp_path / "p.gif", "--gif").code == 0
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.gif").stat().st_size > 0
+
+
+def test_info_prints_geometry_and_synthetic_flag(nifti, run_cli):
+    r = run_cli("info", nifti)
+    facts = json.loads(r.out)
+    assert r.code == 0 and facts["shape"] == [8, 16, 16] and facts["spacing_mm"] == [2.0, 1.0, 1.0]
+    assert facts["orientation"] == "IPL" and facts["synthetic"] is False and facts["hu_max"] == 40
+
+
+def test_phantoms_command_writes_ctrate_layout(tmp_path, run_cli):
+    r = run_cli(
+        "phantoms", "--n", 2, "--out", tmp_path / "ph", "--size", 32, "--min-slices", 20, "--max-slices", 24
+    )
+    assert r.code == 0, r.err
+    from ctflow.data.ctrate import CTRateDataset
+
+    ds = CTRateDataset.open(tmp_path / "ph")
+    s = ds.load(0)
+    assert len(ds) == 2 and s.volume.shape[1:] == (32, 32) and 20 <= s.volume.num_slices <= 24
+    assert s.report.startswith(f"Volume: {s.volume.num_slices} slices")
+    assert json.loads(s.record.path.with_name("train_1_a_1.json").read_text())["labels"]
+
+
+# ---------------------------------------------------------------- bad inputs
+def test_missing_file(tmp_path, run_cli):
+    assert_clean_error(run_cli("preview", tmp_path / "nope.nii.gz", "--out", tmp_path / "p.png"), "not")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_truncated_nifti(nifti, tmp_path, run_cli):
+    data = nifti.read_bytes()
+    (tmp_path / "t.nii.gz").write_bytes(data[: len(data) // 2])
+    assert_clean_error(run_cli("preview", tmp_path / "t.nii.gz", "--out", tmp_path / "p.png"))
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (16, 16, 8, 3)])
+def test_2d_and_4d_nifti(shape, tmp_path, run_cli):
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), tmp_path / "x.nii.gz")
+    assert_clean_error(run_cli("info", tmp_path / "x.nii.gz"), f"{len(shape)}d")
+
+
+def test_nan_voxels(tmp_path, run_cli):
+    a = np.zeros((8, 8, 4), np.float32)
+    a[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "x.nii.gz")
+    assert_clean_error(
+        run_cli("preview", tmp_path / "x.nii.gz", "--out", tmp_path / "p.png"), "NaN or infinite"
+    )
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_empty_dicom_folder(tmp_path, run_cli):
+    (tmp_path / "dcm").mkdir()
+    assert_clean_error(run_cli("info", tmp_path / "dcm"), "dicom")
+
+
+def test_mixed_dicom_series(tmp_path, run_cli):
+    vol = Volume(np.zeros((3, 8, 8), np.int16), (2.0, 1.0, 1.0))
+    write_dicom_series(vol, tmp_path / "a")
+    write_dicom_series(vol, tmp_path / "b")
+    for f in (tmp_path / "b").iterdir():
+        shutil.copy(f, tmp_path / "a" / ("b_" + f.name))
+    assert_clean_error(run_cli("info", tmp_path / "a"), "series")
+
+
+def test_csv_missing_findings_column(tmp_path, run_cli):
+    assert (
+        run_cli(
+            "phantoms", "--n", 1, "--out", tmp_path / "ph", "--size", 32, "--min-slices", 8, "--max-slices", 8
+        ).code
+        == 0
+    )
+    csv = tmp_path / "ph/radiology_text_reports/train_reports.csv"
+    csv.write_text(csv.read_text().replace("Findings_EN", "Findings"))
+    r = run_cli("encode", "--data", tmp_path / "ph", "--vae", tmp_path / "novae", "--out", tmp_path / "lat")
+    assert_clean_error(r, "Findings_EN")
+    assert not (tmp_path / "lat").exists()
+
+
+@pytest.mark.parametrize("n", [0, 100000])
+def test_absurd_slice_counts(n, tmp_path, run_cli):
+    r = run_cli("generate", "Findings: normal.", "--slices", n, "--out", tmp_path / "g.nii.gz")
+    assert_clean_error(r, "--slices")
+    assert _listing(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(nifti, tmp_path, run_cli):
+    (tmp_path / "p.png").write_bytes(b"old")
+    assert_clean_error(run_cli("preview", nifti, "--out", tmp_path / "p.png"), "--overwrite")
+    assert (tmp_path / "p.png").read_bytes() == b"old"
+    assert run_cli("preview", nifti, "--out", tmp_path / "p.png", "--overwrite").code == 0
+    assert (tmp_path / "p.png").read_bytes() != b"old"
+
+
+def test_phantoms_bad_count_and_existing_folder(tmp_path, run_cli):
+    assert_clean_error(run_cli("phantoms", "--n", 0, "--out", tmp_path / "ph"), "--n")
+    (tmp_path / "ph").mkdir()
+    assert_clean_error(run_cli("phantoms", "--n", 1, "--out", tmp_path / "ph"), "--overwrite")
+
+
+def test_wrong_preview_extension_and_unknown_format(nifti, tmp_path, run_cli):
+    assert_clean_error(run_cli("preview", nifti, "--out", tmp_path / "p.jpg"), ".png")
+    (tmp_path / "x.txt").write_text("hello")
+    assert_clean_error(run_cli("info", tmp_path / "x.txt"))
+
+
+def test_gzip_that_is_not_nifti(tmp_path, run_cli):
+    (tmp_path / "x.nii.gz").write_bytes(gzip.compress(b"not a nifti header" * 40))
+    assert_clean_error(run_cli("info", tmp_path / "x.nii.gz"))
+
+
+def test_nifti_round_trip_through_cli_keeps_voxels(nifti):
+    v = read_nifti(nifti)
+    assert v.array.dtype == np.int16 and v.hu()[0, 5, 5] == 40

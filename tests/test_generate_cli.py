@@ -1,0 +1,173 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ctflow.data.io import read_volume
+from tests.conftest import assert_clean_error
+from tests.tiny_pipeline import tiny_pipeline
+
+REPORT = "Findings: Heart size is normal. No pleural effusion. Impressions: Normal chest CT."
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_pipeline().save_pretrained(path)
+    return path
+
+
+def _gen(run_cli, model, *args):
+    if "--steps" not in args:
+        args = (*args, "--steps", 2)
+    return run_cli("generate", *args, "--model", model)
+
+
+def test_generate_writes_nifti_preview_and_sidecar(model, tmp_path, run_cli):
+    r = _gen(
+        run_cli,
+        model,
+        REPORT,
+        "--out",
+        tmp_path / "ct.nii.gz",
+        "--slices",
+        6,
+        "--seed",
+        5,
+        "--dicom",
+        tmp_path / "dcm",
+    )
+    assert r.code == 0, r.err
+    vol = read_volume(tmp_path / "ct.nii.gz")
+    assert vol.num_slices == 6 and vol.synthetic
+    assert read_volume(tmp_path / "dcm").num_slices == 6
+    assert (tmp_path / "ct.png").stat().st_size > 0
+    side = json.loads((tmp_path / "ct.json").read_text())
+    assert side["report"] == REPORT and side["seed"] == 5 and side["steps"] == 2 and side["guidance"] == 2.0
+    assert side["synthetic"] is True and side["end_reason"] == "num_slices" and side["num_slices"] == 6
+    assert side["model"] == "tiny-test" and len(side["model_weights_sha256"]) == 16
+    assert side["ctflow_version"] and side["seconds"] > 0
+
+
+def test_same_seed_reproduces_the_volume(model, tmp_path, run_cli):
+    for name in ("a", "b"):
+        assert (
+            _gen(
+                run_cli, model, REPORT, "--out", tmp_path / f"{name}.nii.gz", "--slices", 5, "--seed", 1
+            ).code
+            == 0
+        )
+    import numpy as np
+
+    np.testing.assert_array_equal(
+        read_volume(tmp_path / "a.nii.gz").array, read_volume(tmp_path / "b.nii.gz").array
+    )
+
+
+def test_report_file_and_no_overwrite(model, tmp_path, run_cli):
+    (tmp_path / "r.txt").write_text(REPORT)
+    args = ("--report-file", tmp_path / "r.txt", "--out", tmp_path / "g.nii.gz", "--slices", 4)
+    assert _gen(run_cli, model, *args).code == 0
+    before = (tmp_path / "g.json").read_text()
+    assert_clean_error(_gen(run_cli, model, *args), "--overwrite")
+    assert (tmp_path / "g.json").read_text() == before
+    assert _gen(run_cli, model, *args, "--overwrite").code == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (("",), "empty"),
+        (("--report-file", "MISSING"), "not found"),
+        ((REPORT, "--steps", "0"), "--steps"),
+        ((REPORT, "--guidance", "-1"), "--guidance"),
+        ((REPORT, "--slices", "-4"), "--slices"),
+        ((), "exactly one"),
+        ((REPORT, "--report-file", "x.txt"), "exactly one"),
+    ],
+)
+def test_bad_generate_arguments(model, tmp_path, run_cli, args, word):
+    args = tuple(str(tmp_path / a) if a == "MISSING" else a for a in args)
+    assert_clean_error(_gen(run_cli, model, *args, "--out", tmp_path / "o.nii.gz"), word)
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_report_file(model, tmp_path, run_cli):
+    (tmp_path / "r.txt").write_text("  \n")
+    assert_clean_error(
+        _gen(run_cli, model, "--report-file", tmp_path / "r.txt", "--out", tmp_path / "o.nii.gz"), "empty"
+    )
+
+
+def test_broken_model_folders_are_refused(model, tmp_path, run_cli):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    (bad / "vae" / "weights.pt").write_bytes(b"\x80\x04")
+    assert_clean_error(_gen(run_cli, bad, REPORT, "--out", tmp_path / "o.nii.gz"), "pickle")
+    (bad / "vae" / "weights.pt").unlink()
+    shutil.rmtree(bad / "transformer")
+    assert_clean_error(_gen(run_cli, bad, REPORT, "--out", tmp_path / "o.nii.gz"), "transformer/")
+    assert_clean_error(_gen(run_cli, tmp_path / "none", REPORT, "--out", tmp_path / "o.nii.gz"), "not found")
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def _prompts(path, n=4):
+    rows = ["name,report,slices,seed"] + [f'case{i},"Findings: case {i}.",{4 + i},{i}' for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_prompts_csv_is_resumable(model, tmp_path, run_cli):
+    csv = _prompts(tmp_path / "p.csv", n=3)
+    assert _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out").code == 0
+    done = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
+    assert done == ["case0.json", "case1.json", "case2.json"]
+    assert read_volume(tmp_path / "out/case2.nii.gz").num_slices == 6
+    stamp = (tmp_path / "out/case1.json").stat().st_mtime_ns
+    (tmp_path / "out/case2.json").unlink()  # as if killed before the last sidecar
+    r = _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out")
+    assert r.code == 0 and "skip case1" in r.err
+    assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp and (
+        tmp_path / "out/case2.json"
+    ).exists()
+
+
+def test_prompts_csv_without_report_column(model, tmp_path, run_cli):
+    (tmp_path / "p.csv").write_text("text\nhello\n")
+    assert_clean_error(
+        _gen(run_cli, model, "--prompts", tmp_path / "p.csv", "--out", tmp_path / "o"), "'report'"
+    )
+
+
+@pytest.mark.slow
+def test_prompts_are_split_across_two_processes_without_gaps_or_duplicates(model, tmp_path):
+    csv = _prompts(tmp_path / "p.csv", n=5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "ctflow.cli",
+        "generate",
+        "--prompts",
+        str(csv),
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        str(model),
+        "--steps",
+        "1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [line for line in proc.stderr.splitlines() if "wrote" in line and "rank" in line]
+    assert len(ranks) == 5
+    assert {line.split("(rank ")[1][0] for line in ranks} == {"0", "1"}
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == [f"case{i}.json" for i in range(5)]
