@@ -148,3 +148,13 @@ def test_model_folder_problems_are_named(pipe, tmp_path):
     shutil.rmtree(tmp_path / "m/vae")
     with pytest.raises(CTFlowError, match="vae/"):
         CTFlowPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_eos_is_also_detected_in_latent_space():
+    from ctflow.pipeline import eos_latent_slices
+
+    eos = torch.ones(3, 4, 4)
+    lat = torch.zeros(3, 5, 4, 4)
+    lat[:, 3:] = 1.05  # last two slices sit next to the EOS latent
+    assert eos_latent_slices(lat, eos, max_mse=0.1).tolist() == [False, False, False, True, True]
+    assert not eos_latent_slices(lat, eos, max_mse=None).any()

@@ -14,7 +14,7 @@ and the start context; each next chunk from the report and the previous chunk
 (whose keys/values are computed once per chunk and reused at every ODE step).
 Every finished chunk is decoded straight into the output, so the transformer's
 working set does not grow with depth. Generation ends when the model produces
-white end-of-scan (EOS) slices, when the requested slice count is reached, or
+white end-of-scan (EOS) slices (detected on the latent, or on the decoded slice), when the requested slice count is reached, or
 at ``max_slices``.
 """
 
@@ -55,6 +55,17 @@ def eos_slices(decoded: torch.Tensor, threshold: float = EOS_THRESHOLD) -> torch
     return decoded.flatten(1).mean(1) > threshold
 
 
+def eos_latent_slices(latents: torch.Tensor, eos: torch.Tensor, max_mse: float | None) -> torch.Tensor:
+    """[C,S,h,w] generated latents -> [S] bool: slices whose latent lies within ``max_mse`` of the EOS latent.
+
+    Works even where the decoder renders white slices poorly; ``max_mse`` is set at training time
+    from the data (a fraction of the smallest distance between real slices and the EOS latent).
+    """
+    if max_mse is None:
+        return torch.zeros(latents.shape[1], dtype=torch.bool)
+    return ((latents - eos[:, None]) ** 2).mean(dim=(0, 2, 3)) < max_mse
+
+
 def weights_hash(folder: str | Path) -> str:
     """SHA-256 over every safetensors file of a model folder (sorted by path), first 16 hex digits."""
     h = hashlib.sha256()
@@ -77,6 +88,7 @@ class CTFlowPipeline:
             "pixel_spacing": 1.0,
             "slice_spacing": 1.5,
             "default_max_slices": 256,
+            "eos_latent_mse": None,
             "text_encoder_source": None,
             **(config or {}),
         }
@@ -258,7 +270,10 @@ class CTFlowPipeline:
                 slices = self.vae.decode_volume(x0[row])  # [K,H,W] in [-1,1]
                 keep = k
                 if chunk > 0:  # a scan never ends before its first chunk
-                    white = torch.nonzero(eos_slices(slices)).flatten()
+                    is_eos = eos_slices(slices) | eos_latent_slices(
+                        x0[row], self.eos_latent(), self.config["eos_latent_mse"]
+                    )
+                    white = torch.nonzero(is_eos).flatten()
                     if len(white):
                         keep, ends[item] = int(white[0]), END_EOS
                 keep = min(keep, limit - counts[item])

