@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,dev]'
+	$(BIN)/pip install --quiet -e '.[test,dev,app]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,7 +35,10 @@ bench: $(STAMP)
 	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 train-default: $(STAMP)
-	$(BIN)/python -m ctflow.train.default --work runs/default
+	$(BIN)/python -m ctflow.train.default --work runs/default --install
+
+app: $(STAMP)
+	$(BIN)/ctflow app
 
 clean:
 	rm -rf out runs .pytest_cache

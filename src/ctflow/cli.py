@@ -292,6 +292,26 @@ def convert_ctclip(
     console.print(f"wrote {out}")
 
 
+@app.command("app")
+def web_app(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to serve on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 7860,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Model folder (default: embedded model).")
+    ] = None,
+):
+    """Start the web app: type a report, watch the volume appear, download the NIfTI."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise CTFlowError("the web app needs the 'app' extra: pip install 'ctflow[app]'")
+    from ctflow.app import launch
+
+    launch(host, port, model=model)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the app on ``argv`` and return the exit code, turning CTFlowError into one line and exit code 1."""
     import click
@@ -301,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="ctflow")
     except CTFlowError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
     except click.exceptions.Abort:
         console.print("aborted")

@@ -1,0 +1,261 @@
+"""The web app, served on a free local port and driven through gradio_client."""
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("gradio", reason="the web app needs the 'app' extra: pip install -e '.[app]'")
+pytest.importorskip("gradio_client")
+
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client.utils import QueueError, Status  # noqa: E402
+
+from ctflow.app import LAUNCH_OPTIONS, build_app, parse_inputs  # noqa: E402
+from ctflow.data.io import read_volume  # noqa: E402
+from ctflow.data.volume import Volume  # noqa: E402
+from ctflow.errors import CTFlowError  # noqa: E402
+from ctflow.pipeline import CTFlowOutput  # noqa: E402
+from tests.conftest import assert_clean_error  # noqa: E402
+from tests.tiny_pipeline import tiny_pipeline  # noqa: E402
+
+REPORT = "Findings: Heart size is enlarged. Left-sided pleural effusion. Impressions: Cardiomegaly."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served(demo):
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        **LAUNCH_OPTIONS,
+    )
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory):
+    demo = build_app(tiny_pipeline(), max_queue=8, concurrency=1, out_dir=tmp_path_factory.mktemp("app"))
+    with served(demo) as url:
+        yield demo, url
+
+
+def client(url, folder) -> Client:
+    return Client(url, verbose=False, download_files=str(folder))
+
+
+class FakePipe:
+    """Returns a flat volume once released; records how many calls ran at once."""
+
+    name, weights_hash = "fake", None
+    config = {"slice_spacing": 2.0, "pixel_spacing": 1.5}
+
+    def __init__(self, delay=0.0):
+        self.release, self.started = threading.Event(), threading.Event()
+        self.delay, self.active, self.max_active, self.calls = delay, 0, 0, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, report, num_slices=None, callback=None, **_):
+        with self._lock:
+            self.active += 1
+            self.calls += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            self.started.set()
+            assert self.release.wait(30)
+            time.sleep(self.delay)
+            if callback:
+                callback(0, 0, 1)
+            n = num_slices or 4
+            volume = Volume(
+                np.full((n, 16, 16), -1000.0, np.float32), (2.0, 1.5, 1.5), None, {"synthetic": True}
+            )
+            return CTFlowOutput([volume], ["num_slices"], [report])
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_generate_endpoint_streams_and_writes_files(tiny_app, tmp_path):
+    _, url = tiny_app
+    job = client(url, tmp_path).submit(REPORT, 10, 2, 2.0, 7, api_name="/generate")
+    preview, nifti, status = job.result(timeout=60)
+    updates = job.outputs()
+    partial_previews = [o[0] for o in updates[:-1] if isinstance(o[0], str) and o[0].endswith(".png")]
+    assert len(partial_previews) >= 2, updates  # 10 slices = 3 chunks of 4: a preview after each
+    assert Path(preview).is_file() and Path(preview).suffix == ".png"
+    assert Path(nifti).is_file() and nifti.endswith(".nii.gz")
+    volume = read_volume(nifti)
+    assert volume.num_slices == 10 and volume.synthetic
+    assert "SYNTHETIC" in status and "10 slices" in status and "seed 7" in status
+
+
+def test_bad_input_is_a_clear_error_not_a_crash(tiny_app, tmp_path):
+    _, url = tiny_app
+    c = client(url, tmp_path)
+    with pytest.raises(AppError, match="report is empty"):
+        c.predict("   ", None, 2, 2.0, 0, api_name="/generate")
+    with pytest.raises(AppError, match="slices must be between 1 and"):
+        c.predict(REPORT, -3, 2, 2.0, 0, api_name="/generate")
+    with pytest.raises(AppError, match="less than minimum value 1"):  # the steps slider checks its range
+        c.predict(REPORT, 4, 0, 2.0, 0, api_name="/generate")
+    with pytest.raises(AppError, match="seed must be"):
+        c.predict(REPORT, 4, 2, 2.0, -5, api_name="/generate")
+    preview, nifti, status = c.predict(REPORT, 4, 1, 1.0, None, api_name="/generate")  # still serving
+    assert read_volume(nifti).num_slices == 4 and "SYNTHETIC" in status
+
+
+def test_eight_concurrent_clients_get_their_own_results(tiny_app, tmp_path):
+    _, url = tiny_app
+    results, errors = {}, []
+
+    def visit(i):
+        try:
+            c = client(url, tmp_path / f"c{i}")
+            results[i] = c.predict(f"{REPORT} Visitor {i}.", i, 1, 1.0, 100 + i, api_name="/generate")
+        except Exception as e:  # reported below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=visit, args=(i,)) for i in range(1, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert sorted(results) == list(range(1, 9))
+    for i, (_preview, nifti, status) in results.items():
+        volume = read_volume(nifti)
+        assert volume.num_slices == i, (i, nifti, status)
+        assert f"{i} slices" in status and f"seed {100 + i}" in status and "SYNTHETIC" in status
+        assert Path(nifti).name == f"ctflow-seed{100 + i}.nii.gz"
+    assert len({r[1] for r in results.values()}) == 8
+
+
+def test_cancelled_generation_frees_the_model(tiny_app, tmp_path):
+    demo, url = tiny_app
+    c = client(url, tmp_path)
+    job = c.submit(REPORT, 16, 100, 2.0, 4, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not any("step" in (o[2] or "") for o in job.outputs()):
+        assert not job.done() and time.monotonic() < deadline, job.outputs()
+        time.sleep(0.1)
+    assert job.cancel()
+    while demo.ctflow_service.lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not demo.ctflow_service.lock.locked()  # the worker stopped at its next step
+    _, nifti, _ = c.predict(REPORT, 2, 1, 1.0, 5, api_name="/generate")
+    assert read_volume(nifti).num_slices == 2
+
+
+def test_ui_helpers_scroll_axial_slices(tiny_app, tmp_path):
+    demo, url = tiny_app
+    service = demo.ctflow_service
+    _, nifti, _ = client(url, tmp_path).predict(REPORT, 6, 1, 1.0, 3, api_name="/generate")
+    jobs = sorted(service.out_root.glob("job-*/ctflow-seed3.nii.gz"), key=lambda p: p.stat().st_mtime)
+    folder = jobs[-1].parent
+    result = {
+        "num_slices": 6,
+        "axial": str(folder / "axial.npy"),
+        "sidecar": str(folder / "ctflow-seed3.json"),
+    }
+    slider, image, sidecar = service.show_result(result, "lung")
+    assert slider["maximum"] == 6 and slider["value"] == 3
+    assert image.shape == (32, 32) and image.dtype == np.uint8
+    assert json.loads(Path(sidecar).read_text())["num_slices"] == 6
+    last = service.axial_slice(result, 99, "mediastinal")  # clamped to the last slice
+    assert last.shape == (32, 32)
+    assert service.axial_slice(None, 1, "lung") is None
+
+
+# ----------------------------------------------------------------------------- queue and lock
+def test_queue_limits_are_configured():
+    demo = build_app(FakePipe(), max_queue=5, concurrency=2)
+    assert demo._queue.max_size == 5
+    assert demo._queue.default_concurrency_limit == 2
+    config = demo.config
+    assert config["enable_queue"]
+    generate = [d for d in config["dependencies"] if d["api_name"] == "generate"]
+    assert len(generate) == 1 and generate[0]["queue"] and generate[0]["api_visibility"] == "public"
+    with pytest.raises(CTFlowError, match="max_queue"):
+        build_app(FakePipe(), max_queue=0)
+
+
+def test_full_queue_rejects_new_requests(tmp_path):
+    pipe = FakePipe()
+    with served(build_app(pipe, max_queue=1, concurrency=1, out_dir=tmp_path / "out")) as url:
+        c = client(url, tmp_path)
+        first = c.submit(REPORT, 3, 1, 1.0, 1, api_name="/generate")
+        assert pipe.started.wait(30)
+        second = c.submit(REPORT, 4, 1, 1.0, 2, api_name="/generate")
+        for _ in range(200):
+            if second.status().code == Status.IN_QUEUE:
+                break
+            time.sleep(0.05)
+        third = c.submit(REPORT, 5, 1, 1.0, 3, api_name="/generate")
+        with pytest.raises(QueueError, match="(?i)queue is full"):
+            third.result(timeout=30)
+        pipe.release.set()
+        assert read_volume(first.result(timeout=30)[1]).num_slices == 3
+        assert read_volume(second.result(timeout=30)[1]).num_slices == 4
+    assert pipe.calls == 2
+
+
+def test_generations_are_serialized_even_with_parallel_workers(tmp_path):
+    pipe = FakePipe(delay=0.2)
+    pipe.release.set()
+    with served(build_app(pipe, max_queue=8, concurrency=4, out_dir=tmp_path / "out")) as url:
+        c = client(url, tmp_path)
+        jobs = [c.submit(REPORT, n, 1, 1.0, n, api_name="/generate") for n in (2, 3, 4, 5)]
+        counts = [read_volume(j.result(timeout=60)[1]).num_slices for j in jobs]
+    assert counts == [2, 3, 4, 5]
+    assert pipe.calls == 4 and pipe.max_active == 1
+
+
+# ----------------------------------------------------------------------------- inputs and CLI
+def test_parse_inputs():
+    report, s = parse_inputs("  Findings: normal.  ", None, 20, 2.0, None)
+    assert report == "Findings: normal." and s.num_slices is None and 0 <= s.seed < 2**31
+    _, s = parse_inputs("x", 12.0, "5", "1.5", 9)
+    assert (s.num_slices, s.steps, s.guidance, s.seed) == (12, 5, 1.5, 9)
+    for args, words in [
+        (("", 4, 20, 2.0, 0), "report is empty"),
+        (("x", 2.5, 20, 2.0, 0), "whole number"),
+        (("x", 0, 20, 2.0, 0), "slices must be between"),
+        (("x", 4, 20, float("nan"), 0), "guidance"),
+        (("x", 4, 20, -1, 0), "guidance"),
+        (("x", 4, None, 2.0, 0), "steps is required"),
+        (("x", 4, 20, 2.0, -1), "seed"),
+        (("x" * 30_000, 4, 20, 2.0, 0), "too long"),
+    ]:
+        with pytest.raises(CTFlowError, match=words):
+            parse_inputs(*args)
+
+
+def test_cli_app_errors(run_cli, monkeypatch):
+    assert_clean_error(run_cli("app", "--port", "70000"), "port")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gradio" else real(n, *a))
+    assert_clean_error(run_cli("app"), "ctflow[app]")
