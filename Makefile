@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ctflow generate --report-file examples/report.txt --out out/demo.nii.gz --seed 0 --overwrite
+	$(BIN)/ctflow generate --report-file examples/report.txt --slices 96 --out out/demo.nii.gz --seed 0 --overwrite
 	@echo "wrote out/demo.nii.gz, out/demo.png and out/demo.json"
 
 test: $(STAMP)
