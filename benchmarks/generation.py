@@ -134,8 +134,21 @@ def memory_vs_depth() -> dict:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
-    result = {"cache": cache_speedup(), "pipeline": forward_share_and_steps(), "memory": memory_vs_depth()}
+    import argparse
+
+    from common import RESULTS
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", default="cache,pipeline,memory", help="comma-separated subset to (re)measure")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    parts = {"cache": cache_speedup, "pipeline": forward_share_and_steps, "memory": memory_vs_depth}
+    old = RESULTS / "generation.json"
+    result = json.loads(old.read_text()) if old.exists() else {}
+    result.pop("environment", None)
+    for name in args.parts.split(","):
+        result[name] = parts[name]()
     write_result("generation", result)
     print(
         json.dumps(
