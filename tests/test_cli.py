@@ -145,3 +145,9 @@ def test_gzip_that_is_not_nifti(tmp_path, run_cli):
 def test_nifti_round_trip_through_cli_keeps_voxels(nifti):
     v = read_nifti(nifti)
     assert v.array.dtype == np.int16 and v.hu()[0, 5, 5] == 40
+
+
+def test_evaluate_refuses_missing_folders(tmp_path, run_cli):
+    r = run_cli("evaluate", "--real", tmp_path / "none", "--fake", tmp_path / "none2", "--out", tmp_path / "ev")
+    assert_clean_error(r)
+    assert not (tmp_path / "ev" / "results.json").exists()

@@ -276,6 +276,19 @@ def generate(
     )
 
 
+@app.command()
+def evaluate(
+    real: Annotated[Path, typer.Option("--real", help="Reference data set in the CT-RATE layout.")],
+    fake: Annotated[Path, typer.Option("--fake", help="Folder of generated .nii.gz files with JSON sidecars.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for results.json and report.md.")],
+    overwrite: Overwrite = False,
+):
+    """Score generated volumes: FID (3 planes), FVD, CLIP score, attributes, continuity, memorization."""
+    from ctflow.eval.evaluate import evaluate_command
+
+    evaluate_command(real, fake, out, overwrite=overwrite, log=console.print)
+
+
 @convert_app.command("ctclip")
 def convert_ctclip(
     checkpoint: Annotated[

@@ -1,0 +1,346 @@
+"""``ctflow evaluate``: score a folder of generated volumes against a real (phantom) data set.
+
+::
+
+    evaluate(real_dir, fake_dir, out_dir, overwrite=False) -> dict
+
+* ``real_dir`` - a data set in the CT-RATE layout (``ctflow phantoms`` output);
+  every split found under ``radiology_text_reports/`` is used.
+* ``fake_dir`` - generated ``*.nii.gz`` / ``*.nii`` files, each with a JSON
+  sidecar ``<stem>.json`` holding at least ``"report"`` (``ctflow generate``
+  writes it, with ``requested_slices`` and ``num_slices``).
+* ``out_dir`` - receives ``results.json`` and ``report.md`` (written atomically;
+  existing files are refused unless ``overwrite``).
+
+Computed: FID on three planes, FVD, CLIP score of the generated volumes against
+their prompts (and of the real volumes against their reports, as a reference),
+attribute accuracy (the phantom attribute reader on each generated volume vs the
+findings its prompt asks for), slice-count accuracy (within one 8-slice chunk
+of the requested count: sidecar ``requested_slices`` or the prompt's
+``Volume: N slices`` meta line), continuity (chunk seams) and a memorisation
+audit against the real set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ctflow.errors import CTFlowError
+from ctflow.files import check_output, write_text_atomic
+
+CHUNK_SLICES = 8
+REDUCED_SIZE = 64  # in-plane size volumes are kept at for the feature metrics
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+
+
+@dataclass
+class _Item:
+    """One volume kept in reduced form: (S, 64, 64) HU plus what was measured at full size."""
+
+    name: str
+    hu: np.ndarray  # (S, 64, 64) float32
+    report: str
+    num_slices: int
+    attributes: dict | None = None
+    continuity: float | None = None
+    sidecar: dict = field(default_factory=dict)
+
+
+def _reduce(hu: np.ndarray) -> np.ndarray:
+    """(S, H, W) -> (S, 64, 64) by antialiased bilinear resizing (unchanged when already 64)."""
+    if hu.shape[1:] == (REDUCED_SIZE, REDUCED_SIZE):
+        return np.ascontiguousarray(hu, dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[:, None]
+    x = F.interpolate(
+        x, size=(REDUCED_SIZE, REDUCED_SIZE), mode="bilinear", antialias=True, align_corners=False
+    )
+    return x[:, 0].numpy()
+
+
+def _read_attributes(volume) -> dict:
+    from ctflow.eval.attributes import read_attributes
+
+    return read_attributes(volume)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _splits(root: Path) -> list[str]:
+    reports = root / "radiology_text_reports"
+    if not reports.is_dir():
+        raise CTFlowError(
+            f"{root} is not a data set in the CT-RATE layout (no radiology_text_reports/ folder);"
+            " make one with `ctflow phantoms`"
+        )
+    splits = sorted(p.name[: -len("_reports.csv")] for p in reports.glob("*_reports.csv"))
+    if not splits:
+        raise CTFlowError(f"{reports} holds no <split>_reports.csv file")
+    return splits
+
+
+def load_real(real_dir: str | Path, log=None) -> list[_Item]:
+    """Every readable volume of the real data set (all splits), reduced, with its report."""
+    from ctflow.data.ctrate import CTRateDataset
+    from ctflow.eval.metrics import continuity
+
+    root = Path(real_dir)
+    if not root.is_dir():
+        raise CTFlowError(f"real data folder {root} not found")
+    items = []
+    for split in _splits(root):
+        ds = CTRateDataset.open(root, split)
+        for sample in ds:
+            hu = sample.volume.hu()
+            items.append(
+                _Item(
+                    name=sample.name,
+                    hu=_reduce(hu),
+                    report=sample.report,
+                    num_slices=sample.volume.num_slices,
+                    attributes=_read_attributes(sample.volume),
+                    continuity=continuity(hu)["ratio"],
+                )
+            )
+        if log is not None and ds.problems:
+            log(f"{split}: skipped {len(ds.problems)} row(s): {ds.problems[0]}")
+    if not items:
+        raise CTFlowError(f"no readable volumes in {root}")
+    return items
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+
+
+def load_fake(fake_dir: str | Path) -> list[_Item]:
+    """Every generated NIfTI in ``fake_dir`` with its sidecar; refuses a volume without one."""
+    from ctflow.data.nifti import read_nifti
+    from ctflow.eval.metrics import continuity
+
+    root = Path(fake_dir)
+    if not root.is_dir():
+        raise CTFlowError(f"generated-volume folder {root} not found")
+    paths = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii")))
+    if not paths:
+        raise CTFlowError(f"{root} holds no generated volumes (*.nii.gz / *.nii)")
+    items = []
+    for path in paths:
+        stem = _stem(path)
+        side = path.with_name(stem + ".json")
+        if not side.is_file():
+            raise CTFlowError(
+                f"{path.name} has no sidecar {side.name}; each generated volume needs one with its 'report'"
+            )
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CTFlowError(f"cannot read sidecar {side}: {e}") from None
+        report = meta.get("report") if isinstance(meta, dict) else None
+        if not isinstance(report, str) or not report.strip():
+            raise CTFlowError(f"sidecar {side.name} has no 'report' text")
+        vol = read_nifti(path)
+        hu = vol.hu()
+        items.append(
+            _Item(
+                name=stem,
+                hu=_reduce(hu),
+                report=report,
+                num_slices=vol.num_slices,
+                attributes=_read_attributes(vol),
+                continuity=continuity(hu, CHUNK_SLICES)["ratio"],
+                sidecar=meta,
+            )
+        )
+    return items
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def requested_slices(item: _Item) -> int | None:
+    """The slice count the prompt asked for: sidecar ``requested_slices``, else the report's meta line."""
+    from ctflow.models.text import parse_meta
+
+    req = item.sidecar.get("requested_slices")
+    if isinstance(req, int | float) and not isinstance(req, bool) and req > 0:
+        return int(req)
+    return parse_meta(item.report)[0]
+
+
+def _finite(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def score(real: list[_Item], fake: list[_Item]) -> dict:
+    """All metrics for loaded sets (see the module docstring)."""
+    from ctflow.eval.attributes import ATTRIBUTE_KEYS, attribute_accuracy, attributes_from_report
+    from ctflow.eval.features import load_features
+    from ctflow.eval.metrics import clip_score, fid_planes, fvd, memorization
+
+    model = load_features()
+    rv, fv = [i.hu for i in real], [i.hu for i in fake]
+    results: dict = {"n_real": len(real), "n_generated": len(fake)}
+    results["fid"] = fid_planes(rv, fv, model=model)
+    results["fid_mean"] = float(np.mean(list(results["fid"].values())))
+    results["fvd"] = fvd(rv, fv, model=model) if len(real) >= 2 and len(fake) >= 2 else None
+    results["clip_score"] = {
+        "generated": clip_score(fv, [i.report for i in fake], model=model),
+        "real": clip_score(rv, [i.report for i in real], model=model),
+    }
+    targets = [attributes_from_report(i.report) for i in fake]
+    acc = attribute_accuracy([i.attributes for i in fake], targets)
+    real_acc = attribute_accuracy(
+        [i.attributes for i in real], [attributes_from_report(i.report) for i in real]
+    )
+    results["attribute_accuracy"] = {
+        "generated": acc,
+        "generated_mean": float(np.mean([acc[k] for k in ATTRIBUTE_KEYS])),
+        "real": real_acc,
+        "real_mean": float(np.mean([real_acc[k] for k in ATTRIBUTE_KEYS])),
+    }
+    counts = []
+    for item in fake:
+        req = requested_slices(item)
+        if req is not None:
+            counts.append({"name": item.name, "requested": req, "generated": item.num_slices})
+    results["slice_count"] = {
+        "n": len(counts),
+        "within_chunk": (
+            float(np.mean([abs(c["generated"] - c["requested"]) <= CHUNK_SLICES for c in counts]))
+            if counts
+            else None
+        ),
+        "mean_abs_error": float(np.mean([abs(c["generated"] - c["requested"]) for c in counts]))
+        if counts
+        else None,
+    }
+    results["continuity"] = {
+        "generated": _mean(i.continuity for i in fake),
+        "real": _mean(i.continuity for i in real),
+        "chunk": CHUNK_SLICES,
+    }
+    mem = memorization(fv, rv, model=model)
+    results["memorization"] = {
+        k: mem[k]
+        for k in (
+            "threshold",
+            "max_correlation",
+            "mean_correlation",
+            "max_cosine",
+            "fraction_flagged",
+            "flagged",
+        )
+    }
+    results["memorization"]["flagged"] = [
+        {"generated": fake[i].name, "nearest_real": real[mem["nearest_correlation_index"][i]].name,
+         "correlation": mem["nearest_correlation"][i]}
+        for i in mem["flagged"]
+    ]  # fmt: skip
+    results["per_volume"] = [
+        {
+            "name": item.name,
+            "num_slices": item.num_slices,
+            "requested_slices": requested_slices(item),
+            "continuity": _finite(item.continuity),
+            "attributes": {k: item.attributes[k] for k in ATTRIBUTE_KEYS},
+            "prompt_attributes": targets[n],
+            "nearest_real": real[mem["nearest_correlation_index"][n]].name,
+            "nearest_correlation": mem["nearest_correlation"][n],
+        }
+        for n, item in enumerate(fake)
+    ]
+    return results
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_report(results: dict) -> str:
+    """The Markdown summary table written to ``report.md``."""
+    from ctflow.eval.attributes import ATTRIBUTE_KEYS
+
+    fid = results["fid"]
+    att = results["attribute_accuracy"]
+    rows = [
+        ("FID axial", fid["axial"], "lower is better"),
+        ("FID coronal", fid["coronal"], "lower is better"),
+        ("FID sagittal", fid["sagittal"], "lower is better"),
+        ("FVD", results["fvd"], "lower is better"),
+        ("CLIP score (generated vs prompt)", results["clip_score"]["generated"], "higher is better, 0-100"),
+        ("CLIP score (real vs report)", results["clip_score"]["real"], "reference"),
+        ("Attribute accuracy (mean)", att["generated_mean"], f"reader on real data: {_fmt(att['real_mean'])}"),
+        *[(f"  {k}", att["generated"][k], f"real: {_fmt(att['real'][k])}") for k in ATTRIBUTE_KEYS],
+        ("Slice count within 8", results["slice_count"]["within_chunk"], f"{results['slice_count']['n']} with a request"),
+        ("Continuity (chunk seams)", results["continuity"]["generated"], f"~1 is seamless; real: {_fmt(results['continuity']['real'])}"),
+        ("Memorisation: flagged fraction", results["memorization"]["fraction_flagged"], f"detail correlation >= {results['memorization']['threshold']}"),
+        ("Memorisation: max correlation", results["memorization"]["max_correlation"], "nearest real volume"),
+    ]  # fmt: skip
+    lines = [
+        "# ctflow evaluation",
+        "",
+        f"{results['n_generated']} generated volume(s) from `{results.get('fake_dir', '?')}` against "
+        f"{results['n_real']} real volume(s) from `{results.get('real_dir', '?')}`.",
+        "",
+        "| Metric | Value | Note |",
+        "|---|---:|---|",
+        *[f"| {name} | {_fmt(value)} | {note} |" for name, value, note in rows],
+        "",
+    ]
+    flagged = results["memorization"]["flagged"]
+    if flagged:
+        lines += ["Possible copies of real volumes:", ""]
+        lines += [
+            f"- `{f['generated']}` ~ `{f['nearest_real']}` (correlation {f['correlation']:.3f})"
+            for f in flagged
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def evaluate(real_dir, fake_dir, out_dir, overwrite: bool = False, log=None) -> dict:
+    """Score ``fake_dir`` against ``real_dir``; write ``results.json`` and ``report.md`` into ``out_dir``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CTFlowError(f"output {out} exists and is not a folder")
+    for name in (RESULTS_FILE, REPORT_FILE):
+        check_output(out / name, overwrite)  # refuse before any work is done
+    start = time.perf_counter()
+    fake = load_fake(fake_dir)
+    real = load_real(real_dir, log=log)
+    results = {"real_dir": str(real_dir), "fake_dir": str(fake_dir), **score(real, fake)}
+    results["seconds"] = round(time.perf_counter() - start, 2)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=1) + "\n", overwrite=overwrite)
+    write_text_atomic(out / REPORT_FILE, markdown_report(results), overwrite=overwrite)
+    return results
+
+
+def evaluate_command(real, fake, out, overwrite: bool = False, log=print) -> dict:
+    """CLI entry (``ctflow evaluate --real --fake --out [--overwrite]``): run, print the table, return results."""
+    results = evaluate(real, fake, out, overwrite=overwrite, log=log)
+    log(markdown_report(results))
+    log(f"wrote {Path(out) / RESULTS_FILE} and {Path(out) / REPORT_FILE}")
+    return results

@@ -1,0 +1,147 @@
+"""The phantom attribute reader: accuracy on fresh phantoms, report parsing, edge cases."""
+
+import numpy as np
+import pytest
+import torch
+
+from ctflow.data.phantom import PhantomSpec, make_phantom, sample_spec
+from ctflow.data.reports import phantom_report
+from ctflow.errors import CTFlowError
+from ctflow.eval.attributes import (
+    ATTRIBUTE_KEYS,
+    attribute_accuracy,
+    attributes_from_ground_truth,
+    attributes_from_report,
+    read_attributes,
+)
+from ctflow.models.text import format_report
+
+torch.set_num_threads(1)
+
+SEEDS = range(30_000, 30_060)  # disjoint from calibration (20000-20199) and tuning (0-399) seeds
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    out = []
+    for seed in SEEDS:
+        vol, gt = make_phantom(sample_spec(seed, size=64, slice_range=(40, 120)))
+        out.append((seed, vol, gt))
+    return out
+
+
+@pytest.fixture(scope="module")
+def readings(phantoms):
+    return [read_attributes(vol) for _, vol, _ in phantoms]
+
+
+def test_reader_reaches_target_accuracy_on_unseen_64px_phantoms(phantoms, readings):
+    truth = [attributes_from_ground_truth(gt) for _, _, gt in phantoms]
+    acc = attribute_accuracy(readings, truth)
+    for key in ("effusion", "cardiomegaly", "emphysema", "consolidation"):
+        assert acc[key] >= 0.95, (key, acc)
+    # 6-9 mm nodules are one or two voxels at 64 px: the reader's measured accuracy is
+    # ~92 % over 400 phantoms (benchmarks/attribute_reader.py reports the 200-phantom figure)
+    assert acc["nodule"] >= 0.85, acc
+
+
+def test_reader_output_has_the_documented_keys_and_types(readings):
+    r = readings[0]
+    assert set(ATTRIBUTE_KEYS) <= set(r)
+    assert r["effusion"] in ("none", "left", "right", "bilateral")
+    assert all(isinstance(r[k], bool) for k in ATTRIBUTE_KEYS if k != "effusion")
+    assert r["lung_volume_ml"] > 500
+
+
+def test_reader_tells_effusion_sides_apart_at_128px():
+    base = sample_spec(31_000, size=128, num_slices=72)
+    for side in ("left", "right", "bilateral"):
+        spec = PhantomSpec(
+            **{**base.__dict__, "findings": [{"type": "effusion", "side": side, "depth_mm": 65.0}]}
+        )
+        vol, _ = make_phantom(spec)
+        assert read_attributes(vol)["effusion"] == side
+
+
+def test_reader_sees_emphysema_and_cardiomegaly_in_an_array_with_spacing():
+    base = sample_spec(31_001, size=64, num_slices=80)
+    spec = PhantomSpec(**{**base.__dict__, "findings": [{"type": "emphysema"}, {"type": "cardiomegaly"}]})
+    vol, _ = make_phantom(spec)
+    got = read_attributes(vol.array, spacing=vol.spacing)
+    assert got["emphysema"] and got["cardiomegaly"]
+    assert not got["consolidation"] and got["effusion"] == "none"
+
+
+def test_a_volume_without_lungs_reads_as_normal():
+    water = np.zeros((40, 64, 64), np.float32)
+    got = read_attributes(water, spacing=(5.0, 5.0, 5.0))
+    assert got["effusion"] == "none" and not any(got[k] for k in ATTRIBUTE_KEYS if k != "effusion")
+
+
+def test_reader_refuses_non_3d_and_non_finite_input():
+    with pytest.raises(CTFlowError, match="3D"):
+        read_attributes(np.zeros((64, 64)))
+    bad = np.zeros((10, 64, 64), np.float32)
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(CTFlowError, match="NaN"):
+        read_attributes(bad, spacing=(5.0, 5.0, 5.0))
+
+
+def test_report_parser_recovers_ground_truth_from_phantom_reports(phantoms):
+    for seed, _, gt in phantoms:
+        rep = phantom_report(gt, seed)
+        text = format_report(rep["Findings_EN"], rep["Impressions_EN"], gt["num_slices"], gt["spacing"][0])
+        assert attributes_from_report(text) == attributes_from_ground_truth(gt), (seed, text)
+
+
+@pytest.mark.parametrize(
+    "text, key, value",
+    [
+        ("No pleural effusion was detected. Pericardial effusion was not observed.", "effusion", "none"),
+        ("Pericardial effusion-thickening is absent. There is a left pleural effusion.", "effusion", "left"),
+        ("Pleural effusion is seen on the right side.", "effusion", "right"),
+        ("Pleural effusion is seen on both sides.", "effusion", "bilateral"),
+        ("Heart size is normal.", "cardiomegaly", False),
+        ("The heart is enlarged (cardiomegaly).", "cardiomegaly", True),
+        ("No mass or nodule was detected in either lung.", "nodule", False),
+        ("A 12 mm nodule is seen in the right upper lobe.", "nodule", True),
+        ("No emphysematous change is seen.", "emphysema", False),
+        ("Centrilobular emphysema is present in both lungs.", "emphysema", True),
+        ("There is no consolidation in either lung.", "consolidation", False),
+        ("An area of consolidation is seen in the left lower lobe.", "consolidation", True),
+    ],
+)
+def test_report_parser_respects_negations(text, key, value):
+    assert attributes_from_report(text)[key] == value
+
+
+def test_attribute_accuracy_counts_exact_matches_per_key():
+    a = {
+        "effusion": "left",
+        "cardiomegaly": True,
+        "nodule": False,
+        "emphysema": False,
+        "consolidation": False,
+    }
+    b = {**a, "effusion": "bilateral", "nodule": True}
+    acc = attribute_accuracy([a, a], [a, b])
+    assert acc == {
+        "effusion": 0.5,
+        "cardiomegaly": 1.0,
+        "nodule": 0.5,
+        "emphysema": 1.0,
+        "consolidation": 1.0,
+    }
+    with pytest.raises(CTFlowError, match="predictions"):
+        attribute_accuracy([a], [a, b])
+
+
+def test_ground_truth_attributes_ignore_findings_outside_the_scan():
+    gt = {
+        "findings": [
+            {"type": "nodule", "lobe": "right upper", "visible": False},
+            {"type": "effusion", "side": "left", "visible": True},
+        ]
+    }
+    got = attributes_from_ground_truth(gt)
+    assert got["effusion"] == "left" and not got["nodule"]

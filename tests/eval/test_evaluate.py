@@ -1,0 +1,108 @@
+"""End-to-end `evaluate` on a tiny phantom data set and a folder of "generated" phantoms."""
+
+import json
+
+import pytest
+import torch
+
+from ctflow.data.ctrate import CTRateWriter
+from ctflow.data.nifti import write_nifti
+from ctflow.data.phantom import make_phantom, sample_spec
+from ctflow.data.reports import phantom_report
+from ctflow.errors import CTFlowError
+from ctflow.eval.evaluate import evaluate, evaluate_command
+from ctflow.models.text import format_report
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    real = root / "real"
+    writer = CTRateWriter(real, "train")
+    for i in range(4):
+        vol, gt = make_phantom(sample_spec(33_000 + i, size=64, slice_range=(40, 80)))
+        writer.add(i, vol, phantom_report(gt, 33_000 + i), gt["labels"])
+    writer.close()
+    fake = root / "fake"
+    fake.mkdir()
+    for i in range(3):
+        seed = 33_100 + i
+        vol, gt = make_phantom(sample_spec(seed, size=64, slice_range=(40, 80)))
+        rep = phantom_report(gt, seed)
+        write_nifti(vol, fake / f"gen_{i}.nii.gz", synthetic=True)
+        sidecar = {"report": format_report(rep["Findings_EN"], rep["Impressions_EN"], vol.num_slices)}
+        if i == 0:  # the sidecar's request wins over the meta line; 9 slices off = outside one chunk
+            sidecar |= {"requested_slices": vol.num_slices + 9, "num_slices": vol.num_slices}
+        (fake / f"gen_{i}.json").write_text(json.dumps(sidecar))
+    return root, real, fake
+
+
+@pytest.fixture(scope="module")
+def results(sets):
+    root, real, fake = sets
+    return evaluate(real, fake, root / "out")
+
+
+def test_evaluate_writes_results_and_a_markdown_table(sets, results):
+    root, _, _ = sets
+    saved = json.loads((root / "out" / "results.json").read_text())
+    assert saved["n_real"] == 4 and saved["n_generated"] == 3
+    for key in (
+        "fid",
+        "fvd",
+        "clip_score",
+        "attribute_accuracy",
+        "slice_count",
+        "continuity",
+        "memorization",
+    ):
+        assert key in saved, key
+    assert set(saved["fid"]) == {"axial", "coronal", "sagittal"}
+    assert saved["fvd"] >= 0 and all(v >= 0 for v in saved["fid"].values())
+    md = (root / "out" / "report.md").read_text()
+    assert "| Metric | Value | Note |" in md and "FID axial" in md and "CLIP score" in md
+
+
+def test_evaluate_scores_slice_counts_attributes_and_memorisation(results):
+    assert results["slice_count"]["n"] == 3
+    assert results["slice_count"]["within_chunk"] == pytest.approx(2 / 3)
+    acc = results["attribute_accuracy"]
+    assert 0.0 <= acc["generated_mean"] <= 1.0 and set(acc["generated"]) == set(acc["real"])
+    assert results["memorization"]["fraction_flagged"] == 0.0  # new phantoms are not copies
+    assert 0.7 < results["continuity"]["generated"] < 1.3
+    names = [v["name"] for v in results["per_volume"]]
+    assert names == ["gen_0", "gen_1", "gen_2"]
+
+
+def test_evaluate_refuses_existing_outputs_unless_overwrite(sets, results, capsys):
+    root, real, fake = sets
+    with pytest.raises(CTFlowError, match="already exists"):
+        evaluate(real, fake, root / "out")
+    again = evaluate_command(real, fake, root / "out", overwrite=True)
+    assert again["n_generated"] == 3
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_evaluate_names_bad_inputs(sets, tmp_path):
+    _, real, fake = sets
+    with pytest.raises(CTFlowError, match="not found"):
+        evaluate(tmp_path / "missing", fake, tmp_path / "o1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CTFlowError, match="no generated volumes"):
+        evaluate(real, empty, tmp_path / "o2")
+    with pytest.raises(CTFlowError, match="CT-RATE layout"):
+        evaluate(empty, fake, tmp_path / "o3")
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / "x.nii.gz").write_bytes((fake / "gen_1.nii.gz").read_bytes())
+    with pytest.raises(CTFlowError, match="no sidecar x.json"):
+        evaluate(real, orphan, tmp_path / "o4")
+    (orphan / "x.json").write_text(json.dumps({"seed": 1}))
+    with pytest.raises(CTFlowError, match="no 'report'"):
+        evaluate(real, orphan, tmp_path / "o5")
+    (orphan / "x.json").write_text("{not json")
+    with pytest.raises(CTFlowError, match="cannot read sidecar"):
+        evaluate(real, orphan, tmp_path / "o6")
