@@ -25,13 +25,16 @@ grid (the resolution ctflow generates), then read with image rules:
   mid-heart slices (115..185 mm below the apex, scaled), at or above 0.67.
 * **consolidation**: dense non-lung tissue where a lung-cavity atlas (built from
   phantom label maps, in coordinates normalised to the lung bounding box) gives
-  >= 90 % cavity probability; components touching the effusion are dropped;
-  >= 15 ml (scaled) calls it. With cardiomegaly, an enlarged-heart atlas is used too.
+  >= 90 % cavity probability; components touching the effusion are dropped; one
+  component of >= 20 ml (scaled) calls it. With cardiomegaly, an enlarged-heart
+  atlas is used too.
 * **nodule**: local maxima inside the (closed) lung field of the volume deblurred
   with the phantom's known in-plane/slice blur kernels are scored by a fixed linear
   rule over blob features (Hessian eigenvalues at four scales, peak HU, how much
-  lung surrounds the spot); a score above the calibrated threshold anywhere calls
-  a nodule.
+  lung surrounds the spot, whether its half-max blob is isolated like a ball or
+  continues like a vessel); a score above the calibrated threshold anywhere calls
+  a nodule. 6-10 mm nodules are one or two voxels at 64 px and about half of them
+  are missed (see ``benchmarks/attribute_reader.py``).
 
 The atlases and the nodule rule's coefficients are calibrated on phantoms by
 :func:`calibrate_reader` (run by ``python -m ctflow.eval.train_features``) and
@@ -433,7 +436,12 @@ def _load_params(path: str) -> dict[str, np.ndarray]:
         raise CTFlowError(
             f"attribute reader parameters {p} not found; run `python -m ctflow.eval.train_features`"
         )
-    return {k: v.astype(np.float32) for k, v in load_file(str(p)).items()}
+    params = {k: v.astype(np.float32) for k, v in load_file(str(p)).items()}
+    if params["nodule_weight"].shape != (len(NODULE_FEATURES),):
+        raise CTFlowError(
+            f"{p} was calibrated for other nodule features; rerun `python -m ctflow.eval.train_features`"
+        )
+    return params
 
 
 def attribute_scores(volume, spacing=None, params: dict | None = None) -> dict[str, float]:

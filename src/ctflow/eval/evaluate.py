@@ -292,7 +292,7 @@ def markdown_report(results: dict) -> str:
         ("CLIP score (generated vs prompt)", results["clip_score"]["generated"], "higher is better, 0-100"),
         ("CLIP score (real vs report)", results["clip_score"]["real"], "reference"),
         ("Attribute accuracy (mean)", att["generated_mean"], f"reader on real data: {_fmt(att['real_mean'])}"),
-        *[(f"  {k}", att["generated"][k], f"real: {_fmt(att['real'][k])}") for k in ATTRIBUTE_KEYS],
+        *[(f"Attribute: {k}", att["generated"][k], f"real: {_fmt(att['real'][k])}") for k in ATTRIBUTE_KEYS],
         ("Slice count within 8", results["slice_count"]["within_chunk"], f"{results['slice_count']['n']} with a request"),
         ("Continuity (chunk seams)", results["continuity"]["generated"], f"~1 is seamless; real: {_fmt(results['continuity']['real'])}"),
         ("Memorisation: flagged fraction", results["memorization"]["fraction_flagged"], f"detail correlation >= {results['memorization']['threshold']}"),

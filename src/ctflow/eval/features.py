@@ -280,3 +280,10 @@ def clip_embeddings(
     model = model or load_features()
     x = torch.stack([volume_tensor(v) for v in volumes])
     return model.clip.embed_volumes(x), model.clip.embed_text(text_pooled(list(reports)))
+
+
+def clip_score(volumes, reports: list[str], model: Features | None = None) -> float:
+    """Mean ``max(100 * cos(volume, report), 0)`` (see :func:`ctflow.eval.metrics.clip_score`)."""
+    from ctflow.eval.metrics import clip_score as _clip_score
+
+    return _clip_score(volumes, reports, model)
