@@ -139,7 +139,9 @@ if __name__ == "__main__":
     from common import RESULTS
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="cache,pipeline,memory", help="comma-separated subset to (re)measure")
+    parser.add_argument(
+        "--parts", default="cache,pipeline,memory", help="comma-separated subset to (re)measure"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -148,6 +148,8 @@ def test_nifti_round_trip_through_cli_keeps_voxels(nifti):
 
 
 def test_evaluate_refuses_missing_folders(tmp_path, run_cli):
-    r = run_cli("evaluate", "--real", tmp_path / "none", "--fake", tmp_path / "none2", "--out", tmp_path / "ev")
+    r = run_cli(
+        "evaluate", "--real", tmp_path / "none", "--fake", tmp_path / "none2", "--out", tmp_path / "ev"
+    )
     assert_clean_error(r)
     assert not (tmp_path / "ev" / "results.json").exists()

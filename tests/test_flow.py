@@ -20,12 +20,7 @@ from ctflow.models.transformer import CTFlowTransformer
 SHAPE = (2, 3, 4, 5, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cond(batch=2, length=6, dim=8, seed=0):

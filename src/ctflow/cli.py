@@ -279,7 +279,9 @@ def generate(
 @app.command()
 def evaluate(
     real: Annotated[Path, typer.Option("--real", help="Reference data set in the CT-RATE layout.")],
-    fake: Annotated[Path, typer.Option("--fake", help="Folder of generated .nii.gz files with JSON sidecars.")],
+    fake: Annotated[
+        Path, typer.Option("--fake", help="Folder of generated .nii.gz files with JSON sidecars.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder for results.json and report.md.")],
     overwrite: Overwrite = False,
 ):

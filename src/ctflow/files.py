@@ -66,7 +66,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                os.replace(path, old)
+            else:
+                path.unlink()
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:

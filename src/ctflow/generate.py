@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,8 +21,7 @@ import torch
 from ctflow import __version__
 from ctflow.errors import CTFlowError
 from ctflow.files import check_output, write_text_atomic
-
-MAX_SLICES = 2048
+from ctflow.pipeline import MAX_SLICES
 
 
 @dataclass
@@ -166,11 +165,13 @@ def generate_prompts(
         if output_paths(out)["sidecar"].exists() and not settings.overwrite:
             log(f"skip {row['name']} (finished)")
             continue
-        s = GenerationSettings(**{**settings.__dict__})
-        s.overwrite = True  # a half-finished row (no sidecar yet) is redone
-        s.num_slices = row["slices"] if row["slices"] is not None else settings.num_slices
-        s.seed = row["seed"] if row["seed"] is not None else (settings.seed or 0) + row["index"]
-        s.dicom = None
+        s = replace(
+            settings,
+            overwrite=True,  # a half-finished row (no sidecar yet) is redone
+            num_slices=row["slices"] if row["slices"] is not None else settings.num_slices,
+            seed=row["seed"] if row["seed"] is not None else (settings.seed or 0) + row["index"],
+            dicom=None,
+        )
         s.check()
         generate_one(pipe, row["report"], out, s)
         done.append(row["name"])

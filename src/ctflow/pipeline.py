@@ -40,6 +40,7 @@ from ctflow.models.text import DEFAULT_TEXT_ENCODER, ReportEncoder, TextEmbeddin
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "ctflow-phantom-tiny"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 END_EOS, END_COUNT, END_LIMIT = "eos", "num_slices", "max_slices"
+MAX_SLICES = 2048  # the most slices one volume may have, in the library and the CLI
 EOS_THRESHOLD = 0.5  # a decoded slice whose mean (in [-1, 1]) exceeds this is white: end of scan
 
 
@@ -198,8 +199,8 @@ class CTFlowPipeline:
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
         if num_slices is not None and not 1 <= num_slices <= max_slices:
             raise CTFlowError(f"num_slices must be between 1 and max_slices={max_slices}, got {num_slices}")
-        if not 1 <= max_slices <= 4096:
-            raise CTFlowError(f"max_slices must be between 1 and 4096, got {max_slices}")
+        if not 1 <= max_slices <= MAX_SLICES:
+            raise CTFlowError(f"max_slices must be between 1 and {MAX_SLICES}, got {max_slices}")
         if num_inference_steps < 1:
             raise CTFlowError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if guidance_scale < 0 or not math.isfinite(guidance_scale):

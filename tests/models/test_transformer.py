@@ -17,13 +17,7 @@ C, S, HW, TEXT_DIM, L = 4, 4, 8, 16, 6
 MODES = [(a, c) for a in ("full", "factorized") for c in ("concat", "tokens")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is several times faster than two on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(attention="full", context="tokens", randomize=True, **kw):

@@ -11,6 +11,7 @@ interrupted run continues where it stopped. Prints a timing summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -22,17 +23,14 @@ ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
 
 
+@contextlib.contextmanager
 def stage(name: str, timings: dict):
-    class _T:
-        def __enter__(self):
-            self.t = time.perf_counter()
-            print(f"== {name}", flush=True)
-
-        def __exit__(self, *exc):
-            timings[name] = round(time.perf_counter() - self.t, 1)
-            print(f"== {name}: {timings[name]} s", flush=True)
-
-    return _T()
+    """Time one stage of the recipe into ``timings`` and print its start and duration."""
+    start = time.perf_counter()
+    print(f"== {name}", flush=True)
+    yield
+    timings[name] = round(time.perf_counter() - start, 1)
+    print(f"== {name}: {timings[name]} s", flush=True)
 
 
 def eos_threshold(latents: Path, fraction: float = 0.35) -> float:

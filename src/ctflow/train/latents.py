@@ -84,14 +84,12 @@ def encode_dataset(
                 continue
             x = prepare_slices(sample.volume.hu(), image_size)
             z = vae.encode_volume(x, batch_size=batch_size)  # [C,S,h,w]
-            emb = text([sample.report])
-            emb_nometa = text([strip_meta(sample.report)])
             name = sample.name
             tensors[f"{name}.latents"] = z.to(torch.float16).contiguous()
-            tensors[f"{name}.tokens"] = emb.tokens[0].to(torch.float16).contiguous()
-            tensors[f"{name}.pooled"] = emb.pooled[0].contiguous()
-            tensors[f"{name}.tokens_nometa"] = emb_nometa.tokens[0].to(torch.float16).contiguous()
-            tensors[f"{name}.pooled_nometa"] = emb_nometa.pooled[0].contiguous()
+            for suffix, report in (("", sample.report), ("_nometa", strip_meta(sample.report))):
+                emb = text([report])
+                tensors[f"{name}.tokens{suffix}"] = emb.tokens[0].to(torch.float16).contiguous()
+                tensors[f"{name}.pooled{suffix}"] = emb.pooled[0].contiguous()
             rows.append(
                 {
                     "name": name,
