@@ -48,10 +48,20 @@ def test_generation_stops_at_eos_and_trims_white_slices(pipe, monkeypatch):
     assert out.volumes[0].hu().max() < 0  # no white slice kept
 
 
-def test_eos_in_the_first_chunk_is_ignored(pipe, monkeypatch):
-    _scripted_decoder(pipe, monkeypatch, white_from=(0, 0))
-    out = pipe(REPORT, max_slices=8, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
-    assert out.volumes[0].num_slices == 4 and out.end_reasons == [END_EOS]
+def test_white_slices_before_the_minimum_depth_are_not_the_end(pipe, monkeypatch):
+    from ctflow.pipeline import MIN_SCAN_SLICES
+
+    _scripted_decoder(pipe, monkeypatch, white_from=(0, 0))  # white from the very first slice
+    out = pipe(REPORT, max_slices=20, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.volumes[0].num_slices == MIN_SCAN_SLICES and out.end_reasons == [END_EOS]
+
+
+def test_eos_inside_the_first_chunk_ends_the_scan(pipe, monkeypatch):
+    # a whole-volume model generates one long chunk: its EOS lies inside chunk 0
+    monkeypatch.setattr("ctflow.pipeline.MIN_SCAN_SLICES", 2)
+    _scripted_decoder(pipe, monkeypatch, white_from=(0, 3))
+    out = pipe(REPORT, max_slices=20, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.volumes[0].num_slices == 3 and out.end_reasons == [END_EOS]
 
 
 def test_generation_stops_at_the_requested_slice_count(pipe, monkeypatch):
@@ -128,6 +138,23 @@ def test_save_and_load_round_trip_generates_the_same_volume(pipe, tmp_path):
     assert len(loaded.weights_hash) == 16
     with pytest.raises(CTFlowError, match="exists"):
         pipe.save_pretrained(tmp_path / "m")
+
+
+def test_the_saved_sampler_is_the_one_loaded(pipe, tmp_path):
+    from ctflow.flow import make_scheduler
+
+    heun = CTFlowPipeline(pipe.vae, pipe.text.model, pipe.text.tokenizer, pipe.transformer,
+                          make_scheduler("heun"), pipe.config)  # fmt: skip
+    heun.save_pretrained(tmp_path / "m")
+    assert (
+        type(CTFlowPipeline.from_pretrained(tmp_path / "m").scheduler).__name__
+        == "FlowMatchHeunDiscreteScheduler"
+    )
+    index = json.loads((tmp_path / "m/model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    (tmp_path / "m/model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CTFlowError, match="scheduler DDPMScheduler"):
+        CTFlowPipeline.from_pretrained(tmp_path / "m")
 
 
 def test_model_folder_problems_are_named(pipe, tmp_path):

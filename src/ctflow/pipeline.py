@@ -41,6 +41,7 @@ DEFAULT_MODEL = Path(__file__).parent / "weights" / "ctflow-phantom-tiny"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 END_EOS, END_COUNT, END_LIMIT = "eos", "num_slices", "max_slices"
 MAX_SLICES = 2048  # the most slices one volume may have, in the library and the CLI
+MIN_SCAN_SLICES = 8  # white slices before this depth are not read as the end of the scan
 EOS_THRESHOLD = 0.5  # a decoded slice whose mean (in [-1, 1]) exceeds this is white: end of scan
 
 
@@ -101,8 +102,7 @@ class CTFlowPipeline:
     @classmethod
     def from_pretrained(cls, folder: str | Path | None = None) -> CTFlowPipeline:
         """Load a model folder; ``None`` loads the embedded phantom-trained default."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
+        from ctflow.flow import SCHEDULERS
         from ctflow.models.text import load_text_encoder
         from ctflow.models.transformer import CTFlowTransformer
         from ctflow.models.vae import load_vae
@@ -140,9 +140,13 @@ class CTFlowPipeline:
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise CTFlowError(f"cannot load {folder / 'transformer'}: {str(e).splitlines()[0]}") from None
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            folder / "scheduler", local_files_only=True
-        )
+        scheduler_name = (index.get("scheduler") or ["diffusers", "FlowMatchEulerDiscreteScheduler"])[-1]
+        by_class = {cls.__name__: cls for cls in SCHEDULERS.values()}
+        if scheduler_name not in by_class:
+            raise CTFlowError(
+                f"{folder} asks for scheduler {scheduler_name}; ctflow supports {', '.join(by_class)}"
+            )
+        scheduler = by_class[scheduler_name].from_pretrained(folder / "scheduler", local_files_only=True)
         if transformer.config.text_dim != text_encoder.config.hidden_size:
             raise CTFlowError(
                 f"transformer expects text width {transformer.config.text_dim} but the text encoder gives "
@@ -270,13 +274,13 @@ class CTFlowPipeline:
             for row, item in enumerate(active):
                 slices = self.vae.decode_volume(x0[row])  # [K,H,W] in [-1,1]
                 keep = k
-                if chunk > 0:  # a scan never ends before its first chunk
-                    is_eos = eos_slices(slices) | eos_latent_slices(
-                        x0[row], self.eos_latent(), self.config["eos_latent_mse"]
-                    )
-                    white = torch.nonzero(is_eos).flatten()
-                    if len(white):
-                        keep, ends[item] = int(white[0]), END_EOS
+                is_eos = eos_slices(slices) | eos_latent_slices(
+                    x0[row], self.eos_latent(), self.config["eos_latent_mse"]
+                )
+                is_eos &= counts[item] + torch.arange(k) >= MIN_SCAN_SLICES  # no scan ends that early
+                white = torch.nonzero(is_eos).flatten()
+                if len(white):
+                    keep, ends[item] = int(white[0]), END_EOS
                 keep = min(keep, limit - counts[item])
                 outputs[item].append(slices[:keep].numpy())
                 counts[item] += keep

@@ -163,6 +163,29 @@ def test_padded_text_tokens_are_ignored(attention, context):
     assert not torch.allclose(run(model, **{**inputs, "encoder_hidden_states": text}), run(model, **inputs))
 
 
+@pytest.mark.parametrize("attention", ["full", "factorized"])
+def test_context_none_ignores_the_previous_chunk(attention):
+    # the "independent chunks" ablation: same input width as a model without context, no cache
+    model = make_model(attention, "none")
+    inputs = make_inputs()
+    assert model.x_embedder.in_channels == C and not hasattr(model, "context_embedder")
+    out = run(model, **inputs)
+    torch.testing.assert_close(out, run(model, **{**inputs, "context": None}))
+    text = (inputs["encoder_hidden_states"], inputs["encoder_attention_mask"], inputs["pooled_text"])
+    assert model.compute_context_cache(inputs["context"], *text, inputs["chunk_index"]) is None
+    with pytest.raises(CTFlowError, match="context_cache"):
+        model(**inputs, context_cache=object())
+
+
+def test_without_depth_embedding_the_chunk_index_is_ignored():
+    model = make_model("full", "concat", depth_embedding=False)
+    inputs = make_inputs()
+    assert model.depth_embed is None
+    torch.testing.assert_close(
+        run(model, **inputs), run(model, **{**inputs, "chunk_index": torch.tensor([5, 9])})
+    )
+
+
 def test_absolute_depth_embedding_changes_output_and_is_clamped():
     model = make_model("factorized", "tokens", max_chunks=8)
     inputs = make_inputs()

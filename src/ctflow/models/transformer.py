@@ -8,6 +8,8 @@ absolute depth (which chunk of the volume it is) and the previous chunk.
 Two ways to see the previous chunk (``context``):
 
 * ``"concat"``: stacked on the channel axis before patch embedding (zeros for the first chunk).
+* ``"none"``: ignored (independent chunks, tied together only by the report and the depth
+  embedding; the ablation baseline).
 * ``"tokens"``: patchified into context tokens (a learned start context for the first chunk) that go
   through the same blocks at t = 0. Attention is block-causal: context tokens look only at context
   tokens, chunk tokens look at both. Context tokens never depend on the chunk or on t, so their
@@ -282,6 +284,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         attention: str = "factorized",
         context: str = "concat",
         qk_norm: bool = False,
+        depth_embedding: bool = True,
     ):
         super().__init__()
         patch_size = tuple(patch_size)
@@ -304,7 +307,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         # fixed 2D sin-cos position within a slice [1,1,P,D]; learned slice-in-chunk position [1,S',1,D]
         self.register_buffer("pos_embed", sincos_2d(hidden_size, rows, cols)[None, None], persistent=False)
         self.slice_embed = nn.Parameter(sincos_1d(hidden_size, torch.arange(slices))[None, :, None])
-        self.depth_embed = nn.Embedding(max_chunks, hidden_size)
+        self.depth_embed = nn.Embedding(max_chunks, hidden_size) if depth_embedding else None
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.text_embedder = nn.Sequential(
             nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
@@ -340,7 +343,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             nn.init.zeros_(embedder.bias)
         if self.config.context == "tokens":
             nn.init.normal_(self.start_context, std=0.02)
-        nn.init.normal_(self.depth_embed.weight, std=0.02)
+        if self.depth_embed is not None:
+            nn.init.normal_(self.depth_embed.weight, std=0.02)
         for mlp in (self.t_embedder.mlp, self.text_embedder, self.pooled_embedder):
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
@@ -362,9 +366,9 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         """The context tokens' per-block keys/values, reusable at every ODE step of one chunk.
 
         ``context`` [B,C,S,h,w] is the previous chunk (None: the learned start context). Returns None
-        for ``context="concat"``, where there is nothing to cache.
+        for ``context="concat"`` or ``"none"``, where there is nothing to cache.
         """
-        if self.config.context == "concat":
+        if self.config.context != "tokens":
             return None
         text, text_mask, y, depth = self._condition(
             encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index
@@ -396,16 +400,18 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index
         )
         x = hidden_states.to(dtype)
+        if self.config.context != "tokens" and context_cache is not None:
+            raise CTFlowError(
+                f"context_cache is only for context='tokens' models, not {self.config.context!r}"
+            )
         if self.config.context == "concat":
-            if context_cache is not None:
-                raise CTFlowError(
-                    "context_cache is only for context='tokens' models; this one concatenates the context"
-                )
             if context is None:
                 context = torch.zeros_like(x)
             else:
                 self._check_chunk(context, "context", b)
             x = torch.cat([x, context.to(dtype)], dim=1)  # [B,2C,S,h,w]
+        elif self.config.context == "none":
+            pass  # independent chunks: the previous chunk is not seen
         elif context_cache is None:
             context_cache = self._context_cache(context, text, text_mask, y, depth)
         elif context_cache.batch_size != b:
@@ -433,10 +439,11 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         dtype = self.x_embedder.weight.dtype
         text = self.text_embedder(encoder_hidden_states.to(dtype))
         y = self.pooled_embedder(pooled_text.to(dtype))
-        index = chunk_index.to(self.depth_embed.weight.device, torch.long).clamp(
-            0, self.config.max_chunks - 1
-        )
-        depth = self.depth_embed(index)
+        if self.depth_embed is None:
+            depth = y.new_zeros(y.shape)
+        else:
+            index = chunk_index.to(y.device, torch.long).clamp(0, self.config.max_chunks - 1)
+            depth = self.depth_embed(index)
         return text, encoder_attention_mask.to(text.device, torch.bool), y, depth
 
     def _tokens(self, patches: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
@@ -480,8 +487,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
 def _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads, attention, context) -> None:
     if attention not in ("full", "factorized"):
         raise CTFlowError(f"attention must be 'full' or 'factorized', not {attention!r}")
-    if context not in ("concat", "tokens"):
-        raise CTFlowError(f"context must be 'concat' or 'tokens', not {context!r}")
+    if context not in ("concat", "tokens", "none"):
+        raise CTFlowError(f"context must be 'concat', 'tokens' or 'none', not {context!r}")
     if (
         len(patch_size) != 3
         or chunk_slices % patch_size[0]

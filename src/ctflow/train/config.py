@@ -38,7 +38,9 @@ class FlowTrainConfig:
     batch_size: int = 16
     seed: int = 0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
-    start_boost: float = 0.5  # probability that a training sample is the first chunk (StartBoost)
+    # StartBoost: probability that a training sample is the first chunk of its volume; 0 turns it
+    # off (chunks drawn uniformly, the first included)
+    start_boost: float = 0.5
     cfg_dropout: float = 0.1  # probability of the null report (classifier-free guidance)
     meta_dropout: float = 0.1  # probability of the report without its slice-count meta line
     context_noise: float = 0.05  # std of the noise added to the previous chunk during training

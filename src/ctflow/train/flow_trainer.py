@@ -1,9 +1,10 @@
 """Flow-transformer training on the latent cache (``ctflow train``).
 
 A readable loop in the nanoGPT manner. Each step draws a batch of chunks:
-with probability ``start_boost`` the first chunk of a volume (conditioned on the
-report and the start context), otherwise a later chunk (conditioned on the
-report and the previous chunk, lightly noised). Volumes end with white EOS
+with probability ``start_boost`` the first chunk of a volume (conditioned on
+the report and the start context), otherwise a later chunk (conditioned on the
+report and the previous chunk, lightly noised); ``start_boost = 0`` draws all
+chunks uniformly. Volumes end with white EOS
 slices, so the model learns where scans stop.
 
 Every random draw of step ``k`` comes from a generator seeded by
@@ -50,7 +51,10 @@ class ChunkSampler:
         for _ in range(batch_size):
             v = int(torch.randint(len(self.chunks), (), generator=g))
             seq, vol = self.chunks[v], self.cache.volumes[v]
-            i = 0 if rand() < self.cfg.start_boost else int(torch.randint(1, len(seq), (), generator=g))
+            if self.cfg.start_boost <= 0:  # StartBoost off: every chunk equally likely
+                i = int(torch.randint(len(seq), (), generator=g))
+            else:
+                i = 0 if rand() < self.cfg.start_boost else int(torch.randint(1, len(seq), (), generator=g))
             x0.append(seq[i])
             ctx.append(seq[i - 1] if i > 0 else torch.zeros_like(seq[0]))
             first.append(i == 0)
