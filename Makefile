@@ -32,10 +32,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
-	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@for f in $(filter-out benchmarks/common.py benchmarks/ablation.py,$(wildcard benchmarks/*.py)); do \
+		echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 train-default: $(STAMP)
 	$(BIN)/python -m ctflow.train.default --work runs/default --install
+
+ablation: $(STAMP)
+	$(BIN)/python benchmarks/ablation.py --work runs/default --out runs/ablation
 
 app: $(STAMP)
 	$(BIN)/ctflow app

@@ -34,6 +34,21 @@ from ctflow.pipeline import CTFlowPipeline  # noqa: E402
 SEED0 = 50000
 
 
+def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
+    """What the accuracies mean: the accuracy of always answering the commonest value, and the share of
+    reported findings (values other than none/False) that the reader finds in the generated volume."""
+    from collections import Counter
+
+    majority, found = {}, {}
+    for key in accuracy:
+        truths = [str(r["truth"][key]) for r in rows]
+        majority[key] = round(Counter(truths).most_common(1)[0][1] / len(rows), 3)
+        positives = [r for r in rows if r["truth"][key] not in (None, False, "none")]
+        if positives:
+            found[key] = round(float(np.mean([r["pred"][key] == r["truth"][key] for r in positives])), 3)
+    return {"attribute_majority_baseline": majority, "findings_found": found}
+
+
 def heldout_reports(n: int, size: int = 64):
     for i in range(n):
         spec = sample_spec(SEED0 + i, size=size, slice_range=(40, 120))
@@ -103,6 +118,7 @@ def main() -> dict:
         result["attribute_accuracy"] = attribute_accuracy(
             [r["pred"] for r in rows], [r["truth"] for r in rows]
         )
+        result.update(attribute_baselines(rows, result["attribute_accuracy"]))
         seams = [r["continuity"]["seam_ratio"] for r in rows if "seam_ratio" in r["continuity"]]
         if seams:
             result["mean_seam_ratio"] = round(float(np.mean(seams)), 3)

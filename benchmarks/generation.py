@@ -6,8 +6,10 @@
 * forward-pass share: fraction of `pipe(...)` time spent inside the
   transformer's forward (goal >= 85%: the loop adds little overhead);
 * time vs number of ODE steps (should be ~linear);
-* peak memory vs depth: process peak RSS generating 32 vs 128 slices in fresh
-  subprocesses (goal: flat; finished chunks leave the working set).
+* peak memory and time per slice vs depth, 64 to 512 slices, in fresh
+  subprocesses: AR chunks (goal: 512 / 64 ratios <= 1.2; finished chunks leave
+  the working set) vs the whole volume as one chunk (the same network with a
+  chunk as deep as the volume).
 
     python benchmarks/generation.py
 """
@@ -107,30 +109,67 @@ def forward_share_and_steps() -> dict:
     }
 
 
-MEMORY_SNIPPET = """
-import resource, sys, torch
+DEPTH_SNIPPET = """
+import json, resource, sys, time, torch
+from ctflow.models.transformer import CTFlowTransformer
 from ctflow.pipeline import CTFlowPipeline
+mode, depth, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))
+import ctflow.pipeline
+ctflow.pipeline.MIN_SCAN_SLICES = 10**9  # EOS off: every run reaches the requested depth
 pipe = CTFlowPipeline.from_pretrained()
-pipe("Findings: normal.", num_slices=8, num_inference_steps=1)
+if mode == "whole":  # the same network, one chunk as deep as the volume (random weights: cost only)
+    cfg = dict(pipe.transformer.config)
+    cfg.update(chunk_slices=depth, max_chunks=1)
+    pipe.transformer = CTFlowTransformer(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
+pipe("Findings: normal.", num_slices=pipe.chunk_slices, num_inference_steps=1)  # warm up
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-pipe("Findings: normal.", num_slices=int(sys.argv[1]), num_inference_steps=2)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+t0 = time.perf_counter()
+out = pipe("Findings: normal.", num_slices=depth, num_inference_steps=steps)
+seconds = time.perf_counter() - t0
+assert out.volumes[0].num_slices == depth
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "extra_peak_rss_mb": (peak - base) / 1024}))
 """
+DEPTHS = (64, 128, 256, 512)
 
 
-def memory_vs_depth() -> dict:
-    out = {}
-    for depth in (32, 128):
-        proc = subprocess.run(
-            [sys.executable, "-c", MEMORY_SNIPPET, str(depth)], capture_output=True, text=True, check=True
-        )
-        out[depth] = round(float(proc.stdout.strip().splitlines()[-1]), 1)
-    output_mb = {d: d * 64 * 64 * 4 * 2 / 2**20 for d in out}  # float32 slices + HU copy
-    return {
-        "extra_peak_rss_mb": out,
-        "output_arrays_mb": output_mb,
-        "note": "growth should stay near the size of the output arrays themselves",
-    }
+def memory_and_time_vs_depth(steps: int = 4, threads: int = 2) -> dict:
+    """Peak RSS and time per slice at 64-512 slices, AR chunks vs the whole volume as one chunk.
+
+    Each point runs in a fresh process. Goal for AR: 512 / 64 ratios <= 1.2 for both.
+    """
+    out: dict = {"steps": steps, "modes": {}}
+    for mode in ("ar", "whole"):
+        rows = {}
+        for depth in DEPTHS:
+            proc = subprocess.run(
+                [sys.executable, "-c", DEPTH_SNIPPET, mode, str(depth), str(steps), str(threads)],
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:  # the whole-volume mode can run out of memory: that is a result
+                rows[depth] = {"failed": proc.stderr.strip().splitlines()[-1][:200]}
+                print(f"{mode} {depth}: failed", flush=True)
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows[depth] = {
+                "seconds_per_slice": round(r["seconds"] / depth, 5),
+                "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                "extra_peak_rss_mb": round(r["extra_peak_rss_mb"], 1),
+            }
+            print(f"{mode} {depth}: {rows[depth]}", flush=True)
+        out["modes"][mode] = rows
+        lo, hi = rows[DEPTHS[0]], rows[DEPTHS[-1]]
+        if "failed" not in lo and "failed" not in hi:
+            out["modes"][mode + "_ratios_512_vs_64"] = {
+                "peak_rss": round(hi["peak_rss_mb"] / lo["peak_rss_mb"], 3),
+                "time_per_slice": round(hi["seconds_per_slice"] / lo["seconds_per_slice"], 3),
+            }
+    ar = out["modes"].get("ar_ratios_512_vs_64")
+    out["goal"] = "AR: peak RSS and time per slice at 512 / at 64 <= 1.2"
+    out["passed"] = bool(ar and ar["peak_rss"] <= 1.2 and ar["time_per_slice"] <= 1.2)
+    return out
 
 
 if __name__ == "__main__":
@@ -140,12 +179,16 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--parts", default="cache,pipeline,memory", help="comma-separated subset to (re)measure"
+        "--parts", default="cache,pipeline,depth", help="comma-separated subset to (re)measure"
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    parts = {"cache": cache_speedup, "pipeline": forward_share_and_steps, "memory": memory_vs_depth}
+    parts = {
+        "cache": cache_speedup,
+        "pipeline": forward_share_and_steps,
+        "depth": lambda: memory_and_time_vs_depth(threads=args.threads),
+    }
     old = RESULTS / "generation.json"
     result = json.loads(old.read_text()) if old.exists() else {}
     result.pop("environment", None)

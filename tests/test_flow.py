@@ -50,7 +50,13 @@ class FakeModel:
         return self.velocity(x, t, cond)
 
     def compute_context_cache(
-        self, context, encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index
+        self,
+        context,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        pooled_text,
+        chunk_index,
+        num_slices=None,
     ):
         self.cache_calls += 1
         return ("cache", pooled_text.shape[0])

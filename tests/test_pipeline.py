@@ -185,3 +185,20 @@ def test_eos_is_also_detected_in_latent_space():
     lat[:, 3:] = 1.05  # last two slices sit next to the EOS latent
     assert eos_latent_slices(lat, eos, max_mse=0.1).tolist() == [False, False, False, True, True]
     assert not eos_latent_slices(lat, eos, max_mse=None).any()
+
+
+def test_the_meta_line_slice_count_reaches_the_transformer(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    seen = []
+    original = pipe.transformer.forward
+
+    def spy(hidden_states, *args, **kwargs):
+        seen.append(kwargs["num_slices"].tolist())
+        return original(hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    pipe(["Volume: 12 slices. " + REPORT, REPORT], max_slices=4, num_inference_steps=1, guidance_scale=2.0)
+    assert seen == [[12, 0, 12, 0]]  # [cond; uncond]: guidance keeps the count, a report without one gives 0
+    seen.clear()
+    pipe(REPORT, num_slices=8, num_inference_steps=1, guidance_scale=1.0)
+    assert seen[0] == [8]  # a requested count is written into the meta line and read back

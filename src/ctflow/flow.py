@@ -164,6 +164,7 @@ def context_cache_for(model, cond: dict, uncond: dict | None = None, guidance_sc
         batch["encoder_attention_mask"],
         batch["pooled_text"],
         batch["chunk_index"],
+        batch.get("num_slices"),
     )
 
 

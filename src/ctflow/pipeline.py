@@ -243,6 +243,7 @@ class CTFlowPipeline:
             "encoder_hidden_states": emb.tokens,
             "encoder_attention_mask": emb.mask,
             "pooled_text": emb.pooled,
+            "num_slices": torch.tensor([parse_meta(t)[0] or 0 for t in texts]),  # 0: not in the report
         }
         uncond = null_condition(cond) if guidance_scale > 1.0 else None
         b, k = len(texts), self.chunk_slices

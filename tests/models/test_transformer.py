@@ -197,6 +197,91 @@ def test_absolute_depth_embedding_changes_output_and_is_clamped():
     )
 
 
+def test_sample_prediction_returns_the_velocity_of_the_predicted_clean_chunk():
+    """x-prediction: the same network output read as x0 gives v = (x_t - x0) / max(t, MIN_T)."""
+    from ctflow.models.transformer import MIN_T
+
+    velocity = make_model("full", "concat")
+    sample = make_model("full", "concat", prediction="sample")
+    sample.load_state_dict(velocity.state_dict())
+    inputs = make_inputs()
+    inputs["timestep"] = torch.tensor([0.5, 0.01])  # the second one is clamped
+    x0_hat = run(velocity, **inputs)  # the raw network output
+    t = torch.tensor([0.5, MIN_T]).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(run(sample, **inputs), (inputs["hidden_states"] - x0_hat) / t)
+    assert sample.config.prediction == "sample"
+    with pytest.raises(CTFlowError, match="prediction must be 'velocity' or 'sample'"):
+        make_model(prediction="epsilon")
+
+
+def test_sample_prediction_overfits_a_fixed_batch_under_the_velocity_loss():
+    from ctflow.flow import flow_matching_loss
+
+    model = make_model("full", "concat", randomize=False, hidden_size=64, prediction="sample").train()
+    inputs = make_inputs(seed=3)
+    x0, t = inputs.pop("hidden_states"), inputs.pop("timestep")
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(100):
+        loss, _ = flow_matching_loss(model, x0, inputs, t=t, noise=noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_text_statistics_standardise_report_features_and_are_saved(tmp_path):
+    """After set_text_statistics the model sees (features - mean) / std, and the statistics persist."""
+    model = make_model("full", "tokens")
+    g = torch.Generator().manual_seed(5)
+    tokens = 0.3 + 0.02 * torch.randn(50, TEXT_DIM, generator=g)
+    pooled = 0.1 + 0.01 * torch.randn(7, TEXT_DIM, generator=g)
+    inputs = make_inputs()
+    raw = run(model, **inputs)  # identity statistics
+    model.set_text_statistics(tokens, pooled)
+    torch.testing.assert_close(model.pooled_stats[0], pooled.mean(0))
+    floor = float(tokens.std(0).mean()) * 0.1
+    torch.testing.assert_close(model.token_stats[1], tokens.std(0).clamp_min(floor))
+    tm, ts = model.token_stats
+    pm, ps = model.pooled_stats
+    standardised = {
+        **inputs,
+        "encoder_hidden_states": (inputs["encoder_hidden_states"] - tm) / ts,
+        "pooled_text": (inputs["pooled_text"] - pm) / ps,
+    }
+    out = run(model, **inputs)
+    assert not torch.allclose(out, raw)
+    model.token_stats.copy_(torch.stack([torch.zeros(TEXT_DIM), torch.ones(TEXT_DIM)]))
+    model.pooled_stats.copy_(torch.stack([torch.zeros(TEXT_DIM), torch.ones(TEXT_DIM)]))
+    torch.testing.assert_close(run(model, **standardised), out)
+
+    model.set_text_statistics(tokens, pooled)
+    model.save_pretrained(tmp_path)
+    loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded.token_stats, model.token_stats)
+    torch.testing.assert_close(run(loaded, **inputs), out)
+
+
+def test_target_depth_reads_the_slices_still_to_come():
+    """Only the slices left from the chunk on matter; unknown counts (0 or None) give the null vector."""
+    model = make_model("full", "concat", target_depth=True, depth_embedding=False)
+    inputs = make_inputs()
+    known = run(model, **inputs, num_slices=torch.tensor([40, 40]))
+    assert not torch.allclose(known, run(model, **inputs, num_slices=torch.tensor([60, 60])))
+    # chunk_index [0, 3] with 4-slice chunks: 40 slices at chunk 3 leave 28, as 28 do at chunk 0
+    shifted = run(model, **{**inputs, "chunk_index": torch.tensor([0, 0])}, num_slices=torch.tensor([40, 28]))
+    torch.testing.assert_close(known, shifted)
+    unknown = run(model, **inputs)
+    torch.testing.assert_close(run(model, **inputs, num_slices=torch.tensor([0, 0])), unknown)
+    mixed = run(model, **inputs, num_slices=torch.tensor([0, 40]))
+    torch.testing.assert_close(mixed[0], unknown[0])
+    torch.testing.assert_close(mixed[1], known[1])
+    plain = make_model("full", "concat")  # a model without target_depth ignores the count
+    torch.testing.assert_close(run(plain, **inputs, num_slices=torch.tensor([40, 9])), run(plain, **inputs))
+
+
 def test_tiny_transformer_overfits_a_fixed_batch():
     from ctflow.flow import flow_matching_loss
 

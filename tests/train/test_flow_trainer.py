@@ -126,3 +126,30 @@ def test_two_process_torchrun_keeps_replicas_identical_and_only_rank0_writes(tmp
         "step_0000006",
     ] or sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
     assert len([r for r in records if r.get("step") == 5]) == 1  # one writer: no duplicated log lines
+
+
+def test_built_transformer_carries_the_cache_text_statistics(tmp_path):
+    from ctflow.train.flow_trainer import build_transformer
+
+    cache = LatentCache(make_fake_cache(tmp_path / "lat"))
+    model = build_transformer(FlowTrainConfig(transformer=dict(TINY_TRANSFORMER)), cache)
+    tokens = torch.cat([v.tokens for v in cache.volumes])
+    torch.testing.assert_close(model.token_stats[0], tokens.mean(0))
+    torch.testing.assert_close(model.pooled_stats[0], torch.stack([v.pooled for v in cache.volumes]).mean(0))
+
+
+@pytest.mark.parametrize("meta_dropout", [0.0, 1.0])
+def test_batches_carry_the_slice_count_unless_the_meta_line_was_dropped(tmp_path, meta_dropout):
+    cache = LatentCache(make_fake_cache(tmp_path / "lat"))
+    sampler = ChunkSampler(cache, 4, _config(meta_dropout=meta_dropout))
+    g = torch.Generator().manual_seed(0)
+    batch = sampler.batch(32, g)
+    counts = {v.num_slices for v in cache.volumes}
+    if meta_dropout:
+        assert (batch["num_slices"] == 0).all()
+        assert all(
+            any(torch.equal(t[: len(v.tokens_nometa)], v.tokens_nometa) for v in cache.volumes)
+            for t in batch["encoder_hidden_states"]
+        )
+    else:
+        assert set(batch["num_slices"].tolist()) <= counts and (batch["num_slices"] > 0).all()

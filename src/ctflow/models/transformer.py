@@ -22,6 +22,22 @@ Two attention layouts (``attention``):
 * ``"factorized"``: spatial attention within each latent slice, then temporal attention across slices
   at each spatial position (STDiT), each with its own adaLN gate.
 
+Two parametrisations (``prediction``); :meth:`CTFlowTransformer.forward` returns the velocity in both:
+
+* ``"velocity"``: the network outputs v = noise - x0 directly (SD3, the published setting).
+* ``"sample"``: the network outputs the clean chunk x0 and the velocity is (x_t - x0) / t, with t
+  clamped at ``MIN_T`` ("x-prediction", Li & He 2025, "Back to Basics: Let Denoising Generative Models
+  Denoise"). When a token carries more numbers than the hidden width (the CPU-sized model: a 2x4x4
+  patch of 8 channels = 256 values into 192), v-prediction must pass the noise through that
+  bottleneck and its samples keep a noise texture; x-prediction only outputs the low-dimensional
+  clean data.
+
+With ``target_depth`` the model also reads the slice count of the meta line as a number: the slices
+still to come from the chunk's first slice on are embedded like a timestep and added to the adaLN
+conditioning (a learned null vector when the report has no meta line or training dropped it). The
+published model reads the count only as text; a small text encoder reads numbers poorly, and this
+makes the end-of-scan chunk land where the report asks (README, "The model").
+
 Tokens are ordered (slice, row, column); shapes in comments use S' = S / patch_s, P = (h / patch_h) *
 (w / patch_w) and N = S' * P.
 """
@@ -69,6 +85,8 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     },
 }
 FREQUENCY_EMBEDDING_SIZE = 256
+MAX_TARGET_SLICES = 4096  # target_depth: slice counts above this read as this
+MIN_T = 0.05  # x-prediction divides by t; clamped so the velocity stays finite near t = 0
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -285,10 +303,14 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         context: str = "concat",
         qk_norm: bool = False,
         depth_embedding: bool = True,
+        prediction: str = "velocity",
+        target_depth: bool = False,
     ):
         super().__init__()
         patch_size = tuple(patch_size)
         _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads, attention, context)
+        if prediction not in ("velocity", "sample"):
+            raise CTFlowError(f"prediction must be 'velocity' or 'sample', not {prediction!r}")
         ps, ph, pw = patch_size
         self.grid = (chunk_slices // ps, sample_size // ph, sample_size // pw)  # (S', H', W')
         slices, rows, cols = self.grid
@@ -309,12 +331,19 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         self.slice_embed = nn.Parameter(sincos_1d(hidden_size, torch.arange(slices))[None, :, None])
         self.depth_embed = nn.Embedding(max_chunks, hidden_size) if depth_embedding else None
         self.t_embedder = TimestepEmbedder(hidden_size)
+        if target_depth:  # slices still to come, read from the meta line; a learned vector when unknown
+            self.target_embedder = TimestepEmbedder(hidden_size)
+            self.target_null = nn.Parameter(torch.zeros(hidden_size))
         self.text_embedder = nn.Sequential(
             nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
         )
         self.pooled_embedder = nn.Sequential(
             nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
+        # per-dimension (mean, std) of the training reports' token and pooled features; identity until
+        # set_text_statistics. Saved with the weights, like a VAE's latent scaling factor.
+        self.register_buffer("token_stats", torch.stack([torch.zeros(text_dim), torch.ones(text_dim)]))
+        self.register_buffer("pooled_stats", torch.stack([torch.zeros(text_dim), torch.ones(text_dim)]))
         self.blocks = nn.ModuleList(
             CTFlowBlock(hidden_size, num_heads, mlp_ratio, attention == "factorized", qk_norm)
             for _ in range(depth)
@@ -326,6 +355,21 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> CTFlowTransformer:
         return cls(**preset_config(name, **overrides))
+
+    @torch.no_grad()
+    def set_text_statistics(self, tokens: torch.Tensor, pooled: torch.Tensor) -> None:
+        """Standardise report features per dimension with the training set's statistics.
+
+        ``tokens`` [N,text_dim] (all real tokens of all training reports), ``pooled`` [B,text_dim]. Reports
+        written from one template differ little (phantom reports: mean pooled cosine similarity 0.92), so
+        raw features hide what varies between them; standardised, the differences are O(1) and the
+        text pathways learn at the rate of the rest of the network. Stds are floored at a tenth of
+        their mean so near-constant dimensions are not blown up.
+        """
+        for buffer, x in ((self.token_stats, tokens), (self.pooled_stats, pooled)):
+            x = x.to(buffer)
+            std = x.std(0) if len(x) > 1 else torch.ones_like(buffer[1])
+            buffer.copy_(torch.stack([x.mean(0), std.clamp_min(float(std.mean()) * 0.1)]))
 
     def initialize_weights(self) -> None:
         """DiT initialisation: xavier linears, zeroed adaLN modulations, cross-attention outputs and final layer."""
@@ -345,7 +389,10 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             nn.init.normal_(self.start_context, std=0.02)
         if self.depth_embed is not None:
             nn.init.normal_(self.depth_embed.weight, std=0.02)
-        for mlp in (self.t_embedder.mlp, self.text_embedder, self.pooled_embedder):
+        mlps = [self.t_embedder.mlp, self.text_embedder, self.pooled_embedder]
+        if self.config.target_depth:
+            mlps.append(self.target_embedder.mlp)
+        for mlp in mlps:
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
         zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
@@ -362,6 +409,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         encoder_attention_mask: torch.Tensor,
         pooled_text: torch.Tensor,
         chunk_index: torch.Tensor,
+        num_slices: torch.Tensor | None = None,
     ) -> ContextCache | None:
         """The context tokens' per-block keys/values, reusable at every ODE step of one chunk.
 
@@ -371,7 +419,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         if self.config.context != "tokens":
             return None
         text, text_mask, y, depth = self._condition(
-            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index
+            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices
         )
         return self._context_cache(context, text, text_mask, y, depth)
 
@@ -385,6 +433,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         chunk_index: torch.Tensor,
         context: torch.Tensor | None = None,
         context_cache: ContextCache | None = None,
+        num_slices: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Velocity [B,C,S,h,w] of the noisy chunk ``hidden_states`` [B,C,S,h,w] at flow time ``timestep`` [B].
@@ -392,12 +441,14 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         ``encoder_hidden_states`` [B,L,text_dim] with ``encoder_attention_mask`` [B,L] (1 keep, 0 pad),
         ``pooled_text`` [B,text_dim], ``chunk_index`` [B] (absolute depth, clamped to max_chunks - 1),
         ``context`` [B,C,S,h,w] the previous chunk or None for the first. In tokens mode a
-        ``context_cache`` from :meth:`compute_context_cache` replaces ``context``.
+        ``context_cache`` from :meth:`compute_context_cache` replaces ``context``. ``num_slices`` [B] is
+        the volume's slice count from the meta line (0 or None: unknown); only ``target_depth`` models
+        read it.
         """
         b = self._check_chunk(hidden_states, "hidden_states")
         dtype = self.x_embedder.weight.dtype
         text, text_mask, y, depth = self._condition(
-            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index
+            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices
         )
         x = hidden_states.to(dtype)
         if self.config.context != "tokens" and context_cache is not None:
@@ -424,6 +475,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             prefix = None if context_cache is None else context_cache.kv[i]
             x, _ = self._block(block, x, c, text, text_mask, prefix)
         out = self.unpatchify(self.final_layer(x, c))  # [B,C,S,h,w]
+        if self.config.prediction == "sample":  # the network gave x0: turn it into the velocity
+            out = (hidden_states.to(out.dtype) - out) / t.clamp_min(MIN_T).view(-1, 1, 1, 1, 1).to(out.dtype)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -434,17 +487,33 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         x = x.reshape(x.shape[0], slices, rows, cols, ps, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(x.shape[0], c, slices * ps, rows * ph, cols * pw)
 
-    def _condition(self, encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index):
-        # -> text tokens [B,L,D], text mask [B,L] bool, pooled embedding y [B,D], depth embedding [B,D]
+    def _condition(self, encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices):
+        # -> text tokens [B,L,D], text mask [B,L] bool, pooled embedding y [B,D] (plus the slices still to
+        # come for target_depth models), depth embedding [B,D]
         dtype = self.x_embedder.weight.dtype
-        text = self.text_embedder(encoder_hidden_states.to(dtype))
-        y = self.pooled_embedder(pooled_text.to(dtype))
+        tm, ts = self.token_stats.to(encoder_hidden_states.device)
+        pm, ps = self.pooled_stats.to(pooled_text.device)
+        text = self.text_embedder(((encoder_hidden_states - tm) / ts).to(dtype))
+        y = self.pooled_embedder(((pooled_text - pm) / ps).to(dtype))
+        if self.config.target_depth:
+            y = y + self._target(num_slices, chunk_index.to(y.device), y.shape[0]).to(y.dtype)
         if self.depth_embed is None:
             depth = y.new_zeros(y.shape)
         else:
             index = chunk_index.to(y.device, torch.long).clamp(0, self.config.max_chunks - 1)
             depth = self.depth_embed(index)
         return text, encoder_attention_mask.to(text.device, torch.bool), y, depth
+
+    def _target(self, num_slices: torch.Tensor | None, chunk_index: torch.Tensor, b: int) -> torch.Tensor:
+        # [B,D]: embedding of the slices left from this chunk's first slice on, or the null vector
+        null = self.target_null.expand(b, -1)
+        if num_slices is None:
+            return null
+        num_slices = torch.as_tensor(num_slices, device=null.device).reshape(-1).expand(b)
+        k = self.config.chunk_slices
+        left = (num_slices - chunk_index.long() * k).clamp(-k, MAX_TARGET_SLICES).float()
+        emb = self.target_embedder(left / 1000)  # TimestepEmbedder scales by 1000: integer slice phases
+        return torch.where((num_slices > 0)[:, None], emb, null)
 
     def _tokens(self, patches: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         # patches [B,D,S',H',W'] (or [1,S',P,D] start context) -> tokens [B,N,D] with positions and depth added

@@ -102,6 +102,11 @@ def _build(cls, data: Any, where: str):
     return cls(**kwargs)
 
 
+def config_from_dict(data: dict, cls):
+    """A config dataclass from a plain mapping (as read from YAML); unknown keys are errors."""
+    return _build(cls, data, "")
+
+
 def load_config(path: str | Path, cls):
     """Read a YAML file into the dataclass ``cls``."""
     path = Path(path)

@@ -24,8 +24,15 @@ CONFIGS = ROOT / "configs"
 
 
 @contextlib.contextmanager
-def stage(name: str, timings: dict):
-    """Time one stage of the recipe into ``timings`` and print its start and duration."""
+def stage(name: str, timings: dict, done: bool = False):
+    """Time one stage of the recipe into ``timings`` and print its start and duration.
+
+    A stage whose output already exists (``done``) keeps the time recorded when it ran.
+    """
+    if done:
+        print(f"== {name}: done earlier ({timings.get(name, '?')} s)", flush=True)
+        yield
+        return
     start = time.perf_counter()
     print(f"== {name}", flush=True)
     yield
@@ -95,15 +102,17 @@ def write_model_card(folder: Path) -> Path:
         "## Reproduce",
         "`make train-default` (phantoms -> VAE -> latents -> transformer -> this folder), on 2 CPU cores.",
     ]
+    note = timings.pop("note", None)
     if timings:
         lines += [
             "",
-            "Stage times on the build machine (seconds, 2 shared CPU cores):",
+            "Stage times on the build machine (seconds, 2 CPU cores):",
             "",
             "| " + " | ".join(timings) + " |",
             "|" + "---|" * len(timings),
             "| " + " | ".join(str(v) for v in timings.values()) + " |",
         ]
+        lines += ["", note] if note else []
     if quality:
         lines += [
             "",
@@ -116,11 +125,14 @@ def write_model_card(folder: Path) -> Path:
             f"- mean absolute slice-count error: {quality['mean_abs_slice_error']} slices",
             f"- seconds per volume: {quality['seconds_per_volume']}",
         ]
+        majority = quality.get("attribute_majority_baseline", {})
+        found = quality.get("findings_found", {})
         for name, acc in (quality.get("attribute_accuracy") or {}).items():
+            extra = [f"always-commonest baseline {majority[name]:.0%}"] if name in majority else []
+            extra += [f"reported findings found {found[name]:.0%}"] if name in found else []
             lines.append(
                 f"- attribute `{name}` (phantom reader vs report): {acc:.0%}"
-                if isinstance(acc, float)
-                else f"- attribute `{name}`: {acc}"
+                + (f" ({'; '.join(extra)})" if extra else "")
             )
     path = folder / "README.md"
     path.write_text("\n".join(lines) + "\n")
@@ -154,15 +166,16 @@ def main(argv=None) -> None:
         print(f"wrote {write_model_card(DEFAULT_MODEL)}")
         return
     torch.set_num_threads(args.threads)
-    work, timings = args.work, {}
+    work = args.work
+    timings_path = work / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     data, vae_run, latents, flow_run, model = (
         work / x for x in ("phantoms", "vae", "latents", "flow", "model")
     )
-    start = time.perf_counter()
     vae_cfg = load_config(CONFIGS / "tiny-vae.yaml", VAETrainConfig)
     flow_cfg = load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig)
 
-    with stage("phantoms", timings):
+    with stage("phantoms", timings, done=data.exists()):
         if not data.exists():
             code = cli(
                 [
@@ -182,16 +195,16 @@ def main(argv=None) -> None:
                 ]
             )
             assert code == 0
-    with stage("train-vae", timings):
+    with stage("train-vae", timings, done=(vae_run / "vae").exists()):
         if not (vae_run / "vae").exists():
             train_vae(data, vae_cfg, vae_run, resume=vae_run.exists())
-    with stage("encode", timings):
+    with stage("encode", timings, done=(latents / "index.json").exists()):
         if not (latents / "index.json").exists():
             assert (
                 cli(["encode", "--data", str(data), "--vae", str(vae_run / "vae"), "--out", str(latents)])
                 == 0
             )
-    with stage("train", timings):
+    with stage("train", timings, done=(flow_run / "transformer").exists()):
         if not (flow_run / "transformer").exists():
             if args.from_checkpoint:
                 export_checkpoint(latents, flow_cfg, flow_run)
@@ -219,8 +232,9 @@ def main(argv=None) -> None:
             },
         )
         pipe.save_pretrained(model, overwrite=True, include_text_encoder=False)
-    timings["total"] = round(time.perf_counter() - start, 1)
-    (work / "timings.json").write_text(json.dumps(timings, indent=1))
+    timings.pop("total", None)
+    timings["total"] = round(sum(v for v in timings.values() if isinstance(v, int | float)), 1)
+    timings_path.write_text(json.dumps(timings, indent=1))
     print(json.dumps(timings, indent=1))
     if args.install:
         shutil.rmtree(DEFAULT_MODEL, ignore_errors=True)

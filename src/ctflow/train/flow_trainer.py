@@ -47,7 +47,7 @@ class ChunkSampler:
 
     def batch(self, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
-        x0, ctx, idx, toks, pooled, first = [], [], [], [], [], []
+        x0, ctx, idx, toks, pooled, first, counts = [], [], [], [], [], [], []
         for _ in range(batch_size):
             v = int(torch.randint(len(self.chunks), (), generator=g))
             seq, vol = self.chunks[v], self.cache.volumes[v]
@@ -62,9 +62,11 @@ class ChunkSampler:
             if rand() < self.cfg.meta_dropout:
                 toks.append(vol.tokens_nometa)
                 pooled.append(vol.pooled_nometa)
+                counts.append(0)  # no meta line: the slice count is unknown
             else:
                 toks.append(vol.tokens)
                 pooled.append(vol.pooled)
+                counts.append(vol.num_slices)
         length = max(t.shape[0] for t in toks)
         tokens = torch.zeros(batch_size, length, pooled[0].shape[0])
         mask = torch.zeros(batch_size, length, dtype=torch.long)
@@ -82,6 +84,7 @@ class ChunkSampler:
             "encoder_hidden_states": tokens,
             "encoder_attention_mask": mask,
             "pooled_text": torch.stack(pooled),
+            "num_slices": torch.tensor(counts),  # [B] slice count of the meta line, 0 when dropped
         }
 
 
@@ -93,7 +96,7 @@ def chunk_loss(model, batch: dict, g: torch.Generator, time_distribution: str, c
     from ctflow.flow import drop_condition, flow_matching_loss
 
     batch = drop_condition(batch, cfg_dropout, g)
-    keys = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text", "chunk_index")
+    keys = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text", "chunk_index", "num_slices")
     total, n = 0.0, batch["x0"].shape[0]
     for rows, has_context in ((batch["first"], False), (~batch["first"], True)):
         if not rows.any():
@@ -117,9 +120,12 @@ def build_transformer(config: FlowTrainConfig, cache: LatentCache):
     spec.setdefault("sample_size", h)
     spec.setdefault("text_dim", int(cache.index["text_dim"]))
     try:
-        return CTFlowTransformer.from_preset(preset, **spec)
+        model = CTFlowTransformer.from_preset(preset, **spec)
     except TypeError as e:
         raise CTFlowError(f"bad transformer config: {e}") from None
+    tokens = torch.cat([v.tokens for v in cache.volumes])
+    model.set_text_statistics(tokens, torch.stack([v.pooled for v in cache.volumes]))
+    return model
 
 
 def train_flow(
