@@ -1,6 +1,6 @@
 """The paper's comparisons in miniature: one script, the same data and the same training budget.
 
-    python benchmarks/ablation.py [--work runs/default] [--out runs/ablation] [--steps 300] [--n 8]
+    python benchmarks/ablation.py [--work runs/default] [--out runs/ablation] [--steps 600] [--n 10]
     make ablation
 
 Needs a finished ``make train-default`` run in ``--work``: its latent cache (``latents/``) is the
@@ -21,7 +21,8 @@ Each variant generates ``--n`` volumes from held-out phantom reports (seeds 6000
 on) with ``ctflow generate --prompts`` in a subprocess, whose peak RSS is the memory column; then
 the ``ctflow evaluate`` measures score them against the matching real phantoms. Finished variants
 are skipped on rerun. Writes ``benchmarks/results/ablation.json`` and ``ablation.md``. Not part of
-``make test``; about 1-1.5 hours on 2 CPU cores with the defaults.
+``make test``; about 70 minutes on 2 CPU cores with the defaults (plus 10 for
+``no-target-depth-2000``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,14 +38,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, run_measured, write_result  # noqa: E402
+
+from ctflow.models.text import parse_meta  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SEED0 = 60000
 CONFIG = REPO / "configs" / "tiny-phantom.yaml"
 WHOLE_DEPTH = 128  # fixed depth of the whole-volume variant: every training volume (<= 120 slices) fits
 
-# name -> (what it tests, overrides of configs/tiny-phantom.yaml)
+# name -> (what it tests, overrides of configs/tiny-phantom.yaml; "steps" fixes the variant's budget)
 TRAINED: dict[str, tuple[str, dict]] = {
     "baseline": ("configs/tiny-phantom.yaml: AR chunks, concat context, full attention, x-prediction", {}),
     "no-context": ("independent chunks (no previous chunk)", {"transformer": {"context": "none"}}),
@@ -59,6 +61,10 @@ TRAINED: dict[str, tuple[str, dict]] = {
     "no-context-noise": ("no noise on the training context", {"context_noise": 0.0}),
     "no-depth-embedding": ("no absolute-depth embedding", {"transformer": {"depth_embedding": False}}),
     "no-target-depth": ("slice count read only as text", {"transformer": {"target_depth": False}}),
+    "no-target-depth-2000": (
+        "slice count read only as text, at the shipped model's 2000 steps",
+        {"transformer": {"target_depth": False}, "steps": 2000},
+    ),
     "v-prediction": (
         "network predicts the velocity (published)",
         {"transformer": {"prediction": "velocity"}},
@@ -110,7 +116,8 @@ def train_variant(name: str, overrides: dict, latents: Path, run: Path, steps: i
     from ctflow.train.config import FlowTrainConfig, config_from_dict
     from ctflow.train.flow_trainer import train_flow
 
-    data = merged(yaml.safe_load(CONFIG.read_text()), overrides)
+    steps = overrides.get("steps", steps)  # a variant may fix its own budget
+    data = merged(yaml.safe_load(CONFIG.read_text()), {k: v for k, v in overrides.items() if k != "steps"})
     data.update(steps=steps, checkpoint_every=max(50, steps // 4), log_every=max(1, steps // 20))
     data["optim"] = {**data["optim"], "warmup_steps": min(data["optim"]["warmup_steps"], steps // 5)}
     config = config_from_dict(data, FlowTrainConfig)
@@ -140,24 +147,51 @@ def model_folder(base: Path, folder: Path, transformer: Path | None, scheduler: 
     return folder
 
 
-def generate(model: Path, prompts_csv: Path, fake: Path, steps: int, max_slices: int) -> dict:
-    """``ctflow generate --prompts`` in a subprocess: wall time and peak RSS."""
+def generate_cmd(model: Path, prompts_csv: Path, fake: Path, steps: int, max_slices: int) -> list[str]:
     cmd = [sys.executable, "-m", "ctflow.cli", "generate", "--prompts", str(prompts_csv), "--out", str(fake)]
-    cmd += ["--model", str(model), "--steps", str(steps), "--max-slices", str(max_slices), "--guidance", "2"]
+    return cmd + [
+        "--model",
+        str(model),
+        "--steps",
+        str(steps),
+        "--max-slices",
+        str(max_slices),
+        "--guidance",
+        "2",
+    ]
+
+
+def generate(model: Path, prompts_csv: Path, fake: Path, steps: int, max_slices: int) -> dict:
+    """``ctflow generate --prompts`` in a subprocess: time per slice and how generation ended."""
     t0 = time.perf_counter()
-    with open(fake.parent / "generate.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    cmd = generate_cmd(model, prompts_csv, fake, steps, max_slices)
+    code, _ = run_measured(cmd, fake.parent / "generate.log", REPO)
+    if code != 0:
         raise SystemExit(f"generation failed; see {fake.parent / 'generate.log'}")
     sidecars = [json.loads(p.read_text()) for p in sorted(fake.glob("*.json"))]
     slices = sum(s["num_slices"] for s in sidecars)
     return {
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "gen_seconds_per_slice": round(sum(s["seconds"] for s in sidecars) / max(1, slices), 4),
         "ended_by_eos": round(float(np.mean([s["end_reason"] == "eos" for s in sidecars])), 3),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def peak_memory(model: Path, prompts: list[dict], folder: Path, steps: int, max_slices: int) -> dict:
+    """Peak RSS (VmHWM) of a fresh ``ctflow generate`` process making the deepest held-out volume."""
+    deepest = max(prompts, key=lambda p: parse_meta(p["report"])[0] or 0)
+    work = folder / "memory"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    with open(work / "prompt.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["name", "report", "seed"])
+        w.writeheader()
+        w.writerow(deepest)
+    cmd = generate_cmd(model, work / "prompt.csv", work / "fake", steps, max_slices)
+    code, peak = run_measured(cmd, work / "generate.log", REPO)
+    if code != 0:
+        raise SystemExit(f"generation failed; see {work / 'generate.log'}")
+    return {"peak_rss_mb": round(peak, 1), "memory_method": "VmHWM, one volume"}
 
 
 def model_evaluations(scheduler: str, steps: int) -> int:
@@ -217,8 +251,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=REPO / "runs" / "default")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "ablation")
-    p.add_argument("--steps", type=int, default=300, help="training steps per trained variant")
-    p.add_argument("--n", type=int, default=8, help="held-out reports generated per variant")
+    p.add_argument("--steps", type=int, default=600, help="training steps per trained variant")
+    p.add_argument("--n", type=int, default=10, help="held-out reports generated per variant")
     p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -250,7 +284,13 @@ def main(argv=None) -> dict:
         folder = out / name
         done = folder / "row.json"
         if done.exists():
-            rows.append(json.loads(done.read_text()))
+            row = json.loads(done.read_text())
+            if row.get("memory_method") != "VmHWM, one volume":  # rows from before the VmHWM fix
+                steps = TRAIN_STEPS_FOR_EVAL if kind == "trained" else spec[1]
+                max_slices = WHOLE_DEPTH if name == "whole-volume" else 136
+                row.update(peak_memory(folder / "model", prompts, folder, steps, max_slices))
+                done.write_text(json.dumps(row, indent=1))
+            rows.append(row)
             print(f"== {name}: finished earlier", flush=True)
             continue
         row: dict = {"variant": name, "kind": kind}
@@ -269,6 +309,7 @@ def main(argv=None) -> dict:
         fake = folder / "fake"
         fake.mkdir(parents=True, exist_ok=True)
         row.update(generate(model, prompts_csv, fake, steps, max_slices))
+        row.update(peak_memory(model, prompts, folder, steps, max_slices))
         if real_items is None:
             real_items = load_real(real)
         row.update(score_variant(real_items, fake))

@@ -22,6 +22,34 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """A process's peak resident memory (VmHWM) in MB, or None once it has exited.
+
+    Not ``ru_maxrss``: on Linux a child's ru_maxrss starts from its parent's RSS at fork (exec keeps
+    the maximum), so a child of a large benchmark process reports the parent's size.
+    """
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def run_measured(cmd: list[str], log: Path, cwd: Path, poll: float = 0.1) -> tuple[int, float]:
+    """Run ``cmd`` with output to ``log``; its exit code and the last peak RSS (MB) seen while polling."""
+    import subprocess
+
+    peak = 0.0
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        while proc.poll() is None:
+            peak = max(peak, peak_rss_mb(proc.pid) or 0.0)
+            time.sleep(poll)
+    return proc.returncode, peak
+
+
 def environment() -> dict:
     import torch
 

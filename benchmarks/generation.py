@@ -110,7 +110,7 @@ def forward_share_and_steps() -> dict:
 
 
 DEPTH_SNIPPET = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from ctflow.models.transformer import CTFlowTransformer
 from ctflow.pipeline import CTFlowPipeline
 mode, depth, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -123,13 +123,18 @@ if mode == "whole":  # the same network, one chunk as deep as the volume (random
     cfg.update(chunk_slices=depth, max_chunks=1)
     pipe.transformer = CTFlowTransformer(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
 pipe("Findings: normal.", num_slices=pipe.chunk_slices, num_inference_steps=1)  # warm up
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def vm(key):  # MB; VmHWM is this process's own peak (ru_maxrss would include the parent's at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak from here: measure generation only
+base = vm("VmRSS")
 t0 = time.perf_counter()
 out = pipe("Findings: normal.", num_slices=depth, num_inference_steps=steps)
 seconds = time.perf_counter() - t0
 assert out.volumes[0].num_slices == depth
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "extra_peak_rss_mb": (peak - base) / 1024}))
+peak = vm("VmHWM")
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "extra_peak_rss_mb": peak - base}))
 """
 DEPTHS = (64, 128, 256, 512)
 
@@ -192,6 +197,7 @@ if __name__ == "__main__":
     old = RESULTS / "generation.json"
     result = json.loads(old.read_text()) if old.exists() else {}
     result.pop("environment", None)
+    result = {k: v for k, v in result.items() if k in parts}  # drop parts this script no longer has
     for name in args.parts.split(","):
         result[name] = parts[name]()
     write_result("generation", result)
