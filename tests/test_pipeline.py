@@ -202,3 +202,7 @@ def test_the_meta_line_slice_count_reaches_the_transformer(pipe, monkeypatch):
     seen.clear()
     pipe(REPORT, num_slices=8, num_inference_steps=1, guidance_scale=1.0)
     assert seen[0] == [8]  # a requested count is written into the meta line and read back
+    seen.clear()
+    monkeypatch.setitem(pipe.config, "typical_slices", 50)
+    pipe(REPORT, max_slices=4, num_inference_steps=1, guidance_scale=1.0)
+    assert seen[0] == [50]  # no count anywhere: the model's typical depth is the target

@@ -243,7 +243,7 @@ class CTFlowPipeline:
             "encoder_hidden_states": emb.tokens,
             "encoder_attention_mask": emb.mask,
             "pooled_text": emb.pooled,
-            "num_slices": torch.tensor([parse_meta(t)[0] or 0 for t in texts]),  # 0: not in the report
+            "num_slices": torch.tensor([self.depth_target(t) for t in texts]),
         }
         uncond = null_condition(cond) if guidance_scale > 1.0 else None
         b, k = len(texts), self.chunk_slices
@@ -295,6 +295,11 @@ class CTFlowPipeline:
             active = [active[r] for r in still]
         volumes = [self._to_volume(np.concatenate(o, axis=0), t) for o, t in zip(outputs, texts, strict=True)]
         return CTFlowOutput(volumes, [e or END_LIMIT for e in ends], texts)
+
+    def depth_target(self, text: str) -> int:
+        """The slice count a ``target_depth`` transformer aims for: the meta line's, else the model's
+        ``typical_slices`` (the training median; the model ends the scan near it), else 0 (unknown)."""
+        return parse_meta(text)[0] or int(self.config.get("typical_slices") or 0)
 
     def _to_volume(self, slices: np.ndarray, text: str) -> Volume:
         spacing_z = parse_meta(text)[1] or self.config["slice_spacing"]

