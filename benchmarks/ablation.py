@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, run_measured, write_result  # noqa: E402
+from common import RESULTS, heldout_reports, run_measured, write_result  # noqa: E402
 
 from ctflow.models.text import parse_meta  # noqa: E402
 
@@ -92,21 +92,15 @@ def merged(base: dict, over: dict) -> dict:
 def real_set(out: Path, n: int) -> tuple[Path, list[dict]]:
     """Held-out phantoms (CT-RATE layout) and their prompts (report + meta line)."""
     from ctflow.cli import main as cli
-    from ctflow.data.phantom import make_phantom, sample_spec
-    from ctflow.data.reports import phantom_report
-    from ctflow.models.text import format_report
 
     real = out / "real"
     args = ["--n", str(n), "--size", "64", "--seed", str(SEED0), "--min-slices", "40", "--max-slices", "120"]
     if not real.exists() and cli(["phantoms", "--out", str(real), "--split", "valid", *args]) != 0:
         raise SystemExit("could not write the held-out phantoms")
-    prompts = []
-    for i in range(n):
-        spec = sample_spec(SEED0 + i, size=64, slice_range=(40, 120))
-        _, truth = make_phantom(spec)
-        rep = phantom_report(truth, seed=SEED0 + i)
-        text = format_report(rep["Findings_EN"], rep["Impressions_EN"], spec.num_slices, spec.slice_spacing)
-        prompts.append({"name": f"heldout_{i:03d}", "report": text, "seed": i})
+    prompts = [
+        {"name": f"heldout_{i:03d}", "report": text, "seed": i}
+        for i, (_, _, text) in enumerate(heldout_reports(SEED0, n))
+    ]
     return real, prompts
 
 

@@ -22,19 +22,34 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
-def peak_rss_mb(pid: int | str = "self") -> float | None:
-    """A process's peak resident memory (VmHWM) in MB, or None once it has exited.
+def peak_rss_mb(pid: int | str = "self", key: str = "VmHWM") -> float | None:
+    """A process's peak resident memory (``VmHWM``; or another /proc status field, e.g. ``VmRSS``)
+    in MB, or None once it has exited.
 
     Not ``ru_maxrss``: on Linux a child's ru_maxrss starts from its parent's RSS at fork (exec keeps
     the maximum), so a child of a large benchmark process reports the parent's size.
     """
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
+
+
+def heldout_reports(seed0: int, n: int, size: int = 64):
+    """Phantoms never trained on (seeds ``seed0``...): (spec, truth, report with its meta line)."""
+    from ctflow.data.phantom import make_phantom, sample_spec
+    from ctflow.data.reports import phantom_report
+    from ctflow.models.text import format_report
+
+    for i in range(n):
+        spec = sample_spec(seed0 + i, size=size, slice_range=(40, 120))
+        _, truth = make_phantom(spec)
+        rep = phantom_report(truth, seed=seed0 + i)
+        text = format_report(rep["Findings_EN"], rep["Impressions_EN"], spec.num_slices, spec.slice_spacing)
+        yield spec, truth, text
 
 
 def run_measured(cmd: list[str], log: Path, cwd: Path, poll: float = 0.1) -> tuple[int, float]:

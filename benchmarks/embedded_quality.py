@@ -24,11 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, heldout_reports, write_result  # noqa: E402
 
-from ctflow.data.phantom import make_phantom, sample_spec  # noqa: E402
-from ctflow.data.reports import phantom_report  # noqa: E402
-from ctflow.models.text import format_report  # noqa: E402
 from ctflow.pipeline import CTFlowPipeline  # noqa: E402
 
 SEED0 = 50000
@@ -49,15 +46,6 @@ def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
     return {"attribute_majority_baseline": majority, "findings_found": found}
 
 
-def heldout_reports(n: int, size: int = 64):
-    for i in range(n):
-        spec = sample_spec(SEED0 + i, size=size, slice_range=(40, 120))
-        _, truth = make_phantom(spec)
-        rep = phantom_report(truth, seed=SEED0 + i)
-        text = format_report(rep["Findings_EN"], rep["Impressions_EN"], spec.num_slices, spec.slice_spacing)
-        yield spec, truth, text
-
-
 def main() -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=50)
@@ -73,7 +61,7 @@ def main() -> dict:
     except ImportError:  # the evaluation package is optional for this measurement
         read_attributes = None
     rows, previews, t0 = [], [], time.perf_counter()
-    for i, (spec, _truth, text) in enumerate(heldout_reports(args.n)):
+    for i, (spec, _truth, text) in enumerate(heldout_reports(SEED0, args.n)):
         out = pipe(
             text,
             max_slices=200,

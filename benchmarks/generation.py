@@ -23,7 +23,8 @@ import time
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+HERE = __import__("pathlib").Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 from common import best_of, write_result  # noqa: E402
 
 from ctflow.flow import context_cache_for, guided_velocity, make_scheduler, sample_chunk  # noqa: E402
@@ -111,6 +112,8 @@ def forward_share_and_steps() -> dict:
 
 DEPTH_SNIPPET = """
 import json, sys, time, torch
+sys.path.insert(0, sys.argv[5])
+from common import peak_rss_mb
 from ctflow.models.transformer import CTFlowTransformer
 from ctflow.pipeline import CTFlowPipeline
 mode, depth, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -123,17 +126,13 @@ if mode == "whole":  # the same network, one chunk as deep as the volume (random
     cfg.update(chunk_slices=depth, max_chunks=1)
     pipe.transformer = CTFlowTransformer(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
 pipe("Findings: normal.", num_slices=pipe.chunk_slices, num_inference_steps=1)  # warm up
-def vm(key):  # MB; VmHWM is this process's own peak (ru_maxrss would include the parent's at fork)
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
 open("/proc/self/clear_refs", "w").write("5")  # restart the peak from here: measure generation only
-base = vm("VmRSS")
+base = peak_rss_mb(key="VmRSS")
 t0 = time.perf_counter()
 out = pipe("Findings: normal.", num_slices=depth, num_inference_steps=steps)
 seconds = time.perf_counter() - t0
 assert out.volumes[0].num_slices == depth
-peak = vm("VmHWM")
+peak = peak_rss_mb()
 print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "extra_peak_rss_mb": peak - base}))
 """
 DEPTHS = (64, 128, 256, 512)
@@ -149,7 +148,7 @@ def memory_and_time_vs_depth(steps: int = 4, threads: int = 2) -> dict:
         rows = {}
         for depth in DEPTHS:
             proc = subprocess.run(
-                [sys.executable, "-c", DEPTH_SNIPPET, mode, str(depth), str(steps), str(threads)],
+                [sys.executable, "-c", DEPTH_SNIPPET, mode, str(depth), str(steps), str(threads), str(HERE)],
                 capture_output=True,
                 text=True,
             )

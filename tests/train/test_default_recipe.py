@@ -3,12 +3,12 @@ import json
 from ctflow.train.default import stage, write_model_card
 
 
-def test_a_stage_done_earlier_keeps_its_recorded_time_and_a_new_one_is_timed():
+def test_a_stage_done_earlier_keeps_its_recorded_time_and_a_new_one_is_timed(tmp_path):
     timings = {"encode": 93.7}
-    with stage("encode", timings, done=True):
-        pass
-    with stage("train", timings):
-        pass
+    with stage("encode", timings, tmp_path) as todo:  # its output exists
+        assert not todo
+    with stage("train", timings, tmp_path / "missing") as todo:
+        assert todo
     assert timings["encode"] == 93.7
     assert 0 <= timings["train"] < 1
 

@@ -25,18 +25,18 @@ CONFIGS = ROOT / "configs"
 
 
 @contextlib.contextmanager
-def stage(name: str, timings: dict, done: bool = False):
-    """Time one stage of the recipe into ``timings`` and print its start and duration.
+def stage(name: str, timings: dict, output: Path | None = None):
+    """Time one stage of the recipe into ``timings``; yields whether the stage has work to do.
 
-    A stage whose output already exists (``done``) keeps the time recorded when it ran.
+    A stage whose ``output`` already exists is skipped and keeps the time recorded when it ran.
     """
-    if done:
+    if output is not None and output.exists():
         print(f"== {name}: done earlier ({timings.get(name, '?')} s)", flush=True)
-        yield
+        yield False
         return
     start = time.perf_counter()
     print(f"== {name}", flush=True)
-    yield
+    yield True
     timings[name] = round(time.perf_counter() - start, 1)
     print(f"== {name}: {timings[name]} s", flush=True)
 
@@ -178,8 +178,8 @@ def main(argv=None) -> None:
     vae_cfg = load_config(CONFIGS / "tiny-vae.yaml", VAETrainConfig)
     flow_cfg = load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig)
 
-    with stage("phantoms", timings, done=data.exists()):
-        if not data.exists():
+    with stage("phantoms", timings, data) as todo:
+        if todo:
             code = cli(
                 [
                     "phantoms",
@@ -198,17 +198,17 @@ def main(argv=None) -> None:
                 ]
             )
             assert code == 0
-    with stage("train-vae", timings, done=(vae_run / "vae").exists()):
-        if not (vae_run / "vae").exists():
+    with stage("train-vae", timings, vae_run / "vae") as todo:
+        if todo:
             train_vae(data, vae_cfg, vae_run, resume=vae_run.exists())
-    with stage("encode", timings, done=(latents / "index.json").exists()):
-        if not (latents / "index.json").exists():
+    with stage("encode", timings, latents / "index.json") as todo:
+        if todo:
             assert (
                 cli(["encode", "--data", str(data), "--vae", str(vae_run / "vae"), "--out", str(latents)])
                 == 0
             )
-    with stage("train", timings, done=(flow_run / "transformer").exists()):
-        if not (flow_run / "transformer").exists():
+    with stage("train", timings, flow_run / "transformer") as todo:
+        if todo:
             if args.from_checkpoint:
                 export_checkpoint(latents, flow_cfg, flow_run)
             else:
