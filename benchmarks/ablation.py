@@ -273,10 +273,12 @@ def main(argv=None) -> dict:
         (n, "sampler", s) for n, s in SAMPLERS.items()
     ]
     for name, kind, spec in plan:
-        if only and name not in only:
-            continue
         folder = out / name
         done = folder / "row.json"
+        if only and name not in only:  # not rerun, but its finished row stays in the results
+            if done.exists():
+                rows.append(json.loads(done.read_text()))
+            continue
         if done.exists():
             row = json.loads(done.read_text())
             if row.get("memory_method") != "VmHWM, one volume":  # rows from before the VmHWM fix

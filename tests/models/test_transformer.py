@@ -309,6 +309,36 @@ def test_return_dict_false_gives_a_tuple():
     torch.testing.assert_close(out, run(model, **inputs))
 
 
+def test_output_conv_starts_as_the_identity_and_can_smooth_across_slices(tmp_path):
+    plain = make_model("full", "concat", prediction="sample")
+    conv = make_model("full", "concat", prediction="sample", final_conv=True, randomize=False)
+    result = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert set(result.missing_keys) == {"output_conv.weight", "output_conv.bias"}
+    inputs = make_inputs()
+    torch.testing.assert_close(run(conv, **inputs), run(plain, **inputs))  # identity at initialisation
+    velocity = make_model("full", "concat")  # the same network read as velocity: the raw output x0_hat
+    velocity.load_state_dict(plain.state_dict())
+    x0_hat = run(velocity, **inputs)
+    with torch.no_grad():  # a kernel that averages each slice with its two neighbours
+        conv.output_conv.weight.zero_()
+        for c in range(C):
+            conv.output_conv.weight[c, c, :, 1, 1] = 1 / 3
+    from ctflow.models.transformer import MIN_T
+
+    t = inputs["timestep"].clamp_min(MIN_T).view(-1, 1, 1, 1, 1)
+    x0_conv = inputs["hidden_states"] - run(conv, **inputs) * t  # back from the velocity to x0
+    smooth = (x0_hat[:, :, :-2] + x0_hat[:, :, 1:-1] + x0_hat[:, :, 2:]) / 3
+    torch.testing.assert_close(x0_conv[:, :, 1:-1], smooth, atol=1e-5, rtol=1e-4)
+    conv.save_pretrained(tmp_path)
+    loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.config.final_conv
+    torch.testing.assert_close(run(loaded, **inputs), run(conv, **inputs))
+    cfg = dict(preset_config("tiny"))
+    with_conv = {**cfg, "final_conv": True}
+    assert count_params(with_conv) - count_params(cfg) == 8 * 8 * 27 + 8
+    assert forward_flops(with_conv) > forward_flops(cfg)
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = make_model("factorized", "tokens")
     model.save_pretrained(tmp_path)

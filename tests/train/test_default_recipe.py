@@ -21,3 +21,41 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
     assert "# m" in card and "1.0 MB of safetensors" in card
     assert "| phantoms | train |" in card and "| 24.0 | 629.0 |" in card
     assert "EOS latent threshold (MSE): 0.5" in card
+
+
+def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tmp_path):
+    folder, results = tmp_path / "m", tmp_path / "results"
+    folder.mkdir()
+    results.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"name": "m", "ctflow": {}}))
+    quality = {
+        "n": 50,
+        "steps": 20,
+        "guidance": 2.0,
+        "slice_count_within_one_chunk": 0.98,
+        "ended_by_eos": 1.0,
+        "mean_abs_slice_error": 3.7,
+        "seconds_per_volume": 4.2,
+        "attribute_accuracy": {"cardiomegaly": 0.8},
+        "attribute_accuracy_vae_reconstruction": {"cardiomegaly": 0.96},
+        "findings_found_vae_reconstruction": {"cardiomegaly": 0.875},
+        "flicker_vs_reconstruction": 2.1,
+        "patch_seam_ratio": 4.2,
+        "reconstruction_patch_seam_ratio": 1.01,
+    }
+    (results / "embedded_quality.json").write_text(json.dumps(quality))
+    card = write_model_card(folder, results).read_text()
+    assert "cardiomegaly 96% (found 88%)" in card
+    assert "2.1x that of the reconstructed phantoms; patch-seam ratio 4.2 (reconstructions 1.01" in card
+    assert "Does it read the findings?" not in card  # no text_use.json yet
+    use = {
+        "n": 6,
+        "report_effect": {"1.0": 0.05, "0.9": 0.04},
+        "null_effect": {"1.0": 0.02, "0.9": 0.02},
+        "generated_shift": {"cardio_ratio": 0.001, "fluid_share": -0.002},
+        "real_shift_through_vae": {"cardio_ratio": 0.09, "fluid_share": 0.05},
+    }
+    (results / "text_use.json").write_text(json.dumps(use))
+    card = write_model_card(folder, results).read_text()
+    assert "report effect on the predicted chunk from noise: 0.05" in card
+    assert "heart/thorax ratio shift +0.001 (true +0.09)" in card

@@ -38,6 +38,11 @@ conditioning (a learned null vector when the report has no meta line or training
 published model reads the count only as text; a small text encoder reads numbers poorly, and this
 makes the end-of-scan chunk land where the report asks (README, "The model").
 
+With ``final_conv`` a 3x3x3 convolution (identity at initialisation) runs over the unpatchified output,
+as in U-ViT. Slices of one patch come from one token and agree; slices of neighbouring patches come
+from different tokens, and an undertrained model lets them disagree (horizontal stripes in coronal and
+sagittal views). The convolution lets it blend across those seams for 1.7k parameters.
+
 Tokens are ordered (slice, row, column); shapes in comments use S' = S / patch_s, P = (h / patch_h) *
 (w / patch_w) and N = S' * P.
 """
@@ -305,6 +310,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         depth_embedding: bool = True,
         prediction: str = "velocity",
         target_depth: bool = False,
+        final_conv: bool = False,
     ):
         super().__init__()
         patch_size = tuple(patch_size)
@@ -349,6 +355,9 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, ps * ph * pw * in_channels)
+        # a 3x3x3 convolution over the unpatchified output (U-ViT's final conv): neighbouring patches,
+        # across slices too, are predicted by different tokens, and this lets the model smooth their seams
+        self.output_conv = nn.Conv3d(in_channels, in_channels, 3, padding=1) if final_conv else None
         self.gradient_checkpointing = False
         self.initialize_weights()
 
@@ -395,6 +404,9 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         for mlp in mlps:
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
+        if self.output_conv is not None:  # starts as the identity
+            nn.init.dirac_(self.output_conv.weight)
+            nn.init.zeros_(self.output_conv.bias)
         zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         for block in self.blocks:
             zeroed += [block.adaLN_modulation[-1], block.cross_attn.proj]
@@ -475,6 +487,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             prefix = None if context_cache is None else context_cache.kv[i]
             x, _ = self._block(block, x, c, text, text_mask, prefix)
         out = self.unpatchify(self.final_layer(x, c))  # [B,C,S,h,w]
+        if self.output_conv is not None:
+            out = self.output_conv(out)
         if self.config.prediction == "sample":  # the network gave x0: turn it into the velocity
             out = (hidden_states.to(out.dtype) - out) / t.clamp_min(MIN_T).view(-1, 1, 1, 1, 1).to(out.dtype)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
@@ -634,6 +648,8 @@ def forward_flops(
     conditioning += 2 * text_len * (text_dim * d + d * d)
     patch_in = 2 * n * d * patch_dim * (2 if cfg["context"] == "concat" else 1)
     final = 2 * d * 2 * d + 2 * n * d * patch_dim
+    if cfg.get("final_conv"):
+        final += 2 * c * c * 27 * cfg["chunk_slices"] * cfg["sample_size"] ** 2
     total = conditioning + patch_in + final + cfg["depth"] * block(tokens_mode)
     if tokens_mode and context_stream:
         total += (

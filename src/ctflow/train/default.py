@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 @contextlib.contextmanager
@@ -75,11 +76,12 @@ def trained_steps(folder: Path) -> int:
     return load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig).steps
 
 
-def write_model_card(folder: Path) -> Path:
-    """(Re)write ``folder/README.md`` from the recipe's timings, configs and measured quality."""
+def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
+    """(Re)write ``folder/README.md`` from the recipe's timings, configs and the measured quality in
+    ``results`` (``embedded_quality.json`` and ``text_use.json`` from ``benchmarks/``)."""
     timings = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
     index = json.loads((folder / "model_index.json").read_text())
-    quality_path = ROOT / "benchmarks/results/embedded_quality.json"
+    quality_path = results / "embedded_quality.json"
     quality = json.loads(quality_path.read_text()) if quality_path.exists() else None
     size_mb = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
     lines = [
@@ -137,6 +139,39 @@ def write_model_card(folder: Path) -> Path:
                 f"- attribute `{name}` (phantom reader vs report): {acc:.0%}"
                 + (f" ({'; '.join(extra)})" if extra else "")
             )
+        ceiling = quality.get("attribute_accuracy_vae_reconstruction")
+        if ceiling:
+            found = quality.get("findings_found_vae_reconstruction", {})
+            lines.append(
+                "- the same reader on the held-out phantoms themselves through this VAE (the most a generator"
+                " can score here): "
+                + ", ".join(
+                    f"{name} {acc:.0%}" + (f" (found {found[name]:.0%})" if name in found else "")
+                    for name, acc in ceiling.items()
+                )
+            )
+        if "flicker_vs_reconstruction" in quality:
+            lines.append(
+                f"- slice-to-slice change {quality['flicker_vs_reconstruction']}x that of the reconstructed"
+                f" phantoms; patch-seam ratio {quality['patch_seam_ratio']}"
+                f" (reconstructions {quality['reconstruction_patch_seam_ratio']}; 1 = no stripes)"
+            )
+    use_path = results / "text_use.json"
+    if quality and use_path.exists():
+        use = json.loads(use_path.read_text())
+        lines += [
+            "",
+            "## Does it read the findings?",
+            f"`python benchmarks/text_use.py`, {use['n']} held-out phantom pairs (same anatomy, with and"
+            " without cardiomegaly and a bilateral effusion):",
+            "",
+            f"- report effect on the predicted chunk from noise: {use['report_effect']['1.0']}"
+            " of the change the findings make to the true latents (1 = fully read, 0 = ignored);"
+            f" report vs no report: {use['null_effect']['1.0']}",
+            f"- generated heart/thorax ratio shift {use['generated_shift']['cardio_ratio']:+}"
+            f" (true {use['real_shift_through_vae']['cardio_ratio']:+}); posterior fluid-density share shift"
+            f" {use['generated_shift']['fluid_share']:+} (true {use['real_shift_through_vae']['fluid_share']:+})",
+        ]
     path = folder / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path

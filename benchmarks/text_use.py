@@ -1,0 +1,160 @@
+"""Does the embedded model read the findings in the report? Same phantom, with and without findings.
+
+For each held-out seed (60500+, never trained on) two phantoms share all anatomy: one with no
+findings, one with cardiomegaly and a bilateral pleural effusion, each with its own generated report.
+
+* Prediction: the transformer's clean-chunk estimate x̂0 for a chunk in the lower chest (60% of the
+  depth, where heart and effusions are), from pure noise (t = 1) and t = 0.9, with the same previous
+  chunk (from the normal phantom) and the two reports. ``report_effect`` is RMS(x̂0 with findings −
+  x̂0 without) ÷ RMS(x0 with findings − x0 without), the change the report makes to the prediction
+  over the change the findings make to the true latents: 1 means the report moves the prediction as
+  much as the findings move the anatomy, 0 means the report is ignored. ``null_effect``:
+  the same for report vs no report (classifier-free guidance's unconditional branch).
+* Generation: both reports generated with the same seed; the phantom reader's heart/thorax ratio and
+  the share of fluid-density voxels in the posterior lower chest, generated vs the two phantoms
+  through the VAE (what the findings should change).
+
+    python benchmarks/text_use.py [--model DIR] [--n 6] [--guidance 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+SEED0 = 60500
+FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
+
+
+def pair(seed: int):
+    """(normal, abnormal) phantoms of one seed: (volume, report) each."""
+    from ctflow.data.phantom import make_phantom, sample_spec
+    from ctflow.data.reports import phantom_report
+    from ctflow.models.text import format_report
+
+    spec = dataclasses.replace(sample_spec(seed, size=64, slice_range=(64, 120)), findings=[])
+    out = []
+    for findings in ([], FINDINGS):
+        s = dataclasses.replace(spec, findings=findings)
+        volume, truth = make_phantom(s)
+        rep = phantom_report(truth, seed=seed)
+        out.append(
+            (volume, format_report(rep["Findings_EN"], rep["Impressions_EN"], s.num_slices, s.slice_spacing))
+        )
+    return out
+
+
+def fluid_share(hu: np.ndarray) -> float:
+    """Share of fluid/soft-tissue density voxels (-30..40 HU) in the posterior lower chest."""
+    s, h = hu.shape[0], hu.shape[1]
+    region = hu[s // 2 :, int(0.56 * h) : int(0.94 * h)]
+    return float(((region > -30) & (region < 40)).mean())
+
+
+def measures(volume) -> dict:
+    from ctflow.eval.attributes import attribute_scores
+
+    return {
+        "cardio_ratio": attribute_scores(volume).get("cardio_ratio", 0.0),
+        "fluid_share": fluid_share(volume.hu()),
+    }
+
+
+def rms(x: torch.Tensor) -> float:
+    return float(x.pow(2).mean().sqrt())
+
+
+def main() -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--n", type=int, default=6)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    from ctflow.data.hu import denormalize_hu
+    from ctflow.data.volume import Volume
+    from ctflow.flow import null_condition
+    from ctflow.pipeline import CTFlowPipeline
+
+    pipe = CTFlowPipeline.from_pretrained(args.model)
+    tr, k = pipe.transformer.eval(), pipe.chunk_slices
+    effects = {t: {"report": [], "null": []} for t in (1.0, 0.9)}
+    gen, real = {"normal": [], "findings": []}, {"normal": [], "findings": []}
+    for i in range(args.n):
+        (vol_n, rep_n), (vol_f, rep_f) = pair(SEED0 + i)
+        z_n, z_f = (pipe.vae.encode_volume(v) for v in (vol_n, vol_f))  # [C,S,h,w]
+        for key, z, v in (("normal", z_n, vol_n), ("findings", z_f, vol_f)):
+            recon = pipe.vae.decode_volume(z).numpy()
+            real[key].append(measures(Volume(denormalize_hu(recon), v.spacing)))
+        c = int(0.6 * z_n.shape[1]) // k
+        x0_n, x0_f = z_n[None, :, c * k : (c + 1) * k], z_f[None, :, c * k : (c + 1) * k]
+        ctx = z_n[None, :, (c - 1) * k : c * k]
+        emb = pipe.encode_prompt([rep_n, rep_f])
+        cond = {
+            "encoder_hidden_states": emb.tokens,
+            "encoder_attention_mask": emb.mask,
+            "pooled_text": emb.pooled,
+            "num_slices": torch.tensor([pipe.depth_target(r) for r in (rep_n, rep_f)]),
+        }
+        null = null_condition(cond)
+        noise = torch.randn(x0_n.shape, generator=torch.Generator().manual_seed(i)).expand(2, -1, -1, -1, -1)
+        with torch.no_grad():
+            for t in effects:
+                x_t = (1 - t) * x0_n.expand(2, -1, -1, -1, -1) + t * noise
+                tt = torch.full((2,), t)
+                common = {"context": ctx.expand(2, -1, -1, -1, -1), "chunk_index": torch.full((2,), c)}
+                x0_hat = x_t - t * tr(x_t, tt, **common, **cond).sample
+                x0_null = x_t - t * tr(x_t, tt, **common, **null).sample
+                true = rms(x0_f - x0_n)
+                effects[t]["report"].append(rms(x0_hat[1] - x0_hat[0]) / true)
+                effects[t]["null"].append(rms(x0_hat[0] - x0_null[0]) / true)
+        for key, rep in (("normal", rep_n), ("findings", rep_f)):
+            out = pipe(
+                rep,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                generator=torch.Generator().manual_seed(i),
+            )
+            gen[key].append(measures(out.volumes[0]))
+        print(
+            f"{i}: report effect t=1 {effects[1.0]['report'][-1]:.3f}  generated {gen['findings'][-1]} vs "
+            f"{gen['normal'][-1]}  real {real['findings'][-1]} vs {real['normal'][-1]}",
+            flush=True,
+        )
+
+    def shift(rows: dict) -> dict:
+        return {
+            m: round(
+                float(np.mean([f[m] - n[m] for f, n in zip(rows["findings"], rows["normal"], strict=True)])),
+                4,
+            )
+            for m in ("cardio_ratio", "fluid_share")
+        }
+
+    result = {
+        "n": args.n,
+        "seeds": [SEED0, SEED0 + args.n - 1],
+        "findings_added": FINDINGS,
+        "report_effect": {str(t): round(float(np.mean(e["report"])), 4) for t, e in effects.items()},
+        "null_effect": {str(t): round(float(np.mean(e["null"])), 4) for t, e in effects.items()},
+        "generated_shift": shift(gen),
+        "real_shift_through_vae": shift(real),
+        "guidance": args.guidance,
+        "steps": args.steps,
+        "model": args.model or "embedded",
+    }
+    write_result("text_use", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
