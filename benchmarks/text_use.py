@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import through_vae, write_result  # noqa: E402
 
 SEED0 = 60500
 FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
@@ -80,8 +80,6 @@ def main() -> dict:
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     torch.set_num_threads(2)
-    from ctflow.data.hu import denormalize_hu
-    from ctflow.data.volume import Volume
     from ctflow.flow import null_condition
     from ctflow.pipeline import CTFlowPipeline
 
@@ -91,10 +89,9 @@ def main() -> dict:
     gen, real = {"normal": [], "findings": []}, {"normal": [], "findings": []}
     for i in range(args.n):
         (vol_n, rep_n), (vol_f, rep_f) = pair(SEED0 + i)
-        z_n, z_f = (pipe.vae.encode_volume(v) for v in (vol_n, vol_f))  # [C,S,h,w]
-        for key, z, v in (("normal", z_n, vol_n), ("findings", z_f, vol_f)):
-            recon = pipe.vae.decode_volume(z).numpy()
-            real[key].append(measures(Volume(denormalize_hu(recon), v.spacing)))
+        (z_n, recon_n), (z_f, recon_f) = through_vae(pipe, vol_n), through_vae(pipe, vol_f)  # z [C,S,h,w]
+        real["normal"].append(measures(recon_n))
+        real["findings"].append(measures(recon_f))
         c = int(0.6 * z_n.shape[1]) // k
         x0_n, x0_f = z_n[None, :, c * k : (c + 1) * k], z_f[None, :, c * k : (c + 1) * k]
         ctx = z_n[None, :, (c - 1) * k : c * k]
@@ -107,6 +104,7 @@ def main() -> dict:
         }
         null = null_condition(cond)
         noise = torch.randn(x0_n.shape, generator=torch.Generator().manual_seed(i)).expand(2, -1, -1, -1, -1)
+        true = rms(x0_f - x0_n)
         with torch.no_grad():
             for t in effects:
                 x_t = (1 - t) * x0_n.expand(2, -1, -1, -1, -1) + t * noise
@@ -114,7 +112,6 @@ def main() -> dict:
                 common = {"context": ctx.expand(2, -1, -1, -1, -1), "chunk_index": torch.full((2,), c)}
                 x0_hat = x_t - t * tr(x_t, tt, **common, **cond).sample
                 x0_null = x_t - t * tr(x_t, tt, **common, **null).sample
-                true = rms(x0_f - x0_n)
                 effects[t]["report"].append(rms(x0_hat[1] - x0_hat[0]) / true)
                 effects[t]["null"].append(rms(x0_hat[0] - x0_null[0]) / true)
         for key, rep in (("normal", rep_n), ("findings", rep_f)):
