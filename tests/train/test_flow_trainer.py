@@ -59,6 +59,21 @@ def test_sampler_context_is_the_previous_chunk(tmp_path):
     assert (b["x0"].mean((1, 2, 3, 4)) > b["context"].mean((1, 2, 3, 4))).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("noise_max", [0.0, 1.0])
+def test_context_noise_is_fixed_or_drawn_per_row_up_to_its_maximum(tmp_path, noise_max):
+    cache = LatentCache(make_fake_cache(tmp_path / "c"))
+    clean = ChunkSampler(cache, 4, _config(start_boost=0.0, context_noise=0.0))
+    noisy = ChunkSampler(cache, 4, _config(start_boost=0.0, context_noise=0.05, context_noise_max=noise_max))
+    clean, noisy = (s.batch(64, torch.Generator().manual_seed(2)) for s in (clean, noisy))
+    assert torch.equal(clean["x0"], noisy["x0"])  # same draws of chunks: only the noise differs
+    std = (noisy["context"] - clean["context"]).flatten(1).std(1)
+    if noise_max == 0.0:
+        assert std.sub(0.05).abs().max() < 0.02
+    else:  # uniform in [0.05, 1.0]: spread over the range, never outside it
+        assert std.min() > 0.03 and std.max() < 1.05
+        assert std.min() < 0.25 and std.max() > 0.8 and 0.4 < std.mean() < 0.65
+
+
 def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
     cache = make_fake_cache(tmp_path / "c")
     train_flow(cache, _config(), tmp_path / "full", progress=False)

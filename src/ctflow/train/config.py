@@ -44,6 +44,9 @@ class FlowTrainConfig:
     cfg_dropout: float = 0.1  # probability of the null report (classifier-free guidance)
     meta_dropout: float = 0.1  # probability of the report without its slice-count meta line
     context_noise: float = 0.05  # std of the noise added to the previous chunk during training
+    # when above context_noise, each row's std is drawn uniformly from [context_noise, context_noise_max]:
+    # heavily noised contexts leave the report as the only source of what the chunk holds
+    context_noise_max: float = 0.0
     time_distribution: str = "logit_normal"  # "logit_normal" | "uniform"
     log_every: int = 20
     checkpoint_every: int = 500

@@ -74,8 +74,12 @@ class ChunkSampler:
             tokens[b, : t.shape[0]] = t
             mask[b, : t.shape[0]] = 1
         context = torch.stack(ctx)
-        if self.cfg.context_noise > 0:
-            context = context + self.cfg.context_noise * torch.randn(context.shape, generator=g)
+        lo, hi = self.cfg.context_noise, max(self.cfg.context_noise, self.cfg.context_noise_max)
+        if hi > lo:  # per-row std, uniform in [lo, hi]
+            std = (lo + (hi - lo) * torch.rand(batch_size, generator=g)).view(-1, 1, 1, 1, 1)
+            context = context + std * torch.randn(context.shape, generator=g)
+        elif lo > 0:
+            context = context + lo * torch.randn(context.shape, generator=g)
         return {
             "x0": torch.stack(x0),  # [B,C,k,h,w]
             "context": context,  # [B,C,k,h,w]
