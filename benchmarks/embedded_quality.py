@@ -16,7 +16,7 @@ slice count, so the model itself decides where to stop (EOS). Measures:
   different tokens predict over change between slices of one token; 1 for the
   reconstructions); a tri-planar grid of the first 6 volumes.
 
-    python benchmarks/embedded_quality.py [--n 50] [--steps 20]
+    python benchmarks/embedded_quality.py [--n 50] [--steps 20] [--model DIR]
 """
 
 from __future__ import annotations
@@ -61,12 +61,13 @@ def reconstruct(pipe: CTFlowPipeline, spec):
 
 def main() -> dict:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=2.0)
     args = p.parse_args()
     torch.set_num_threads(2)
-    pipe = CTFlowPipeline.from_pretrained()
+    pipe = CTFlowPipeline.from_pretrained(args.model)
     k = pipe.chunk_slices
     patch_slices = pipe.transformer.config.patch_size[0]
     try:
@@ -116,6 +117,7 @@ def main() -> dict:
         "n": len(rows),
         "steps": args.steps,
         "guidance": args.guidance,
+        "model": args.model or "embedded",
         "seconds_per_volume": round(seconds / len(rows), 2),
         "slice_count_within_one_chunk": round(float(np.mean([r["within_chunk"] for r in rows])), 3),
         "ended_by_eos": round(float(np.mean([r["end"] == "eos" for r in rows])), 3),

@@ -14,6 +14,10 @@ findings, one with cardiomegaly and a bilateral pleural effusion, each with its 
   the share of fluid-density voxels in the posterior lower chest, generated vs the two phantoms
   through the VAE (what the findings should change).
 
+Writes ``results/text_use.json`` and ``results/text_use.png``: for the first two pairs, axial
+slices at 50/60/70% of the depth (mediastinal window), one row per volume: generated without
+findings, generated with them, then the two phantoms through the VAE.
+
     python benchmarks/text_use.py [--model DIR] [--n 6] [--guidance 2]
 """
 
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import through_vae, write_result  # noqa: E402
+from common import RESULTS, through_vae, write_result  # noqa: E402
 
 SEED0 = 60500
 FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
@@ -63,9 +67,24 @@ def measures(volume) -> dict:
     from ctflow.eval.attributes import attribute_scores
 
     return {
-        "cardio_ratio": attribute_scores(volume).get("cardio_ratio", 0.0),
+        # None: unreadable (no lungs found, or 0: no slices at mid-heart depth below the apex)
+        "cardio_ratio": attribute_scores(volume).get("cardio_ratio") or None,
         "fluid_share": fluid_share(volume.hu()),
     }
+
+
+def axial_strip(volume, depths=(0.5, 0.6, 0.7), gap: int = 4) -> np.ndarray:
+    """uint8 (64, ...) image: axial slices at the given fractions of the depth, mediastinal window."""
+    from ctflow.data.preview import MEDIASTINAL_WINDOW, apply_window
+
+    hu = volume.hu()
+    panels = []
+    for d in depths:
+        panels += [
+            apply_window(hu[int(d * (hu.shape[0] - 1))], MEDIASTINAL_WINDOW),
+            np.zeros((hu.shape[1], gap), np.uint8),
+        ]
+    return np.concatenate(panels[:-1], axis=1)
 
 
 def rms(x: torch.Tensor) -> float:
@@ -87,6 +106,7 @@ def main() -> dict:
     tr, k = pipe.transformer.eval(), pipe.chunk_slices
     effects = {t: {"report": [], "null": []} for t in (1.0, 0.9)}
     gen, real = {"normal": [], "findings": []}, {"normal": [], "findings": []}
+    strips = []
     for i in range(args.n):
         (vol_n, rep_n), (vol_f, rep_f) = pair(SEED0 + i)
         (z_n, recon_n), (z_f, recon_f) = through_vae(pipe, vol_n), through_vae(pipe, vol_f)  # z [C,S,h,w]
@@ -122,6 +142,10 @@ def main() -> dict:
                 generator=torch.Generator().manual_seed(i),
             )
             gen[key].append(measures(out.volumes[0]))
+            if i < 2:
+                strips.append(axial_strip(out.volumes[0]))
+        if i < 2:
+            strips += [axial_strip(recon_n), axial_strip(recon_f)]
         print(
             f"{i}: report effect t=1 {effects[1.0]['report'][-1]:.3f}  generated {gen['findings'][-1]} vs "
             f"{gen['normal'][-1]}  real {real['findings'][-1]} vs {real['normal'][-1]}",
@@ -129,13 +153,17 @@ def main() -> dict:
         )
 
     def shift(rows: dict) -> dict:
-        return {
-            m: round(
-                float(np.mean([f[m] - n[m] for f, n in zip(rows["findings"], rows["normal"], strict=True)])),
-                4,
-            )
-            for m in ("cardio_ratio", "fluid_share")
-        }
+        # mean (with findings - without) over the pairs the reader could read on both sides
+        out = {}
+        for m in ("cardio_ratio", "fluid_share"):
+            d = [
+                f[m] - n[m]
+                for f, n in zip(rows["findings"], rows["normal"], strict=True)
+                if None not in (f[m], n[m])
+            ]
+            out[m] = round(float(np.mean(d)), 4) if d else None
+            out[f"{m}_pairs"] = len(d)
+        return out
 
     result = {
         "n": args.n,
@@ -148,8 +176,19 @@ def main() -> dict:
         "guidance": args.guidance,
         "steps": args.steps,
         "model": args.model or "embedded",
+        "rows": [
+            {
+                "seed": SEED0 + i,
+                **{f"{src}_{key}": d[key][i] for src, d in (("generated", gen), ("real", real)) for key in d},
+            }
+            for i in range(args.n)
+        ],
     }
     write_result("text_use", result)
+    import imageio.v3 as iio
+
+    grid = np.concatenate([np.pad(s, ((0, 4), (0, 0))) for s in strips])
+    iio.imwrite(RESULTS / "text_use.png", np.kron(grid, np.ones((2, 2), np.uint8)))  # 2x, nearest
     return result
 
 

@@ -52,10 +52,16 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
         "n": 6,
         "report_effect": {"1.0": 0.05, "0.9": 0.04},
         "null_effect": {"1.0": 0.02, "0.9": 0.02},
-        "generated_shift": {"cardio_ratio": 0.001, "fluid_share": -0.002},
+        "generated_shift": {
+            "cardio_ratio": 0.001,
+            "cardio_ratio_pairs": 5,
+            "fluid_share": None,
+            "fluid_share_pairs": 0,
+        },
         "real_shift_through_vae": {"cardio_ratio": 0.09, "fluid_share": 0.05},
     }
     (results / "text_use.json").write_text(json.dumps(use))
     card = write_model_card(folder, results).read_text()
     assert "report effect on the predicted chunk from noise: 0.05" in card
-    assert "heart/thorax ratio shift +0.001 (true +0.09)" in card
+    assert "heart/thorax ratio shift +0.001 (true +0.09; 5 of 6 generated pairs readable)" in card
+    assert "fluid-density share shift n/a (true +0.05; 0 of 6" in card

@@ -76,6 +76,10 @@ def trained_steps(folder: Path) -> int:
     return load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig).steps
 
 
+def _signed(value) -> str:
+    return "n/a" if value is None else f"{value:+}"
+
+
 def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     """(Re)write ``folder/README.md`` from the recipe's timings, configs and the measured quality in
     ``results`` (``embedded_quality.json`` and ``text_use.json`` from ``benchmarks/``)."""
@@ -168,9 +172,15 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f"- report effect on the predicted chunk from noise: {use['report_effect']['1.0']}"
             " of the change the findings make to the true latents (1 = fully read, 0 = ignored);"
             f" report vs no report: {use['null_effect']['1.0']}",
-            f"- generated heart/thorax ratio shift {use['generated_shift']['cardio_ratio']:+}"
-            f" (true {use['real_shift_through_vae']['cardio_ratio']:+}); posterior fluid-density share shift"
-            f" {use['generated_shift']['fluid_share']:+} (true {use['real_shift_through_vae']['fluid_share']:+})",
+            *(
+                f"- generated {label} shift {_signed(gen[m])} (true {_signed(real[m])};"
+                f" {gen.get(f'{m}_pairs', use['n'])} of {use['n']} generated pairs readable)"
+                for gen, real in [(use["generated_shift"], use["real_shift_through_vae"])]
+                for m, label in (
+                    ("cardio_ratio", "heart/thorax ratio"),
+                    ("fluid_share", "posterior fluid-density share"),
+                )
+            ),
         ]
     path = folder / "README.md"
     path.write_text("\n".join(lines) + "\n")
