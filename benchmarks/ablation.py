@@ -11,7 +11,9 @@ report encoder and the EOS threshold.
   latents, one design choice changed at a time (AR chunks with context, independent chunks, the
   whole volume as one fixed-depth chunk, concat vs tokens context, full vs factorized attention,
   StartBoost, context noise, the absolute-depth embedding, the slice count read as a number,
-  x- vs v-prediction). Every step sees the same number of
+  x- vs v-prediction, the output conv). The trained rows keep the output conv off
+  (``ABLATION_BASE``: they predate it, and turning it on in the base would retrain them all);
+  ``final-conv`` adds it. Every step sees the same number of
   latent slices (the whole-volume variant trains on one volume per step where the others take 16
   chunks of 8 slices).
 * Sampler variants: the ``--work`` model (the one ``make train-default`` ships) sampled with 200
@@ -47,9 +49,14 @@ SEED0 = 60000
 CONFIG = REPO / "configs" / "tiny-phantom.yaml"
 WHOLE_DEPTH = 128  # fixed depth of the whole-volume variant: every training volume (<= 120 slices) fits
 
+# every trained row: configs/tiny-phantom.yaml with these overrides, then its own
+ABLATION_BASE: dict = {"transformer": {"final_conv": False}}
 # name -> (what it tests, overrides of configs/tiny-phantom.yaml; "steps" fixes the variant's budget)
 TRAINED: dict[str, tuple[str, dict]] = {
-    "baseline": ("configs/tiny-phantom.yaml: AR chunks, concat context, full attention, x-prediction", {}),
+    "baseline": (
+        "configs/tiny-phantom.yaml without the output conv: AR chunks, concat context, full attention",
+        {},
+    ),
     "no-context": ("independent chunks (no previous chunk)", {"transformer": {"context": "none"}}),
     "whole-volume": (
         f"the whole volume as one {WHOLE_DEPTH}-slice chunk",
@@ -62,13 +69,14 @@ TRAINED: dict[str, tuple[str, dict]] = {
     "no-depth-embedding": ("no absolute-depth embedding", {"transformer": {"depth_embedding": False}}),
     "no-target-depth": ("slice count read only as text", {"transformer": {"target_depth": False}}),
     "no-target-depth-2000": (
-        "slice count read only as text, at the shipped model's 2000 steps",
+        "slice count read only as text, at 2000 steps",
         {"transformer": {"target_depth": False}, "steps": 2000},
     ),
     "v-prediction": (
         "network predicts the velocity (published)",
         {"transformer": {"prediction": "velocity"}},
     ),
+    "final-conv": ("3x3x3 output conv (smooths patch seams)", {"transformer": {"final_conv": True}}),
 }
 # name -> (scheduler, steps); run on the --work model
 SAMPLERS: dict[str, tuple[str, int]] = {
@@ -111,7 +119,8 @@ def train_variant(name: str, overrides: dict, latents: Path, run: Path, steps: i
     from ctflow.train.flow_trainer import train_flow
 
     steps = overrides.get("steps", steps)  # a variant may fix its own budget
-    data = merged(yaml.safe_load(CONFIG.read_text()), {k: v for k, v in overrides.items() if k != "steps"})
+    base = merged(yaml.safe_load(CONFIG.read_text()), ABLATION_BASE)
+    data = merged(base, {k: v for k, v in overrides.items() if k != "steps"})
     data.update(steps=steps, checkpoint_every=max(50, steps // 4), log_every=max(1, steps // 20))
     data["optim"] = {**data["optim"], "warmup_steps": min(data["optim"]["warmup_steps"], steps // 5)}
     config = config_from_dict(data, FlowTrainConfig)
