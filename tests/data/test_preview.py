@@ -27,6 +27,13 @@ def test_triplanar_has_two_windows_and_physical_aspect():
 def test_preview_and_gif_are_written_atomically(tmp_path):
     write_preview(_volume(), tmp_path / "p.png")
     write_gif(_volume(), tmp_path / "p.gif")
-    assert iio.imread(tmp_path / "p.png").ndim == 2
+    small = triplanar_image(_volume())  # 84 rows: enlarged 5x (nearest) to at least 384
+    assert np.array_equal(iio.imread(tmp_path / "p.png"), small.repeat(5, 0).repeat(5, 1))
     assert iio.imread(tmp_path / "p.gif", index=None).shape[0] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.gif", "p.png"]
+
+
+def test_preview_of_a_large_volume_is_not_enlarged(tmp_path):
+    vol = Volume(np.zeros((200, 256, 256), np.float32), (1.0, 1.0, 1.0))
+    write_preview(vol, tmp_path / "p.png")
+    assert np.array_equal(iio.imread(tmp_path / "p.png"), triplanar_image(vol))

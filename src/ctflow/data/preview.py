@@ -59,12 +59,15 @@ def triplanar_image(volume: Volume, gap: int = 4) -> np.ndarray:
     return np.concatenate(rows[:-1], axis=0)
 
 
-def write_preview(volume: Volume, path: str | Path, overwrite: bool = False) -> Path:
-    """Write the tri-planar PNG preview."""
+def write_preview(volume: Volume, path: str | Path, overwrite: bool = False, min_height: int = 384) -> Path:
+    """Write the tri-planar PNG preview, enlarged by a whole factor (nearest) to at least
+    ``min_height`` rows when the volume is small (a 64 px volume's preview is 132 rows)."""
     import imageio.v3 as iio
 
+    img = triplanar_image(volume)
+    k = max(1, -(-min_height // img.shape[0]))
     with atomic_path(path, overwrite) as tmp:
-        iio.imwrite(tmp, triplanar_image(volume), extension=".png")
+        iio.imwrite(tmp, img.repeat(k, 0).repeat(k, 1), extension=".png")
     return Path(path)
 
 
