@@ -151,7 +151,7 @@ def main() -> dict:
 
         width = max(p.shape[1] for p in previews)
         grid = np.concatenate([np.pad(p, ((0, 4), (0, width - p.shape[1]))) for p in previews], axis=0)
-        iio.imwrite(RESULTS / "embedded_samples.png", grid)
+        iio.imwrite(RESULTS / "embedded_samples.png", grid.repeat(2, 0).repeat(2, 1))  # 2x, nearest
     return result
 
 
