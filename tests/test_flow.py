@@ -203,6 +203,8 @@ def test_context_noise():
     assert abs(a.std().item() - 0.05) < 0.005
     assert context_noise(None) is None
     assert context_noise(context, 0.0) is context
+    per_row = context_noise(context, torch.tensor([0.0, 0.5]), torch.Generator().manual_seed(0))
+    assert per_row[0].eq(0).all() and abs(per_row[1].std().item() - 0.5) < 0.05
 
 
 @pytest.mark.parametrize("context", ["tokens", "concat"])

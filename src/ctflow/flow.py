@@ -93,11 +93,16 @@ def flow_matching_loss(
 
 
 def context_noise(
-    context: torch.Tensor | None, std: float = 0.05, generator: torch.Generator | None = None
+    context: torch.Tensor | None,
+    std: float | torch.Tensor = 0.05,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | None:
-    """Training-time Gaussian noise on the context chunk, so the model tolerates its own imperfect chunks."""
-    if context is None or std <= 0:
+    """Training-time Gaussian noise on the context chunk [B,...], so the model tolerates its own imperfect
+    chunks. ``std`` is one number or one per row [B]."""
+    if context is None or (not torch.is_tensor(std) and std <= 0):
         return context
+    if torch.is_tensor(std):
+        std = std.to(context).view(-1, *([1] * (context.ndim - 1)))
     return context + std * randn_tensor(
         context.shape, generator=generator, device=context.device, dtype=context.dtype
     )

@@ -75,11 +75,10 @@ class ChunkSampler:
             mask[b, : t.shape[0]] = 1
         context = torch.stack(ctx)
         lo, hi = self.cfg.context_noise, max(self.cfg.context_noise, self.cfg.context_noise_max)
-        if hi > lo:  # per-row std, uniform in [lo, hi]
-            std = (lo + (hi - lo) * torch.rand(batch_size, generator=g)).view(-1, 1, 1, 1, 1)
-            context = context + std * torch.randn(context.shape, generator=g)
-        elif lo > 0:
-            context = context + lo * torch.randn(context.shape, generator=g)
+        std = lo + (hi - lo) * torch.rand(batch_size, generator=g) if hi > lo else lo  # per row: uniform
+        from ctflow.flow import context_noise
+
+        context = context_noise(context, std, g)
         return {
             "x0": torch.stack(x0),  # [B,C,k,h,w]
             "context": context,  # [B,C,k,h,w]
