@@ -39,8 +39,8 @@ FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
 
 
 def pair(seed: int):
-    """(normal, abnormal) phantoms of one seed: (volume, report) each."""
-    from ctflow.data.phantom import make_phantom, sample_spec
+    """(normal, abnormal) phantoms of one seed: (volume, report, label map) each."""
+    from ctflow.data.phantom import render_phantom, sample_spec
     from ctflow.data.reports import phantom_report
     from ctflow.models.text import format_report
 
@@ -48,11 +48,10 @@ def pair(seed: int):
     out = []
     for findings in ([], FINDINGS):
         s = dataclasses.replace(spec, findings=findings)
-        volume, truth = make_phantom(s)
-        rep = phantom_report(truth, seed=seed)
-        out.append(
-            (volume, format_report(rep["Findings_EN"], rep["Impressions_EN"], s.num_slices, s.slice_spacing))
-        )
+        r = render_phantom(s)
+        rep = phantom_report(r.ground_truth, seed=seed)
+        text = format_report(rep["Findings_EN"], rep["Impressions_EN"], s.num_slices, s.slice_spacing)
+        out.append((r.volume, text, r.labels))
     return out
 
 
@@ -99,6 +98,7 @@ def main() -> dict:
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     torch.set_num_threads(2)
+    from ctflow.data.phantom import LABEL_IDS
     from ctflow.flow import null_condition
     from ctflow.pipeline import CTFlowPipeline
 
@@ -107,11 +107,15 @@ def main() -> dict:
     effects = {t: {"report": [], "null": []} for t in (1.0, 0.9)}
     gen, real = {"normal": [], "findings": []}, {"normal": [], "findings": []}
     strips = []
+    effusion_hu = {"phantom": [], "through_vae": []}
     for i in range(args.n):
-        (vol_n, rep_n), (vol_f, rep_f) = pair(SEED0 + i)
+        (vol_n, rep_n, _), (vol_f, rep_f, labels_f) = pair(SEED0 + i)
         (z_n, recon_n), (z_f, recon_f) = through_vae(pipe, vol_n), through_vae(pipe, vol_f)  # z [C,S,h,w]
         real["normal"].append(measures(recon_n))
         real["findings"].append(measures(recon_f))
+        fluid = labels_f == LABEL_IDS["effusion"]  # the effusion's HU before and after the VAE
+        effusion_hu["phantom"].append(vol_f.hu()[fluid])
+        effusion_hu["through_vae"].append(recon_f.hu()[fluid])
         c = int(0.6 * z_n.shape[1]) // k
         x0_n, x0_f = z_n[None, :, c * k : (c + 1) * k], z_f[None, :, c * k : (c + 1) * k]
         ctx = z_n[None, :, (c - 1) * k : c * k]
@@ -176,6 +180,11 @@ def main() -> dict:
         "guidance": args.guidance,
         "steps": args.steps,
         "model": args.model or "embedded",
+        # the attribute reader calls fluid at -15..22 HU: what the VAE does to the effusion's HU
+        "effusion_hu_p10_p50_p90": {
+            k: [round(float(q), 1) for q in np.percentile(np.concatenate(v), [10, 50, 90])]
+            for k, v in effusion_hu.items()
+        },
         "rows": [
             {
                 "seed": SEED0 + i,
