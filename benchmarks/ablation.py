@@ -107,7 +107,7 @@ def real_set(out: Path, n: int) -> tuple[Path, list[dict]]:
         raise SystemExit("could not write the held-out phantoms")
     prompts = [
         {"name": f"heldout_{i:03d}", "report": text, "seed": i}
-        for i, (_, _, text) in enumerate(heldout_reports(SEED0, n))
+        for i, (_, _, _, text) in enumerate(heldout_reports(SEED0, n))
     ]
     return real, prompts
 

@@ -38,18 +38,37 @@ def peak_rss_mb(pid: int | str = "self", key: str = "VmHWM") -> float | None:
     return None
 
 
+def generation_setup(n: int, description: str):
+    """The options every generation benchmark takes (--model, --n, --steps, --guidance), parsed, and the
+    pipeline they name on 2 threads: (args, pipe)."""
+    import argparse
+
+    import torch
+
+    from ctflow.pipeline import CTFlowPipeline
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--n", type=int, default=n)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=2.0)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    return args, CTFlowPipeline.from_pretrained(args.model)
+
+
 def heldout_reports(seed0: int, n: int, size: int = 64):
-    """Phantoms never trained on (seeds ``seed0``...): (spec, truth, report with its meta line)."""
+    """Phantoms never trained on (seeds ``seed0``...): (spec, volume, truth, report with its meta line)."""
     from ctflow.data.phantom import make_phantom, sample_spec
     from ctflow.data.reports import phantom_report
     from ctflow.models.text import format_report
 
     for i in range(n):
         spec = sample_spec(seed0 + i, size=size, slice_range=(40, 120))
-        _, truth = make_phantom(spec)
+        volume, truth = make_phantom(spec)
         rep = phantom_report(truth, seed=seed0 + i)
         text = format_report(rep["Findings_EN"], rep["Impressions_EN"], spec.num_slices, spec.slice_spacing)
-        yield spec, truth, text
+        yield spec, volume, truth, text
 
 
 def through_vae(pipe, volume):

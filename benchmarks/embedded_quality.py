@@ -21,7 +21,6 @@ slice count, so the model itself decides where to stop (EOS). Measures:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, heldout_reports, through_vae, write_result  # noqa: E402
-
-from ctflow.pipeline import CTFlowPipeline  # noqa: E402
+from common import RESULTS, generation_setup, heldout_reports, through_vae, write_result  # noqa: E402
 
 SEED0 = 50000
 
@@ -52,22 +49,8 @@ def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
     return {"attribute_majority_baseline": majority, "findings_found": found}
 
 
-def reconstruct(pipe: CTFlowPipeline, spec):
-    """The held-out phantom itself, through the pipeline's VAE and back (HU volume)."""
-    from ctflow.data.phantom import make_phantom
-
-    return through_vae(pipe, make_phantom(spec)[0])[1]
-
-
 def main() -> dict:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
-    p.add_argument("--n", type=int, default=50)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=2.0)
-    args = p.parse_args()
-    torch.set_num_threads(2)
-    pipe = CTFlowPipeline.from_pretrained(args.model)
+    args, pipe = generation_setup(50, __doc__.splitlines()[0])
     k = pipe.chunk_slices
     patch_slices = pipe.transformer.config.patch_size[0]
     try:
@@ -76,8 +59,9 @@ def main() -> dict:
     except ImportError:  # the evaluation package is optional for this measurement
         read_attributes = None
     rows, previews, seconds = [], [], 0.0  # seconds: generation only (not the reader or the VAE ceiling)
-    for i, (spec, _truth, text) in enumerate(heldout_reports(SEED0, args.n)):
-        real = reconstruct(pipe, spec) if read_attributes is not None else None
+    for i, (spec, phantom, _truth, text) in enumerate(heldout_reports(SEED0, args.n)):
+        # the held-out phantom itself through the VAE: what a generator can score at most
+        real = through_vae(pipe, phantom)[1] if read_attributes is not None else None
         t0 = time.perf_counter()
         out = pipe(
             text,

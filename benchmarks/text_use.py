@@ -23,7 +23,6 @@ findings, generated with them, then the two phantoms through the VAE.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, through_vae, write_result  # noqa: E402
+from common import RESULTS, generation_setup, through_vae, write_result  # noqa: E402
 
 SEED0 = 60500
 FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
@@ -91,18 +90,10 @@ def rms(x: torch.Tensor) -> float:
 
 
 def main() -> dict:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
-    p.add_argument("--n", type=int, default=6)
-    p.add_argument("--guidance", type=float, default=2.0)
-    p.add_argument("--steps", type=int, default=20)
-    args = p.parse_args()
-    torch.set_num_threads(2)
+    args, pipe = generation_setup(6, __doc__.splitlines()[0])
     from ctflow.data.phantom import LABEL_IDS
     from ctflow.flow import null_condition
-    from ctflow.pipeline import CTFlowPipeline
 
-    pipe = CTFlowPipeline.from_pretrained(args.model)
     tr, k = pipe.transformer.eval(), pipe.chunk_slices
     effects = {t: {"report": [], "null": []} for t in (1.0, 0.9)}
     gen, real = {"normal": [], "findings": []}, {"normal": [], "findings": []}

@@ -172,16 +172,16 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f"- report effect on the predicted chunk from noise: {use['report_effect']['1.0']}"
             " of the change the findings make to the true latents (1 = fully read, 0 = ignored);"
             f" report vs no report: {use['null_effect']['1.0']}",
-            *(
+        ]
+        gen, real = use["generated_shift"], use["real_shift_through_vae"]
+        for m, label in (
+            ("cardio_ratio", "heart/thorax ratio"),
+            ("fluid_share", "posterior fluid-density share"),
+        ):
+            lines.append(
                 f"- generated {label} shift {_signed(gen[m])} (true {_signed(real[m])};"
                 f" {gen.get(f'{m}_pairs', use['n'])} of {use['n']} generated pairs readable)"
-                for gen, real in [(use["generated_shift"], use["real_shift_through_vae"])]
-                for m, label in (
-                    ("cardio_ratio", "heart/thorax ratio"),
-                    ("fluid_share", "posterior fluid-density share"),
-                )
-            ),
-        ]
+            )
     path = folder / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
