@@ -90,13 +90,6 @@ SAMPLERS: dict[str, tuple[str, int]] = {
 TRAIN_STEPS_FOR_EVAL = 25  # sampling steps used to evaluate the trained variants
 
 
-def merged(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merged(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 def real_set(out: Path, n: int) -> tuple[Path, list[dict]]:
     """Held-out phantoms (CT-RATE layout) and their prompts (report + meta line)."""
     from ctflow.cli import main as cli
@@ -115,7 +108,7 @@ def real_set(out: Path, n: int) -> tuple[Path, list[dict]]:
 def train_variant(name: str, overrides: dict, latents: Path, run: Path, steps: int) -> dict:
     import yaml
 
-    from ctflow.train.config import FlowTrainConfig, config_from_dict
+    from ctflow.train.config import FlowTrainConfig, config_from_dict, merged
     from ctflow.train.flow_trainer import train_flow
 
     steps = overrides.get("steps", steps)  # a variant may fix its own budget

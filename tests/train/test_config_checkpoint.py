@@ -42,6 +42,21 @@ def test_wrong_type_and_bad_yaml_are_errors(tmp_path):
         load_config(tmp_path / "d.yaml", FlowTrainConfig)
 
 
+def test_a_config_can_start_from_a_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("steps: 10\nbatch_size: 4\noptim:\n  lr: 0.1\n  warmup_steps: 5\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("base: ../base.yaml\nsteps: 20\noptim:\n  lr: 0.2\n")
+    cfg = load_config(tmp_path / "sub" / "c.yaml", FlowTrainConfig)
+    # its own keys win, nested sections merge key by key, the rest comes from the base
+    assert (cfg.steps, cfg.batch_size, cfg.optim.lr, cfg.optim.warmup_steps) == (20, 4, 0.2, 5)
+    (tmp_path / "bad.yaml").write_text("base: base.yaml\noptim:\n  lrr: 3\n")
+    with pytest.raises(CTFlowError, match="optim.'lrr'"):
+        load_config(tmp_path / "bad.yaml", FlowTrainConfig)
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(CTFlowError, match="missing.yaml not found"):
+        load_config(tmp_path / "orphan.yaml", FlowTrainConfig)
+
+
 def test_config_values_are_read():
     cfg = FlowTrainConfig()
     assert cfg.start_boost == 0.5 and cfg.optim.betas == (0.9, 0.99)

@@ -1,6 +1,8 @@
 """Training configurations: YAML files read into dataclasses.
 
-Unknown keys are errors (a typo must not silently fall back to a default).
+Unknown keys are errors (a typo must not silently fall back to a default). A file may start from
+another: ``base: other.yaml`` (relative to the file) and then only the keys it changes, merged
+into the base's nested sections.
 """
 
 from __future__ import annotations
@@ -110,16 +112,30 @@ def config_from_dict(data: dict, cls):
     return _build(cls, data, "")
 
 
-def load_config(path: str | Path, cls):
-    """Read a YAML file into the dataclass ``cls``."""
-    path = Path(path)
+def merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s keys replacing its own; nested mappings are merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merged(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    # the file's mapping, with its ``base:`` file (if any) merged underneath
     if not path.is_file():
         raise CTFlowError(f"config file {path} not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise CTFlowError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return _build(cls, data, "")
+    if "base" in data:
+        data = merged(_read_yaml(path.parent / str(data.pop("base"))), data)
+    return data
+
+
+def load_config(path: str | Path, cls):
+    """Read a YAML file (and its ``base:`` chain) into the dataclass ``cls``."""
+    return _build(cls, _read_yaml(Path(path)), "")
 
 
 def config_dict(config) -> dict:
