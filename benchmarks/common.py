@@ -73,11 +73,10 @@ def heldout_reports(seed0: int, n: int, size: int = 64):
 
 def through_vae(pipe, volume):
     """A HU volume through the pipeline's slice VAE: (latents [C,S,h,w], reconstructed HU volume)."""
-    from ctflow.data.hu import denormalize_hu
     from ctflow.data.volume import Volume
 
     z = pipe.vae.encode_volume(volume)
-    return z, Volume(denormalize_hu(pipe.vae.decode_volume(z).numpy()), volume.spacing)
+    return z, Volume(pipe.vae.denormalize(pipe.vae.decode_volume(z).numpy()), volume.spacing)
 
 
 def run_measured(cmd: list[str], log: Path, cwd: Path, poll: float = 0.1) -> tuple[int, float]:

@@ -10,9 +10,9 @@ findings, one with cardiomegaly and a bilateral pleural effusion, each with its 
   over the change the findings make to the true latents: 1 means the report moves the prediction as
   much as the findings move the anatomy, 0 means the report is ignored. ``null_effect``:
   the same for report vs no report (classifier-free guidance's unconditional branch).
-* Generation: both reports generated with the same seed; the phantom reader's heart/thorax ratio and
-  the share of fluid-density voxels in the posterior lower chest, generated vs the two phantoms
-  through the VAE (what the findings should change).
+* Generation: both reports generated with the same seed; the phantom reader's heart/thorax ratio,
+  the share of fluid-density voxels in the posterior lower chest and the reader's effusion volume
+  (ml, both sides), generated vs the two phantoms through the VAE (what the findings should change).
 
 Writes ``results/text_use.json`` and ``results/text_use.png``: for the first two pairs, axial
 slices at 50/60/70% of the depth (mediastinal window), one row per volume: generated without
@@ -35,6 +35,7 @@ from common import RESULTS, generation_setup, through_vae, write_result  # noqa:
 
 SEED0 = 60500
 FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
+MEASURES = ("cardio_ratio", "fluid_share", "effusion_ml")
 
 
 def pair(seed: int):
@@ -64,10 +65,17 @@ def fluid_share(hu: np.ndarray) -> float:
 def measures(volume) -> dict:
     from ctflow.eval.attributes import attribute_scores
 
+    scores = attribute_scores(volume)
     return {
         # None: unreadable (no lungs found, or 0: no slices at mid-heart depth below the apex)
-        "cardio_ratio": attribute_scores(volume).get("cardio_ratio") or None,
+        "cardio_ratio": scores.get("cardio_ratio") or None,
         "fluid_share": fluid_share(volume.hu()),
+        # the reader's dependent pleural fluid, both sides (ml, scaled to body size); None: no lungs
+        "effusion_ml": (
+            round(scores["effusion_right_ml"] + scores["effusion_left_ml"], 1)
+            if "effusion_right_ml" in scores
+            else None
+        ),
     }
 
 
@@ -150,7 +158,7 @@ def main() -> dict:
     def shift(rows: dict) -> dict:
         # mean (with findings - without) over the pairs the reader could read on both sides
         out = {}
-        for m in ("cardio_ratio", "fluid_share"):
+        for m in MEASURES:
             d = [
                 f[m] - n[m]
                 for f, n in zip(rows["findings"], rows["normal"], strict=True)

@@ -71,6 +71,15 @@ def test_generation_stops_at_the_requested_slice_count(pipe, monkeypatch):
     assert out.reports[0].startswith("Volume: 6 slices, 2 mm spacing.")
 
 
+def test_decoded_slices_become_hu_with_the_vaes_window(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=None)  # every decoded value is -0.6
+    run = {"num_slices": 4, "num_inference_steps": 1, "generator": torch.Generator().manual_seed(0)}
+    assert pipe(REPORT, **run).volumes[0].hu() == pytest.approx(-600.0)  # linear [-1000, 1000]
+    monkeypatch.setattr(type(pipe.vae), "hu_window", property(lambda self: (-1000, -150, 150, 1000)))
+    run["generator"] = torch.Generator().manual_seed(0)
+    assert pipe(REPORT, **run).volumes[0].hu() == pytest.approx(-1000 + 0.6 * 850)  # 60% up segment 1
+
+
 def test_generation_stops_at_max_slices(pipe, monkeypatch):
     calls = _scripted_decoder(pipe, monkeypatch, white_from=None)
     out = pipe(REPORT, max_slices=9, num_inference_steps=1, generator=torch.Generator().manual_seed(0))

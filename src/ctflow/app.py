@@ -43,7 +43,6 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ctflow.data.hu import denormalize_hu  # noqa: E402
 from ctflow.data.io import read_volume  # noqa: E402
 from ctflow.data.preview import LUNG_WINDOW, MEDIASTINAL_WINDOW, apply_window, triplanar_image  # noqa: E402
 from ctflow.data.volume import Volume  # noqa: E402
@@ -184,7 +183,7 @@ def partial_volume(pipe, chunks: list[np.ndarray], limit: int | None) -> Volume 
     config = getattr(pipe, "config", {})
     px = float(config.get("pixel_spacing", 1.0))
     spacing = (float(config.get("slice_spacing", 1.0)), px, px)
-    return Volume(denormalize_hu(slices.astype(np.float32)), spacing)
+    return Volume(pipe.vae.denormalize(slices.astype(np.float32)), spacing)
 
 
 class Job:

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from ctflow import __version__
-from ctflow.data.hu import denormalize_hu
 from ctflow.data.volume import Volume, canonical_affine
 from ctflow.errors import CTFlowError
 from ctflow.files import atomic_dir
@@ -305,6 +304,6 @@ class CTFlowPipeline:
         spacing_z = parse_meta(text)[1] or self.config["slice_spacing"]
         px = float(self.config["pixel_spacing"])
         spacing = (float(spacing_z), px, px)
-        hu = denormalize_hu(slices.astype(np.float32))
+        hu = self.vae.denormalize(slices.astype(np.float32))
         meta = {"synthetic": True, "report": text, "model": self.name}
         return Volume(hu.astype(np.float32), spacing, canonical_affine(spacing), meta)

@@ -52,7 +52,41 @@ def test_custom_window_numbers_and_denormalize_clip():
     assert denormalize_hu(np.array([-2.0]))[0] == -1000.0
 
 
-@pytest.mark.parametrize("window", [(100, 100), (200, -200), (0, float("nan")), "ab", (1, 2, 3)])
+SOFT = (-1000, -150, 150, 1000)
+
+
+def test_piecewise_window_puts_its_knots_on_even_steps_and_round_trips():
+    x = normalize_hu(np.array([-3000, -1000, -150, 0, 150, 1000, 3000], np.float32), SOFT)
+    np.testing.assert_allclose(x, [-1, -1, -1 / 3, 0, 1 / 3, 1, 1], atol=1e-6)
+    # soft tissue gets 2/3 of the range per 300 HU: 2.22x the slope of the linear window
+    assert (normalize_hu(20.0, SOFT) - normalize_hu(10.0, SOFT)) / (
+        normalize_hu(20.0) - normalize_hu(10.0)
+    ) == pytest.approx(2000 / 900)
+    hu = np.linspace(-1000, 1000, 401)
+    y = normalize_hu(hu, SOFT)
+    assert (np.diff(y) > 0).all()
+    np.testing.assert_allclose(denormalize_hu(y, SOFT), hu, atol=1e-9)
+    t = torch.tensor(hu, dtype=torch.float32)
+    torch.testing.assert_close(normalize_hu(t, SOFT), torch.tensor(y, dtype=torch.float32))
+    torch.testing.assert_close(denormalize_hu(normalize_hu(t, SOFT), SOFT), t, atol=1e-3, rtol=0)
+    for v in (-700.0, -20.0, 400.0):  # numbers take the same path as arrays
+        assert normalize_hu(v, SOFT) == pytest.approx(float(normalize_hu(np.array([v]), SOFT)[0]))
+        assert denormalize_hu(normalize_hu(v, SOFT), SOFT) == pytest.approx(v)
+
+
+def test_piecewise_window_clips_or_extends_its_end_segments():
+    assert denormalize_hu(1.5, SOFT) == 1000.0
+    # clip=False extends the last/first segment: 850 HU per 2/3 of the range
+    assert denormalize_hu(1.5, SOFT, clip=False) == pytest.approx(1000 + 0.5 * 850 * 1.5)
+    np.testing.assert_allclose(
+        denormalize_hu(np.array([-1.5, 1.5]), SOFT, clip=False), [-1000 - 637.5, 1000 + 637.5]
+    )
+    torch.testing.assert_close(
+        denormalize_hu(torch.tensor([-1.5, 0.0]), SOFT, clip=False), torch.tensor([-1637.5, 0.0])
+    )
+
+
+@pytest.mark.parametrize("window", [(100, 100), (200, -200), (0, float("nan")), "ab", (1, 3, 2), (5,)])
 def test_bad_window(window):
     with pytest.raises(CTFlowError) as e:
         normalize_hu(np.zeros(3), window=window)

@@ -227,6 +227,28 @@ def test_encode_volume_normalises_a_hu_volume_and_refuses_a_raw_hu_array(tiny):
         tiny.encode_volume(hu)
 
 
+def test_hu_window_is_used_for_volumes_and_saved_with_the_weights(tiny, tmp_path):
+    from ctflow.data.hu import HU_WINDOW, normalize_hu
+    from ctflow.data.volume import Volume
+
+    svae = SliceVAE(build_vae("tiny"))
+    svae.vae.load_state_dict(tiny.vae.state_dict())
+    assert svae.hu_window == HU_WINDOW  # weights saved before the window existed read as linear
+    soft = (-1000.0, -150.0, 150.0, 1000.0)
+    svae.set_hu_window(soft)
+    hu = np.random.default_rng(1).uniform(-1100, 1100, (2, 16, 16)).astype(np.float32)
+    z = svae.encode_volume(Volume(hu))
+    torch.testing.assert_close(z, svae.encode_volume(normalize_hu(hu, soft)))
+    assert not torch.allclose(z, svae.encode_volume(normalize_hu(hu)))
+    np.testing.assert_allclose(svae.denormalize(svae.normalize(hu)), np.clip(hu, -1000, 1000), atol=1e-3)
+    svae.save(tmp_path / "vae")
+    again = SliceVAE.load(tmp_path / "vae")
+    assert again.hu_window == soft
+    torch.testing.assert_close(again.encode_volume(Volume(hu)), z)
+    with pytest.raises(CTFlowError, match="increasing"):
+        svae.set_hu_window((0, -10))
+
+
 def test_volume_methods_refuse_bad_shapes(tiny):
     with pytest.raises(CTFlowError, match=r"\(S, H, W\)"):
         tiny.encode_volume(np.zeros((16, 16), np.float32))

@@ -21,6 +21,10 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
     assert "# m" in card and "1.0 MB of safetensors" in card
     assert "| phantoms | train |" in card and "| 24.0 | 629.0 |" in card
     assert "EOS latent threshold (MSE): 0.5" in card
+    assert "HU window [-1000, 1000]" in card  # no VAE config: the linear default
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_hu_window": [-1000, -150, 150, 1000]}))
+    assert "HU window [-1000, -150, 150, 1000]" in write_model_card(tmp_path).read_text()
 
 
 def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tmp_path):
@@ -65,3 +69,9 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
     assert "report effect on the predicted chunk from noise: 0.05" in card
     assert "heart/thorax ratio shift +0.001 (true +0.09; 5 of 6 generated pairs readable)" in card
     assert "fluid-density share shift n/a (true +0.05; 0 of 6" in card
+    assert "effusion volume" not in card  # results from before the reader's effusion was measured
+    use["generated_shift"].update(effusion_ml=12.5, effusion_ml_pairs=6)
+    use["real_shift_through_vae"]["effusion_ml"] = 80.0
+    (results / "text_use.json").write_text(json.dumps(use))
+    card = write_model_card(folder, results).read_text()
+    assert "effusion volume read (ml, both sides) shift +12.5 (true +80.0; 6 of 6" in card

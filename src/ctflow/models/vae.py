@@ -2,8 +2,9 @@
 
 Every 2D axial slice of a CT volume is encoded on its own into a 2D latent; the
 flow transformer generates stacks of those latents and the VAE decodes them
-back slice by slice. The VAE sees slices normalised to ``[-1, 1]`` (see
-``ctflow.data.hu.normalize_hu``: HU clipped to ``[-1000, 1000]``).
+back slice by slice. The VAE sees slices normalised to ``[-1, 1]`` with its own
+HU window (:attr:`SliceVAE.hu_window`, saved in its config; default linear
+``[-1000, 1000]``, see ``ctflow.data.hu.normalize_hu``).
 
 Presets (``VAE_PRESETS``)
 -------------------------
@@ -184,6 +185,31 @@ class SliceVAE(nn.Module):
         """The decoder's output conv weight (for the adaptive adversarial weight)."""
         return self.vae.decoder.conv_out.weight
 
+    @property
+    def hu_window(self) -> tuple[float, ...]:
+        """HU knots the VAE's ``[-1, 1]`` input is mapped from (``ctflow.data.hu.normalize_hu``)."""
+        from ctflow.data.hu import HU_WINDOW
+
+        return tuple(float(v) for v in self.vae.config.get("_hu_window") or HU_WINDOW)
+
+    def set_hu_window(self, window) -> None:
+        """Set the HU window; stored in the config (a private key diffusers keeps) and saved."""
+        from ctflow.data.hu import check_window
+
+        self.vae.register_to_config(_hu_window=list(check_window(window)))
+
+    def normalize(self, hu):
+        """HU (numpy/torch/number) -> this VAE's ``[-1, 1]`` input range."""
+        from ctflow.data.hu import normalize_hu
+
+        return normalize_hu(hu, self.hu_window)
+
+    def denormalize(self, x, clip: bool = True):
+        """This VAE's ``[-1, 1]`` output range -> HU (inverse of :meth:`normalize`)."""
+        from ctflow.data.hu import denormalize_hu
+
+        return denormalize_hu(x, self.hu_window, clip=clip)
+
     def set_latent_stats(self, scaling_factor: float, shift_factor: float = 0.0) -> None:
         """Set the latent normalisation; stored in the config so it is saved with the weights."""
         scaling_factor, shift_factor = float(scaling_factor), float(shift_factor)
@@ -260,6 +286,16 @@ class SliceVAE(nn.Module):
 
     # volumes -------------------------------------------------------------------------------------
 
+    def _normalised_slices(self, volume):
+        """A Volume (HU) -> normalised float32 array; arrays/tensors pass through (already in [-1, 1])."""
+        from ctflow.data.volume import Volume
+
+        if isinstance(volume, Volume):
+            return np.asarray(self.normalize(volume.hu()), dtype=np.float32)
+        if isinstance(volume, torch.Tensor):
+            return volume.detach()
+        return np.asarray(volume)
+
     @torch.no_grad()
     def encode_volume(
         self, volume: Volume | np.ndarray | torch.Tensor, batch_size: int = 16, progress: bool = False
@@ -267,10 +303,10 @@ class SliceVAE(nn.Module):
         """A volume [S, H, W] -> latents [C, S, h, w] (float32, CPU), ``batch_size`` slices at a time.
 
         ``volume`` is a :class:`~ctflow.data.volume.Volume` (Hounsfield units,
-        normalised here with ``normalize_hu``) or an array/tensor already
+        normalised here with :meth:`normalize`) or an array/tensor already
         normalised to ``[-1, 1]``.
         """
-        array = _normalised_slices(volume)
+        array = self._normalised_slices(volume)
         if array.ndim != 3:
             raise CTFlowError(f"a volume is (S, H, W); got shape {tuple(array.shape)}")
         batch_size = _check_batch_size(batch_size)
@@ -345,19 +381,6 @@ def _check_batch_size(batch_size) -> int:
     return int(batch_size)
 
 
-def _normalised_slices(volume):
-    """A Volume (HU) -> normalised float32 array; arrays/tensors pass through (already in [-1, 1])."""
-    from ctflow.data.volume import Volume
-
-    if isinstance(volume, Volume):
-        from ctflow.data.hu import normalize_hu
-
-        return np.asarray(normalize_hu(volume.hu()), dtype=np.float32)
-    if isinstance(volume, torch.Tensor):
-        return volume.detach()
-    return np.asarray(volume)
-
-
 def _as_float_tensor(chunk) -> torch.Tensor:
     if isinstance(chunk, torch.Tensor):
         return chunk.float()
@@ -369,7 +392,7 @@ def _check_normalised(chunk: torch.Tensor) -> None:
     if not np.isfinite(peak) or peak > 1.5:
         raise CTFlowError(
             f"slice values reach {peak:g}, outside [-1, 1]: they look like Hounsfield units; "
-            f"pass a Volume or normalise with ctflow.data.hu.normalize_hu first"
+            f"pass a Volume or normalise with SliceVAE.normalize first"
         )
 
 

