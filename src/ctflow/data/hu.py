@@ -73,10 +73,7 @@ def normalize_hu(x, window=HU_WINDOW):
     if kind == "number":
         return float(normalize_hu(np.array([x]), knots)[0])
     step = 2.0 / (len(knots) - 1)
-    if len(knots) == 2:
-        lo, hi = knots
-        return (x.clip(lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0
-    y = x * 0.0 - 1.0
+    y = x * 0.0 - 1.0  # same kind, dtype and device as x
     for a, b in zip(knots[:-1], knots[1:], strict=True):
         y = y + ((x - a) * (step / (b - a))).clip(0.0, step)
     return y
