@@ -16,7 +16,11 @@ slice count, so the model itself decides where to stop (EOS). Measures:
   different tokens predict over change between slices of one token; 1 for the
   reconstructions); a tri-planar grid of the first 6 volumes.
 
-    python benchmarks/embedded_quality.py [--n 50] [--steps 20] [--model DIR]
+    python benchmarks/embedded_quality.py [--n 50] [--steps 20] [--guidance 2] [--model DIR]
+
+Results go to ``embedded_quality.json`` (and the grid to ``embedded_samples.png``); another guidance
+scale writes ``embedded_quality_guidance{G}.json`` and ``embedded_samples_guidance{G}.png`` instead,
+so a sweep leaves the default's figures (which the model card quotes) alone.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, generation_setup, heldout_reports, through_vae, write_result  # noqa: E402
 
 SEED0 = 50000
+DEFAULT_GUIDANCE = 2.0  # the pipeline's and the CLI's default
+
+
+def result_name(guidance: float) -> str:
+    """``embedded_quality`` at the default guidance, ``embedded_quality_guidance{G}`` otherwise."""
+    return "embedded_quality" if guidance == DEFAULT_GUIDANCE else f"embedded_quality_guidance{guidance:g}"
 
 
 def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
@@ -135,9 +145,11 @@ def main() -> dict:
 
         width = max(p.shape[1] for p in previews)
         grid = np.concatenate([np.pad(p, ((0, 4), (0, width - p.shape[1]))) for p in previews], axis=0)
-        iio.imwrite(RESULTS / "embedded_samples.png", grid.repeat(2, 0).repeat(2, 1))  # 2x, nearest
+        samples = result_name(args.guidance).replace("embedded_quality", "embedded_samples") + ".png"
+        iio.imwrite(RESULTS / samples, grid.repeat(2, 0).repeat(2, 1))  # 2x, nearest
+    write_result(result_name(args.guidance), result)
     return result
 
 
 if __name__ == "__main__":
-    write_result("embedded_quality", main())
+    main()
