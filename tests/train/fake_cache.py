@@ -6,25 +6,32 @@ import torch
 from safetensors.torch import save_file
 
 
-def make_fake_cache(folder, n=6, channels=4, size=8, text_dim=16, seed=0):
+def make_fake_cache(folder, n=6, channels=4, size=8, text_dim=16, seed=0, shard_size=None):
+    """``n`` volumes of 5, 8, 11, ... slices in shards of ``shard_size`` volumes (default: one shard)."""
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"eos": torch.full((channels, size, size), 2.0)}, folder / "eos.safetensors")
-    tensors, rows = {}, []
+    tensors, rows = [], []  # per volume
     for i in range(n):
         name = f"train_{i + 1}_a_1.nii.gz"
         s = 5 + 3 * i
         ramp = torch.linspace(-1, 1, s).view(1, s, 1, 1)
-        tensors[f"{name}.latents"] = (ramp + 0.1 * torch.randn(channels, s, size, size, generator=g)).half()
+        t = {f"{name}.latents": (ramp + 0.1 * torch.randn(channels, s, size, size, generator=g)).half()}
         for suffix in ("", "_nometa"):
             length = 4 + i % 3
-            tensors[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
-            tensors[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
+            t[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
+            t[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
+        tensors.append(t)
         rows.append(
             {"name": name, "report": f"r{i}", "num_slices": s, "spacing": [2.0, 1.0, 1.0], "labels": None}
         )
-    save_file(tensors, folder / "shard_00000.safetensors")
-    (folder / "shard_00000.json").write_text(json.dumps(rows))
+    step = shard_size or n
+    for k, start in enumerate(range(0, n, step)):
+        save_file(
+            {key: v for t in tensors[start : start + step] for key, v in t.items()},
+            folder / f"shard_{k:05d}.safetensors",
+        )
+        (folder / f"shard_{k:05d}.json").write_text(json.dumps(rows[start : start + step]))
     index = {
         "image_size": size * 4,
         "latent_shape": [channels, size, size],

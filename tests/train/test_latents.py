@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from ctflow.models.text import ReportEncoder
 from ctflow.models.vae import SliceVAE
 from ctflow.pipeline import DEFAULT_MODEL
 from ctflow.train.latents import LatentCache, encode_dataset, strip_meta
+from tests.train.fake_cache import make_fake_cache
 
 
 def test_strip_meta_removes_only_the_leading_meta_line():
@@ -35,7 +38,7 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
     vae, text = SliceVAE.load(DEFAULT_MODEL / "vae"), ReportEncoder.from_pretrained()
     encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
     cache = LatentCache(tmp_path / "lat")
-    v = cache.volumes[0]
+    v = cache[0]
     assert len(cache) == 2 and v.latents.shape == (8, v.num_slices, 16, 16)
     assert v.tokens.shape[0] > v.tokens_nometa.shape[0]  # the meta line adds tokens
     torch.testing.assert_close(v.pooled, text([ds.load(0).report]).pooled[0])
@@ -47,3 +50,34 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
     encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
     assert (tmp_path / "lat" / "shard_00000.safetensors").stat().st_mtime_ns == stamp
     assert len(LatentCache(tmp_path / "lat")) == 2
+
+
+def test_latent_cache_reads_volumes_from_their_shards_on_demand(tmp_path):
+    from safetensors.torch import load_file
+
+    folder = make_fake_cache(tmp_path / "c", n=7, shard_size=2)  # 4 shards
+    cache = LatentCache(folder, open_shards=2)
+    assert len(cache) == 7 and cache._open == {}  # nothing read until asked
+    written = {}
+    for shard in sorted(folder.glob("shard_*.safetensors")):
+        written.update(load_file(shard))
+    for i in (6, 0, 3, 6, 1):
+        v = cache[i]
+        assert v.latents.dtype == torch.float32 and v.num_slices == cache.num_slices(i) == v.latents.shape[1]
+        for key in ("latents", "tokens", "pooled", "tokens_nometa", "pooled_nometa"):
+            torch.testing.assert_close(getattr(v, key), written[f"{v.name}.{key}"].float())
+        assert len(cache._open) <= 2  # at most open_shards shards held
+    assert [v.name for v in cache] == [r["name"] for _, r in cache.rows]
+
+
+def test_a_cache_whose_index_disagrees_with_its_shards_is_refused_with_the_fix(tmp_path):
+    from ctflow.train.config import FlowTrainConfig
+    from ctflow.train.flow_trainer import ChunkSampler
+
+    folder = make_fake_cache(tmp_path / "c", n=1)
+    rows = json.loads((folder / "shard_00000.json").read_text())
+    rows[0]["num_slices"] = 40  # the shard holds 5
+    (folder / "shard_00000.json").write_text(json.dumps(rows))
+    sampler = ChunkSampler(LatentCache(folder), 4, FlowTrainConfig())
+    with pytest.raises(CTFlowError, match="re-encode"):
+        sampler.batch(2, torch.Generator().manual_seed(0))

@@ -375,10 +375,21 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         text pathways learn at the rate of the rest of the network. Stds are floored at a tenth of
         their mean so near-constant dimensions are not blown up.
         """
-        for buffer, x in ((self.token_stats, tokens), (self.pooled_stats, pooled)):
-            x = x.to(buffer)
-            std = x.std(0) if len(x) > 1 else torch.ones_like(buffer[1])
-            buffer.copy_(torch.stack([x.mean(0), std.clamp_min(float(std.mean()) * 0.1)]))
+        moments = []
+        for x in (tokens, pooled):
+            x = x.to(self.token_stats)
+            moments.append((x.mean(0), x.std(0) if len(x) > 1 else torch.ones_like(x[0])))
+        self.set_text_moments(*moments)
+
+    @torch.no_grad()
+    def set_text_moments(
+        self, tokens: tuple[torch.Tensor, torch.Tensor], pooled: tuple[torch.Tensor, torch.Tensor]
+    ):
+        """``set_text_statistics`` from precomputed per-dimension (mean, std) pairs (a training set too large
+        to hold its features at once: ``LatentCache.text_moments``)."""
+        for buffer, (mean, std) in ((self.token_stats, tokens), (self.pooled_stats, pooled)):
+            std = std.to(buffer)
+            buffer.copy_(torch.stack([mean.to(buffer), std.clamp_min(float(std.mean()) * 0.1)]))
 
     def initialize_weights(self) -> None:
         """DiT initialisation: xavier linears, zeroed adaLN modulations, cross-attention outputs and final layer."""

@@ -47,7 +47,7 @@ def eos_threshold(latents: Path, fraction: float = 0.35) -> float:
     from ctflow.train.latents import LatentCache
 
     cache = LatentCache(latents)
-    d = torch.cat([((v.latents - cache.eos[:, None]) ** 2).mean(dim=(0, 2, 3)) for v in cache.volumes])
+    d = torch.cat([((v.latents - cache.eos[:, None]) ** 2).mean(dim=(0, 2, 3)) for v in cache])
     return round(float(fraction * d.quantile(0.01)), 4)
 
 

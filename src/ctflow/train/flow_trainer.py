@@ -43,18 +43,25 @@ class ChunkSampler:
 
     def __init__(self, cache: LatentCache, chunk_slices: int, config: FlowTrainConfig):
         self.cache, self.k, self.cfg = cache, chunk_slices, config
-        self.chunks = [chunk_sequence(v.latents, cache.eos, chunk_slices) for v in cache.volumes]
+        # chunks per volume (its slices, EOS-padded, plus the EOS chunk): known from the index alone
+        self.num_chunks = [math.ceil(cache.num_slices(i) / chunk_slices) + 1 for i in range(len(cache))]
 
     def batch(self, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
         x0, ctx, idx, toks, pooled, first, counts = [], [], [], [], [], [], []
         for _ in range(batch_size):
-            v = int(torch.randint(len(self.chunks), (), generator=g))
-            seq, vol = self.chunks[v], self.cache.volumes[v]
+            v = int(torch.randint(len(self.cache), (), generator=g))
+            vol, n = self.cache[v], self.num_chunks[v]
             if self.cfg.start_boost <= 0:  # StartBoost off: every chunk equally likely
-                i = int(torch.randint(len(seq), (), generator=g))
+                i = int(torch.randint(n, (), generator=g))
             else:
-                i = 0 if rand() < self.cfg.start_boost else int(torch.randint(1, len(seq), (), generator=g))
+                i = 0 if rand() < self.cfg.start_boost else int(torch.randint(1, n, (), generator=g))
+            seq = chunk_sequence(vol.latents, self.cache.eos, self.k)
+            if len(seq) != n:
+                raise CTFlowError(
+                    f"latent cache: {vol.name} has {vol.latents.shape[1]} latent slices but its "
+                    f"index says {vol.num_slices}; re-encode it with `ctflow encode --overwrite`"
+                )
             x0.append(seq[i])
             ctx.append(seq[i - 1] if i > 0 else torch.zeros_like(seq[0]))
             first.append(i == 0)
@@ -126,8 +133,8 @@ def build_transformer(config: FlowTrainConfig, cache: LatentCache):
         model = CTFlowTransformer.from_preset(preset, **spec)
     except TypeError as e:
         raise CTFlowError(f"bad transformer config: {e}") from None
-    tokens = torch.cat([v.tokens for v in cache.volumes])
-    model.set_text_statistics(tokens, torch.stack([v.pooled for v in cache.volumes]))
+    moments = cache.text_moments()
+    model.set_text_moments(moments["tokens"], moments["pooled"])
     return model
 
 

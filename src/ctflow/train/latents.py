@@ -17,11 +17,14 @@ Shards are written atomically; a rerun skips finished shards (resumable).
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ctflow.errors import CTFlowError
@@ -133,9 +136,14 @@ class LatentVolume:
 
 
 class LatentCache:
-    """All volumes of a latent cache, in memory (fine for phantoms; shard streaming for CT-RATE scale)."""
+    """The volumes of a latent cache, read from their shards on demand.
 
-    def __init__(self, folder: str | Path):
+    Only the index is held in memory; ``cache[i]`` reads volume ``i``'s tensors from its
+    (memory-mapped) safetensors shard, so a CT-RATE-size cache trains in the memory of one batch.
+    A few shards stay open (``open_shards``, least recently used first out).
+    """
+
+    def __init__(self, folder: str | Path, open_shards: int = 8):
         folder = Path(folder)
         index_path = folder / "index.json"
         if not index_path.is_file():
@@ -144,25 +152,61 @@ class LatentCache:
             )
         self.index = json.loads(index_path.read_text())
         self.eos = load_file(folder / "eos.safetensors")["eos"].float()  # [C,h,w]
-        self.volumes: list[LatentVolume] = []
+        self.rows: list[tuple[Path, dict]] = []  # (shard, its index row) per volume
         for shard in sorted(folder.glob("shard_*.safetensors")):
-            t = load_file(shard)
-            for row in json.loads(shard.with_suffix(".json").read_text()):
-                n = row["name"]
-                self.volumes.append(
-                    LatentVolume(
-                        n,
-                        t[f"{n}.latents"].float(),
-                        t[f"{n}.tokens"].float(),
-                        t[f"{n}.pooled"].float(),
-                        t[f"{n}.tokens_nometa"].float(),
-                        t[f"{n}.pooled_nometa"].float(),
-                        row["num_slices"],
-                        row["spacing"],
-                    )
-                )
-        if not self.volumes:
+            self.rows += [(shard, row) for row in json.loads(shard.with_suffix(".json").read_text())]
+        if not self.rows:
             raise CTFlowError(f"latent cache {folder} holds no volumes")
+        self._open: OrderedDict[Path, object] = OrderedDict()
+        self._max_open = max(1, open_shards)
 
     def __len__(self) -> int:
-        return len(self.volumes)
+        return len(self.rows)
+
+    def num_slices(self, i: int) -> int:
+        return int(self.rows[i][1]["num_slices"])
+
+    def __getitem__(self, i: int) -> LatentVolume:
+        shard, row = self.rows[i]
+        f, n = self._shard(shard), row["name"]
+        get = lambda key: f.get_tensor(f"{n}.{key}").float()  # noqa: E731
+        return LatentVolume(
+            n,
+            get("latents"),
+            get("tokens"),
+            get("pooled"),
+            get("tokens_nometa"),
+            get("pooled_nometa"),
+            row["num_slices"],
+            row["spacing"],
+        )
+
+    def __iter__(self) -> Iterator[LatentVolume]:
+        return (self[i] for i in range(len(self)))
+
+    def _shard(self, path: Path):
+        if path in self._open:
+            self._open.move_to_end(path)
+        else:
+            self._open[path] = safe_open(path, framework="pt")
+            if len(self._open) > self._max_open:
+                self._open.popitem(last=False)
+        return self._open[path]
+
+    def text_moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-dimension (mean, std) of the report features with the meta line, over all real tokens
+        (``"tokens"``) and over the pooled embeddings (``"pooled"``), read one volume at a time."""
+        sums: dict[str, list] = {}
+        for v in self:
+            for key, x in (("tokens", v.tokens), ("pooled", v.pooled[None])):
+                x = x.double()
+                acc = sums.setdefault(key, [0, 0.0, 0.0])
+                acc[0] += x.shape[0]
+                acc[1] = acc[1] + x.sum(0)
+                acc[2] = acc[2] + (x * x).sum(0)
+        out = {}
+        for key, (n, s, sq) in sums.items():
+            mean = s / n
+            var = (sq - n * mean * mean) / max(n - 1, 1) if n > 1 else torch.ones_like(mean)
+            out[key] = (mean.float(), var.clamp_min(0).sqrt().float())
+        return out
