@@ -39,7 +39,7 @@ def peak_rss_mb(pid: int | str = "self", key: str = "VmHWM") -> float | None:
 
 
 def generation_setup(n: int, description: str):
-    """The options every generation benchmark takes (--model, --n, --steps, --guidance), parsed, and the
+    """The options every generation benchmark takes (--model, --n, --steps, --guidance, --result), parsed, and the
     pipeline they name on 2 threads: (args, pipe)."""
     import argparse
 
@@ -52,6 +52,9 @@ def generation_setup(n: int, description: str):
     p.add_argument("--n", type=int, default=n)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument(
+        "--result", default=None, help="name of the JSON/PNG written to benchmarks/results (experiments)"
+    )
     args = p.parse_args()
     torch.set_num_threads(2)
     return args, CTFlowPipeline.from_pretrained(args.model)
@@ -114,3 +117,40 @@ def write_result(name: str, result: dict) -> Path:
     print(json.dumps(result, indent=1))
     print(f"wrote {path}")
     return path
+
+
+def synthetic_cache(
+    folder: Path,
+    n: int = 64,
+    channels: int = 8,
+    size: int = 16,
+    text_dim: int = 384,
+    slices: tuple[int, int] = (40, 120),
+    shard_size: int | None = None,
+) -> Path:
+    """A latent cache of random volumes in the layout ``ctflow encode`` writes: ``n`` volumes of
+    ``slices[0]``.. ``slices[1] - 1`` slices of ``channels`` x ``size`` x ``size`` latents, 90 text tokens."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True)
+    save_file({"eos": torch.ones(channels, size, size)}, folder / "eos.safetensors")
+    rows = []
+    step = shard_size or n
+    for k, start in enumerate(range(0, n, step)):
+        tensors, part = {}, []
+        for i in range(start, min(start + step, n)):
+            name, s = f"train_{i + 1}_a_1.nii.gz", slices[0] + i % (slices[1] - slices[0])
+            tensors[f"{name}.latents"] = torch.randn(channels, s, size, size, generator=g).half()
+            for suffix in ("", "_nometa"):
+                tensors[f"{name}.tokens{suffix}"] = torch.randn(90, text_dim, generator=g).half()
+                tensors[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
+            part.append(
+                {"name": name, "report": "", "num_slices": s, "spacing": [2.5, 5.0, 5.0], "labels": None}
+            )
+        save_file(tensors, folder / f"shard_{k:05d}.safetensors")
+        (folder / f"shard_{k:05d}.json").write_text(json.dumps(part))
+        rows += part
+    (folder / "index.json").write_text(json.dumps({"text_dim": text_dim, "volumes": rows}))
+    return folder

@@ -20,7 +20,8 @@ slice count, so the model itself decides where to stop (EOS). Measures:
 
 Results go to ``embedded_quality.json`` (and the grid to ``embedded_samples.png``); another guidance
 scale writes ``embedded_quality_guidance{G}.json`` and ``embedded_samples_guidance{G}.png`` instead,
-so a sweep leaves the default's figures (which the model card quotes) alone.
+so a sweep leaves the default's figures (which the model card quotes) alone; ``--result NAME`` names
+them for an experiment (``NAME.json``, ``NAME_samples.png``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ def result_name(guidance: float) -> str:
     return "embedded_quality" if guidance == DEFAULT_GUIDANCE else f"embedded_quality_guidance{guidance:g}"
 
 
+def samples_name(name: str) -> str:
+    """The sample grid's file name (no suffix) beside the result ``name``."""
+    return (
+        name.replace("embedded_quality", "embedded_samples")
+        if "embedded_quality" in name
+        else f"{name}_samples"
+    )
+
+
 def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
     """What the accuracies mean: the accuracy of always answering the commonest value, and the share of
     reported findings (values other than none/False) that the reader finds in the generated volume."""
@@ -61,6 +71,7 @@ def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
 
 def main() -> dict:
     args, pipe = generation_setup(50, __doc__.splitlines()[0])
+    name = args.result or result_name(args.guidance)
     k = pipe.chunk_slices
     patch_slices = pipe.transformer.config.patch_size[0]
     try:
@@ -145,9 +156,8 @@ def main() -> dict:
 
         width = max(p.shape[1] for p in previews)
         grid = np.concatenate([np.pad(p, ((0, 4), (0, width - p.shape[1]))) for p in previews], axis=0)
-        samples = result_name(args.guidance).replace("embedded_quality", "embedded_samples") + ".png"
-        iio.imwrite(RESULTS / samples, grid.repeat(2, 0).repeat(2, 1))  # 2x, nearest
-    write_result(result_name(args.guidance), result)
+        iio.imwrite(RESULTS / f"{samples_name(name)}.png", grid.repeat(2, 0).repeat(2, 1))  # 2x, nearest
+    write_result(name, result)
     return result
 
 

@@ -192,11 +192,11 @@ def main() -> dict:
             for i in range(args.n)
         ],
     }
-    write_result("text_use", result)
+    write_result(args.result or "text_use", result)
     import imageio.v3 as iio
 
     grid = np.concatenate([np.pad(s, ((0, 4), (0, 0))) for s in strips])
-    iio.imwrite(RESULTS / "text_use.png", grid.repeat(2, 0).repeat(2, 1))  # 2x, nearest
+    iio.imwrite(RESULTS / f"{args.result or 'text_use'}.png", grid.repeat(2, 0).repeat(2, 1))  # 2x, nearest
     return result
 
 

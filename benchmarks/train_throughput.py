@@ -17,35 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import synthetic_cache, write_result  # noqa: E402
 
 from ctflow.train.config import FlowTrainConfig, load_config  # noqa: E402
 from ctflow.train.flow_trainer import train_flow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def synthetic_cache(
-    folder: Path, n: int = 64, channels: int = 8, size: int = 16, text_dim: int = 384
-) -> Path:
-    g = torch.Generator().manual_seed(0)
-    folder.mkdir(parents=True)
-    save_file({"eos": torch.ones(channels, size, size)}, folder / "eos.safetensors")
-    tensors, rows = {}, []
-    for i in range(n):
-        name, s = f"train_{i + 1}_a_1.nii.gz", 40 + i % 80
-        tensors[f"{name}.latents"] = torch.randn(channels, s, size, size, generator=g).half()
-        for suffix in ("", "_nometa"):
-            tensors[f"{name}.tokens{suffix}"] = torch.randn(90, text_dim, generator=g).half()
-            tensors[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
-        rows.append({"name": name, "report": "", "num_slices": s, "spacing": [2.5, 5.0, 5.0], "labels": None})
-    save_file(tensors, folder / "shard_00000.safetensors")
-    (folder / "shard_00000.json").write_text(json.dumps(rows))
-    (folder / "index.json").write_text(json.dumps({"text_dim": text_dim, "volumes": rows}))
-    return folder
 
 
 def run(cache: Path, config: FlowTrainConfig, work: Path) -> dict:
