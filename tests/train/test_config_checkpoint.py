@@ -20,11 +20,15 @@ def test_shipped_configs_load(tmp_path):
     assert load_config(root / "tiny-phantom.yaml", FlowTrainConfig).transformer["preset"] == "tiny"
     assert load_config(root / "ctrate-512.yaml", FlowTrainConfig).mixed_precision == "bf16"
     assert load_config(root / "tiny-vae.yaml", VAETrainConfig).image_size == 64
-    # the experiment config is the shipped one plus its one change
+    # each experiment config is the shipped one plus its one change
     base = load_config(root / "tiny-phantom.yaml", FlowTrainConfig)
-    experiment = load_config(root / "tiny-phantom-context-noise.yaml", FlowTrainConfig)
-    assert experiment.context_noise_max == 1.0 and base.context_noise_max == 0.0
-    assert dataclasses.replace(experiment, context_noise_max=0.0) == base
+    for name, key, value in (
+        ("context-noise", "context_noise_max", 1.0),
+        ("startboost25", "start_boost", 0.25),
+    ):
+        experiment = load_config(root / f"tiny-phantom-{name}.yaml", FlowTrainConfig)
+        assert getattr(experiment, key) == value != getattr(base, key)
+        assert dataclasses.replace(experiment, **{key: getattr(base, key)}) == base
 
 
 def test_unknown_key_is_an_error_naming_the_key(tmp_path):
