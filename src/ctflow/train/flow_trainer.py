@@ -246,5 +246,8 @@ def train_flow(
         final = accelerator.unwrap_model(model)
         ema.copy_to(final)
         final.save_pretrained(out / "transformer", safe_serialization=True)
+    # all ranks tear the process group down together: a rank that left while rank 0 was still saving
+    # sometimes died in gloo's teardown ("terminate called without an active exception", ~1 run in 8)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -166,12 +166,17 @@ class LatentCache:
     def num_slices(self, i: int) -> int:
         return int(self.rows[i][1]["num_slices"])
 
-    def __getitem__(self, i: int) -> LatentVolume:
+    def tensor(self, i: int, key: str) -> torch.Tensor:
+        """One stored tensor of volume ``i`` (``latents``, ``tokens``, ``pooled``, ``tokens_nometa``,
+        ``pooled_nometa``) as float32, read alone from its shard."""
         shard, row = self.rows[i]
-        f, n = self._shard(shard), row["name"]
-        get = lambda key: f.get_tensor(f"{n}.{key}").float()  # noqa: E731
+        return self._shard(shard).get_tensor(f"{row['name']}.{key}").float()
+
+    def __getitem__(self, i: int) -> LatentVolume:
+        row = self.rows[i][1]
+        get = lambda key: self.tensor(i, key)  # noqa: E731
         return LatentVolume(
-            n,
+            row["name"],
             get("latents"),
             get("tokens"),
             get("pooled"),
@@ -195,11 +200,13 @@ class LatentCache:
 
     def text_moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per-dimension (mean, std) of the report features with the meta line, over all real tokens
-        (``"tokens"``) and over the pooled embeddings (``"pooled"``), read one volume at a time."""
+        (``"tokens"``) and over the pooled embeddings (``"pooled"``), read one volume at a time
+        (its text features only, not its latents)."""
         sums: dict[str, list] = {}
-        for v in self:
-            for key, x in (("tokens", v.tokens), ("pooled", v.pooled[None])):
-                x = x.double()
+        for i in range(len(self)):
+            for key in ("tokens", "pooled"):
+                x = self.tensor(i, key).double()
+                x = x if x.ndim == 2 else x[None]  # tokens [L,D]; pooled [D] -> [1,D]
                 acc = sums.setdefault(key, [0, 0.0, 0.0])
                 acc[0] += x.shape[0]
                 acc[1] = acc[1] + x.sum(0)
