@@ -26,6 +26,21 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask swaps it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool = False) -> None:
+    """Give a temporary file (0600) or folder (0700) the mode a plain ``open``/``mkdir`` would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _suffixes(path: Path) -> str:
     name = path.name
     for ext in (".nii.gz", ".tar.gz"):
@@ -50,6 +65,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         yield tmp
         if path.is_dir():
             raise CTFlowError(f"cannot write {path}: a folder of that name exists")
+        _publish_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -63,6 +79,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, directory=True)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

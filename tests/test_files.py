@@ -1,0 +1,37 @@
+import os
+import stat
+
+import pytest
+
+from ctflow.errors import CTFlowError
+from ctflow.files import atomic_dir, atomic_path
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_atomic_outputs_get_the_mode_of_a_plain_write_not_the_temp_files_0600(tmp_path, umask_027):
+    with atomic_path(tmp_path / "ct.nii.gz") as tmp:
+        tmp.write_bytes(b"x")
+    with atomic_dir(tmp_path / "series") as tmp:
+        (tmp / "a.dcm").write_bytes(b"x")
+    assert stat.S_IMODE((tmp_path / "ct.nii.gz").stat().st_mode) == 0o640  # 0666 & ~027
+    assert stat.S_IMODE((tmp_path / "series").stat().st_mode) == 0o750  # 0777 & ~027
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "series"]  # no temp left behind
+
+
+def test_a_failed_write_leaves_nothing_and_an_existing_output_needs_overwrite(tmp_path):
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "out.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "out.json").write_text("old")
+    with pytest.raises(CTFlowError, match="--overwrite"), atomic_path(tmp_path / "out.json"):
+        pass
+    with atomic_path(tmp_path / "out.json", overwrite=True) as tmp:
+        tmp.write_text("new")
+    assert (tmp_path / "out.json").read_text() == "new"
