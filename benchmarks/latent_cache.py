@@ -39,13 +39,13 @@ class InMemory:
     """Every volume of a LatentCache loaded up front, with the interface the sampler reads."""
 
     def __init__(self, cache):
-        self.eos, self.volumes = cache.eos, list(cache)
+        self.eos, self.rows, self.volumes = cache.eos, cache.rows, list(cache)
+
+    def tensor(self, i: int, key: str):
+        return getattr(self.volumes[i], key)
 
     def __len__(self) -> int:
         return len(self.volumes)
-
-    def __getitem__(self, i: int):
-        return self.volumes[i]
 
     def num_slices(self, i: int) -> int:
         return self.volumes[i].num_slices

@@ -192,11 +192,12 @@ def main() -> dict:
             for i in range(args.n)
         ],
     }
-    write_result(args.result or "text_use", result)
+    name = args.result or "text_use"
+    write_result(name, result)
     import imageio.v3 as iio
 
     grid = np.concatenate([np.pad(s, ((0, 4), (0, 0))) for s in strips])
-    iio.imwrite(RESULTS / f"{args.result or 'text_use'}.png", grid.repeat(2, 0).repeat(2, 1))  # 2x, nearest
+    iio.imwrite(RESULTS / f"{name}.png", grid.repeat(2, 0).repeat(2, 1))  # 2x, nearest
     return result
 
 

@@ -51,29 +51,27 @@ class ChunkSampler:
         x0, ctx, idx, toks, pooled, first, counts = [], [], [], [], [], [], []
         for _ in range(batch_size):
             v = int(torch.randint(len(self.cache), (), generator=g))
-            vol, n = self.cache[v], self.num_chunks[v]
+            n = self.num_chunks[v]
             if self.cfg.start_boost <= 0:  # StartBoost off: every chunk equally likely
                 i = int(torch.randint(n, (), generator=g))
             else:
                 i = 0 if rand() < self.cfg.start_boost else int(torch.randint(1, n, (), generator=g))
-            seq = chunk_sequence(vol.latents, self.cache.eos, self.k)
+            latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
+            seq = chunk_sequence(latents, self.cache.eos, self.k)
             if len(seq) != n:
                 raise CTFlowError(
-                    f"latent cache: {vol.name} has {vol.latents.shape[1]} latent slices but its "
-                    f"index says {vol.num_slices}; re-encode it with `ctflow encode --overwrite`"
+                    f"latent cache: {self.cache.rows[v][1]['name']} has {latents.shape[1]} latent slices but "
+                    f"its index says {self.cache.num_slices(v)}; re-encode it with `ctflow encode --overwrite`"
                 )
             x0.append(seq[i])
             ctx.append(seq[i - 1] if i > 0 else torch.zeros_like(seq[0]))
             first.append(i == 0)
             idx.append(i)
-            if rand() < self.cfg.meta_dropout:
-                toks.append(vol.tokens_nometa)
-                pooled.append(vol.pooled_nometa)
-                counts.append(0)  # no meta line: the slice count is unknown
-            else:
-                toks.append(vol.tokens)
-                pooled.append(vol.pooled)
-                counts.append(vol.num_slices)
+            dropped = rand() < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
+            suffix = "_nometa" if dropped else ""
+            toks.append(self.cache.tensor(v, "tokens" + suffix))
+            pooled.append(self.cache.tensor(v, "pooled" + suffix))
+            counts.append(0 if dropped else self.cache.num_slices(v))
         length = max(t.shape[0] for t in toks)
         tokens = torch.zeros(batch_size, length, pooled[0].shape[0])
         mask = torch.zeros(batch_size, length, dtype=torch.long)
