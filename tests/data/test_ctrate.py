@@ -118,3 +118,24 @@ def test_writer_output_reads_back_through_the_reader(tmp_path):
     np.testing.assert_array_equal(s.volume.hu(), hu)
     assert s.volume.spacing == (2.5, 0.8, 0.8) and s.labels["Emphysema"] == 1
     assert (tmp_path / "dataset/valid/valid_1/valid_1_a/valid_1_a_1.json").exists()
+    assert s.finding_slices is None  # a sidecar without phantom findings
+
+
+def test_phantom_ground_truth_beside_a_volume_gives_its_finding_slices(tmp_path):
+    truth = {
+        "num_slices": 5,
+        "spacing": [2.5, 0.8, 0.8],
+        "findings": [{"type": "effusion", "visible": True, "slice_range": [2, 4]}],
+    }
+    w = CTRateWriter(tmp_path, "valid")
+    volume = Volume(np.zeros((5, 6, 7), np.float32), (2.5, 0.8, 0.8))
+    w.add(0, volume, {"Findings_EN": "Fluid.", "Impressions_EN": "Effusion."}, {}, extra=truth)
+    w.close()
+    ds = CTRateDataset.open(tmp_path, "valid")
+    assert ds.load(0).finding_slices == [{"type": "effusion", "first": 2, "last": 4}]
+    sidecar = tmp_path / "dataset/valid/valid_1/valid_1_a/valid_1_a_1.json"
+    sidecar.write_text('{"findings": [{"type": "effusion", "visible": true}]}')  # no num_slices
+    with pytest.raises(CTFlowError, match="valid_1_a_1.json is not a readable phantom ground truth"):
+        ds.load(0)
+    _fixture(tmp_path / "ctrate")  # CT-RATE itself: no ground truth beside the volumes
+    assert CTRateDataset.open(tmp_path / "ctrate").load(0).finding_slices is None

@@ -16,6 +16,7 @@ from ctflow.data.phantom import (
     LABEL_IDS,
     LOBES,
     PhantomSpec,
+    finding_extents,
     make_phantom,
     render_phantom,
     sample_spec,
@@ -280,6 +281,33 @@ def test_consolidation_and_emphysema_change_lung_density(normal):
     lung0 = np.isin(base.labels, LUNG_IDS)
     lung1 = np.isin(emph.labels, LUNG_IDS)
     assert float(emph.volume.hu()[lung1].mean()) < float(base.volume.hu()[lung0].mean()) - 40.0
+
+
+def test_finding_extents_match_the_label_map():
+    findings = [
+        {"type": "effusion", "side": "right"},
+        {"type": "cardiomegaly"},
+        {"type": "nodule", "lobe": "left lower", "size_mm": 14.0},
+        {"type": "consolidation", "lobe": "right upper"},
+        {"type": "emphysema"},
+    ]
+    r = render_phantom(_spec(findings=findings))
+    extents = {e["type"]: (e["first"], e["last"]) for e in finding_extents(r.ground_truth)}
+    assert set(extents) == {"effusion", "cardiomegaly", "nodule", "consolidation"}  # emphysema: everywhere
+
+    def slices(*names):
+        z = np.nonzero(np.isin(r.labels, [LABEL_IDS[n] for n in names]).any((1, 2)))[0]
+        return int(z.min()), int(z.max())
+
+    assert extents["effusion"] == slices("effusion")
+    assert extents["consolidation"] == slices("consolidation")
+    lo, hi = slices("nodule")
+    assert extents["nodule"][0] <= lo and hi <= extents["nodule"][1] <= hi + 2
+    heart = slices("myocardium", "blood_pool")  # from the heart's centre and z semi-axis
+    assert all(abs(a - b) <= 2 for a, b in zip(extents["cardiomegaly"], heart, strict=True))
+    # an invisible finding (scanned range misses it) has no extent
+    _, gt = make_phantom(_spec(num_slices=8, start_level=-120.0, findings=findings[:1]))
+    assert finding_extents(gt) == []
 
 
 def test_invalid_specs_raise_one_line_errors():

@@ -6,8 +6,11 @@ import torch
 from safetensors.torch import save_file
 
 
-def make_fake_cache(folder, n=6, channels=4, size=8, text_dim=16, seed=0, shard_size=None):
-    """``n`` volumes of 5, 8, 11, ... slices in shards of ``shard_size`` volumes (default: one shard)."""
+def make_fake_cache(
+    folder, n=6, channels=4, size=8, text_dim=16, seed=0, shard_size=None, finding_slices=None
+):
+    """``n`` volumes of 5, 8, 11, ... slices in shards of ``shard_size`` volumes (default: one shard);
+    ``finding_slices``: {volume number: [{"type", "first", "last"}]} for the rows that have them."""
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"eos": torch.full((channels, size, size), 2.0)}, folder / "eos.safetensors")
@@ -25,6 +28,8 @@ def make_fake_cache(folder, n=6, channels=4, size=8, text_dim=16, seed=0, shard_
         rows.append(
             {"name": name, "report": f"r{i}", "num_slices": s, "spacing": [2.0, 1.0, 1.0], "labels": None}
         )
+        if finding_slices and i in finding_slices:
+            rows[-1]["finding_slices"] = finding_slices[i]
     step = shard_size or n
     for k, start in enumerate(range(0, n, step)):
         save_file(

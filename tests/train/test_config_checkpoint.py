@@ -25,6 +25,7 @@ def test_shipped_configs_load(tmp_path):
     for name, key, value in (
         ("context-noise", "context_noise_max", 1.0),
         ("startboost25", "start_boost", 0.25),
+        ("findingboost", "finding_boost", 0.2),
     ):
         experiment = load_config(root / f"tiny-phantom-{name}.yaml", FlowTrainConfig)
         assert getattr(experiment, key) == value != getattr(base, key)

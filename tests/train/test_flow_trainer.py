@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from ctflow.errors import CTFlowError
 from ctflow.train.config import FlowTrainConfig, OptimConfig
-from ctflow.train.flow_trainer import ChunkSampler, chunk_sequence, train_flow
+from ctflow.train.flow_trainer import ChunkSampler, chunk_sequence, onset_chunks, train_flow
 from ctflow.train.latents import LatentCache
 from tests.train.fake_cache import TINY_TRANSFORMER, make_fake_cache
 
@@ -49,6 +49,50 @@ def test_sampler_start_boost_sets_share_of_first_chunks(tmp_path):
         assert lo <= share <= hi
         assert (b["chunk_index"] == 0).eq(b["first"]).all()
         assert b["context"][b["first"]].eq(0).all()
+
+
+def test_onset_chunks_are_where_a_finding_begins_and_the_chunk_after(tmp_path):
+    findings = {
+        5: [{"type": "effusion", "first": 9, "last": 17}, {"type": "nodule", "first": 10, "last": 11}],
+        4: [{"type": "cardiomegaly", "first": 2, "last": 12}, {"type": "nodule", "first": 13, "last": 14}],
+        3: [{"type": "consolidation", "first": 4, "last": 5}],  # within one chunk: no chunk after
+    }
+    cache = LatentCache(make_fake_cache(tmp_path / "c", finding_slices=findings))
+    # chunks of 4 slices: the effusion starts in chunk 2, the nodule inside it too (counted once); the
+    # heart starts in the first chunk, which StartBoost covers, so only its next chunk is listed
+    assert onset_chunks(cache, 4) == [(3, 1), (4, 1), (4, 3), (5, 2), (5, 3)]
+
+
+def test_finding_boost_sets_the_share_of_onset_chunks_and_keeps_the_first_chunks_share(tmp_path):
+    findings = {
+        4: [{"type": "effusion", "first": 9, "last": 17}],
+        5: [{"type": "nodule", "first": 13, "last": 14}],
+    }
+    cache = LatentCache(make_fake_cache(tmp_path / "c", finding_slices=findings))
+    onsets = set(onset_chunks(cache, 4))
+    g = torch.Generator().manual_seed(0)
+    shares = {}
+    for boost in (0.0, 0.3):
+        sampler = ChunkSampler(cache, 4, _config(start_boost=0.4, finding_boost=boost))
+        draws = [sampler.draw(g) for _ in range(3000)]
+        shares[boost] = (
+            sum(i == 0 for _, i in draws) / len(draws),
+            sum(d in onsets for d in draws) / len(draws),
+        )
+    assert abs(shares[0.0][0] - 0.4) < 0.03 and abs(shares[0.3][0] - 0.4) < 0.03
+    base = shares[0.0][1]  # onsets drawn by chance among the later chunks
+    assert 0.02 < base < 0.15
+    assert abs(shares[0.3][1] - (0.3 + base * 0.3 / 0.6)) < 0.03  # later draws: 0.6 -> 0.3
+
+
+def test_finding_boost_without_finding_slices_and_out_of_range_boosts_are_refused(tmp_path):
+    cache = LatentCache(make_fake_cache(tmp_path / "c"))
+    with pytest.raises(CTFlowError, match="finding_boost needs finding_slices"):
+        ChunkSampler(cache, 4, _config(finding_boost=0.2))
+    with pytest.raises(CTFlowError, match="start_boost \\+ finding_boost must be at most 1"):
+        _config(start_boost=0.7, finding_boost=0.4)
+    with pytest.raises(CTFlowError, match="finding_boost must be between 0 and 1"):
+        _config(finding_boost=-0.1)
 
 
 def test_sampler_context_is_the_previous_chunk(tmp_path):

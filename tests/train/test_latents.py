@@ -43,6 +43,8 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
     assert v.tokens.shape[0] > v.tokens_nometa.shape[0]  # the meta line adds tokens
     torch.testing.assert_close(v.pooled, text([ds.load(0).report]).pooled[0])
     assert cache.eos.shape == (8, 16, 16)
+    for i in range(2):  # the phantoms' finding extents travel with their rows (FindingBoost reads them)
+        assert cache.rows[i][1]["finding_slices"] == ds.load(i).finding_slices
     with pytest.raises(CTFlowError, match="--overwrite"):
         encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64)
     (tmp_path / "lat" / "index.json").unlink()  # as if killed before the end: finished shards are kept

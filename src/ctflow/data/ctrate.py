@@ -98,6 +98,9 @@ class CTRateSample:
     report: str  # the conditioning text: meta line + Findings + Impressions
     record: CTRateRecord
     labels: dict[str, int] | None = None
+    # slice extents of localized findings, where the data set has them (``ctflow phantoms`` writes its
+    # ground truth beside each volume): [{"type", "first", "last"}]; None for CT-RATE itself
+    finding_slices: list[dict] | None = None
 
 
 @dataclass
@@ -185,7 +188,7 @@ class CTRateDataset:
             affine[:3, axis] *= sp / norm if norm > 0 else 0.0
         volume = Volume(hu, spacing, affine, {"source": str(rec.path), "name": rec.name})
         report = format_report(rec.findings, rec.impressions, volume.num_slices, rec.z_spacing)
-        return CTRateSample(rec.name, volume, report, rec, rec.labels)
+        return CTRateSample(rec.name, volume, report, rec, rec.labels, _finding_slices(rec.path))
 
     def __iter__(self) -> Iterator[CTRateSample]:
         """Every readable sample; unreadable volumes are added to ``problems`` and skipped."""
@@ -194,6 +197,22 @@ class CTRateDataset:
                 yield self.load(i)
             except CTFlowError as e:
                 self.problems.append(f"{self.records[i].name}: {e}")
+
+
+def _finding_slices(path: Path) -> list[dict] | None:
+    """Finding extents from the phantom ground truth beside a volume (``<volume>.json``), if any."""
+    from ctflow.data.phantom import finding_extents
+
+    sidecar = path.with_name(re.sub(r"\.nii(\.gz)?$", ".json", path.name))
+    if not sidecar.exists():
+        return None
+    try:
+        truth = json.loads(sidecar.read_text())
+        return finding_extents(truth) if isinstance(truth, dict) and "findings" in truth else None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CTFlowError(
+            f"{sidecar} is not a readable phantom ground truth ({e!r}); regenerate the data set or delete the file"
+        ) from None
 
 
 def _csv_text(columns: list[str], rows: list[dict]) -> str:

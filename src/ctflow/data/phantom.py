@@ -672,6 +672,33 @@ def make_phantom(spec: PhantomSpec) -> tuple[Volume, dict]:
     return r.volume, r.ground_truth
 
 
+def finding_extents(ground_truth: dict) -> list[dict]:
+    """Where each visible, localized finding lies along the slice axis: ``[{"type", "first", "last"}]``
+    (slice indices, inclusive), from a phantom's ground truth (``make_phantom``, or the ``.json`` beside
+    each volume that ``ctflow phantoms`` writes). Effusions and consolidations carry their slice range,
+    a nodule its centre and radius, an enlarged heart its centre and z semi-axis; emphysema fills the
+    lungs and has none."""
+    num_slices = int(ground_truth["num_slices"])
+    z_spacing = float(ground_truth["spacing"][0])
+    out = []
+    for f in ground_truth.get("findings", []):
+        if not f.get("visible"):
+            continue
+        if "slice_range" in f:
+            first, last = f["slice_range"]
+        elif f["type"] == "nodule" and "center_voxel" in f:
+            first, last = (f["center_voxel"][0] + d * f["radius_voxel"][0] for d in (-1, 1))
+        elif f["type"] == "cardiomegaly" and "heart_center_voxel" in f:
+            half = f["heart_axes_mm"][2] / z_spacing
+            first, last = (f["heart_center_voxel"][0] + d * half for d in (-1, 1))
+        else:
+            continue
+        first, last = max(0, int(np.floor(first))), min(num_slices - 1, int(np.ceil(last)))
+        if first <= last:
+            out.append({"type": f["type"], "first": first, "last": last})
+    return out
+
+
 def render_phantom(spec: PhantomSpec) -> PhantomRender:
     """Like :func:`make_phantom`, also returning the tissue-label map."""
     spec.validate()

@@ -44,6 +44,10 @@ class FlowTrainConfig:
     # StartBoost: probability that a training sample is the first chunk of its volume; 0 turns it
     # off (chunks drawn uniformly, the first included)
     start_boost: float = 0.5
+    # FindingBoost: probability that a sample is a chunk where a localized finding begins (or the one
+    # after), drawn from the volumes whose latent-cache rows carry finding_slices (phantom data sets).
+    # It replaces later-chunk draws, so first chunks stay start_boost of all samples
+    finding_boost: float = 0.0
     cfg_dropout: float = 0.1  # probability of the null report (classifier-free guidance)
     meta_dropout: float = 0.1  # probability of the report without its slice-count meta line
     context_noise: float = 0.05  # std of the noise added to the previous chunk during training
@@ -55,6 +59,16 @@ class FlowTrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("start_boost", "finding_boost"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.finding_boost > 0 and self.start_boost + self.finding_boost > 1.0:
+            raise CTFlowError(
+                f"start_boost + finding_boost must be at most 1 (got {self.start_boost} + {self.finding_boost});"
+                " lower one of them"
+            )
 
 
 @dataclass

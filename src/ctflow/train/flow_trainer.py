@@ -38,24 +38,54 @@ def chunk_sequence(latents: torch.Tensor, eos: torch.Tensor, k: int) -> torch.Te
     return padded.view(c, n, k, h, w).permute(1, 0, 2, 3, 4).contiguous()
 
 
+def onset_chunks(cache: LatentCache, k: int) -> list[tuple[int, int]]:
+    """(volume, chunk index) pairs where a localized finding begins, and the chunk after (a finding
+    such as an effusion starts as a sliver), from the cache's ``finding_slices``. First chunks are left
+    out: StartBoost already draws them. A finding that starts several times in one chunk counts once."""
+    out = set()
+    for v in range(len(cache)):
+        for f in cache.rows[v][1].get("finding_slices") or []:
+            first, last = int(f["first"]) // k, int(f["last"]) // k
+            out.update((v, i) for i in (first, first + 1) if 0 < i <= last)
+    return sorted(out)
+
+
 class ChunkSampler:
-    """Draws training chunks (with StartBoost and meta-line dropout) from a latent cache."""
+    """Draws training chunks (with StartBoost, FindingBoost and meta-line dropout) from a latent cache."""
 
     def __init__(self, cache: LatentCache, chunk_slices: int, config: FlowTrainConfig):
         self.cache, self.k, self.cfg = cache, chunk_slices, config
         # chunks per volume (its slices, EOS-padded, plus the EOS chunk): known from the index alone
         self.num_chunks = [math.ceil(cache.num_slices(i) / chunk_slices) + 1 for i in range(len(cache))]
+        self.onsets = onset_chunks(cache, chunk_slices) if config.finding_boost > 0 else []
+        if config.finding_boost > 0 and not self.onsets:
+            raise CTFlowError(
+                "finding_boost needs finding_slices in the latent cache (phantom data sets, encoded by this"
+                " version of `ctflow encode --overwrite`); none of its volumes has a finding past the first"
+                " chunk. Set finding_boost: 0"
+            )
+
+    def draw(self, g: torch.Generator) -> tuple[int, int]:
+        """(volume, chunk index) of one training sample."""
+        rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
+        v = int(torch.randint(len(self.cache), (), generator=g))
+        n = self.num_chunks[v]
+        start, finding = self.cfg.start_boost, self.cfg.finding_boost
+        if start > 0 and rand() < start:
+            return v, 0
+        if finding > 0 and rand() < finding / (
+            1.0 - start
+        ):  # so that finding_boost of all samples are onsets
+            return self.onsets[int(torch.randint(len(self.onsets), (), generator=g))]
+        # StartBoost off: every chunk equally likely, the first included
+        return v, int(torch.randint(0 if start <= 0 else 1, n, (), generator=g))
 
     def batch(self, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
         x0, ctx, idx, toks, pooled, first, counts = [], [], [], [], [], [], []
         for _ in range(batch_size):
-            v = int(torch.randint(len(self.cache), (), generator=g))
+            v, i = self.draw(g)
             n = self.num_chunks[v]
-            if self.cfg.start_boost <= 0:  # StartBoost off: every chunk equally likely
-                i = int(torch.randint(n, (), generator=g))
-            else:
-                i = 0 if rand() < self.cfg.start_boost else int(torch.randint(1, n, (), generator=g))
             latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
             seq = chunk_sequence(latents, self.cache.eos, self.k)
             if len(seq) != n:

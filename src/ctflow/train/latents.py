@@ -7,7 +7,8 @@ report embeddings in safetensors shards::
     LATENTS/shard_00000.safetensors   <name>.latents [C,S,h,w] fp16,
                                       <name>.tokens [L,D] / <name>.pooled [D] (report with meta line),
                                       <name>.tokens_nometa / <name>.pooled_nometa (without it)
-    LATENTS/shard_00000.json          per volume: name, report, num_slices, spacing, labels
+    LATENTS/shard_00000.json          per volume: name, report, num_slices, spacing, labels and, where
+                                      the data set has them, finding_slices (``CTRateSample``)
     LATENTS/eos.safetensors           the EOS slice latent (a white slice) [C,h,w]
     LATENTS/index.json                written last: settings and all volumes
 
@@ -103,6 +104,9 @@ def encode_dataset(
                     "num_slices": int(sample.volume.num_slices),
                     "spacing": list(sample.volume.spacing),
                     "labels": sample.labels,
+                    **(
+                        {"finding_slices": sample.finding_slices} if sample.finding_slices is not None else {}
+                    ),
                 }
             )
             if progress:
