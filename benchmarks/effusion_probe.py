@@ -1,0 +1,161 @@
+"""Where does the model lose a reported pleural effusion: where it begins, or after?
+
+For held-out phantoms (seeds 61000+, never trained on) with a one-sided effusion, one chunk is
+generated with the true previous chunk (through the VAE) as context, at two places:
+
+* **onset**: the chunk holding the effusion's first slice; its context has no fluid, so only the
+  report can say that fluid begins here;
+* **continuation**: the chunk at the middle of the effusion's slice range; its context already
+  shows the fluid, which the model may carry on.
+
+Each chunk is generated with the phantom's own report and with the report of the same phantom
+without the effusion (same noise). The measure is the share of the effusion's voxels (from the
+phantom's label map, in that chunk) whose generated HU, after a 3x3x3 median, lies in the attribute
+reader's fluid band (and their median HU); the same share in the phantom's own reconstruction is the most a generator can
+reach through this VAE, and the no-effusion report shows what the context alone gives.
+
+    python benchmarks/effusion_probe.py [--model DIR] [--n 12] [--steps 20] [--guidance 2]
+
+Writes ``results/effusion_probe.json`` (``--result NAME``: ``NAME.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import generation_setup, through_vae, write_result  # noqa: E402
+
+SEED0 = 61000
+FLUID_BAND = (-15.0, 22.0)  # the attribute reader's effusion band (ctflow.eval.attributes)
+
+
+def effusion_case(seed: int, side: str):
+    """(volume, label map, report with effusion, report without, effusion slice range) of one seed."""
+    from ctflow.data.phantom import render_phantom, sample_spec
+    from ctflow.data.reports import phantom_report
+    from ctflow.models.text import format_report
+
+    spec = sample_spec(seed, size=64, slice_range=(64, 120))
+    others = [f for f in spec.findings if f["type"] != "effusion"]
+    out = []
+    for findings in (others + [{"type": "effusion", "side": side}], others):
+        s = dataclasses.replace(spec, findings=findings)
+        r = render_phantom(s)
+        rep = phantom_report(r.ground_truth, seed=seed)
+        out.append(
+            (r, format_report(rep["Findings_EN"], rep["Impressions_EN"], s.num_slices, s.slice_spacing))
+        )
+    (with_eff, text_eff), (_, text_none) = out
+    ext = next(f for f in with_eff.ground_truth["findings"] if f["type"] == "effusion")
+    return with_eff.volume, with_eff.labels, text_eff, text_none, ext.get("slice_range")
+
+
+def fluid_measures(hu: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(share of ``mask`` voxels whose 3x3x3-median HU lies in the fluid band, their median HU)."""
+    from scipy import ndimage as ndi
+
+    med = ndi.median_filter(hu, size=3)
+    inside = ((med >= FLUID_BAND[0]) & (med <= FLUID_BAND[1]))[mask]
+    return float(inside.mean()), float(np.median(med[mask]))
+
+
+def main() -> dict:
+    args, pipe = generation_setup(12, __doc__.splitlines()[0])
+    from ctflow.data.phantom import LABEL_IDS
+    from ctflow.flow import null_condition, sample_chunk
+
+    tr, k = pipe.transformer.eval(), pipe.chunk_slices
+    kinds = ("report", "no_effusion_report", "reconstruction")
+    shares = {p: {key: [] for key in kinds} for p in ("onset", "continuation")}
+    median_hu = {p: {key: [] for key in kinds} for p in ("onset", "continuation")}
+    used = 0
+    for i in range(args.n):
+        vol, labels, text_eff, text_none, rng = effusion_case(SEED0 + i, ("right", "left")[i % 2])
+        if rng is None:
+            continue
+        first, last = rng
+        onset = first // k
+        middle = max(onset + 1, (first + last) // 2 // k)
+        if onset == 0 or (middle + 1) * k > vol.num_slices:
+            continue  # starts in the first chunk, or too short to have a continuation chunk
+        used += 1
+        z, recon = through_vae(pipe, vol)
+        recon_hu, fluid = recon.hu(), labels == LABEL_IDS["effusion"]
+        emb = pipe.encode_prompt([text_eff, text_none])
+        cond = {
+            "encoder_hidden_states": emb.tokens,
+            "encoder_attention_mask": emb.mask,
+            "pooled_text": emb.pooled,
+            "num_slices": torch.tensor([pipe.depth_target(t) for t in (text_eff, text_none)]),
+        }
+        uncond = null_condition(cond) if args.guidance > 1.0 else None
+        for place, c in (("onset", onset), ("continuation", middle)):
+            chunk = slice(c * k, (c + 1) * k)
+            cond_c = {
+                **cond,
+                "chunk_index": torch.full((2,), c),
+                "context": z[None, :, (c - 1) * k : c * k].expand(2, -1, -1, -1, -1),
+            }
+            with torch.no_grad():  # both reports from the same noise (seed i)
+                x0 = sample_chunk(
+                    tr,
+                    pipe.scheduler,
+                    (1, *z.shape[:1], k, *z.shape[2:]),
+                    {key: v[:1] for key, v in cond_c.items()},
+                    args.steps,
+                    args.guidance,
+                    torch.Generator().manual_seed(i),
+                    None if uncond is None else {key: v[:1] for key, v in uncond.items()},
+                )
+                x0_none = sample_chunk(
+                    tr,
+                    pipe.scheduler,
+                    (1, *z.shape[:1], k, *z.shape[2:]),
+                    {key: v[1:] for key, v in cond_c.items()},
+                    args.steps,
+                    args.guidance,
+                    torch.Generator().manual_seed(i),
+                    None if uncond is None else {key: v[1:] for key, v in uncond.items()},
+                )
+            mask = fluid[chunk]
+            if not mask.any():
+                continue
+            decoded = [pipe.vae.denormalize(pipe.vae.decode_volume(x[0]).numpy()) for x in (x0, x0_none)]
+            for key, hu in zip(kinds, [*decoded, recon_hu[chunk]], strict=True):
+                share, med = fluid_measures(hu, mask)
+                shares[place][key].append(share)
+                median_hu[place][key].append(med)
+        print(
+            f"{i}: "
+            + "  ".join(f"{p} {[round(v[-1], 3) for v in s.values() if v]}" for p, s in shares.items()),
+            flush=True,
+        )
+    result = {
+        "n": used,
+        "seeds": [SEED0, SEED0 + args.n - 1],
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "model": args.model or "embedded",
+        "fluid_band_hu": list(FLUID_BAND),
+        "fluid_recall": {
+            place: {key: round(float(np.mean(v)), 3) if v else None for key, v in s.items()}
+            for place, s in shares.items()
+        },
+        "median_hu_in_effusion": {
+            place: {key: round(float(np.mean(v)), 1) if v else None for key, v in s.items()}
+            for place, s in median_hu.items()
+        },
+        "chunks": {place: len(s["reconstruction"]) for place, s in shares.items()},
+    }
+    write_result(args.result or "effusion_probe", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
