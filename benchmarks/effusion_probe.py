@@ -87,46 +87,30 @@ def main() -> dict:
         used += 1
         z, recon = through_vae(pipe, vol)
         recon_hu, fluid = recon.hu(), labels == LABEL_IDS["effusion"]
-        emb = pipe.encode_prompt([text_eff, text_none])
-        cond = {
-            "encoder_hidden_states": emb.tokens,
-            "encoder_attention_mask": emb.mask,
-            "pooled_text": emb.pooled,
-            "num_slices": torch.tensor([pipe.depth_target(t) for t in (text_eff, text_none)]),
-        }
+        cond = pipe.text_condition([text_eff, text_none])
         uncond = null_condition(cond) if args.guidance > 1.0 else None
         for place, c in (("onset", onset), ("continuation", middle)):
             chunk = slice(c * k, (c + 1) * k)
-            cond_c = {
-                **cond,
-                "chunk_index": torch.full((2,), c),
-                "context": z[None, :, (c - 1) * k : c * k].expand(2, -1, -1, -1, -1),
-            }
-            with torch.no_grad():  # both reports from the same noise (seed i)
-                x0 = sample_chunk(
-                    tr,
-                    pipe.scheduler,
-                    (1, *z.shape[:1], k, *z.shape[2:]),
-                    {key: v[:1] for key, v in cond_c.items()},
-                    args.steps,
-                    args.guidance,
-                    torch.Generator().manual_seed(i),
-                    None if uncond is None else {key: v[:1] for key, v in uncond.items()},
-                )
-                x0_none = sample_chunk(
-                    tr,
-                    pipe.scheduler,
-                    (1, *z.shape[:1], k, *z.shape[2:]),
-                    {key: v[1:] for key, v in cond_c.items()},
-                    args.steps,
-                    args.guidance,
-                    torch.Generator().manual_seed(i),
-                    None if uncond is None else {key: v[1:] for key, v in uncond.items()},
-                )
+            cond_c = {**cond, "chunk_index": torch.full((2,), c)}
+            cond_c["context"] = z[None, :, (c - 1) * k : c * k].expand(2, -1, -1, -1, -1)
+            decoded = []
+            for row in (0, 1):  # the effusion report, then the one without: the same noise (seed i)
+                pick = slice(row, row + 1)
+                with torch.no_grad():
+                    x0 = sample_chunk(
+                        tr,
+                        pipe.scheduler,
+                        (1, z.shape[0], k, *z.shape[2:]),
+                        {key: v[pick] for key, v in cond_c.items()},
+                        args.steps,
+                        args.guidance,
+                        torch.Generator().manual_seed(i),
+                        None if uncond is None else {key: v[pick] for key, v in uncond.items()},
+                    )
+                decoded.append(pipe.vae.denormalize(pipe.vae.decode_volume(x0[0]).numpy()))
             mask = fluid[chunk]
             if not mask.any():
                 continue
-            decoded = [pipe.vae.denormalize(pipe.vae.decode_volume(x[0]).numpy()) for x in (x0, x0_none)]
             for key, hu in zip(kinds, [*decoded, recon_hu[chunk]], strict=True):
                 share, med = fluid_measures(hu, mask)
                 shares[place][key].append(share)

@@ -118,13 +118,7 @@ def main() -> dict:
         c = int(0.6 * z_n.shape[1]) // k
         x0_n, x0_f = z_n[None, :, c * k : (c + 1) * k], z_f[None, :, c * k : (c + 1) * k]
         ctx = z_n[None, :, (c - 1) * k : c * k]
-        emb = pipe.encode_prompt([rep_n, rep_f])
-        cond = {
-            "encoder_hidden_states": emb.tokens,
-            "encoder_attention_mask": emb.mask,
-            "pooled_text": emb.pooled,
-            "num_slices": torch.tensor([pipe.depth_target(r) for r in (rep_n, rep_f)]),
-        }
+        cond = pipe.text_condition([rep_n, rep_f])
         null = null_condition(cond)
         noise = torch.randn(x0_n.shape, generator=torch.Generator().manual_seed(i)).expand(2, -1, -1, -1, -1)
         true = rms(x0_f - x0_n)

@@ -212,6 +212,17 @@ class CTFlowPipeline:
     def encode_prompt(self, reports: list[str]) -> TextEmbedding:
         return self.text(reports)
 
+    def text_condition(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The transformer's report inputs for ``texts`` (reports with their meta line): token features,
+        mask, pooled features and the slice count each asks for."""
+        emb = self.encode_prompt(texts)
+        return {
+            "encoder_hidden_states": emb.tokens,
+            "encoder_attention_mask": emb.mask,
+            "pooled_text": emb.pooled,
+            "num_slices": torch.tensor([self.depth_target(t) for t in texts]),
+        }
+
     @torch.no_grad()
     def __call__(
         self,
@@ -237,13 +248,7 @@ class CTFlowPipeline:
         self.check_inputs(reports, num_slices, max_slices, num_inference_steps, guidance_scale)
         texts = [with_meta(r, num_slices, slice_spacing or self.config["slice_spacing"]) for r in reports]
         limit = num_slices or max_slices
-        emb = self.encode_prompt(texts)
-        cond = {
-            "encoder_hidden_states": emb.tokens,
-            "encoder_attention_mask": emb.mask,
-            "pooled_text": emb.pooled,
-            "num_slices": torch.tensor([self.depth_target(t) for t in texts]),
-        }
+        cond = self.text_condition(texts)
         uncond = null_condition(cond) if guidance_scale > 1.0 else None
         b, k = len(texts), self.chunk_slices
         c, h, w = self.eos_latent().shape
