@@ -75,3 +75,10 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
     (results / "text_use.json").write_text(json.dumps(use))
     card = write_model_card(folder, results).read_text()
     assert "effusion volume read (ml, both sides) shift +12.5 (true +80.0; 6 of 6" in card
+    assert "effusion_probe" not in card  # not measured yet
+    recall = {"report": 0.013, "no_effusion_report": 0.008, "reconstruction": 0.197}
+    probe = {"n": 12, "fluid_recall": {"onset": recall, "continuation": {**recall, "report": 0.119}}}
+    (results / "effusion_probe.json").write_text(json.dumps(probe))
+    card = write_model_card(folder, results).read_text()
+    assert "12 held-out phantoms): effusion voxels in the fluid band 1.3% where it begins and 11.9% in" in card
+    assert "(the phantoms through this VAE: 19.7%, 19.7%)" in card

@@ -188,6 +188,17 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
                 f"- generated {label} shift {_signed(gen[m])} (true {_signed(real[m])};"
                 f" {gen.get(f'{m}_pairs', use['n'])} of {use['n']} generated pairs readable)"
             )
+    probe_path = results / "effusion_probe.json"
+    if quality and probe_path.exists():
+        probe = json.loads(probe_path.read_text())
+        recall = probe["fluid_recall"]
+        lines.append(
+            f"- a reported effusion, one chunk generated from the true previous chunk"
+            f" (`python benchmarks/effusion_probe.py`, {probe['n']} held-out phantoms): effusion voxels in"
+            f" the fluid band {recall['onset']['report']:.1%} where it begins and"
+            f" {recall['continuation']['report']:.1%} in its middle (the phantoms through this VAE:"
+            f" {recall['onset']['reconstruction']:.1%}, {recall['continuation']['reconstruction']:.1%})"
+        )
     path = folder / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
