@@ -14,6 +14,10 @@ phantom's label map, in that chunk) whose generated HU, after a 3x3x3 median, li
 reader's fluid band (and their median HU); the same share in the phantom's own reconstruction is the most a generator can
 reach through this VAE, and the no-effusion report shows what the context alone gives.
 
+``prediction_by_t``: for the continuation chunk and the effusion report, the same measures on the
+model's one-step estimate of the clean chunk from the true chunk noised to t (x̂0 = x_t − t·v),
+without guidance: where along the noise scale the model knows (or loses) the fluid.
+
     python benchmarks/effusion_probe.py [--model DIR] [--n 12] [--steps 20] [--guidance 2]
 
 Writes ``results/effusion_probe.json`` (``--result NAME``: ``NAME.json``).
@@ -32,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import generation_setup, through_vae, write_result  # noqa: E402
 
 SEED0 = 61000
+NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 FLUID_BAND = (-15.0, 22.0)  # the attribute reader's effusion band (ctflow.eval.attributes)
 
 
@@ -74,6 +79,7 @@ def main() -> dict:
     kinds = ("report", "no_effusion_report", "reconstruction")
     shares = {p: {key: [] for key in kinds} for p in ("onset", "continuation")}
     median_hu = {p: {key: [] for key in kinds} for p in ("onset", "continuation")}
+    by_t = {t: [] for t in NOISE_LEVELS}
     used = 0
     for i in range(args.n):
         vol, labels, text_eff, text_none, rng = effusion_case(SEED0 + i, ("right", "left")[i % 2])
@@ -115,6 +121,16 @@ def main() -> dict:
                 share, med = fluid_measures(hu, mask)
                 shares[place][key].append(share)
                 median_hu[place][key].append(med)
+            if place == "continuation":
+                x0_true = z[None, :, chunk]
+                noise = torch.randn(x0_true.shape, generator=torch.Generator().manual_seed(i))
+                one = {key: v[:1] for key, v in cond_c.items()}
+                for t in NOISE_LEVELS:
+                    x_t = (1 - t) * x0_true + t * noise
+                    with torch.no_grad():
+                        x0_hat = x_t - t * tr(x_t, torch.full((1,), t), **one).sample
+                    hu = pipe.vae.denormalize(pipe.vae.decode_volume(x0_hat[0]).numpy())
+                    by_t[t].append(fluid_measures(hu, mask))
         print(
             f"{i}: "
             + "  ".join(f"{p} {[round(v[-1], 3) for v in s.values() if v]}" for p, s in shares.items()),
@@ -134,6 +150,14 @@ def main() -> dict:
         "median_hu_in_effusion": {
             place: {key: round(float(np.mean(v)), 1) if v else None for key, v in s.items()}
             for place, s in median_hu.items()
+        },
+        "prediction_by_t": {
+            f"{t:g}": {
+                "fluid_recall": round(float(np.mean([v[0] for v in rows])), 3),
+                "median_hu": round(float(np.mean([v[1] for v in rows])), 1),
+            }
+            for t, rows in by_t.items()
+            if rows
         },
         "chunks": {place: len(s["reconstruction"]) for place, s in shares.items()},
     }
