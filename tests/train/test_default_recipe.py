@@ -80,5 +80,7 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
     probe = {"n": 12, "fluid_recall": {"onset": recall, "continuation": {**recall, "report": 0.119}}}
     (results / "effusion_probe.json").write_text(json.dumps(probe))
     card = write_model_card(folder, results).read_text()
-    assert "12 held-out phantoms): effusion voxels in the fluid band 1.3% where it begins and 11.9% in" in card
+    assert (
+        "12 held-out phantoms): effusion voxels in the fluid band 1.3% where it begins and 11.9% in" in card
+    )
     assert "(the phantoms through this VAE: 19.7%, 19.7%)" in card
