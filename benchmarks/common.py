@@ -60,18 +60,26 @@ def generation_setup(n: int, description: str):
     return args, CTFlowPipeline.from_pretrained(args.model)
 
 
-def heldout_reports(seed0: int, n: int, size: int = 64):
-    """Phantoms never trained on (seeds ``seed0``...): (spec, volume, truth, report with its meta line)."""
-    from ctflow.data.phantom import make_phantom, sample_spec
+def rendered_case(spec):
+    """A phantom and its report: (``PhantomRender``, report with its meta line), the report drawn with
+    the spec's seed."""
+    from ctflow.data.phantom import render_phantom
     from ctflow.data.reports import phantom_report
     from ctflow.models.text import format_report
 
+    r = render_phantom(spec)
+    rep = phantom_report(r.ground_truth, seed=spec.seed)
+    return r, format_report(rep["Findings_EN"], rep["Impressions_EN"], spec.num_slices, spec.slice_spacing)
+
+
+def heldout_reports(seed0: int, n: int, size: int = 64):
+    """Phantoms never trained on (seeds ``seed0``...): (spec, volume, truth, report with its meta line)."""
+    from ctflow.data.phantom import sample_spec
+
     for i in range(n):
         spec = sample_spec(seed0 + i, size=size, slice_range=(40, 120))
-        volume, truth = make_phantom(spec)
-        rep = phantom_report(truth, seed=seed0 + i)
-        text = format_report(rep["Findings_EN"], rep["Impressions_EN"], spec.num_slices, spec.slice_spacing)
-        yield spec, volume, truth, text
+        r, text = rendered_case(spec)
+        yield spec, r.volume, r.ground_truth, text
 
 
 def through_vae(pipe, volume):

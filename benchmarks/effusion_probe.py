@@ -33,30 +33,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import generation_setup, through_vae, write_result  # noqa: E402
+from common import generation_setup, rendered_case, through_vae, write_result  # noqa: E402
 
 SEED0 = 61000
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-FLUID_BAND = (-15.0, 22.0)  # the attribute reader's effusion band (ctflow.eval.attributes)
 
 
 def effusion_case(seed: int, side: str):
     """(volume, label map, report with effusion, report without, effusion slice range) of one seed."""
-    from ctflow.data.phantom import render_phantom, sample_spec
-    from ctflow.data.reports import phantom_report
-    from ctflow.models.text import format_report
+    from ctflow.data.phantom import sample_spec
 
     spec = sample_spec(seed, size=64, slice_range=(64, 120))
     others = [f for f in spec.findings if f["type"] != "effusion"]
-    out = []
-    for findings in (others + [{"type": "effusion", "side": side}], others):
-        s = dataclasses.replace(spec, findings=findings)
-        r = render_phantom(s)
-        rep = phantom_report(r.ground_truth, seed=seed)
-        out.append(
-            (r, format_report(rep["Findings_EN"], rep["Impressions_EN"], s.num_slices, s.slice_spacing))
-        )
-    (with_eff, text_eff), (_, text_none) = out
+    with_eff, text_eff = rendered_case(
+        dataclasses.replace(spec, findings=[*others, {"type": "effusion", "side": side}])
+    )
+    _, text_none = rendered_case(dataclasses.replace(spec, findings=others))
     ext = next(f for f in with_eff.ground_truth["findings"] if f["type"] == "effusion")
     return with_eff.volume, with_eff.labels, text_eff, text_none, ext.get("slice_range")
 
@@ -65,14 +57,17 @@ def fluid_measures(hu: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     """(share of ``mask`` voxels whose 3x3x3-median HU lies in the fluid band, their median HU)."""
     from scipy import ndimage as ndi
 
+    from ctflow.eval.attributes import FLUID_HU
+
     med = ndi.median_filter(hu, size=3)
-    inside = ((med >= FLUID_BAND[0]) & (med <= FLUID_BAND[1]))[mask]
+    inside = ((med >= FLUID_HU[0]) & (med <= FLUID_HU[1]))[mask]
     return float(inside.mean()), float(np.median(med[mask]))
 
 
 def main() -> dict:
     args, pipe = generation_setup(12, __doc__.splitlines()[0])
     from ctflow.data.phantom import LABEL_IDS
+    from ctflow.eval.attributes import FLUID_HU
     from ctflow.flow import null_condition, sample_chunk
 
     tr, k = pipe.transformer.eval(), pipe.chunk_slices
@@ -142,7 +137,7 @@ def main() -> dict:
         "steps": args.steps,
         "guidance": args.guidance,
         "model": args.model or "embedded",
-        "fluid_band_hu": list(FLUID_BAND),
+        "fluid_band_hu": list(FLUID_HU),
         "fluid_recall": {
             place: {key: round(float(np.mean(v)), 3) if v else None for key, v in s.items()}
             for place, s in shares.items()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, generation_setup, through_vae, write_result  # noqa: E402
+from common import RESULTS, generation_setup, rendered_case, through_vae, write_result  # noqa: E402
 
 SEED0 = 60500
 FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
@@ -40,17 +40,12 @@ MEASURES = ("cardio_ratio", "fluid_share", "effusion_ml")
 
 def pair(seed: int):
     """(normal, abnormal) phantoms of one seed: (volume, report, label map) each."""
-    from ctflow.data.phantom import render_phantom, sample_spec
-    from ctflow.data.reports import phantom_report
-    from ctflow.models.text import format_report
+    from ctflow.data.phantom import sample_spec
 
-    spec = dataclasses.replace(sample_spec(seed, size=64, slice_range=(64, 120)), findings=[])
+    spec = sample_spec(seed, size=64, slice_range=(64, 120))
     out = []
     for findings in ([], FINDINGS):
-        s = dataclasses.replace(spec, findings=findings)
-        r = render_phantom(s)
-        rep = phantom_report(r.ground_truth, seed=seed)
-        text = format_report(rep["Findings_EN"], rep["Impressions_EN"], s.num_slices, s.slice_spacing)
+        r, text = rendered_case(dataclasses.replace(spec, findings=findings))
         out.append((r.volume, text, r.labels))
     return out
 

@@ -199,11 +199,17 @@ class CTRateDataset:
                 self.problems.append(f"{self.records[i].name}: {e}")
 
 
+def sidecar_path(volume_path: Path) -> Path:
+    """The JSON beside a volume (``<volume>.json``): where ``CTRateWriter.add`` puts its ``extra``, such as a
+    phantom's ground truth."""
+    return volume_path.with_name(re.sub(r"\.nii(\.gz)?$", ".json", volume_path.name))
+
+
 def _finding_slices(path: Path) -> list[dict] | None:
-    """Finding extents from the phantom ground truth beside a volume (``<volume>.json``), if any."""
+    """Finding extents from the phantom ground truth beside a volume, if any."""
     from ctflow.data.phantom import finding_extents
 
-    sidecar = path.with_name(re.sub(r"\.nii(\.gz)?$", ".json", path.name))
+    sidecar = sidecar_path(path)
     if not sidecar.exists():
         return None
     try:
@@ -253,7 +259,7 @@ class CTRateWriter:
         hu = np.clip(np.rint(volume.hu()), -32768, 32767).astype(np.int16)
         write_nifti(Volume(hu, volume.spacing, volume.affine, dict(volume.metadata)), path, self.overwrite)
         if extra is not None:
-            with atomic_path(path.with_name(name.replace(".nii.gz", ".json")), self.overwrite) as tmp:
+            with atomic_path(sidecar_path(path), self.overwrite) as tmp:
                 tmp.write_text(json.dumps(extra, indent=1))
         self.reports.append({"VolumeName": name, **report})
         self.metadata.append(

@@ -66,6 +66,7 @@ WEIGHTS_PATH = Path(__file__).parent / "weights" / "attribute_reader.safetensors
 # decision thresholds (calibrated on phantom seeds 0-399; see benchmarks/attribute_reader.py)
 EMPHYSEMA_MEDIAN_HU = -885.0
 EFFUSION_ML = 10.0
+FLUID_HU = (-15.0, 22.0)  # pleural fluid, after a 3^3 median
 CARDIO_RATIO = 0.67
 CONSOLIDATION_ML = 20.0
 CAVITY_PROB = 0.9
@@ -249,7 +250,7 @@ def _emphysema_hu(scan: _Scan) -> float:
 
 def _effusion_mask(scan: _Scan) -> np.ndarray:
     """(S, H, W) bool: dependent pleural fluid."""
-    fluid = (scan.median >= -15.0) & (scan.median <= 22.0)
+    fluid = (scan.median >= FLUID_HU[0]) & (scan.median <= FLUID_HU[1])
     fluid = ndi.binary_opening(fluid, np.ones((3, 3, 3), bool))
     lung = scan.lung
     anterior = np.maximum.accumulate(lung, axis=1)  # lung at or in front of the voxel

@@ -73,9 +73,8 @@ class ChunkSampler:
         start, finding = self.cfg.start_boost, self.cfg.finding_boost
         if start > 0 and rand() < start:
             return v, 0
-        if finding > 0 and rand() < finding / (
-            1.0 - start
-        ):  # so that finding_boost of all samples are onsets
+        later_share = finding / (1.0 - start) if finding > 0 else 0.0  # finding_boost of all samples
+        if later_share and rand() < later_share:
             return self.onsets[int(torch.randint(len(self.onsets), (), generator=g))]
         # StartBoost off: every chunk equally likely, the first included
         return v, int(torch.randint(0 if start <= 0 else 1, n, (), generator=g))
