@@ -5,6 +5,7 @@ import torch
 
 from ctflow.errors import CTFlowError
 from ctflow.models.transformer import (
+    MIN_T,
     TRANSFORMER_PRESETS,
     CTFlowBlock,
     CTFlowTransformer,
@@ -199,8 +200,6 @@ def test_absolute_depth_embedding_changes_output_and_is_clamped():
 
 def test_sample_prediction_returns_the_velocity_of_the_predicted_clean_chunk():
     """x-prediction: the same network output read as x0 gives v = (x_t - x0) / max(t, MIN_T)."""
-    from ctflow.models.transformer import MIN_T
-
     velocity = make_model("full", "concat")
     sample = make_model("full", "concat", prediction="sample")
     sample.load_state_dict(velocity.state_dict())
@@ -323,8 +322,6 @@ def test_output_conv_starts_as_the_identity_and_can_smooth_across_slices(tmp_pat
         conv.output_conv.weight.zero_()
         for c in range(C):
             conv.output_conv.weight[c, c, :, 1, 1] = 1 / 3
-    from ctflow.models.transformer import MIN_T
-
     t = inputs["timestep"].clamp_min(MIN_T).view(-1, 1, 1, 1, 1)
     x0_conv = inputs["hidden_states"] - run(conv, **inputs) * t  # back from the velocity to x0
     smooth = (x0_hat[:, :, :-2] + x0_hat[:, :, 1:-1] + x0_hat[:, :, 2:]) / 3
@@ -337,6 +334,36 @@ def test_output_conv_starts_as_the_identity_and_can_smooth_across_slices(tmp_pat
     with_conv = {**cfg, "final_conv": True}
     assert count_params(with_conv) - count_params(cfg) == 8 * 8 * 27 + 8
     assert forward_flops(with_conv) > forward_flops(cfg)
+
+
+def test_context_residual_adds_the_previous_chunks_last_slice_to_the_clean_estimate(tmp_path):
+    plain = make_model("full", "concat", prediction="sample")
+    residual = make_model("full", "concat", prediction="sample", context_residual=True)
+    residual.load_state_dict(plain.state_dict())  # same weights: only the parametrisation differs
+    inputs = make_inputs()
+    t = inputs["timestep"].clamp_min(MIN_T).view(-1, 1, 1, 1, 1)
+
+    def x0(model, **kw):  # back from the velocity to the clean estimate
+        return kw["hidden_states"] - run(model, **kw) * t
+
+    last = inputs["context"][:, :, -1:].expand(-1, -1, S, -1, -1)
+    torch.testing.assert_close(x0(residual, **inputs), x0(plain, **inputs) + last, atol=1e-5, rtol=1e-4)
+    first = {**inputs, "context": None}  # before the first chunk there is nothing to add
+    torch.testing.assert_close(x0(residual, **first), x0(plain, **first), atol=1e-5, rtol=1e-4)
+    # an untrained (all-zero output) residual model continues the previous chunk's last slice
+    zero = make_model("full", "concat", prediction="sample", context_residual=True, randomize=False)
+    torch.testing.assert_close(x0(zero, **inputs), last, atol=1e-5, rtol=1e-4)
+    residual.save_pretrained(tmp_path)
+    loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.config.context_residual
+    torch.testing.assert_close(run(loaded, **inputs), run(residual, **inputs))
+
+
+@pytest.mark.parametrize("kw", [{"context": "tokens", "prediction": "sample"}, {"prediction": "velocity"}])
+def test_context_residual_refuses_settings_without_a_clean_previous_chunk_to_add(kw):
+    kw = {"context": "concat", **kw}
+    with pytest.raises(CTFlowError, match="context_residual needs context='concat' and prediction='sample'"):
+        make_model(context_residual=True, **kw)
 
 
 def test_save_and_load_round_trip(tmp_path):
