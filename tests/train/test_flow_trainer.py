@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from ctflow.errors import CTFlowError
 from ctflow.train.config import FlowTrainConfig, OptimConfig
-from ctflow.train.flow_trainer import ChunkSampler, chunk_sequence, onset_chunks, train_flow
+from ctflow.train.flow_trainer import ChunkSampler, chunk_at, onset_chunks, train_flow
 from ctflow.train.latents import LatentCache
 from tests.train.fake_cache import TINY_TRANSFORMER, make_fake_cache
 
@@ -28,14 +28,18 @@ def _config(**kw):
     return FlowTrainConfig(**base)
 
 
-def test_chunk_sequence_pads_with_eos_and_appends_an_eos_chunk():
-    lat = torch.zeros(2, 5, 3, 3)
+def test_chunk_at_cuts_the_volume_into_eos_padded_chunks_plus_an_eos_chunk():
+    lat = torch.arange(2 * 5 * 3 * 3, dtype=torch.float32).view(2, 5, 3, 3) + 2
     eos = torch.ones(2, 3, 3)
-    seq = chunk_sequence(lat, eos, 4)
-    assert seq.shape == (3, 2, 4, 3, 3)
-    assert (
-        seq[0].eq(0).all() and seq[1, :, 0].eq(0).all() and seq[1, :, 1:].eq(1).all() and seq[2].eq(1).all()
-    )
+    chunks = [chunk_at(lat, eos, 4, i) for i in range(3)]
+    assert all(c.shape == (2, 4, 3, 3) for c in chunks)
+    assert torch.equal(chunks[0], lat[:, :4])
+    assert torch.equal(chunks[1][:, 0], lat[:, 4]) and chunks[1][:, 1:].eq(1).all()
+    assert chunks[2].eq(1).all()
+    chunks[0].zero_()  # a copy: training rows never write into the cache's tensor
+    assert lat.min() == 2
+    with pytest.raises(IndexError):
+        chunk_at(lat, eos, 4, 3)
 
 
 def test_sampler_start_boost_sets_share_of_first_chunks(tmp_path):

@@ -29,13 +29,16 @@ from ctflow.train.latents import LatentCache
 from ctflow.train.utils import EMA, StepBar, append_jsonl, lr_lambda, step_generator
 
 
-def chunk_sequence(latents: torch.Tensor, eos: torch.Tensor, k: int) -> torch.Tensor:
-    """[C,S,h,w] -> [n,C,k,h,w]: the volume cut into chunks, EOS-padded, plus one full EOS chunk."""
+def chunk_at(latents: torch.Tensor, eos: torch.Tensor, k: int, i: int) -> torch.Tensor:
+    """[C,S,h,w] -> chunk i [C,k,h,w] of the volume cut into k-slice chunks: slices past the end are
+    the EOS latent, so chunk ceil(S / k) (the last one) is all EOS. Copies only those k slices."""
     c, s, h, w = latents.shape
-    n = math.ceil(s / k) + 1
-    padded = eos[:, None].expand(c, n * k, h, w).clone()
-    padded[:, :s] = latents
-    return padded.view(c, n, k, h, w).permute(1, 0, 2, 3, 4).contiguous()
+    if not 0 <= i <= math.ceil(s / k):
+        raise IndexError(f"chunk {i} of a {s}-slice volume cut into {k}-slice chunks")
+    part = latents[:, i * k : (i + 1) * k]
+    if part.shape[1] == k:
+        return part.clone()
+    return torch.cat([part, eos[:, None].expand(c, k - part.shape[1], h, w)], dim=1)
 
 
 def onset_chunks(cache: LatentCache, k: int) -> list[tuple[int, int]]:
@@ -86,14 +89,15 @@ class ChunkSampler:
             v, i = self.draw(g)
             n = self.num_chunks[v]
             latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
-            seq = chunk_sequence(latents, self.cache.eos, self.k)
-            if len(seq) != n:
+            if math.ceil(latents.shape[1] / self.k) + 1 != n:
                 raise CTFlowError(
                     f"latent cache: {self.cache.rows[v][1]['name']} has {latents.shape[1]} latent slices but "
                     f"its index says {self.cache.num_slices(v)}; re-encode it with `ctflow encode --overwrite`"
                 )
-            x0.append(seq[i])
-            ctx.append(seq[i - 1] if i > 0 else torch.zeros_like(seq[0]))
+            x0.append(chunk_at(latents, self.cache.eos, self.k, i))
+            ctx.append(
+                chunk_at(latents, self.cache.eos, self.k, i - 1) if i > 0 else torch.zeros_like(x0[-1])
+            )
             first.append(i == 0)
             idx.append(i)
             dropped = rand() < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
