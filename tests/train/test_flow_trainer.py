@@ -105,6 +105,20 @@ def test_sampler_context_is_the_previous_chunk(tmp_path):
     b = sampler.batch(50, torch.Generator().manual_seed(1))
     # the fake latents ramp up with depth: a later chunk's context lies above... below it on average
     assert (b["x0"].mean((1, 2, 3, 4)) > b["context"].mean((1, 2, 3, 4))).float().mean() > 0.9
+    # exactly: each row is chunk i of a volume and its context is chunk i - 1 of the same volume
+    volumes = [cache.tensor(v, "latents") for v in range(len(cache))]
+
+    def pair(lat, i):
+        ctx = chunk_at(lat, cache.eos, 4, i - 1) if i > 0 else torch.zeros_like(lat[:, :4])
+        return chunk_at(lat, cache.eos, 4, i), ctx
+
+    for x0, ctx, i in zip(b["x0"], b["context"], b["chunk_index"].tolist(), strict=True):
+        assert any(
+            torch.equal(x0, want_x0.to(x0.dtype)) and torch.equal(ctx, want_ctx.to(ctx.dtype))
+            for lat, n in zip(volumes, sampler.num_chunks, strict=True)
+            if i < n
+            for want_x0, want_ctx in [pair(lat, i)]
+        )
 
 
 @pytest.mark.parametrize("noise_max", [0.0, 1.0])
