@@ -82,12 +82,17 @@ def heldout_reports(seed0: int, n: int, size: int = 64):
         yield spec, r.volume, r.ground_truth, text
 
 
+def decoded_hu(pipe, z):
+    """Latents [C,S,h,w] decoded by the pipeline's slice VAE: HU array [S,H,W]."""
+    return pipe.vae.denormalize(pipe.vae.decode_volume(z).numpy())
+
+
 def through_vae(pipe, volume):
     """A HU volume through the pipeline's slice VAE: (latents [C,S,h,w], reconstructed HU volume)."""
     from ctflow.data.volume import Volume
 
     z = pipe.vae.encode_volume(volume)
-    return z, Volume(pipe.vae.denormalize(pipe.vae.decode_volume(z).numpy()), volume.spacing)
+    return z, Volume(decoded_hu(pipe, z), volume.spacing)
 
 
 def run_measured(cmd: list[str], log: Path, cwd: Path, poll: float = 0.1) -> tuple[int, float]:

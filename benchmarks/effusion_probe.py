@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import generation_setup, rendered_case, through_vae, write_result  # noqa: E402
+from common import decoded_hu, generation_setup, rendered_case, through_vae, write_result  # noqa: E402
 
 SEED0 = 61000
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -108,7 +108,7 @@ def main() -> dict:
                         torch.Generator().manual_seed(i),
                         None if uncond is None else {key: v[pick] for key, v in uncond.items()},
                     )
-                decoded.append(pipe.vae.denormalize(pipe.vae.decode_volume(x0[0]).numpy()))
+                decoded.append(decoded_hu(pipe, x0[0]))
             mask = fluid[chunk]
             if not mask.any():
                 continue
@@ -124,7 +124,7 @@ def main() -> dict:
                     x_t = (1 - t) * x0_true + t * noise
                     with torch.no_grad():
                         x0_hat = x_t - t * tr(x_t, torch.full((1,), t), **one).sample
-                    hu = pipe.vae.denormalize(pipe.vae.decode_volume(x0_hat[0]).numpy())
+                    hu = decoded_hu(pipe, x0_hat[0])
                     by_t[t].append(fluid_measures(hu, mask))
         print(
             f"{i}: "

@@ -64,7 +64,7 @@ class FlowTrainConfig:
         for name in ("start_boost", "finding_boost"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
-        if self.finding_boost > 0 and self.start_boost + self.finding_boost > 1.0:
+        if self.start_boost + self.finding_boost > 1.0:
             raise CTFlowError(
                 f"start_boost + finding_boost must be at most 1 (got {self.start_boost} + {self.finding_boost});"
                 " lower one of them"

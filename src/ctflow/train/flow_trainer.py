@@ -53,6 +53,10 @@ def onset_chunks(cache: LatentCache, k: int) -> list[tuple[int, int]]:
     return sorted(out)
 
 
+def _uniform(g: torch.Generator) -> float:
+    return float(torch.rand((), generator=g))
+
+
 class ChunkSampler:
     """Draws training chunks (with StartBoost, FindingBoost and meta-line dropout) from a latent cache."""
 
@@ -70,20 +74,18 @@ class ChunkSampler:
 
     def draw(self, g: torch.Generator) -> tuple[int, int]:
         """(volume, chunk index) of one training sample."""
-        rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
         v = int(torch.randint(len(self.cache), (), generator=g))
         n = self.num_chunks[v]
         start, finding = self.cfg.start_boost, self.cfg.finding_boost
-        if start > 0 and rand() < start:
+        if start > 0 and _uniform(g) < start:
             return v, 0
         later_share = finding / (1.0 - start) if finding > 0 else 0.0  # finding_boost of all samples
-        if later_share and rand() < later_share:
+        if later_share and _uniform(g) < later_share:
             return self.onsets[int(torch.randint(len(self.onsets), (), generator=g))]
         # StartBoost off: every chunk equally likely, the first included
         return v, int(torch.randint(0 if start <= 0 else 1, n, (), generator=g))
 
     def batch(self, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
         x0, ctx, idx, toks, pooled, first, counts = [], [], [], [], [], [], []
         for _ in range(batch_size):
             v, i = self.draw(g)
@@ -100,7 +102,7 @@ class ChunkSampler:
             )
             first.append(i == 0)
             idx.append(i)
-            dropped = rand() < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
+            dropped = _uniform(g) < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
             suffix = "_nometa" if dropped else ""
             toks.append(self.cache.tensor(v, "tokens" + suffix))
             pooled.append(self.cache.tensor(v, "pooled" + suffix))
