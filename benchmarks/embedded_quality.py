@@ -14,7 +14,10 @@ slice count, so the model itself decides where to stop (EOS). Measures:
 * continuity across chunk seams, slice-to-slice change (flicker) relative to the
   reconstructed phantoms, and the patch-seam ratio (change between slices that
   different tokens predict over change between slices of one token; 1 for the
-  reconstructions); a tri-planar grid of the first 6 volumes.
+  reconstructions); a tri-planar grid of the first 6 volumes;
+* latent drift: RMS of each generated latent chunk, and per volume the RMS of its last chunk before
+  the end-of-scan chunk over that of its second chunk (the phantoms' own latents: about 1). A model
+  whose errors add up from chunk to chunk (the full context residual) grows it far above 1.
 
     python benchmarks/embedded_quality.py [--n 50] [--steps 20] [--guidance 2] [--model DIR]
 
@@ -69,6 +72,28 @@ def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
     return {"attribute_majority_baseline": majority, "findings_found": found}
 
 
+def record_chunks(pipe) -> list:
+    """Every latent chunk [C,K,h,w] the pipeline decodes from now on, in order: wraps this pipeline's
+    ``vae.decode_volume`` (the pipeline decodes each generated chunk once, as it is made)."""
+    seen, decode = [], pipe.vae.decode_volume
+
+    def recording(z, *args, **kwargs):
+        seen.append(z.detach().clone())
+        return decode(z, *args, **kwargs)
+
+    pipe.vae.decode_volume = recording
+    return seen
+
+
+def rms(z) -> float:
+    return float(z.float().pow(2).mean().sqrt())
+
+
+def late_over_early(chunks: list) -> float:
+    """RMS of the last chunk before the final (end-of-scan) one over the RMS of the second chunk."""
+    return rms(chunks[-2]) / rms(chunks[1]) if len(chunks) >= 3 else float("nan")
+
+
 def main() -> dict:
     args, pipe = generation_setup(50, __doc__.splitlines()[0])
     name = args.result or result_name(args.guidance)
@@ -80,9 +105,11 @@ def main() -> dict:
     except ImportError:  # the evaluation package is optional for this measurement
         read_attributes = None
     rows, previews, seconds = [], [], 0.0  # seconds: generation only (not the reader or the VAE ceiling)
+    chunks = record_chunks(pipe)
     for i, (spec, phantom, _truth, text) in enumerate(heldout_reports(SEED0, args.n)):
         # the held-out phantom itself through the VAE: what a generator can score at most
-        real = through_vae(pipe, phantom)[1] if read_attributes is not None else None
+        z_real, real = through_vae(pipe, phantom)
+        chunks.clear()
         t0 = time.perf_counter()
         out = pipe(
             text,
@@ -99,6 +126,16 @@ def main() -> dict:
             "generated": vol.num_slices,
             "end": out.end_reasons[0],
             "within_chunk": abs(vol.num_slices - spec.num_slices) <= k,
+            "latent_rms_by_chunk": [round(rms(c), 3) for c in chunks],
+            "latent_rms_late_over_early": round(late_over_early(chunks), 3),
+            # the phantom's own latents: its full chunks, then an EOS chunk
+            "reconstruction_latent_rms_late_over_early": round(
+                late_over_early(
+                    [c for c in torch.split(z_real, k, dim=1) if c.shape[1] == k]
+                    + [pipe.eos_latent()[:, None]]
+                ),
+                3,
+            ),
         }
         if read_attributes is not None:
             row["pred"] = read_attributes(vol)
@@ -128,6 +165,12 @@ def main() -> dict:
         "ended_by_eos": round(float(np.mean([r["end"] == "eos" for r in rows])), 3),
         "mean_abs_slice_error": round(
             float(np.mean([abs(r["generated"] - r["requested"]) for r in rows])), 2
+        ),
+        "latent_rms_late_over_early": round(
+            float(np.nanmean([r["latent_rms_late_over_early"] for r in rows])), 3
+        ),
+        "reconstruction_latent_rms_late_over_early": round(
+            float(np.nanmean([r["reconstruction_latent_rms_late_over_early"] for r in rows])), 3
         ),
         "rows": rows,
     }

@@ -357,6 +357,12 @@ def test_context_residual_adds_the_previous_chunks_last_slice_to_the_clean_estim
     loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
     assert loaded.config.context_residual
     torch.testing.assert_close(run(loaded, **inputs), run(residual, **inputs))
+    # a share below 1 adds that share of the slice, and survives save/load
+    damped = make_model("full", "concat", prediction="sample", context_residual=0.75)
+    damped.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(x0(damped, **inputs), x0(plain, **inputs) + 0.75 * last, atol=1e-5, rtol=1e-4)
+    damped.save_pretrained(tmp_path / "damped")
+    assert CTFlowTransformer.from_pretrained(tmp_path / "damped").config.context_residual == 0.75
 
 
 @pytest.mark.parametrize("kw", [{"context": "tokens", "prediction": "sample"}, {"prediction": "velocity"}])
@@ -364,6 +370,12 @@ def test_context_residual_refuses_settings_without_a_clean_previous_chunk_to_add
     kw = {"context": "concat", **kw}
     with pytest.raises(CTFlowError, match="context_residual needs context='concat' and prediction='sample'"):
         make_model(context_residual=True, **kw)
+
+
+@pytest.mark.parametrize("share", [-0.5, 1.5])
+def test_context_residual_share_outside_0_to_1_is_refused(share):
+    with pytest.raises(CTFlowError, match="context_residual must be between 0 and 1"):
+        make_model("full", "concat", prediction="sample", context_residual=share)
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -46,7 +46,9 @@ sagittal views). The convolution lets it blend across those seams for 1.7k param
 With ``context_residual`` (``concat`` context, ``sample`` prediction) the network predicts each slice
 of the chunk as a change from the previous chunk's last slice (zeros before the first chunk), so a
 structure that runs on across the chunk boundary (an effusion, the heart) needs no output at all and a
-thin one is not lost in the 2x4x4 patch bottleneck (README, "Why weak").
+thin one is not lost in the 2x4x4 patch bottleneck (README, "Why weak"). A number below 1 adds only
+that share of the slice: what the network gets wrong then fades from chunk to chunk instead of adding
+up.
 
 Tokens are ordered (slice, row, column); shapes in comments use S' = S / patch_s, P = (h / patch_h) *
 (w / patch_w) and N = S' * P.
@@ -316,13 +318,15 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         prediction: str = "velocity",
         target_depth: bool = False,
         final_conv: bool = False,
-        context_residual: bool = False,
+        context_residual: float = 0.0,
     ):
         super().__init__()
         patch_size = tuple(patch_size)
         _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads, attention, context)
         if prediction not in ("velocity", "sample"):
             raise CTFlowError(f"prediction must be 'velocity' or 'sample', not {prediction!r}")
+        if not 0.0 <= float(context_residual) <= 1.0:
+            raise CTFlowError(f"context_residual must be between 0 and 1 (true: 1), got {context_residual!r}")
         if context_residual and (context != "concat" or prediction != "sample"):
             raise CTFlowError(
                 "context_residual needs context='concat' and prediction='sample' "
@@ -511,8 +515,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         out = self.unpatchify(self.final_layer(x, c))  # [B,C,S,h,w]
         if self.output_conv is not None:
             out = self.output_conv(out)
-        if self.config.context_residual:  # the network gave x0 minus the previous chunk's last slice
-            out = out + context[:, :, -1:].to(out.dtype)
+        if self.config.context_residual:  # the network gave x0 minus (a share of) the previous last slice
+            out = out + float(self.config.context_residual) * context[:, :, -1:].to(out.dtype)
         if self.config.prediction == "sample":  # the network gave x0: turn it into the velocity
             out = (hidden_states.to(out.dtype) - out) / t.clamp_min(MIN_T).view(-1, 1, 1, 1, 1).to(out.dtype)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
