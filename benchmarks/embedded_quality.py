@@ -89,9 +89,9 @@ def rms(z) -> float:
     return float(z.float().pow(2).mean().sqrt())
 
 
-def late_over_early(chunks: list) -> float:
-    """RMS of the last chunk before the final (end-of-scan) one over the RMS of the second chunk."""
-    return rms(chunks[-2]) / rms(chunks[1]) if len(chunks) >= 3 else float("nan")
+def last_over_second(chunks: list) -> float:
+    """RMS of the last of a volume's anatomy chunks over the RMS of its second."""
+    return rms(chunks[-1]) / rms(chunks[1]) if len(chunks) >= 2 else float("nan")
 
 
 def main() -> dict:
@@ -127,14 +127,10 @@ def main() -> dict:
             "end": out.end_reasons[0],
             "within_chunk": abs(vol.num_slices - spec.num_slices) <= k,
             "latent_rms_by_chunk": [round(rms(c), 3) for c in chunks],
-            "latent_rms_late_over_early": round(late_over_early(chunks), 3),
-            # the phantom's own latents: its full chunks, then an EOS chunk
+            # generated: all chunks but the one where the scan ended; the phantom's own: its full chunks
+            "latent_rms_late_over_early": round(last_over_second(chunks[:-1]), 3),
             "reconstruction_latent_rms_late_over_early": round(
-                late_over_early(
-                    [c for c in torch.split(z_real, k, dim=1) if c.shape[1] == k]
-                    + [pipe.eos_latent()[:, None]]
-                ),
-                3,
+                last_over_second([c for c in torch.split(z_real, k, dim=1) if c.shape[1] == k]), 3
             ),
         }
         if read_attributes is not None:

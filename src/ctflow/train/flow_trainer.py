@@ -29,11 +29,17 @@ from ctflow.train.latents import LatentCache
 from ctflow.train.utils import EMA, StepBar, append_jsonl, lr_lambda, step_generator
 
 
+def num_chunks(slices: int, k: int) -> int:
+    """Chunks of a ``slices``-slice volume cut into k-slice chunks: the last one EOS-padded, then one
+    all-EOS chunk."""
+    return math.ceil(slices / k) + 1
+
+
 def chunk_at(latents: torch.Tensor, eos: torch.Tensor, k: int, i: int) -> torch.Tensor:
     """[C,S,h,w] -> chunk i [C,k,h,w] of the volume cut into k-slice chunks: slices past the end are
     the EOS latent, so chunk ceil(S / k) (the last one) is all EOS. Copies only those k slices."""
     c, s, h, w = latents.shape
-    if not 0 <= i <= math.ceil(s / k):
+    if not 0 <= i < num_chunks(s, k):
         raise IndexError(f"chunk {i} of a {s}-slice volume cut into {k}-slice chunks")
     part = latents[:, i * k : (i + 1) * k]
     if part.shape[1] == k:
@@ -63,7 +69,7 @@ class ChunkSampler:
     def __init__(self, cache: LatentCache, chunk_slices: int, config: FlowTrainConfig):
         self.cache, self.k, self.cfg = cache, chunk_slices, config
         # chunks per volume (its slices, EOS-padded, plus the EOS chunk): known from the index alone
-        self.num_chunks = [math.ceil(cache.num_slices(i) / chunk_slices) + 1 for i in range(len(cache))]
+        self.num_chunks = [num_chunks(cache.num_slices(i), chunk_slices) for i in range(len(cache))]
         self.onsets = onset_chunks(cache, chunk_slices) if config.finding_boost > 0 else []
         if config.finding_boost > 0 and not self.onsets:
             raise CTFlowError(
@@ -91,7 +97,7 @@ class ChunkSampler:
             v, i = self.draw(g)
             n = self.num_chunks[v]
             latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
-            if math.ceil(latents.shape[1] / self.k) + 1 != n:
+            if num_chunks(latents.shape[1], self.k) != n:
                 raise CTFlowError(
                     f"latent cache: {self.cache.rows[v][1]['name']} has {latents.shape[1]} latent slices but "
                     f"its index says {self.cache.num_slices(v)}; re-encode it with `ctflow encode --overwrite`"
