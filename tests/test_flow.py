@@ -85,6 +85,36 @@ def test_loss_is_zero_for_the_oracle_velocity_and_positive_otherwise():
     assert loss.item() == pytest.approx((noise - x0).pow(2).mean().item())
 
 
+def test_sample_loss_space_weights_each_rows_velocity_error_by_t_squared():
+    x0, noise, t = torch.randn(SHAPE), torch.randn(SHAPE), torch.tensor([0.9, 0.2])
+
+    def model(x, t, **cond):
+        return torch.zeros_like(x)
+
+    _, logs = flow_matching_loss(model, x0, make_cond(), t=t, noise=noise)
+    loss, _ = flow_matching_loss(model, x0, make_cond(), t=t, noise=noise, loss_space="sample")
+    per_row = (noise - x0).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(logs["loss_per_sample"], per_row)
+    assert loss.item() == pytest.approx((t**2 * per_row).mean().item(), rel=1e-6)
+    # the x0 the velocity implies (x_t - t v) is off by t * (velocity error): its MSE is this loss
+    implied = interpolate(x0, noise, t) - t.view(-1, 1, 1, 1, 1) * model(x0, t)
+    assert loss.item() == pytest.approx((implied - x0).pow(2).flatten(1).mean(1).mean().item(), rel=1e-5)
+    with pytest.raises(CTFlowError, match="loss space 'x0'"):
+        flow_matching_loss(model, x0, make_cond(), loss_space="x0")
+
+
+def test_time_mean_moves_training_times_towards_noise():
+    g = torch.Generator().manual_seed(0)
+    _, logs = flow_matching_loss(
+        lambda x, t, **c: x, torch.randn(512, 1, 1, 1, 1), make_cond(512), generator=g
+    )
+    _, shifted = flow_matching_loss(
+        lambda x, t, **c: x, torch.randn(512, 1, 1, 1, 1), make_cond(512), generator=g, time_mean=1.0
+    )
+    assert logs["t"].median() == pytest.approx(0.5, abs=0.05)
+    assert shifted["t"].median() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item(), abs=0.05)
+
+
 def test_loss_is_deterministic_with_a_generator():
     x0 = torch.randn(SHAPE)
 

@@ -27,6 +27,7 @@ from ctflow.errors import CTFlowError
 
 NUM_TRAIN_TIMESTEPS = 1000
 TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text")
+LOSS_SPACES = ("velocity", "sample")
 SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 
 
@@ -75,20 +76,28 @@ def flow_matching_loss(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     distribution: str = "logit_normal",
+    time_mean: float = 0.0,
+    loss_space: str = "velocity",
 ) -> tuple[torch.Tensor, dict]:
     """MSE between the predicted and the true velocity (noise - x0) at x_t, averaged over everything.
 
-    ``t`` [B] defaults to :func:`sample_time` with ``distribution``. Returns the loss and detached
-    logs: ``loss``, ``loss_per_sample`` [B] and ``t`` [B].
+    ``t`` [B] defaults to :func:`sample_time` with ``distribution`` (and ``time_mean`` for the
+    logit-normal). ``loss_space="sample"`` weights each row by t², which is the MSE of the clean chunk
+    the velocity implies (x0 = x_t - t v): the velocity MSE weights that error by 1 / t², so rows near
+    pure noise, where a chunk's coarse content is decided, count little. Returns the loss and detached
+    logs: ``loss``, ``loss_per_sample`` [B] (unweighted velocity MSE) and ``t`` [B].
     """
+    if loss_space not in LOSS_SPACES:
+        raise CTFlowError(f"unknown loss space {loss_space!r}; choose one of: {', '.join(LOSS_SPACES)}")
     if t is None:
-        t = sample_time(x0.shape[0], generator, distribution, device=x0.device)
+        t = sample_time(x0.shape[0], generator, distribution, device=x0.device, mean=time_mean)
     if noise is None:
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     target = noise - x0
     pred = model_output(model(interpolate(x0, noise, t), t, **cond))
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    loss = per_sample.mean()
+    weight = t.float().pow(2) if loss_space == "sample" else torch.ones_like(per_sample)
+    loss = (weight * per_sample).mean()
     return loss, {"loss": loss.detach(), "loss_per_sample": per_sample.detach(), "t": t.detach()}
 
 

@@ -26,6 +26,7 @@ def test_shipped_configs_load(tmp_path):
         ("context-noise", "context_noise_max", 1.0),
         ("startboost25", "start_boost", 0.25),
         ("findingboost", "finding_boost", 0.2),
+        ("timemean", "time_mean", 1.0),
     ):
         experiment = load_config(root / f"tiny-phantom-{name}.yaml", FlowTrainConfig)
         assert getattr(experiment, key) == value != getattr(base, key)
@@ -65,6 +66,16 @@ def test_a_config_can_start_from_a_base_file(tmp_path):
 def test_config_values_are_read():
     cfg = FlowTrainConfig()
     assert cfg.start_boost == 0.5 and cfg.optim.betas == (0.9, 0.99)
+    assert cfg.loss_space == "velocity" and cfg.time_mean == 0.0
+
+
+def test_loss_space_is_checked_when_the_config_loads(tmp_path):
+    (tmp_path / "a.yaml").write_text("loss_space: sample\ntime_mean: 1\n")
+    cfg = load_config(tmp_path / "a.yaml", FlowTrainConfig)
+    assert cfg.loss_space == "sample" and cfg.time_mean == 1.0
+    (tmp_path / "b.yaml").write_text("loss_space: x0\n")
+    with pytest.raises(CTFlowError, match="loss_space must be 'velocity' or 'sample'"):
+        load_config(tmp_path / "b.yaml", FlowTrainConfig)
 
 
 def _model_and_opt():

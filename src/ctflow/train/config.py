@@ -55,6 +55,10 @@ class FlowTrainConfig:
     # heavily noised contexts leave the report as the only source of what the chunk holds
     context_noise_max: float = 0.0
     time_distribution: str = "logit_normal"  # "logit_normal" | "uniform"
+    time_mean: float = 0.0  # mean of the logit-normal's normal: above 0 trains noisier times more often
+    # "velocity": MSE of the velocity (SD3); "sample": MSE of the clean chunk it implies (rows weighted
+    # by t^2), which gives the noisiest times, where a chunk's coarse content is decided, more weight
+    loss_space: str = "velocity"
     log_every: int = 20
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -64,6 +68,10 @@ class FlowTrainConfig:
         for name in ("start_boost", "finding_boost"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.loss_space not in ("velocity", "sample"):
+            raise CTFlowError(
+                f"config key loss_space must be 'velocity' or 'sample', got {self.loss_space!r}"
+            )
         if self.start_boost + self.finding_boost > 1.0:
             raise CTFlowError(
                 f"start_boost + finding_boost must be at most 1 (got {self.start_boost} + {self.finding_boost});"

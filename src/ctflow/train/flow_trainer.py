@@ -137,14 +137,14 @@ class ChunkSampler:
         }
 
 
-def chunk_loss(model, batch: dict, g: torch.Generator, time_distribution: str, cfg_dropout: float = 0.0):
+def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig):
     """Flow-matching loss over a batch mixing first chunks (no context) and later chunks.
 
-    A fraction ``cfg_dropout`` of rows gets the null report (classifier-free guidance).
+    A fraction ``config.cfg_dropout`` of rows gets the null report (classifier-free guidance).
     """
     from ctflow.flow import drop_condition, flow_matching_loss
 
-    batch = drop_condition(batch, cfg_dropout, g)
+    batch = drop_condition(batch, config.cfg_dropout, g)
     keys = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text", "chunk_index", "num_slices")
     total, n = 0.0, batch["x0"].shape[0]
     for rows, has_context in ((batch["first"], False), (~batch["first"], True)):
@@ -153,7 +153,13 @@ def chunk_loss(model, batch: dict, g: torch.Generator, time_distribution: str, c
         cond = {k: batch[k][rows] for k in keys}
         cond["context"] = batch["context"][rows] if has_context else None
         loss, _ = flow_matching_loss(
-            model, batch["x0"][rows], cond, generator=g, distribution=time_distribution
+            model,
+            batch["x0"][rows],
+            cond,
+            generator=g,
+            distribution=config.time_distribution,
+            time_mean=config.time_mean,
+            loss_space=config.loss_space,
         )
         total = total + loss * rows.sum() / n
     return total
@@ -234,7 +240,7 @@ def train_flow(
         batch = sampler.batch(config.batch_size, g)
         t1 = time.perf_counter()
         with accelerator.autocast():
-            loss = chunk_loss(model, batch, g, config.time_distribution, config.cfg_dropout)
+            loss = chunk_loss(model, batch, g, config)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
