@@ -121,6 +121,15 @@ def environment() -> dict:
     }
 
 
+DEFAULT_GUIDANCE = 2.0  # the pipeline's and the CLI's default
+
+
+def result_name(stem: str, guidance: float) -> str:
+    """``stem`` at the default guidance, ``{stem}_guidance{G}`` otherwise, so a guidance sweep leaves
+    the default's result (which the README and the model card quote) alone."""
+    return stem if guidance == DEFAULT_GUIDANCE else f"{stem}_guidance{guidance:g}"
+
+
 def write_result(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

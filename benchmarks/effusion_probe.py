@@ -20,7 +20,8 @@ without guidance: where along the noise scale the model knows (or loses) the flu
 
     python benchmarks/effusion_probe.py [--model DIR] [--n 12] [--steps 20] [--guidance 2]
 
-Writes ``results/effusion_probe.json`` (``--result NAME``: ``NAME.json``).
+Writes ``results/effusion_probe.json`` (another guidance: ``effusion_probe_guidance{G}.json``;
+``--result NAME``: ``NAME.json``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import decoded_hu, generation_setup, rendered_case, through_vae, write_result  # noqa: E402
+from common import (  # noqa: E402
+    decoded_hu,
+    generation_setup,
+    rendered_case,
+    result_name,
+    through_vae,
+    write_result,
+)
 
 SEED0 = 61000
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -156,7 +164,7 @@ def main() -> dict:
         },
         "chunks": {place: len(s["reconstruction"]) for place, s in shares.items()},
     }
-    write_result(args.result or "effusion_probe", result)
+    write_result(args.result or result_name("effusion_probe", args.guidance), result)
     return result
 
 

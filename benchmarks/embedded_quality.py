@@ -37,15 +37,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, generation_setup, heldout_reports, through_vae, write_result  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    generation_setup,
+    heldout_reports,
+    result_name,
+    through_vae,
+    write_result,
+)
 
 SEED0 = 50000
-DEFAULT_GUIDANCE = 2.0  # the pipeline's and the CLI's default
-
-
-def result_name(guidance: float) -> str:
-    """``embedded_quality`` at the default guidance, ``embedded_quality_guidance{G}`` otherwise."""
-    return "embedded_quality" if guidance == DEFAULT_GUIDANCE else f"embedded_quality_guidance{guidance:g}"
 
 
 def samples_name(name: str) -> str:
@@ -96,7 +97,7 @@ def last_over_second(chunks: list) -> float:
 
 def main() -> dict:
     args, pipe = generation_setup(50, __doc__.splitlines()[0])
-    name = args.result or result_name(args.guidance)
+    name = args.result or result_name("embedded_quality", args.guidance)
     k = pipe.chunk_slices
     patch_slices = pipe.transformer.config.patch_size[0]
     try:

@@ -16,7 +16,8 @@ findings, one with cardiomegaly and a bilateral pleural effusion, each with its 
 
 Writes ``results/text_use.json`` and ``results/text_use.png``: for the first two pairs, axial
 slices at 50/60/70% of the depth (mediastinal window), one row per volume: generated without
-findings, generated with them, then the two phantoms through the VAE.
+findings, generated with them, then the two phantoms through the VAE. Another guidance writes
+``text_use_guidance{G}.json``/``.png``; ``--result NAME`` names them.
 
     python benchmarks/text_use.py [--model DIR] [--n 6] [--guidance 2]
 """
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, generation_setup, rendered_case, through_vae, write_result  # noqa: E402
+from common import RESULTS, generation_setup, rendered_case, result_name, through_vae, write_result  # noqa: E402
 
 SEED0 = 60500
 FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
@@ -181,7 +182,7 @@ def main() -> dict:
             for i in range(args.n)
         ],
     }
-    name = args.result or "text_use"
+    name = args.result or result_name("text_use", args.guidance)
     write_result(name, result)
     import imageio.v3 as iio
 
