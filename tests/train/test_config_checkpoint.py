@@ -26,7 +26,7 @@ def test_shipped_configs_load(tmp_path):
         ("context-noise", "context_noise_max", 1.0),
         ("startboost25", "start_boost", 0.25),
         ("findingboost", "finding_boost", 0.2),
-        ("time0", "time_mean", 0.0),
+        ("timemean", "time_mean", 1.0),
     ):
         experiment = load_config(root / f"tiny-phantom-{name}.yaml", FlowTrainConfig)
         assert getattr(experiment, key) == value != getattr(base, key)
