@@ -121,6 +121,11 @@ def environment() -> dict:
     }
 
 
+def rms(x) -> float:
+    """Root mean square of a tensor, in float32 or wider."""
+    return float(x.float().pow(2).mean().sqrt())
+
+
 DEFAULT_GUIDANCE = 2.0  # the pipeline's and the CLI's default
 
 

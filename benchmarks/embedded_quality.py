@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     generation_setup,
     heldout_reports,
     result_name,
+    rms,
     through_vae,
     write_result,
 )
@@ -84,10 +85,6 @@ def record_chunks(pipe) -> list:
 
     pipe.vae.decode_volume = recording
     return seen
-
-
-def rms(z) -> float:
-    return float(z.float().pow(2).mean().sqrt())
 
 
 def last_over_second(chunks: list) -> float:

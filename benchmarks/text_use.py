@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, generation_setup, rendered_case, result_name, through_vae, write_result  # noqa: E402
+from common import RESULTS, generation_setup, rendered_case, result_name, rms, through_vae, write_result  # noqa: E402
 
 SEED0 = 60500
 FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
@@ -87,10 +87,6 @@ def axial_strip(volume, depths=(0.5, 0.6, 0.7), gap: int = 4) -> np.ndarray:
             np.zeros((hu.shape[1], gap), np.uint8),
         ]
     return np.concatenate(panels[:-1], axis=1)
-
-
-def rms(x: torch.Tensor) -> float:
-    return float(x.pow(2).mean().sqrt())
 
 
 def main() -> dict:

@@ -96,8 +96,8 @@ def flow_matching_loss(
     target = noise - x0
     pred = model_output(model(interpolate(x0, noise, t), t, **cond))
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    weight = t.float().pow(2) if loss_space == "sample" else torch.ones_like(per_sample)
-    loss = (weight * per_sample).mean()
+    weighted = per_sample * t.float().pow(2) if loss_space == "sample" else per_sample
+    loss = weighted.mean()
     return loss, {"loss": loss.detach(), "loss_per_sample": per_sample.detach(), "t": t.detach()}
 
 

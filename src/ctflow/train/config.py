@@ -68,9 +68,11 @@ class FlowTrainConfig:
         for name in ("start_boost", "finding_boost"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
-        if self.loss_space not in ("velocity", "sample"):
+        from ctflow.flow import LOSS_SPACES
+
+        if self.loss_space not in LOSS_SPACES:
             raise CTFlowError(
-                f"config key loss_space must be 'velocity' or 'sample', got {self.loss_space!r}"
+                f"config key loss_space must be {' or '.join(map(repr, LOSS_SPACES))}, got {self.loss_space!r}"
             )
         if self.start_boost + self.finding_boost > 1.0:
             raise CTFlowError(
