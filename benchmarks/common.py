@@ -38,9 +38,9 @@ def peak_rss_mb(pid: int | str = "self", key: str = "VmHWM") -> float | None:
     return None
 
 
-def generation_setup(n: int, description: str):
-    """The options every generation benchmark takes (--model, --n, --steps, --guidance, --result), parsed, and the
-    pipeline they name on 2 threads: (args, pipe)."""
+def generation_setup(n: int, description: str, add_arguments=None):
+    """The options every generation benchmark takes (--model, --n, --steps, --guidance, --result) and
+    those ``add_arguments(parser)`` adds, parsed, and the pipeline they name on 2 threads: (args, pipe)."""
     import argparse
 
     import torch
@@ -55,6 +55,8 @@ def generation_setup(n: int, description: str):
     p.add_argument(
         "--result", default=None, help="name of the JSON/PNG written to benchmarks/results (experiments)"
     )
+    if add_arguments:
+        add_arguments(p)
     args = p.parse_args()
     torch.set_num_threads(2)
     return args, CTFlowPipeline.from_pretrained(args.model)

@@ -7,10 +7,14 @@ seeds 0..n-1 and 96 slices, and reads every volume with the phantom attribute re
 (a phantom chest holds thousands of ml), and which of the report's findings it finds.
 A model that leans on template wording draws a volume with little or no lung here.
 
-    python benchmarks/free_text.py [--model DIR] [--n 8] [--steps 20] [--guidance 2]
+``--report-file`` takes another report with the same three findings; ``benchmarks/reports/`` holds
+them in template sentences, all of the template's (``full_template.txt``) or only the three findings
+(``short_template.txt``), which separates wording from length.
+
+    python benchmarks/free_text.py [--model DIR] [--n 8] [--steps 20] [--guidance 2] [--report-file F]
 
 Writes ``results/free_text.json`` (another guidance: ``free_text_guidance{G}.json``; ``--result NAME``:
-``NAME.json``).
+``NAME.json``; pass ``--result`` with ``--report-file``).
 """
 
 from __future__ import annotations
@@ -30,10 +34,18 @@ LUNG_ML_FLOOR = 1000.0  # below this the reader's lungs are fragments, not a che
 
 
 def main() -> dict:
-    args, pipe = generation_setup(8, __doc__.splitlines()[0])
+    args, pipe = generation_setup(
+        8,
+        __doc__.splitlines()[0],
+        lambda p: p.add_argument(
+            "--report-file", type=Path, default=REPORT, help="default: the make demo report"
+        ),
+    )
+    if args.report_file.resolve() != REPORT and not args.result:
+        sys.exit("free_text.py: --report-file needs --result NAME, so free_text.json stays the demo report's")
     from ctflow.eval.attributes import attribute_scores, attributes_from_scores
 
-    report = REPORT.read_text()
+    report = args.report_file.read_text()
     rows = []
     for seed in range(args.n):
         out = pipe(

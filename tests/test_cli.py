@@ -108,6 +108,19 @@ def test_csv_missing_findings_column(tmp_path, run_cli):
     r = run_cli("encode", "--data", tmp_path / "ph", "--vae", tmp_path / "novae", "--out", tmp_path / "lat")
     assert_clean_error(r, "Findings_EN")
     assert not (tmp_path / "lat").exists()
+    r = run_cli(
+        "encode",
+        "--data",
+        tmp_path / "ph",
+        "--vae",
+        tmp_path / "v",
+        "--out",
+        tmp_path / "lat",
+        "--report-variants",
+        -1,
+    )
+    assert_clean_error(r, "--report-variants must be 0 or more")
+    assert not (tmp_path / "lat").exists()
 
 
 @pytest.mark.parametrize("n", [0, 100000])

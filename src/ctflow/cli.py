@@ -145,9 +145,17 @@ def encode(
         Path | None, typer.Option(help="Report encoder folder (default: packaged MiniLM).")
     ] = None,
     shard_size: Annotated[int, typer.Option(help="Volumes per shard.")] = 32,
+    report_variants: Annotated[
+        int,
+        typer.Option(
+            help="Shortened versions of each report to encode too (training's short_reports reads them)."
+        ),
+    ] = 0,
     overwrite: Overwrite = False,
 ):
     """Encode a data set into the latent cache that `ctflow train` reads."""
+    if report_variants < 0:
+        raise CTFlowError(f"--report-variants must be 0 or more, got {report_variants}")
     from ctflow.data.ctrate import CTRateDataset
     from ctflow.models.text import ReportEncoder
     from ctflow.models.vae import SliceVAE
@@ -168,6 +176,7 @@ def encode(
             shard_size=shard_size,
             overwrite=overwrite,
             progress=lambda k: bar.advance(task, k),
+            report_variants=report_variants,
         )
     for problem in ds.problems:
         console.print(f"skipped {problem}")

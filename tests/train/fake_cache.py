@@ -7,10 +7,20 @@ from safetensors.torch import save_file
 
 
 def make_fake_cache(
-    folder, n=6, channels=4, size=8, text_dim=16, seed=0, shard_size=None, finding_slices=None
+    folder,
+    n=6,
+    channels=4,
+    size=8,
+    text_dim=16,
+    seed=0,
+    shard_size=None,
+    finding_slices=None,
+    report_variants=0,
 ):
     """``n`` volumes of 5, 8, 11, ... slices in shards of ``shard_size`` volumes (default: one shard);
-    ``finding_slices``: {volume number: [{"type", "first", "last"}]} for the rows that have them."""
+    ``finding_slices``: {volume number: [{"type", "first", "last"}]} for the rows that have them;
+    ``report_variants``: shortened reports per volume, variant j with 10 + j tokens (the full report's
+    tokens: 4 to 6)."""
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"eos": torch.full((channels, size, size), 2.0)}, folder / "eos.safetensors")
@@ -20,8 +30,8 @@ def make_fake_cache(
         s = 5 + 3 * i
         ramp = torch.linspace(-1, 1, s).view(1, s, 1, 1)
         t = {f"{name}.latents": (ramp + 0.1 * torch.randn(channels, s, size, size, generator=g)).half()}
-        for suffix in ("", "_nometa"):
-            length = 4 + i % 3
+        variants = [("", 4 + i % 3)] + [(f"_short{j}", 10 + j) for j in range(report_variants)]
+        for suffix, length in [(key + meta, length) for key, length in variants for meta in ("", "_nometa")]:
             t[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
             t[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
         tensors.append(t)
@@ -41,6 +51,7 @@ def make_fake_cache(
         "image_size": size * 4,
         "latent_shape": [channels, size, size],
         "text_dim": text_dim,
+        "report_variants": report_variants,
         "num_volumes": n,
         "problems": [],
         "volumes": rows,

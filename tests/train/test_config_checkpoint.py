@@ -20,17 +20,18 @@ def test_shipped_configs_load(tmp_path):
     assert load_config(root / "tiny-phantom.yaml", FlowTrainConfig).transformer["preset"] == "tiny"
     assert load_config(root / "ctrate-512.yaml", FlowTrainConfig).mixed_precision == "bf16"
     assert load_config(root / "tiny-vae.yaml", VAETrainConfig).image_size == 64
-    # each experiment config is the shipped one plus its one change
+    # each experiment config is the shipped one plus its changes
     base = load_config(root / "tiny-phantom.yaml", FlowTrainConfig)
-    for name, key, value in (
-        ("context-noise", "context_noise_max", 1.0),
-        ("startboost25", "start_boost", 0.25),
-        ("findingboost", "finding_boost", 0.2),
-        ("timemean", "time_mean", 1.0),
+    for name, changes in (
+        ("context-noise", {"context_noise_max": 1.0}),
+        ("startboost25", {"start_boost": 0.25}),
+        ("findingboost", {"finding_boost": 0.2}),
+        ("timemean", {"time_mean": 1.0}),
+        ("shortreports", {"time_mean": 1.0, "short_reports": 0.5}),
     ):
         experiment = load_config(root / f"tiny-phantom-{name}.yaml", FlowTrainConfig)
-        assert getattr(experiment, key) == value != getattr(base, key)
-        assert dataclasses.replace(experiment, **{key: getattr(base, key)}) == base
+        assert all(getattr(experiment, k) == v != getattr(base, k) for k, v in changes.items())
+        assert dataclasses.replace(experiment, **{k: getattr(base, k) for k in changes}) == base
 
 
 def test_unknown_key_is_an_error_naming_the_key(tmp_path):

@@ -233,3 +233,33 @@ def test_batches_carry_the_slice_count_unless_the_meta_line_was_dropped(tmp_path
         )
     else:
         assert set(batch["num_slices"].tolist()) <= counts and (batch["num_slices"] > 0).all()
+
+
+def test_short_reports_set_the_share_of_rows_reading_a_shortened_report(tmp_path):
+    cache = LatentCache(make_fake_cache(tmp_path / "lat", report_variants=2))
+    for share, lo, hi in ((0.0, 0.0, 0.0), (0.5, 0.4, 0.6), (1.0, 1.0, 1.0)):
+        sampler = ChunkSampler(cache, 4, _config(short_reports=share, meta_dropout=0.0))
+        batch = sampler.batch(300, torch.Generator().manual_seed(0))
+        lengths = batch["encoder_attention_mask"].sum(1)  # full reports: 4-6 tokens; variant j: 10 + j
+        short = lengths >= 10
+        assert lo <= short.float().mean().item() <= hi
+        if share:
+            assert set(lengths[short].tolist()) == {10, 11}  # both variants are drawn
+        assert (batch["num_slices"] > 0).all()  # a shortened report keeps its meta line
+    # with the meta line dropped too, the row reads the variant's no-meta features
+    batch = ChunkSampler(cache, 4, _config(short_reports=1.0, meta_dropout=1.0)).batch(
+        8, torch.Generator().manual_seed(0)
+    )
+    nometa = {
+        cache.tensor(i, f"tokens_short{j}_nometa")[0, 0].item() for i in range(len(cache)) for j in (0, 1)
+    }
+    assert all(t[0, 0].item() in nometa for t in batch["encoder_hidden_states"])
+    assert (batch["num_slices"] == 0).all()
+
+
+def test_short_reports_without_variants_in_the_cache_are_refused_with_the_fix(tmp_path):
+    cache = LatentCache(make_fake_cache(tmp_path / "lat"))
+    with pytest.raises(CTFlowError, match="--report-variants"):
+        ChunkSampler(cache, 4, _config(short_reports=0.5))
+    with pytest.raises(CTFlowError, match="short_reports"):
+        _config(short_reports=1.5)

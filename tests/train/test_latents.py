@@ -1,4 +1,5 @@
 import json
+import zlib
 
 import pytest
 import torch
@@ -8,13 +9,49 @@ from ctflow.errors import CTFlowError
 from ctflow.models.text import ReportEncoder
 from ctflow.models.vae import SliceVAE
 from ctflow.pipeline import DEFAULT_MODEL
-from ctflow.train.latents import LatentCache, encode_dataset, strip_meta
+from ctflow.train.latents import SENTENCE_BREAK, LatentCache, encode_dataset, shortened_reports, strip_meta
 from tests.train.fake_cache import make_fake_cache
 
 
 def test_strip_meta_removes_only_the_leading_meta_line():
     assert strip_meta("Volume: 40 slices, 2.5 mm spacing. Findings: clear.") == "Findings: clear."
     assert strip_meta("Findings: clear.") == "Findings: clear."
+
+
+REPORT = (
+    "Volume: 96 slices, 2.5 mm spacing. Findings: Trachea is open. Heart size is enlarged. In the lung"
+    " parenchyma window; No emphysema was detected. A 12 mm nodule is seen in the right upper lobe. There"
+    " is a left pleural effusion. Bone structures are intact. Impressions: Cardiomegaly. Left pleural"
+    " effusion. 12 mm nodule in the right upper lobe."
+)
+
+
+def test_shortened_reports_drop_findings_sentences_but_keep_what_the_report_states():
+    meta, rest = REPORT.split(" Findings: ")
+    findings, impressions = rest.split(" Impressions: ")
+    sentences = SENTENCE_BREAK.split(findings)
+    assert len(sentences) == 7 and sentences[2] == "In the lung parenchyma window;"
+    versions = shortened_reports(REPORT, 40, seed=3)
+    assert versions == shortened_reports(REPORT, 40, seed=3) and versions != shortened_reports(REPORT, 40, 4)
+    without_impressions = 0
+    for v in versions:
+        assert v.startswith(meta + " Findings: ")
+        if "Impressions:" not in v:  # the Impressions dropped: every Findings sentence stays
+            without_impressions += 1
+            assert v == meta + " Findings: " + findings
+            continue
+        assert v.endswith(" Impressions: " + impressions)  # else all of the Impressions stay
+        kept = SENTENCE_BREAK.split(v.split(" Findings: ")[1].split(" Impressions: ")[0])
+        assert kept and kept == [s for s in sentences if s in kept]  # a subset, in order
+    assert 2 <= without_impressions <= 16
+    assert sum(len(v) < len(REPORT) - 90 for v in versions) >= 15  # many drop a third or more
+    # nothing to drop without losing a stated finding: the report comes back whole
+    assert (
+        shortened_reports("Volume: 40 slices. Findings: Clear. Normal heart.", 3)
+        == ["Volume: 40 slices. Findings: Clear. Normal heart."] * 3
+    )
+    assert shortened_reports("Impressions: Normal.", 2) == ["Impressions: Normal."] * 2
+    assert shortened_reports(REPORT, 0) == []
 
 
 def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run_cli):
@@ -36,9 +73,17 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
     )
     ds = CTRateDataset.open(tmp_path / "ph")
     vae, text = SliceVAE.load(DEFAULT_MODEL / "vae"), ReportEncoder.from_pretrained()
-    encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
+    encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1, report_variants=2)
     cache = LatentCache(tmp_path / "lat")
     v = cache[0]
+    assert cache.report_variants == 2
+    short = cache.rows[0][1]["short_reports"]
+    assert short == shortened_reports(ds.load(0).report, 2, zlib.crc32(v.name.encode()))
+    for j in range(2):  # each shortened report with and without its meta line
+        torch.testing.assert_close(cache.tensor(0, f"pooled_short{j}"), text([short[j]]).pooled[0])
+        torch.testing.assert_close(
+            cache.tensor(0, f"pooled_short{j}_nometa"), text([strip_meta(short[j])]).pooled[0]
+        )
     assert len(cache) == 2 and v.latents.shape == (8, v.num_slices, 16, 16)
     assert v.tokens.shape[0] > v.tokens_nometa.shape[0]  # the meta line adds tokens
     torch.testing.assert_close(v.pooled, text([ds.load(0).report]).pooled[0])
@@ -49,7 +94,14 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
         encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64)
     (tmp_path / "lat" / "index.json").unlink()  # as if killed before the end: finished shards are kept
     stamp = (tmp_path / "lat" / "shard_00000.safetensors").stat().st_mtime_ns
-    encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
+    with pytest.raises(CTFlowError, match="report variants; pass --overwrite"):
+        encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
+    r = run_cli(
+        "encode", "--data", tmp_path / "ph", "--vae", DEFAULT_MODEL / "vae", "--out", tmp_path / "lat"
+    )
+    assert r.code != 0 and "--overwrite" in r.err  # the CLI: the same refusal
+    args = ("--vae", DEFAULT_MODEL / "vae", "--out", tmp_path / "lat", "--shard-size", 1, "--report-variants")
+    assert run_cli("encode", "--data", tmp_path / "ph", *args, 2).code == 0
     assert (tmp_path / "lat" / "shard_00000.safetensors").stat().st_mtime_ns == stamp
     assert len(LatentCache(tmp_path / "lat")) == 2
 

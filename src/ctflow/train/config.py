@@ -50,6 +50,10 @@ class FlowTrainConfig:
     finding_boost: float = 0.0
     cfg_dropout: float = 0.1  # probability of the null report (classifier-free guidance)
     meta_dropout: float = 0.1  # probability of the report without its slice-count meta line
+    # probability that a row reads one of its report's shortened versions (a random subset of the
+    # Findings sentences; ``ctflow encode --report-variants N`` stores them), so short typed reports
+    # read like the long ones the model was trained on
+    short_reports: float = 0.0
     context_noise: float = 0.05  # std of the noise added to the previous chunk during training
     # when above context_noise, each row's std is drawn uniformly from [context_noise, context_noise_max]:
     # heavily noised contexts leave the report as the only source of what the chunk holds
@@ -65,7 +69,7 @@ class FlowTrainConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        for name in ("start_boost", "finding_boost"):
+        for name in ("start_boost", "finding_boost", "short_reports"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
         from ctflow.flow import LOSS_SPACES

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
 RESULTS = ROOT / "benchmarks" / "results"
+REPORT_VARIANTS = 4  # shortened versions of each report in the latent cache (short_reports trains on them)
 
 
 @contextlib.contextmanager
@@ -268,7 +269,10 @@ def main(argv=None) -> None:
     with stage("encode", timings, latents / "index.json") as todo:
         if todo:
             assert (
-                cli(["encode", "--data", str(data), "--vae", str(vae_run / "vae"), "--out", str(latents)])
+                cli(
+                    ["encode", "--data", str(data), "--vae", str(vae_run / "vae"), "--out", str(latents)]
+                    + ["--report-variants", str(REPORT_VARIANTS)]
+                )
                 == 0
             )
     with stage("train", timings, flow_run / "transformer") as todo:

@@ -64,7 +64,8 @@ def _uniform(g: torch.Generator) -> float:
 
 
 class ChunkSampler:
-    """Draws training chunks (with StartBoost, FindingBoost and meta-line dropout) from a latent cache."""
+    """Draws training chunks (with StartBoost, FindingBoost, short reports and meta-line dropout) from a
+    latent cache."""
 
     def __init__(self, cache: LatentCache, chunk_slices: int, config: FlowTrainConfig):
         self.cache, self.k, self.cfg = cache, chunk_slices, config
@@ -76,6 +77,11 @@ class ChunkSampler:
                 "finding_boost needs finding_slices in the latent cache (phantom data sets, encoded by this"
                 " version of `ctflow encode --overwrite`); none of its volumes has a finding past the first"
                 " chunk. Set finding_boost: 0"
+            )
+        if config.short_reports > 0 and cache.report_variants == 0:
+            raise CTFlowError(
+                "short_reports needs shortened reports in the latent cache; encode it again with"
+                " `ctflow encode --report-variants 4 --overwrite`, or set short_reports: 0"
             )
 
     def draw(self, g: torch.Generator) -> tuple[int, int]:
@@ -110,6 +116,8 @@ class ChunkSampler:
             idx.append(i)
             dropped = _uniform(g) < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
             suffix = "_nometa" if dropped else ""
+            if self.cfg.short_reports > 0 and _uniform(g) < self.cfg.short_reports:
+                suffix = f"_short{int(torch.randint(self.cache.report_variants, (), generator=g))}" + suffix
             toks.append(self.cache.tensor(v, "tokens" + suffix))
             pooled.append(self.cache.tensor(v, "pooled" + suffix))
             counts.append(0 if dropped else self.cache.num_slices(v))

@@ -6,7 +6,9 @@ report embeddings in safetensors shards::
 
     LATENTS/shard_00000.safetensors   <name>.latents [C,S,h,w] fp16,
                                       <name>.tokens [L,D] / <name>.pooled [D] (report with meta line),
-                                      <name>.tokens_nometa / <name>.pooled_nometa (without it)
+                                      <name>.tokens_nometa / <name>.pooled_nometa (without it),
+                                      <name>.tokens_short{j}[_nometa] / <name>.pooled_short{j}[_nometa]:
+                                      the shortened report variants (``report_variants``)
     LATENTS/shard_00000.json          per volume: name, report, num_slices, spacing, labels and, where
                                       the data set has them, finding_slices (``CTRateSample``)
     LATENTS/eos.safetensors           the EOS slice latent (a white slice) [C,h,w]
@@ -18,6 +20,8 @@ Shards are written atomically; a rerun skips finished shards (resumable).
 from __future__ import annotations
 
 import json
+import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +58,47 @@ def strip_meta(report: str) -> str:
     return report.strip()[m.end() :].strip() if m else report
 
 
+SENTENCE_BREAK = re.compile(r"(?<=[.;])\s+(?=[A-Z0-9])")
+SECTIONS = re.compile(r"^(?:Findings:\s*(?P<findings>.*?))?\s*(?:Impressions:\s*(?P<impressions>.*))?$", re.S)
+
+
+def shortened_reports(report: str, n: int, seed: int = 0) -> list[str]:
+    """``n`` shorter versions of a conditioning text (``format_report``'s layout) to train on.
+
+    Training reports are long and complete; people type a few lines. Each version keeps the meta
+    line and, in order, a random subset of the Findings sentences (each kept with a probability drawn
+    per version from [0.15, 0.85], at least one) with all of the Impressions; one version in five
+    instead keeps all of the Findings and drops the Impressions. A report without both sections comes
+    back whole. The phantom reports repeat every positive finding in the Impressions, so no version
+    loses one; a CT-RATE finding named only in the Findings can be dropped from a version. The same
+    report and seed give the same versions.
+    """
+    text = " ".join(report.split())
+    m = META_PATTERN.match(text)
+    meta, body = (text[: m.end()], text[m.end() :].strip()) if m else ("", text)
+    parts = SECTIONS.match(body)
+    findings = SENTENCE_BREAK.split(parts["findings"].strip()) if parts and parts["findings"] else []
+    impressions = (parts["impressions"] or "").strip() if parts else ""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5407])
+    out = []
+    for _ in range(n):
+        kept = findings
+        keep_impressions = bool(impressions)
+        if findings and impressions and rng.random() < 0.2:
+            keep_impressions = False
+        elif findings and impressions:
+            mask = rng.random(len(findings)) < rng.uniform(0.15, 0.85)
+            mask[int(rng.integers(len(findings)))] |= not mask.any()
+            kept = [s for s, k in zip(findings, mask, strict=True) if k]
+        pieces = [meta] if meta else []
+        if kept:
+            pieces.append("Findings: " + " ".join(kept))
+        if keep_impressions:
+            pieces.append("Impressions: " + impressions)
+        out.append(" ".join(pieces) if len(pieces) > int(bool(meta)) else text)
+    return out
+
+
 def encode_dataset(
     dataset,
     vae,
@@ -64,8 +109,16 @@ def encode_dataset(
     batch_size: int = 16,
     overwrite: bool = False,
     progress=None,
+    report_variants: int = 0,
 ) -> Path:
-    """Encode a CT-RATE-layout data set into the latent cache; resumable."""
+    """Encode a CT-RATE-layout data set into the latent cache; resumable.
+
+    ``report_variants``: how many shortened versions of each report (:func:`shortened_reports`,
+    seeded by the volume's name) to encode as well, with and without the meta line; training reads
+    them with probability ``FlowTrainConfig.short_reports``.
+    """
+    if report_variants < 0:
+        raise CTFlowError(f"report_variants must be 0 or more, got {report_variants}")
     out = Path(out)
     if (out / "index.json").exists() and not overwrite:
         raise CTFlowError(f"{out} already holds a finished latent cache; pass --overwrite to redo it")
@@ -78,7 +131,13 @@ def encode_dataset(
     for start in range(0, n, shard_size):
         shard = out / f"shard_{start // shard_size:05d}"
         if shard.with_suffix(".json").exists() and shard.with_suffix(".safetensors").exists():
-            volumes += json.loads(shard.with_suffix(".json").read_text())
+            rows = json.loads(shard.with_suffix(".json").read_text())
+            if any(len(r.get("short_reports", [])) != report_variants for r in rows):
+                raise CTFlowError(
+                    f"{shard.name} was encoded with another number of report variants; pass --overwrite"
+                    " to encode the cache again"
+                )
+            volumes += rows
             if progress:
                 progress(min(shard_size, n - start))
             continue
@@ -93,14 +152,18 @@ def encode_dataset(
             z = vae.encode_volume(x, batch_size=batch_size)  # [C,S,h,w]
             name = sample.name
             tensors[f"{name}.latents"] = z.to(torch.float16).contiguous()
-            for suffix, report in (("", sample.report), ("_nometa", strip_meta(sample.report))):
-                emb = text([report])
-                tensors[f"{name}.tokens{suffix}"] = emb.tokens[0].to(torch.float16).contiguous()
-                tensors[f"{name}.pooled{suffix}"] = emb.pooled[0].contiguous()
+            short = shortened_reports(sample.report, report_variants, zlib.crc32(name.encode()))
+            variants = [("", sample.report)] + [(f"_short{j}", r) for j, r in enumerate(short)]
+            for key, report in variants:
+                for suffix, r in ((key, report), (key + "_nometa", strip_meta(report))):
+                    emb = text([r])
+                    tensors[f"{name}.tokens{suffix}"] = emb.tokens[0].to(torch.float16).contiguous()
+                    tensors[f"{name}.pooled{suffix}"] = emb.pooled[0].contiguous()
             rows.append(
                 {
                     "name": name,
                     "report": sample.report,
+                    **({"short_reports": short} if short else {}),
                     "num_slices": int(sample.volume.num_slices),
                     "spacing": list(sample.volume.spacing),
                     "labels": sample.labels,
@@ -119,6 +182,7 @@ def encode_dataset(
         "image_size": image_size,
         "latent_shape": list(eos.shape),
         "text_dim": text.hidden_size,
+        "report_variants": report_variants,
         "num_volumes": len(volumes),
         "problems": list(dataset.problems),
         "volumes": volumes,
@@ -167,12 +231,17 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def report_variants(self) -> int:
+        """Shortened versions stored per report (``encode_dataset(report_variants=...)``)."""
+        return int(self.index.get("report_variants", 0))
+
     def num_slices(self, i: int) -> int:
         return int(self.rows[i][1]["num_slices"])
 
     def tensor(self, i: int, key: str) -> torch.Tensor:
         """One stored tensor of volume ``i`` (``latents``, ``tokens``, ``pooled``, ``tokens_nometa``,
-        ``pooled_nometa``) as float32, read alone from its shard."""
+        ``pooled_nometa``, ``tokens_short{j}``, ...) as float32, read alone from its shard."""
         shard, row = self.rows[i]
         return self._shard(shard).get_tensor(f"{row['name']}.{key}").float()
 
