@@ -156,9 +156,11 @@ def synthetic_cache(
     text_dim: int = 384,
     slices: tuple[int, int] = (40, 120),
     shard_size: int | None = None,
+    report_variants: int = 0,
 ) -> Path:
     """A latent cache of random volumes in the layout ``ctflow encode`` writes: ``n`` volumes of
-    ``slices[0]``.. ``slices[1] - 1`` slices of ``channels`` x ``size`` x ``size`` latents, 90 text tokens."""
+    ``slices[0]``.. ``slices[1] - 1`` slices of ``channels`` x ``size`` x ``size`` latents, 90 text tokens
+    per report, ``report_variants`` shortened reports of 45 tokens."""
     import torch
     from safetensors.torch import save_file
 
@@ -172,8 +174,9 @@ def synthetic_cache(
         for i in range(start, min(start + step, n)):
             name, s = f"train_{i + 1}_a_1.nii.gz", slices[0] + i % (slices[1] - slices[0])
             tensors[f"{name}.latents"] = torch.randn(channels, s, size, size, generator=g).half()
-            for suffix in ("", "_nometa"):
-                tensors[f"{name}.tokens{suffix}"] = torch.randn(90, text_dim, generator=g).half()
+            reports = [("", 90)] + [(f"_short{j}", 45) for j in range(report_variants)]
+            for suffix, length in [(key + meta, k) for key, k in reports for meta in ("", "_nometa")]:
+                tensors[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
                 tensors[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
             part.append(
                 {"name": name, "report": "", "num_slices": s, "spacing": [2.5, 5.0, 5.0], "labels": None}
@@ -181,5 +184,6 @@ def synthetic_cache(
         save_file(tensors, folder / f"shard_{k:05d}.safetensors")
         (folder / f"shard_{k:05d}.json").write_text(json.dumps(part))
         rows += part
-    (folder / "index.json").write_text(json.dumps({"text_dim": text_dim, "volumes": rows}))
+    index = {"text_dim": text_dim, "report_variants": report_variants, "volumes": rows}
+    (folder / "index.json").write_text(json.dumps(index))
     return folder

@@ -20,8 +20,10 @@ def test_shipped_configs_load(tmp_path):
     assert load_config(root / "tiny-phantom.yaml", FlowTrainConfig).transformer["preset"] == "tiny"
     assert load_config(root / "ctrate-512.yaml", FlowTrainConfig).mixed_precision == "bf16"
     assert load_config(root / "tiny-vae.yaml", VAETrainConfig).image_size == 64
-    # each experiment config is the shipped one plus its changes
-    base = load_config(root / "tiny-phantom.yaml", FlowTrainConfig)
+    # each experiment config is the v1 one plus its changes; the shipped one is the short-reports one
+    base = load_config(root / "tiny-phantom-v1.yaml", FlowTrainConfig)
+    shipped = load_config(root / "tiny-phantom.yaml", FlowTrainConfig)
+    assert shipped == load_config(root / "tiny-phantom-shortreports.yaml", FlowTrainConfig) != base
     for name, changes in (
         ("context-noise", {"context_noise_max": 1.0}),
         ("startboost25", {"start_boost": 0.25}),

