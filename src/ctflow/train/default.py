@@ -86,8 +86,12 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     ``results`` (``embedded_quality.json`` and ``text_use.json`` from ``benchmarks/``)."""
     timings = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
     index = json.loads((folder / "model_index.json").read_text())
-    quality_path = results / "embedded_quality.json"
-    quality = json.loads(quality_path.read_text()) if quality_path.exists() else None
+
+    def result(name: str) -> dict | None:
+        path = results / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    quality = result("embedded_quality")
     size_mb = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
     vae_config = folder / "vae" / "config.json"
     window = json.loads(vae_config.read_text()).get("_hu_window") if vae_config.exists() else None
@@ -165,9 +169,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
                 f" phantoms; patch-seam ratio {quality['patch_seam_ratio']}"
                 f" (reconstructions {quality['reconstruction_patch_seam_ratio']}; 1 = no stripes)"
             )
-    use_path = results / "text_use.json"
-    if quality and use_path.exists():
-        use = json.loads(use_path.read_text())
+    use = result("text_use")
+    if quality and use:
         lines += [
             "",
             "## Does it read the findings?",
@@ -190,9 +193,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
                 f"- generated {label} shift {_signed(gen[m])} (true {_signed(real[m])};"
                 f" {gen.get(f'{m}_pairs', use['n'])} of {use['n']} generated pairs readable)"
             )
-    probe_path = results / "effusion_probe.json"
-    if quality and probe_path.exists():
-        probe = json.loads(probe_path.read_text())
+    probe = result("effusion_probe")
+    if quality and probe:
         recall = probe["fluid_recall"]
         lines.append(
             f"- a reported effusion, one chunk generated from the true previous chunk"
@@ -201,9 +203,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f" {recall['continuation']['report']:.1%} in its middle (the phantoms through this VAE:"
             f" {recall['onset']['reconstruction']:.1%}, {recall['continuation']['reconstruction']:.1%})"
         )
-    free_path = results / "free_text.json"
-    if quality and free_path.exists():
-        free = json.loads(free_path.read_text())
+    free = result("free_text")
+    if quality and free:
         found = ", ".join(f"{name.replace('_', ' ')} {k}" for name, k in free["found"].items())
         lines.append(
             f"- the `make demo` report, a short typed report (`python benchmarks/free_text.py`, {free['n']}"
