@@ -5,6 +5,8 @@ import json
 import torch
 from safetensors.torch import save_file
 
+from ctflow.train.latents import short_key
+
 
 def make_fake_cache(
     folder,
@@ -30,7 +32,7 @@ def make_fake_cache(
         s = 5 + 3 * i
         ramp = torch.linspace(-1, 1, s).view(1, s, 1, 1)
         t = {f"{name}.latents": (ramp + 0.1 * torch.randn(channels, s, size, size, generator=g)).half()}
-        variants = [("", 4 + i % 3)] + [(f"_short{j}", 10 + j) for j in range(report_variants)]
+        variants = [("", 4 + i % 3)] + [(short_key(j), 10 + j) for j in range(report_variants)]
         for suffix, length in [(key + meta, length) for key, length in variants for meta in ("", "_nometa")]:
             t[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
             t[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)

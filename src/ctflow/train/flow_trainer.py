@@ -25,7 +25,7 @@ import torch
 from ctflow.errors import CTFlowError
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
 from ctflow.train.config import FlowTrainConfig
-from ctflow.train.latents import LatentCache
+from ctflow.train.latents import LatentCache, short_key
 from ctflow.train.utils import EMA, StepBar, append_jsonl, lr_lambda, step_generator
 
 
@@ -117,7 +117,7 @@ class ChunkSampler:
             dropped = _uniform(g) < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
             suffix = "_nometa" if dropped else ""
             if self.cfg.short_reports > 0 and _uniform(g) < self.cfg.short_reports:
-                suffix = f"_short{int(torch.randint(self.cache.report_variants, (), generator=g))}" + suffix
+                suffix = short_key(int(torch.randint(self.cache.report_variants, (), generator=g))) + suffix
             toks.append(self.cache.tensor(v, "tokens" + suffix))
             pooled.append(self.cache.tensor(v, "pooled" + suffix))
             counts.append(0 if dropped else self.cache.num_slices(v))

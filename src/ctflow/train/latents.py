@@ -75,28 +75,28 @@ def shortened_reports(report: str, n: int, seed: int = 0) -> list[str]:
     """
     text = " ".join(report.split())
     m = META_PATTERN.match(text)
-    meta, body = (text[: m.end()], text[m.end() :].strip()) if m else ("", text)
+    meta, body = (text[: m.end()] + " ", text[m.end() :].strip()) if m else ("", text)
     parts = SECTIONS.match(body)
-    findings = SENTENCE_BREAK.split(parts["findings"].strip()) if parts and parts["findings"] else []
-    impressions = (parts["impressions"] or "").strip() if parts else ""
+    if not (parts and parts["findings"] and parts["impressions"]):
+        return [text] * n
+    findings = SENTENCE_BREAK.split(parts["findings"].strip())
+    impressions = " Impressions: " + parts["impressions"].strip()
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5407])
     out = []
     for _ in range(n):
-        kept = findings
-        keep_impressions = bool(impressions)
-        if findings and impressions and rng.random() < 0.2:
-            keep_impressions = False
-        elif findings and impressions:
-            mask = rng.random(len(findings)) < rng.uniform(0.15, 0.85)
-            mask[int(rng.integers(len(findings)))] |= not mask.any()
-            kept = [s for s, k in zip(findings, mask, strict=True) if k]
-        pieces = [meta] if meta else []
-        if kept:
-            pieces.append("Findings: " + " ".join(kept))
-        if keep_impressions:
-            pieces.append("Impressions: " + impressions)
-        out.append(" ".join(pieces) if len(pieces) > int(bool(meta)) else text)
+        if rng.random() < 0.2:  # all of the Findings, no Impressions
+            out.append(f"{meta}Findings: {' '.join(findings)}")
+            continue
+        mask = rng.random(len(findings)) < rng.uniform(0.15, 0.85)
+        mask[int(rng.integers(len(findings)))] |= not mask.any()
+        kept = [s for s, k in zip(findings, mask, strict=True) if k]
+        out.append(f"{meta}Findings: {' '.join(kept)}{impressions}")
     return out
+
+
+def short_key(j: int) -> str:
+    """The key suffix of a report's ``j``-th shortened version in the cache (``<name>.tokens_short0``)."""
+    return f"_short{j}"
 
 
 def encode_dataset(
@@ -153,7 +153,7 @@ def encode_dataset(
             name = sample.name
             tensors[f"{name}.latents"] = z.to(torch.float16).contiguous()
             short = shortened_reports(sample.report, report_variants, zlib.crc32(name.encode()))
-            variants = [("", sample.report)] + [(f"_short{j}", r) for j, r in enumerate(short)]
+            variants = [("", sample.report)] + [(short_key(j), r) for j, r in enumerate(short)]
             for key, report in variants:
                 for suffix, r in ((key, report), (key + "_nometa", strip_meta(report))):
                     emb = text([r])
