@@ -49,6 +49,10 @@ def test_wrong_type_and_bad_yaml_are_errors(tmp_path):
     (tmp_path / "d.yaml").write_text("steps: [1,\n")
     with pytest.raises(CTFlowError, match="not valid YAML"):
         load_config(tmp_path / "d.yaml", FlowTrainConfig)
+    # a key given twice is an error, not "the last one wins" (a broken header once hid this way)
+    (tmp_path / "e.yaml").write_text("transformer: note\nsteps: 5\ntransformer:\n  depth: 2\n")
+    with pytest.raises(CTFlowError, match="not valid YAML: key 'transformer' is given twice"):
+        load_config(tmp_path / "e.yaml", FlowTrainConfig)
 
 
 def test_a_config_can_start_from_a_base_file(tmp_path):
