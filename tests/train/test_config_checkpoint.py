@@ -34,6 +34,12 @@ def test_shipped_configs_load(tmp_path):
         experiment = load_config(root / f"tiny-phantom-{name}.yaml", FlowTrainConfig)
         assert all(getattr(experiment, k) == v != getattr(base, k) for k, v in changes.items())
         assert dataclasses.replace(experiment, **{k: getattr(base, k) for k in changes}) == base
+    # a later experiment starts from the shipped config
+    boosted = load_config(root / "tiny-phantom-shortreports-findingboost.yaml", FlowTrainConfig)
+    assert boosted.finding_boost == 0.2 != shipped.finding_boost
+    assert dataclasses.replace(boosted, finding_boost=shipped.finding_boost) == shipped
+    for path in root.glob("*.yaml"):  # and every config in the folder loads
+        load_config(path, VAETrainConfig if "vae" in path.name else FlowTrainConfig)
 
 
 def test_unknown_key_is_an_error_naming_the_key(tmp_path):
