@@ -17,6 +17,10 @@ reach through this VAE, and the no-effusion report shows what the context alone 
 ``prediction_by_t``: for the continuation chunk and the effusion report, the same measures on the
 model's one-step estimate of the clean chunk from the true chunk noised to t (x̂0 = x_t − t·v),
 without guidance: where along the noise scale the model knows (or loses) the fluid.
+``matched_noise``: the true chunk decoded after adding Gaussian noise of the same RMS as the model's
+error at t = 0.1 (``x0_error_rms_t0.1``, per chunk): if the VAE decoder turned any small latent error
+into HU outside the fluid band, this would fall as far as ``prediction_by_t["0.1"]``; if the model's
+error is aimed at the fluid, it stays near the reconstruction's share.
 
     python benchmarks/effusion_probe.py [--model DIR] [--n 12] [--steps 20] [--guidance 2]
 
@@ -39,12 +43,14 @@ from common import (  # noqa: E402
     generation_setup,
     rendered_case,
     result_name,
+    rms,
     through_vae,
     write_result,
 )
 
 SEED0 = 61000
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+MATCHED_T = 0.1  # the model's error at this time sets the noise added to the true chunk (matched_noise)
 
 
 def effusion_case(seed: int, side: str):
@@ -83,6 +89,7 @@ def main() -> dict:
     shares = {p: {key: [] for key in kinds} for p in ("onset", "continuation")}
     median_hu = {p: {key: [] for key in kinds} for p in ("onset", "continuation")}
     by_t = {t: [] for t in NOISE_LEVELS}
+    matched = []  # (fluid share, median HU, RMS of the model's error) of the true chunk + matched noise
     used = 0
     for i in range(args.n):
         vol, labels, text_eff, text_none, rng = effusion_case(SEED0 + i, ("right", "left")[i % 2])
@@ -134,6 +141,13 @@ def main() -> dict:
                         x0_hat = x_t - t * tr(x_t, torch.full((1,), t), **one).sample
                     hu = decoded_hu(pipe, x0_hat[0])
                     by_t[t].append(fluid_measures(hu, mask))
+                    if t == MATCHED_T:
+                        err = float(rms(x0_hat - x0_true))
+                        other = torch.randn(
+                            x0_true.shape, generator=torch.Generator().manual_seed(10_000 + i)
+                        )
+                        hu = decoded_hu(pipe, (x0_true + err * other)[0])
+                        matched.append((*fluid_measures(hu, mask), err))
         print(
             f"{i}: "
             + "  ".join(f"{p} {[round(v[-1], 3) for v in s.values() if v]}" for p, s in shares.items()),
@@ -162,6 +176,13 @@ def main() -> dict:
             for t, rows in by_t.items()
             if rows
         },
+        "matched_noise": {
+            "fluid_recall": round(float(np.mean([m[0] for m in matched])), 3),
+            "median_hu": round(float(np.mean([m[1] for m in matched])), 1),
+            f"x0_error_rms_t{MATCHED_T:g}": round(float(np.mean([m[2] for m in matched])), 3),
+        }
+        if matched
+        else None,
         "chunks": {place: len(s["reconstruction"]) for place, s in shares.items()},
     }
     write_result(args.result or result_name("effusion_probe", args.guidance), result)
