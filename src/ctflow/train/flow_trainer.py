@@ -230,8 +230,10 @@ def train_flow(
             info = restore(found[-1], {"model": model, "ema": ema}, {"optimizer": optimizer})
             step = info["step"]
             scheduler.last_epoch = step
-            for group, lr in zip(optimizer.param_groups, scheduler.get_lr(), strict=True):
-                group["lr"] = lr
+            for group, base, factor in zip(
+                optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * factor(step)  # LambdaLR's rate at this step (get_lr() warns here)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rank, main = accelerator.process_index, accelerator.is_main_process
