@@ -229,11 +229,7 @@ def train_flow(
         if found:
             info = restore(found[-1], {"model": model, "ema": ema}, {"optimizer": optimizer})
             step = info["step"]
-            scheduler.last_epoch = step
-            for group, base, factor in zip(
-                optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-            ):
-                group["lr"] = base * factor(step)  # LambdaLR's rate at this step (get_lr() warns here)
+            scheduler.last_epoch = step  # the rates themselves come back with the optimizer's param_groups
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rank, main = accelerator.process_index, accelerator.is_main_process
