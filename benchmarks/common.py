@@ -164,7 +164,7 @@ def synthetic_cache(
     import torch
     from safetensors.torch import save_file
 
-    from ctflow.train.latents import short_key
+    from ctflow.train.latents import report_keys
 
     g = torch.Generator().manual_seed(0)
     folder.mkdir(parents=True)
@@ -176,10 +176,10 @@ def synthetic_cache(
         for i in range(start, min(start + step, n)):
             name, s = f"train_{i + 1}_a_1.nii.gz", slices[0] + i % (slices[1] - slices[0])
             tensors[f"{name}.latents"] = torch.randn(channels, s, size, size, generator=g).half()
-            reports = [("", 90)] + [(short_key(j), 45) for j in range(report_variants)]
-            for suffix, length in [(key + meta, k) for key, k in reports for meta in ("", "_nometa")]:
-                tensors[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
-                tensors[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
+            for key, length in zip(report_keys(report_variants), [90, *[45] * report_variants], strict=True):
+                for suffix in (key, key + "_nometa"):
+                    tensors[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
+                    tensors[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
             part.append(
                 {"name": name, "report": "", "num_slices": s, "spacing": [2.5, 5.0, 5.0], "labels": None}
             )

@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from ctflow.train.latents import short_key
+from ctflow.train.latents import report_keys
 
 
 def make_fake_cache(
@@ -32,10 +32,11 @@ def make_fake_cache(
         s = 5 + 3 * i
         ramp = torch.linspace(-1, 1, s).view(1, s, 1, 1)
         t = {f"{name}.latents": (ramp + 0.1 * torch.randn(channels, s, size, size, generator=g)).half()}
-        variants = [("", 4 + i % 3)] + [(short_key(j), 10 + j) for j in range(report_variants)]
-        for suffix, length in [(key + meta, length) for key, length in variants for meta in ("", "_nometa")]:
-            t[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
-            t[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
+        lengths = [4 + i % 3, *range(10, 10 + report_variants)]
+        for key, length in zip(report_keys(report_variants), lengths, strict=True):
+            for suffix in (key, key + "_nometa"):
+                t[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
+                t[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
         tensors.append(t)
         rows.append(
             {"name": name, "report": f"r{i}", "num_slices": s, "spacing": [2.0, 1.0, 1.0], "labels": None}

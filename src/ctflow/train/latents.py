@@ -99,6 +99,13 @@ def short_key(j: int) -> str:
     return f"_short{j}"
 
 
+def report_keys(report_variants: int) -> list[str]:
+    """The key suffixes of a volume's report versions in the cache, in order: the report itself (``""``),
+    then its ``report_variants`` shortened versions; each is stored with and without its meta line
+    (the suffix plus ``"_nometa"``)."""
+    return ["", *map(short_key, range(report_variants))]
+
+
 def encode_dataset(
     dataset,
     vae,
@@ -153,8 +160,7 @@ def encode_dataset(
             name = sample.name
             tensors[f"{name}.latents"] = z.to(torch.float16).contiguous()
             short = shortened_reports(sample.report, report_variants, zlib.crc32(name.encode()))
-            variants = [("", sample.report)] + [(short_key(j), r) for j, r in enumerate(short)]
-            for key, report in variants:
+            for key, report in zip(report_keys(len(short)), [sample.report, *short], strict=True):
                 for suffix, r in ((key, report), (key + "_nometa", strip_meta(report))):
                     emb = text([r])
                     tensors[f"{name}.tokens{suffix}"] = emb.tokens[0].to(torch.float16).contiguous()
