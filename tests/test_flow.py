@@ -103,6 +103,27 @@ def test_sample_loss_space_weights_each_rows_velocity_error_by_t_squared():
         flow_matching_loss(model, x0, make_cond(), loss_space="x0")
 
 
+def test_loss_weight_scales_each_elements_squared_error():
+    x0, noise, t = torch.randn(SHAPE), torch.randn(SHAPE), torch.tensor([0.9, 0.2])
+
+    def model(x, t, **cond):
+        return torch.zeros_like(x)
+
+    err = (noise - x0).pow(2)
+    weight = torch.ones(SHAPE[0], 1, *SHAPE[2:])
+    weight[0, :, 0] = 4.0  # the first slice of row 0 counts 4x, in every channel
+    for space, row in (("velocity", torch.ones(2)), ("sample", t**2)):
+        loss, logs = flow_matching_loss(
+            model, x0, make_cond(), t=t, noise=noise, loss_space=space, weight=weight
+        )
+        expected = ((err * weight).flatten(1).mean(1) * row).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        torch.testing.assert_close(logs["loss_per_sample"], err.flatten(1).mean(1))  # logs stay unweighted
+    ones, _ = flow_matching_loss(model, x0, make_cond(), t=t, noise=noise, weight=torch.ones(SHAPE))
+    plain, _ = flow_matching_loss(model, x0, make_cond(), t=t, noise=noise)
+    assert torch.equal(ones, plain)
+
+
 def test_time_mean_moves_training_times_towards_noise():
     g = torch.Generator().manual_seed(0)
     _, logs = flow_matching_loss(

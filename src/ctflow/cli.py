@@ -151,6 +151,13 @@ def encode(
             help="Shortened versions of each report to encode too (training's short_reports reads them)."
         ),
     ] = 0,
+    finding_masks: Annotated[
+        bool,
+        typer.Option(
+            help="Also store where each volume's findings lie (phantom data sets; training's finding_weight"
+            " reads them)."
+        ),
+    ] = False,
     overwrite: Overwrite = False,
 ):
     """Encode a data set into the latent cache that `ctflow train` reads."""
@@ -177,6 +184,7 @@ def encode(
             overwrite=overwrite,
             progress=lambda k: bar.advance(task, k),
             report_variants=report_variants,
+            finding_masks=finding_masks,
         )
     for problem in ds.problems:
         console.print(f"skipped {problem}")

@@ -78,13 +78,15 @@ def flow_matching_loss(
     distribution: str = "logit_normal",
     time_mean: float = 0.0,
     loss_space: str = "velocity",
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """MSE between the predicted and the true velocity (noise - x0) at x_t, averaged over everything.
 
     ``t`` [B] defaults to :func:`sample_time` with ``distribution`` (and ``time_mean`` for the
     logit-normal). ``loss_space="sample"`` weights each row by t², which is the MSE of the clean chunk
     the velocity implies (x0 = x_t - t v): the velocity MSE weights that error by 1 / t², so rows near
-    pure noise, where a chunk's coarse content is decided, count little. Returns the loss and detached
+    pure noise, where a chunk's coarse content is decided, count little. ``weight`` (broadcast against
+    ``x0``, e.g. [B,1,k,h,w]) scales each element's squared error before the mean. Returns the loss and detached
     logs: ``loss``, ``loss_per_sample`` [B] (unweighted velocity MSE) and ``t`` [B].
     """
     if loss_space not in LOSS_SPACES:
@@ -95,8 +97,10 @@ def flow_matching_loss(
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     target = noise - x0
     pred = model_output(model(interpolate(x0, noise, t), t, **cond))
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    weighted = per_sample * t.float().pow(2) if loss_space == "sample" else per_sample
+    err = (pred.float() - target.float()).pow(2)
+    per_sample = err.flatten(1).mean(1)
+    weighted = per_sample if weight is None else (err * weight.float()).flatten(1).mean(1)
+    weighted = weighted * t.float().pow(2) if loss_space == "sample" else weighted
     loss = weighted.mean()
     return loss, {"loss": loss.detach(), "loss_per_sample": per_sample.detach(), "t": t.detach()}
 

@@ -1,4 +1,5 @@
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -139,3 +140,27 @@ def test_phantom_ground_truth_beside_a_volume_gives_its_finding_slices(tmp_path)
         ds.load(0)
     _fixture(tmp_path / "ctrate")  # CT-RATE itself: no ground truth beside the volumes
     assert CTRateDataset.open(tmp_path / "ctrate").load(0).finding_slices is None
+    assert CTRateDataset.open(tmp_path / "ctrate").finding_mask(0) is None
+
+
+def test_finding_mask_of_a_written_phantom_lines_up_with_the_volume_read_back(tmp_path):
+    from ctflow.data.phantom import PhantomSpec, finding_mask, render_phantom
+
+    spec = PhantomSpec(seed=5, size=48, num_slices=30, slice_spacing=6.0, pixel_spacing=7.0)
+    spec.findings = [{"type": "effusion", "side": "right"}]
+    r = render_phantom(spec)
+    w = CTRateWriter(tmp_path, "valid")
+    w.add(0, r.volume, {"Findings_EN": "Fluid.", "Impressions_EN": "Effusion."}, {}, extra=r.ground_truth)
+    w.close()
+    ds = CTRateDataset.open(tmp_path, "valid")
+    mask = ds.finding_mask(0)
+    assert mask.any()
+    np.testing.assert_array_equal(mask, finding_mask(r.ground_truth))
+    # the same voxels in the volume the reader returns: the rendered volume, voxel for voxel
+    np.testing.assert_array_equal(ds.load(0).volume.hu(), r.volume.hu())
+    sidecar = tmp_path / "dataset/valid/valid_1/valid_1_a/valid_1_a_1.json"
+    truth = json.loads(sidecar.read_text())
+    truth["spec"]["size"] = 2  # no longer renders
+    sidecar.write_text(json.dumps(truth))
+    with pytest.raises(CTFlowError, match="valid_1_a_1.json does not render its phantom"):
+        ds.finding_mask(0)

@@ -17,6 +17,7 @@ from ctflow.data.phantom import (
     LOBES,
     PhantomSpec,
     finding_extents,
+    finding_mask,
     make_phantom,
     render_phantom,
     sample_spec,
@@ -308,6 +309,31 @@ def test_finding_extents_match_the_label_map():
     # an invisible finding (scanned range misses it) has no extent
     _, gt = make_phantom(_spec(num_slices=8, start_level=-120.0, findings=findings[:1]))
     assert finding_extents(gt) == []
+
+
+def test_finding_mask_marks_the_findings_tissues_rendered_again_from_the_ground_truth():
+    findings = [
+        {"type": "effusion", "side": "left"},
+        {"type": "nodule", "lobe": "right upper", "size_mm": 14.0},
+    ]
+    r = render_phantom(_spec(findings=findings))
+    truth = json.loads(json.dumps(r.ground_truth))  # as read back from the sidecar
+    mask = finding_mask(truth)
+    tissue = [LABEL_IDS[n] for n in ("effusion", "atelectasis", "nodule")]
+    np.testing.assert_array_equal(mask, np.isin(r.labels, tissue))
+    assert mask.any() and not (mask & np.isin(r.labels, [LABEL_IDS["myocardium"]])).any()
+    # without cardiomegaly the heart is anatomy; with it, the enlarged heart is the finding
+    big = render_phantom(_spec(findings=[{"type": "cardiomegaly"}]))
+    heart = np.isin(big.labels, [LABEL_IDS["myocardium"], LABEL_IDS["blood_pool"]])
+    np.testing.assert_array_equal(finding_mask(big.ground_truth), heart)
+    # no localized finding: an empty map, emphysema included (it fills the lungs)
+    for fs in ([], [{"type": "emphysema"}]):
+        gt = render_phantom(_spec(findings=fs)).ground_truth
+        m = finding_mask(gt)
+        assert m.shape == tuple(gt["shape"]) and m.dtype == bool and not m.any()
+    bad = {**truth, "shape": [truth["shape"][0] + 1, *truth["shape"][1:]]}
+    with pytest.raises(CTFlowError, match="renders"):
+        finding_mask(bad)
 
 
 def test_invalid_specs_raise_one_line_errors():

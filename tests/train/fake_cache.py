@@ -18,11 +18,13 @@ def make_fake_cache(
     shard_size=None,
     finding_slices=None,
     report_variants=0,
+    finding_masks=False,
 ):
     """``n`` volumes of 5, 8, 11, ... slices in shards of ``shard_size`` volumes (default: one shard);
     ``finding_slices``: {volume number: [{"type", "first", "last"}]} for the rows that have them;
     ``report_variants``: shortened reports per volume, variant j with 10 + j tokens (the full report's
-    tokens: 4 to 6)."""
+    tokens: 4 to 6); ``finding_masks``: each volume's ``finding_mask`` covers the top-left quarter of the
+    latent grid on the slices of its ``finding_slices`` (none without them)."""
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"eos": torch.full((channels, size, size), 2.0)}, folder / "eos.safetensors")
@@ -37,6 +39,11 @@ def make_fake_cache(
             for suffix in (key, key + "_nometa"):
                 t[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
                 t[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
+        if finding_masks:
+            mask = torch.zeros(s, size, size)
+            for f in (finding_slices or {}).get(i, []):
+                mask[f["first"] : f["last"] + 1, : size // 2, : size // 2] = 1
+            t[f"{name}.finding_mask"] = mask.half()
         tensors.append(t)
         rows.append(
             {"name": name, "report": f"r{i}", "num_slices": s, "spacing": [2.0, 1.0, 1.0], "labels": None}
@@ -55,6 +62,7 @@ def make_fake_cache(
         "latent_shape": [channels, size, size],
         "text_dim": text_dim,
         "report_variants": report_variants,
+        "finding_masks": finding_masks,
         "num_volumes": n,
         "problems": [],
         "volumes": rows,

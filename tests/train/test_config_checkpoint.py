@@ -34,10 +34,14 @@ def test_shipped_configs_load(tmp_path):
         experiment = load_config(root / f"tiny-phantom-{name}.yaml", FlowTrainConfig)
         assert all(getattr(experiment, k) == v != getattr(base, k) for k, v in changes.items())
         assert dataclasses.replace(experiment, **{k: getattr(base, k) for k in changes}) == base
-    # a later experiment starts from the shipped config
-    boosted = load_config(root / "tiny-phantom-shortreports-findingboost.yaml", FlowTrainConfig)
-    assert boosted.finding_boost == 0.2 != shipped.finding_boost
-    assert dataclasses.replace(boosted, finding_boost=shipped.finding_boost) == shipped
+    # later experiments start from the shipped config
+    for name, key, value in (
+        ("findingboost", "finding_boost", 0.2),
+        ("findingweight", "finding_weight", 5.0),
+    ):
+        experiment = load_config(root / f"tiny-phantom-shortreports-{name}.yaml", FlowTrainConfig)
+        assert getattr(experiment, key) == value != getattr(shipped, key)
+        assert dataclasses.replace(experiment, **{key: getattr(shipped, key)}) == shipped
     for path in root.glob("*.yaml"):  # and every config in the folder loads
         load_config(path, VAETrainConfig if "vae" in path.name else FlowTrainConfig)
 

@@ -1,6 +1,7 @@
 import json
 
-from ctflow.train.default import stage, write_model_card
+from ctflow.train.config import FlowTrainConfig
+from ctflow.train.default import encode_args, stage, write_model_card
 
 
 def test_a_stage_done_earlier_keeps_its_recorded_time_and_a_new_one_is_timed(tmp_path):
@@ -11,6 +12,15 @@ def test_a_stage_done_earlier_keeps_its_recorded_time_and_a_new_one_is_timed(tmp
         assert todo
     assert timings["encode"] == 93.7
     assert 0 <= timings["train"] < 1
+
+
+def test_the_recipe_encodes_finding_masks_only_when_the_flow_config_weights_findings(tmp_path):
+    args = encode_args(tmp_path / "d", tmp_path / "v", tmp_path / "l", FlowTrainConfig())
+    assert args[:2] == ["encode", "--data"] and "--report-variants" in args and "--finding-masks" not in args
+    weighted = encode_args(
+        tmp_path / "d", tmp_path / "v", tmp_path / "l", FlowTrainConfig(finding_weight=5.0)
+    )
+    assert weighted == [*args, "--finding-masks"]
 
 
 def test_model_card_names_steps_size_and_timings(tmp_path):

@@ -89,6 +89,54 @@ def test_finding_boost_sets_the_share_of_onset_chunks_and_keeps_the_first_chunks
     assert abs(shares[0.3][1] - (0.3 + base * 0.3 / 0.6)) < 0.03  # later draws: 0.6 -> 0.3
 
 
+def test_finding_weight_weights_the_pixels_a_finding_covers_in_each_chunk(tmp_path):
+    found = {2: [{"type": "effusion", "first": 3, "last": 9}]}  # volume 2: 11 slices, 4-slice chunks
+    cache = LatentCache(make_fake_cache(tmp_path / "c", finding_slices=found, finding_masks=True))
+    sampler = ChunkSampler(cache, 4, _config(finding_weight=3.0))
+    mask = cache.tensor(2, "finding_mask")[None]
+    for i in range(4):  # chunk 2 ends past the volume's last slice, chunk 3 is all EOS: weight 1 there
+        sampler.draw = lambda g, i=i: (2, i)
+        b = sampler.batch(2, torch.Generator().manual_seed(0))
+        expected = 1 + 3.0 * chunk_at(mask, torch.zeros_like(mask[:, 0]), 4, i)
+        assert b["weight"].shape == (2, 1, 4, 8, 8)
+        assert torch.equal(b["weight"][0], expected) and torch.equal(b["weight"][1], expected)
+    assert b["weight"].eq(1).all() and sampler.batch(2, torch.Generator())["weight"][0, 0, 1:3].eq(1).all()
+    sampler.draw = lambda g: (2, 1)  # slices 4-7: the finding's top-left quarter counts 4x
+    w = sampler.batch(1, torch.Generator())["weight"][0, 0]
+    assert w[:, :4, :4].eq(4).all() and w.sum() == 4 * 8 * 8 + 3 * 4 * 16
+    # off by default: no weights, and the same batch as before the option existed
+    plain = ChunkSampler(cache, 4, _config()).batch(4, torch.Generator().manual_seed(1))
+    assert "weight" not in plain
+    with pytest.raises(CTFlowError, match="finding_weight needs finding masks"):
+        ChunkSampler(LatentCache(make_fake_cache(tmp_path / "d")), 4, _config(finding_weight=1.0))
+    with pytest.raises(CTFlowError, match="finding_weight must be 0 or more"):
+        _config(finding_weight=-1.0)
+
+
+def test_chunk_loss_applies_the_batch_weights(tmp_path):
+    from ctflow.train.flow_trainer import build_transformer, chunk_loss
+
+    found = {i: [{"type": "nodule", "first": 1, "last": 4}] for i in range(6)}
+    cache = LatentCache(make_fake_cache(tmp_path / "c", finding_slices=found, finding_masks=True))
+    config = _config(finding_weight=2.0, start_boost=0.5)
+    torch.manual_seed(0)
+    model = build_transformer(config, cache)
+    batch = ChunkSampler(cache, 4, config).batch(6, torch.Generator().manual_seed(0))
+    assert batch["first"].any() and not batch["first"].all()  # both kinds of rows
+
+    def loss(weight):
+        b = {k: v for k, v in batch.items() if k != "weight"}
+        if weight is not None:
+            b["weight"] = weight
+        return chunk_loss(model, b, torch.Generator().manual_seed(5), config).item()
+
+    plain = loss(None)
+    assert loss(torch.ones_like(batch["weight"])) == pytest.approx(plain, rel=1e-6)
+    assert loss(torch.full_like(batch["weight"], 3.0)) == pytest.approx(3 * plain, rel=1e-5)
+    weighted = loss(batch["weight"])
+    assert plain < weighted < 3 * plain  # finding pixels count 3x, the rest 1x
+
+
 def test_finding_boost_without_finding_slices_and_out_of_range_boosts_are_refused(tmp_path):
     cache = LatentCache(make_fake_cache(tmp_path / "c"))
     with pytest.raises(CTFlowError, match="finding_boost needs finding_slices"):

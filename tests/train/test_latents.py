@@ -1,6 +1,7 @@
 import json
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,14 @@ from ctflow.errors import CTFlowError
 from ctflow.models.text import ReportEncoder
 from ctflow.models.vae import SliceVAE
 from ctflow.pipeline import DEFAULT_MODEL
-from ctflow.train.latents import SENTENCE_BREAK, LatentCache, encode_dataset, shortened_reports, strip_meta
+from ctflow.train.latents import (
+    SENTENCE_BREAK,
+    LatentCache,
+    encode_dataset,
+    latent_mask,
+    shortened_reports,
+    strip_meta,
+)
 from tests.train.fake_cache import make_fake_cache
 
 
@@ -104,6 +112,42 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
     assert run_cli("encode", "--data", tmp_path / "ph", *args, 2).code == 0
     assert (tmp_path / "lat" / "shard_00000.safetensors").stat().st_mtime_ns == stamp
     assert len(LatentCache(tmp_path / "lat")) == 2
+
+
+def test_latent_mask_is_the_share_of_each_latent_pixel_a_finding_covers():
+    mask = np.zeros((2, 64, 64), bool)
+    mask[0, :16, :6] = True  # 4x4-pixel footprints: latent rows 0-3 fully, column 1 half covered
+    m = latent_mask(mask, 64, 16)
+    assert m.shape == (2, 16, 16)
+    assert (
+        m[0, :4, 0].eq(1).all() and m[0, :4, 1].eq(0.5).all() and m[0].sum() == 4 * 1.5 and m[1].eq(0).all()
+    )
+    big = np.kron(mask, np.ones((1, 2, 2), bool))  # a 128-pixel volume resized to the 64-pixel VAE input
+    torch.testing.assert_close(latent_mask(big, 64, 16), m)
+
+
+def test_encode_stores_finding_masks_on_the_latent_grid(tmp_path, run_cli):
+    args = ("--out", tmp_path / "ph", "--size", 64, "--min-slices", 10, "--max-slices", 12, "--seed", 3)
+    assert run_cli("phantoms", "--n", 2, *args).code == 0
+    enc = ("encode", "--data", tmp_path / "ph", "--vae", DEFAULT_MODEL / "vae", "--shard-size", 1)
+    assert run_cli(*enc, "--out", tmp_path / "lat", "--finding-masks").code == 0
+    cache, ds = LatentCache(tmp_path / "lat"), CTRateDataset.open(tmp_path / "ph")
+    assert cache.finding_masks and cache.index["finding_masks"] is True
+    for i in range(2):
+        m = cache.tensor(i, "finding_mask")
+        assert m.shape == (cache.num_slices(i), 16, 16)
+        torch.testing.assert_close(m, latent_mask(ds.finding_mask(i), 64, 16), atol=1e-3, rtol=0)
+    assert not LatentCache(make_fake_cache(tmp_path / "plain")).finding_masks
+    (tmp_path / "lat" / "index.json").unlink()  # resuming must not mix shards with and without masks
+    with pytest.raises(CTFlowError, match="encoded with finding masks; pass --overwrite"):
+        encode_dataset(
+            ds, SliceVAE.load(DEFAULT_MODEL / "vae"), ReportEncoder.from_pretrained(), tmp_path / "lat", 64, 1
+        )
+    for sidecar in (tmp_path / "ph").rglob("*_1.json"):
+        sidecar.unlink()  # no ground truth beside the volumes (CT-RATE itself): no masks to store
+    r = run_cli(*enc, "--out", tmp_path / "lat2", "--finding-masks")
+    assert r.code != 0 and "encode without --finding-masks" in r.err
+    assert not (tmp_path / "lat2" / "index.json").exists()
 
 
 def test_latent_cache_reads_volumes_from_their_shards_on_demand(tmp_path):

@@ -190,6 +190,22 @@ class CTRateDataset:
         report = format_report(rec.findings, rec.impressions, volume.num_slices, rec.z_spacing)
         return CTRateSample(rec.name, volume, report, rec, rec.labels, _finding_slices(rec.path))
 
+    def finding_mask(self, i: int) -> np.ndarray | None:
+        """Volume ``i``'s finding voxels, a boolean map shaped like its HU array
+        (:func:`ctflow.data.phantom.finding_mask`), from the phantom ground truth beside it; None when
+        the data set has none (CT-RATE itself)."""
+        from ctflow.data.phantom import finding_mask
+
+        truth = _phantom_truth(self.records[i].path)
+        if truth is None:
+            return None
+        try:
+            return finding_mask(truth)
+        except (CTFlowError, KeyError, TypeError, ValueError) as e:
+            raise CTFlowError(
+                f"{sidecar_path(self.records[i].path)} does not render its phantom ({e}); regenerate the data set"
+            ) from None
+
     def __iter__(self) -> Iterator[CTRateSample]:
         """Every readable sample; unreadable volumes are added to ``problems`` and skipped."""
         for i in range(len(self)):
@@ -205,19 +221,31 @@ def sidecar_path(volume_path: Path) -> Path:
     return volume_path.with_name(re.sub(r"\.nii(\.gz)?$", ".json", volume_path.name))
 
 
-def _finding_slices(path: Path) -> list[dict] | None:
-    """Finding extents from the phantom ground truth beside a volume, if any."""
-    from ctflow.data.phantom import finding_extents
-
+def _phantom_truth(path: Path) -> dict | None:
+    """The phantom ground truth beside a volume, if any."""
     sidecar = sidecar_path(path)
     if not sidecar.exists():
         return None
     try:
         truth = json.loads(sidecar.read_text())
-        return finding_extents(truth) if isinstance(truth, dict) and "findings" in truth else None
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except ValueError as e:
         raise CTFlowError(
             f"{sidecar} is not a readable phantom ground truth ({e!r}); regenerate the data set or delete the file"
+        ) from None
+    return truth if isinstance(truth, dict) and "findings" in truth else None
+
+
+def _finding_slices(path: Path) -> list[dict] | None:
+    """Finding extents from the phantom ground truth beside a volume, if any."""
+    from ctflow.data.phantom import finding_extents
+
+    truth = _phantom_truth(path)
+    try:
+        return None if truth is None else finding_extents(truth)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CTFlowError(
+            f"{sidecar_path(path)} is not a readable phantom ground truth ({e!r}); regenerate the data set or"
+            " delete the file"
         ) from None
 
 

@@ -699,6 +699,32 @@ def finding_extents(ground_truth: dict) -> list[dict]:
     return out
 
 
+# tissues that show a finding in the label map: the lesion itself (an effusion also compresses the lung
+# beside it into atelectasis) and, for cardiomegaly, the enlarged heart
+FINDING_TISSUES: dict[str, tuple[str, ...]] = {
+    "nodule": ("nodule",),
+    "effusion": ("effusion", "atelectasis"),
+    "consolidation": ("consolidation",),
+    "cardiomegaly": ("myocardium", "blood_pool"),
+}
+
+
+def finding_mask(ground_truth: dict) -> np.ndarray:
+    """Where a phantom's visible, localized findings lie: a boolean (S, H, W) map of the voxels of
+    their tissues (``FINDING_TISSUES``; emphysema fills the lungs and is left out). It renders the
+    phantom again from the spec in its ground truth (``make_phantom``, or the ``.json`` beside each
+    volume that ``ctflow phantoms`` writes), which gives the same volume, voxel for voxel."""
+    types = {f["type"] for f in ground_truth.get("findings", []) if f.get("visible")}
+    tissues = [LABEL_IDS[t] for kind in sorted(types & FINDING_TISSUES.keys()) for t in FINDING_TISSUES[kind]]
+    shape = tuple(int(n) for n in ground_truth["shape"])
+    if not tissues:
+        return np.zeros(shape, dtype=bool)
+    labels = render_phantom(PhantomSpec(**ground_truth["spec"])).labels
+    if labels.shape != shape:
+        raise CTFlowError(f"phantom spec renders {labels.shape}, its ground truth says {shape}")
+    return np.isin(labels, tissues)
+
+
 def render_phantom(spec: PhantomSpec) -> PhantomRender:
     """Like :func:`make_phantom`, also returning the tissue-label map."""
     spec.validate()

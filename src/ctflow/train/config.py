@@ -8,6 +8,7 @@ into the base's nested sections.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,10 @@ class FlowTrainConfig:
     # after), drawn from the volumes whose latent-cache rows carry finding_slices (phantom data sets).
     # It replaces later-chunk draws, so first chunks stay start_boost of all samples
     finding_boost: float = 0.0
+    # FindingWeight: each latent pixel's loss counts 1 + finding_weight x the share of it a finding covers
+    # (the cache's finding masks: `ctflow encode --finding-masks`, phantom data sets), so the few pixels
+    # that show a finding are not outweighed by the anatomy around them
+    finding_weight: float = 0.0
     cfg_dropout: float = 0.1  # probability of the null report (classifier-free guidance)
     meta_dropout: float = 0.1  # probability of the report without its slice-count meta line
     # probability that a row reads one of its report's shortened versions (a random subset of the
@@ -72,6 +77,8 @@ class FlowTrainConfig:
         for name in ("start_boost", "finding_boost", "short_reports"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.finding_weight) and self.finding_weight >= 0):
+            raise CTFlowError(f"config key finding_weight must be 0 or more, got {self.finding_weight}")
         from ctflow.flow import LOSS_SPACES
 
         if self.loss_space not in LOSS_SPACES:

@@ -68,6 +68,14 @@ def export_checkpoint(latents: Path, config, run: Path) -> Path:
     return run / "transformer"
 
 
+def encode_args(data: Path, vae: Path, latents: Path, flow_config) -> list[str]:
+    """The recipe's `ctflow encode` command: shortened reports always (the shipped config trains on
+    them), finding masks when the flow config weights findings (``finding_weight``)."""
+    args = ["encode", "--data", str(data), "--vae", str(vae), "--out", str(latents)]
+    args += ["--report-variants", str(REPORT_VARIANTS)]
+    return args + (["--finding-masks"] if flow_config.finding_weight > 0 else [])
+
+
 def trained_steps(folder: Path) -> int:
     from ctflow.train.config import FlowTrainConfig, load_config
 
@@ -280,13 +288,7 @@ def main(argv=None) -> None:
             train_vae(data, vae_cfg, vae_run, resume=vae_run.exists())
     with stage("encode", timings, latents / "index.json") as todo:
         if todo:
-            assert (
-                cli(
-                    ["encode", "--data", str(data), "--vae", str(vae_run / "vae"), "--out", str(latents)]
-                    + ["--report-variants", str(REPORT_VARIANTS)]
-                )
-                == 0
-            )
+            assert cli(encode_args(data, vae_run / "vae", latents, flow_cfg)) == 0
     with stage("train", timings, flow_run / "transformer") as todo:
         if todo:
             if args.from_checkpoint:

@@ -64,8 +64,8 @@ def _uniform(g: torch.Generator) -> float:
 
 
 class ChunkSampler:
-    """Draws training chunks (with StartBoost, FindingBoost, short reports and meta-line dropout) from a
-    latent cache."""
+    """Draws training chunks (with StartBoost, FindingBoost, FindingWeight, short reports and meta-line
+    dropout) from a latent cache."""
 
     def __init__(self, cache: LatentCache, chunk_slices: int, config: FlowTrainConfig):
         self.cache, self.k, self.cfg = cache, chunk_slices, config
@@ -77,6 +77,11 @@ class ChunkSampler:
                 "finding_boost needs finding_slices in the latent cache (phantom data sets, encoded by this"
                 " version of `ctflow encode --overwrite`); none of its volumes has a finding past the first"
                 " chunk. Set finding_boost: 0"
+            )
+        if config.finding_weight > 0 and not cache.finding_masks:
+            raise CTFlowError(
+                "finding_weight needs finding masks in the latent cache; encode a phantom data set again with"
+                " `ctflow encode --finding-masks --overwrite`, or set finding_weight: 0"
             )
         if config.short_reports > 0 and cache.report_variants == 0:
             raise CTFlowError(
@@ -98,7 +103,7 @@ class ChunkSampler:
         return v, int(torch.randint(0 if start <= 0 else 1, n, (), generator=g))
 
     def batch(self, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        x0, ctx, idx, toks, pooled, first, counts = [], [], [], [], [], [], []
+        x0, ctx, idx, toks, pooled, first, counts, weights = [], [], [], [], [], [], [], []
         for _ in range(batch_size):
             v, i = self.draw(g)
             n = self.num_chunks[v]
@@ -112,6 +117,10 @@ class ChunkSampler:
             ctx.append(
                 chunk_at(latents, self.cache.eos, self.k, i - 1) if i > 0 else torch.zeros_like(x0[-1])
             )
+            if self.cfg.finding_weight > 0:  # 1 + finding_weight x the finding's share of each latent pixel
+                mask = self.cache.tensor(v, "finding_mask")[None]  # [1,S,h,w]
+                no_finding = torch.zeros_like(mask[:, 0])
+                weights.append(1 + self.cfg.finding_weight * chunk_at(mask, no_finding, self.k, i))
             first.append(i == 0)
             idx.append(i)
             dropped = _uniform(g) < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
@@ -133,7 +142,7 @@ class ChunkSampler:
         from ctflow.flow import context_noise
 
         context = context_noise(context, std, g)
-        return {
+        out = {
             "x0": torch.stack(x0),  # [B,C,k,h,w]
             "context": context,  # [B,C,k,h,w]
             "first": torch.tensor(first),  # [B] bool: first chunk (start context)
@@ -143,6 +152,9 @@ class ChunkSampler:
             "pooled_text": torch.stack(pooled),
             "num_slices": torch.tensor(counts),  # [B] slice count of the meta line, 0 when dropped
         }
+        if weights:
+            out["weight"] = torch.stack(weights)  # [B,1,k,h,w] per-pixel loss weight (finding_weight)
+        return out
 
 
 def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig):
@@ -168,6 +180,7 @@ def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig):
             distribution=config.time_distribution,
             time_mean=config.time_mean,
             loss_space=config.loss_space,
+            weight=batch["weight"][rows] if "weight" in batch else None,
         )
         total = total + loss * rows.sum() / n
     return total

@@ -8,7 +8,9 @@ report embeddings in safetensors shards::
                                       <name>.tokens [L,D] / <name>.pooled [D] (report with meta line),
                                       <name>.tokens_nometa / <name>.pooled_nometa (without it),
                                       <name>.tokens_short{j}[_nometa] / <name>.pooled_short{j}[_nometa]:
-                                      the shortened report variants (``report_variants``)
+                                      the shortened report variants (``report_variants``),
+                                      <name>.finding_mask [S,h,w] fp16 (``finding_masks``): the share
+                                      of each latent pixel that a finding covers
     LATENTS/shard_00000.json          per volume: name, report, num_slices, spacing, labels and, where
                                       the data set has them, finding_slices (``CTRateSample``)
     LATENTS/eos.safetensors           the EOS slice latent (a white slice) [C,h,w]
@@ -50,6 +52,16 @@ def prepare_slices(hu: np.ndarray, size: int, window=None) -> torch.Tensor:
             x[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )[:, 0]
     return x.clamp(-1, 1)
+
+
+def latent_mask(mask: np.ndarray, image_size: int, latent_size: int) -> torch.Tensor:
+    """Boolean voxel map [S,H,W] -> [S,latent_size,latent_size]: the share of each latent pixel it covers
+    (area-resized to the VAE's input size, as :func:`prepare_slices` resizes the volume, then averaged
+    over each latent pixel's footprint)."""
+    x = torch.from_numpy(np.asarray(mask, dtype=np.float32))[:, None]
+    if x.shape[-2:] != (image_size, image_size):
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="area")
+    return torch.nn.functional.adaptive_avg_pool2d(x, latent_size)[:, 0]
 
 
 def strip_meta(report: str) -> str:
@@ -117,12 +129,15 @@ def encode_dataset(
     overwrite: bool = False,
     progress=None,
     report_variants: int = 0,
+    finding_masks: bool = False,
 ) -> Path:
     """Encode a CT-RATE-layout data set into the latent cache; resumable.
 
     ``report_variants``: how many shortened versions of each report (:func:`shortened_reports`,
     seeded by the volume's name) to encode as well, with and without the meta line; training reads
-    them with probability ``FlowTrainConfig.short_reports``.
+    them with probability ``FlowTrainConfig.short_reports``. ``finding_masks``: also store where each
+    volume's findings lie on the latent grid (:meth:`CTRateDataset.finding_mask`; phantom data sets), which
+    ``FlowTrainConfig.finding_weight`` weights the loss with; a volume without one is an error.
     """
     if report_variants < 0:
         raise CTFlowError(f"report_variants must be 0 or more, got {report_variants}")
@@ -144,6 +159,11 @@ def encode_dataset(
                     f"{shard.name} was encoded with another number of report variants; pass --overwrite"
                     " to encode the cache again"
                 )
+            if any(bool(r.get("finding_mask")) != finding_masks for r in rows):
+                raise CTFlowError(
+                    f"{shard.name} was encoded {'without' if finding_masks else 'with'} finding masks; pass"
+                    " --overwrite to encode the cache again"
+                )
             volumes += rows
             if progress:
                 progress(min(shard_size, n - start))
@@ -159,6 +179,15 @@ def encode_dataset(
             z = vae.encode_volume(x, batch_size=batch_size)  # [C,S,h,w]
             name = sample.name
             tensors[f"{name}.latents"] = z.to(torch.float16).contiguous()
+            if finding_masks:
+                mask = dataset.finding_mask(i)
+                if mask is None:
+                    raise CTFlowError(
+                        f"{name} has no phantom ground truth beside it, so no finding mask; encode without"
+                        " --finding-masks"
+                    )
+                m = latent_mask(mask, image_size, int(eos.shape[-1]))
+                tensors[f"{name}.finding_mask"] = m.to(torch.float16).contiguous()
             short = shortened_reports(sample.report, report_variants, zlib.crc32(name.encode()))
             for key, report in zip(report_keys(len(short)), [sample.report, *short], strict=True):
                 for suffix, r in ((key, report), (key + "_nometa", strip_meta(report))):
@@ -170,6 +199,7 @@ def encode_dataset(
                     "name": name,
                     "report": sample.report,
                     **({"short_reports": short} if short else {}),
+                    **({"finding_mask": True} if finding_masks else {}),
                     "num_slices": int(sample.volume.num_slices),
                     "spacing": list(sample.volume.spacing),
                     "labels": sample.labels,
@@ -189,6 +219,7 @@ def encode_dataset(
         "latent_shape": list(eos.shape),
         "text_dim": text.hidden_size,
         "report_variants": report_variants,
+        "finding_masks": finding_masks,
         "num_volumes": len(volumes),
         "problems": list(dataset.problems),
         "volumes": volumes,
@@ -241,6 +272,11 @@ class LatentCache:
     def report_variants(self) -> int:
         """Shortened versions stored per report (``encode_dataset(report_variants=...)``)."""
         return int(self.index.get("report_variants", 0))
+
+    @property
+    def finding_masks(self) -> bool:
+        """Whether each volume has its ``finding_mask`` (``encode_dataset(finding_masks=True)``)."""
+        return bool(self.index.get("finding_masks", False))
 
     def num_slices(self, i: int) -> int:
         return int(self.rows[i][1]["num_slices"])
