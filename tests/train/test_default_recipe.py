@@ -56,10 +56,15 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
         "flicker_vs_reconstruction": 2.1,
         "patch_seam_ratio": 4.2,
         "reconstruction_patch_seam_ratio": 1.01,
+        "rows": [
+            {"truth": {"effusion": t}, "pred": {"effusion": p}}
+            for t, p in (("left", "left"), ("right", "left"), ("right", "none"), ("none", "right"))
+        ],
     }
     (results / "embedded_quality.json").write_text(json.dumps(quality))
     card = write_model_card(folder, results).read_text()
     assert "cardiomegaly 96% (found 88%)" in card
+    assert "reported effusions drawn: 2 of 3 on any side, 1 on the reported side" in card
     assert "2.1x that of the reconstructed phantoms; patch-seam ratio 4.2 (reconstructions 1.01" in card
     assert "Does it read the findings?" not in card  # no text_use.json yet
     use = {

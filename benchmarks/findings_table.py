@@ -1,0 +1,72 @@
+"""Findings found and false findings of one or more `embedded_quality.py` results, as a markdown table.
+
+For each result (a name in ``benchmarks/results``, without ``.json``) and each finding the attribute
+reader scores: how many of the reports that name it give a volume where the reader finds it (an
+effusion on the reported side; also on any side, since laterality is where models fail first), and
+how many of the reports that do not name it give a volume where the reader finds it anyway.
+
+    python benchmarks/findings_table.py [RESULT ...]   (default: embedded_quality, the embedded model)
+
+It prints the table; it reads the results' rows and measures nothing new.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
+
+FINDINGS = ("emphysema", "cardiomegaly", "consolidation", "nodule", "effusion")
+ABSENT = (None, False, "none")
+
+
+def count(rows: list[dict]) -> dict:
+    """Per finding: (found, reported) and false findings (reader positive, report silent)."""
+    out = {"found": {}, "false": {}}
+    for key in FINDINGS:
+        named = [r for r in rows if r["truth"][key] not in ABSENT]
+        silent = [r for r in rows if r["truth"][key] in ABSENT]
+        out["found"][key] = (sum(r["pred"][key] == r["truth"][key] for r in named), len(named))
+        out["false"][key] = sum(r["pred"][key] not in ABSENT for r in silent)
+    named = [r for r in rows if r["truth"]["effusion"] not in ABSENT]
+    out["effusion_any_side"] = (sum(r["pred"]["effusion"] not in ABSENT for r in named), len(named))
+    return out
+
+
+def table(names: list[str]) -> str:
+    counts = {}
+    for name in names:
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"no result {path}; run benchmarks/embedded_quality.py --result {name} first")
+        counts[name] = count(json.loads(path.read_text())["rows"])
+
+    def frac(pair):
+        return f"{pair[0]}/{pair[1]}"
+
+    lines = [f"| measure | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    for key in FINDINGS:
+        lines.append(f"| {key} found | " + " | ".join(frac(c["found"][key]) for c in counts.values()) + " |")
+    lines.append(
+        "| effusion found, any side | "
+        + " | ".join(frac(c["effusion_any_side"]) for c in counts.values())
+        + " |"
+    )
+    total = [
+        (sum(f for f, _ in c["found"].values()), sum(n for _, n in c["found"].values()))
+        for c in counts.values()
+    ]
+    lines.append("| all findings found | " + " | ".join(map(frac, total)) + " |")
+    for key in FINDINGS:
+        lines.append(f"| false {key} | " + " | ".join(str(c["false"][key]) for c in counts.values()) + " |")
+    lines.append(
+        "| all false findings | " + " | ".join(str(sum(c["false"].values())) for c in counts.values()) + " |"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1:] or ["embedded_quality"]))
