@@ -21,9 +21,12 @@ def test_shipped_configs_load(tmp_path):
     assert load_config(root / "ctrate-512.yaml", FlowTrainConfig).mixed_precision == "bf16"
     assert load_config(root / "tiny-vae.yaml", VAETrainConfig).image_size == 64
     # each experiment config is the v1 one plus its changes; the shipped one is the short-reports one
+    # (shipped until 2026-12-02) plus FindingWeight
     base = load_config(root / "tiny-phantom-v1.yaml", FlowTrainConfig)
     shipped = load_config(root / "tiny-phantom.yaml", FlowTrainConfig)
-    assert shipped == load_config(root / "tiny-phantom-shortreports.yaml", FlowTrainConfig) != base
+    assert shipped == load_config(root / "tiny-phantom-shortreports-findingweight.yaml", FlowTrainConfig)
+    previous = load_config(root / "tiny-phantom-shortreports.yaml", FlowTrainConfig)
+    assert previous != base and dataclasses.replace(shipped, finding_weight=0.0) == previous
     for name, changes in (
         ("context-noise", {"context_noise_max": 1.0}),
         ("startboost25", {"start_boost": 0.25}),
@@ -34,14 +37,14 @@ def test_shipped_configs_load(tmp_path):
         experiment = load_config(root / f"tiny-phantom-{name}.yaml", FlowTrainConfig)
         assert all(getattr(experiment, k) == v != getattr(base, k) for k, v in changes.items())
         assert dataclasses.replace(experiment, **{k: getattr(base, k) for k in changes}) == base
-    # later experiments start from the shipped config
+    # later experiments start from the previous shipped config
     for name, key, value in (
         ("findingboost", "finding_boost", 0.2),
         ("findingweight", "finding_weight", 5.0),
     ):
         experiment = load_config(root / f"tiny-phantom-shortreports-{name}.yaml", FlowTrainConfig)
-        assert getattr(experiment, key) == value != getattr(shipped, key)
-        assert dataclasses.replace(experiment, **{key: getattr(shipped, key)}) == shipped
+        assert getattr(experiment, key) == value != getattr(previous, key)
+        assert dataclasses.replace(experiment, **{key: getattr(previous, key)}) == previous
     for path in root.glob("*.yaml"):  # and every config in the folder loads
         load_config(path, VAETrainConfig if "vae" in path.name else FlowTrainConfig)
 
