@@ -68,13 +68,16 @@ def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
     reported findings (values other than none/False) that the reader finds in the generated volume."""
     from collections import Counter
 
+    from ctflow.eval.attributes import finding_counts
+
+    counts = finding_counts([r["pred"] for r in rows], [r["truth"] for r in rows])["found"]
     majority, found = {}, {}
     for key in accuracy:
         truths = [str(r["truth"][key]) for r in rows]
         majority[key] = round(Counter(truths).most_common(1)[0][1] / len(rows), 3)
-        positives = [r for r in rows if r["truth"][key] not in (None, False, "none")]
-        if positives:
-            found[key] = round(float(np.mean([r["pred"][key] == r["truth"][key] for r in positives])), 3)
+        hits, named = counts[key]
+        if named:
+            found[key] = round(hits / named, 3)
     return {"attribute_majority_baseline": majority, "findings_found": found}
 
 

@@ -16,24 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from ctflow.eval.attributes import finding_counts
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS  # noqa: E402
 
-FINDINGS = ("emphysema", "cardiomegaly", "consolidation", "nodule", "effusion")
-ABSENT = (None, False, "none")
-
-
-def count(rows: list[dict]) -> dict:
-    """Per finding: (found, reported) and false findings (reader positive, report silent)."""
-    out = {"found": {}, "false": {}}
-    for key in FINDINGS:
-        named = [r for r in rows if r["truth"][key] not in ABSENT]
-        silent = [r for r in rows if r["truth"][key] in ABSENT]
-        out["found"][key] = (sum(r["pred"][key] == r["truth"][key] for r in named), len(named))
-        out["false"][key] = sum(r["pred"][key] not in ABSENT for r in silent)
-    named = [r for r in rows if r["truth"]["effusion"] not in ABSENT]
-    out["effusion_any_side"] = (sum(r["pred"]["effusion"] not in ABSENT for r in named), len(named))
-    return out
+FINDINGS = ("emphysema", "cardiomegaly", "consolidation", "nodule", "effusion")  # the table's row order
 
 
 def table(names: list[str]) -> str:
@@ -42,7 +30,8 @@ def table(names: list[str]) -> str:
         path = RESULTS / f"{name}.json"
         if not path.is_file():
             raise SystemExit(f"no result {path}; run benchmarks/embedded_quality.py --result {name} first")
-        counts[name] = count(json.loads(path.read_text())["rows"])
+        rows = json.loads(path.read_text())["rows"]
+        counts[name] = finding_counts([r["pred"] for r in rows], [r["truth"] for r in rows])
 
     def frac(pair):
         return f"{pair[0]}/{pair[1]}"

@@ -12,6 +12,7 @@ from ctflow.eval.attributes import (
     attribute_accuracy,
     attributes_from_ground_truth,
     attributes_from_report,
+    finding_counts,
     read_attributes,
 )
 from ctflow.models.text import format_report
@@ -134,6 +135,28 @@ def test_attribute_accuracy_counts_exact_matches_per_key():
     }
     with pytest.raises(CTFlowError, match="predictions"):
         attribute_accuracy([a], [a, b])
+
+
+def test_finding_counts_separate_found_false_and_effusions_on_any_side():
+    none = {
+        "effusion": "none",
+        "cardiomegaly": False,
+        "nodule": False,
+        "emphysema": False,
+        "consolidation": False,
+    }
+    truth = [{**none, "effusion": "left", "nodule": True}, {**none, "effusion": "right"}, none]
+    pred = [
+        {**none, "effusion": "left"},
+        {**none, "effusion": "bilateral", "nodule": True},
+        {**none, "nodule": True},
+    ]
+    counts = finding_counts(pred, truth)
+    assert counts["found"]["effusion"] == (1, 2) and counts["effusion_any_side"] == (2, 2)
+    assert counts["found"]["nodule"] == (0, 1) and counts["false"]["nodule"] == 2
+    assert counts["found"]["emphysema"] == (0, 0) and sum(counts["false"].values()) == 2
+    with pytest.raises(CTFlowError, match="predictions"):
+        finding_counts(pred, truth[:2])
 
 
 def test_ground_truth_attributes_ignore_findings_outside_the_scan():

@@ -3,6 +3,14 @@ import json
 from ctflow.train.config import FlowTrainConfig
 from ctflow.train.default import encode_args, stage, write_model_card
 
+NO_FINDINGS = {
+    "effusion": "none",
+    "cardiomegaly": False,
+    "nodule": False,
+    "emphysema": False,
+    "consolidation": False,
+}
+
 
 def test_a_stage_done_earlier_keeps_its_recorded_time_and_a_new_one_is_timed(tmp_path):
     timings = {"encode": 93.7}
@@ -57,7 +65,7 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
         "patch_seam_ratio": 4.2,
         "reconstruction_patch_seam_ratio": 1.01,
         "rows": [
-            {"truth": {"effusion": t}, "pred": {"effusion": p}}
+            {"truth": {**NO_FINDINGS, "effusion": t}, "pred": {**NO_FINDINGS, "effusion": p}}
             for t, p in (("left", "left"), ("right", "left"), ("right", "none"), ("none", "right"))
         ],
     }

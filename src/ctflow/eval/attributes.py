@@ -600,6 +600,26 @@ def attribute_accuracy(pred_list: list[dict], truth_list: list[dict]) -> dict[st
     }
 
 
+_ABSENT = (None, False, "none")  # attribute values that name no finding
+
+
+def finding_counts(pred_list: list[dict], truth_list: list[dict]) -> dict:
+    """What the accuracies hide, per attribute: ``found`` (reported findings the reader finds, an
+    effusion on the reported side; reported), ``false`` (findings read where the truth has none), and
+    ``effusion_any_side`` (reported effusions read on either side; reported)."""
+    if len(pred_list) != len(truth_list):
+        raise CTFlowError(f"finding_counts: {len(pred_list)} predictions vs {len(truth_list)} truths")
+    pairs = list(zip(pred_list, truth_list, strict=True))
+    out: dict = {"found": {}, "false": {}}
+    for k in ATTRIBUTE_KEYS:
+        named = [(p, t) for p, t in pairs if t[k] not in _ABSENT]
+        out["found"][k] = (sum(p[k] == t[k] for p, t in named), len(named))
+        out["false"][k] = sum(p[k] not in _ABSENT for p, t in pairs if t[k] in _ABSENT)
+    named = [p for p, t in pairs if t["effusion"] not in _ABSENT]
+    out["effusion_any_side"] = (sum(p["effusion"] not in _ABSENT for p in named), len(named))
+    return out
+
+
 # ----------------------------------------------------------------------------- calibration
 
 

@@ -92,6 +92,8 @@ def _signed(value) -> str:
 def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     """(Re)write ``folder/README.md`` from the recipe's timings, configs and the measured quality in
     ``results`` (``embedded_quality.json`` and ``text_use.json`` from ``benchmarks/``)."""
+    from ctflow.eval.attributes import finding_counts
+
     timings = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
     index = json.loads((folder / "model_index.json").read_text())
 
@@ -161,12 +163,12 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
                 f"- attribute `{name}` (phantom reader vs report): {acc:.0%}"
                 + (f" ({'; '.join(extra)})" if extra else "")
             )
-        effusions = [r for r in quality.get("rows", []) if r["truth"].get("effusion") not in (None, "none")]
-        if effusions:
-            drawn = sum(r["pred"]["effusion"] != "none" for r in effusions)
-            side = sum(r["pred"]["effusion"] == r["truth"]["effusion"] for r in effusions)
+        rows = quality.get("rows", [])
+        counts = finding_counts([r["pred"] for r in rows], [r["truth"] for r in rows])
+        (drawn, named), (side, _) = counts["effusion_any_side"], counts["found"]["effusion"]
+        if named:
             lines.append(
-                f"- reported effusions drawn: {drawn} of {len(effusions)} on any side, {side} on the reported side"
+                f"- reported effusions drawn: {drawn} of {named} on any side, {side} on the reported side"
             )
         ceiling = quality.get("attribute_accuracy_vae_reconstruction")
         if ceiling:
