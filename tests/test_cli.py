@@ -53,6 +53,27 @@ def test_phantoms_command_writes_ctrate_layout(tmp_path, run_cli):
     assert json.loads(s.record.path.with_name("train_1_a_1.json").read_text())["labels"]
 
 
+def test_phantoms_side_twins_follow_the_volumes(tmp_path, run_cli):
+    from ctflow.data.ctrate import CTRateDataset, sidecar_path
+    from ctflow.data.phantom import PhantomSpec, side_twin
+
+    # seed 27 has a one-sided effusion, seed 28 none: three volumes, the third the twin of the first
+    # (60+ slices: the stack reaches the lung bases, where the fluid lies)
+    args = ("phantoms", "--n", 2, "--seed", 27, "--size", 32, "--min-slices", 60, "--max-slices", 64)
+    r = run_cli(*args, "--out", tmp_path / "ph", "--side-twins")
+    assert r.code == 0, r.err
+    ds = CTRateDataset.open(tmp_path / "ph")
+    specs = [json.loads(sidecar_path(ds.load(i).record.path).read_text())["spec"] for i in range(3)]
+    assert len(ds) == 3 and [s["seed"] for s in specs] == [27, 28, 27]
+    assert PhantomSpec(**specs[2]) == side_twin(PhantomSpec(**specs[0]))
+    # the same wording, the other side (its left lower lobe nodule stays where it was)
+    report, twin = ds.load(0).report, ds.load(2).report
+    assert "Right pleural effusion." in report and "left lower lobe" in report
+    assert twin == report.replace("right pleural", "left pleural").replace("Right pleural", "Left pleural")
+    assert run_cli(*args, "--out", tmp_path / "plain").code == 0
+    assert len(CTRateDataset.open(tmp_path / "plain")) == 2
+
+
 # ---------------------------------------------------------------- bad inputs
 def test_missing_file(tmp_path, run_cli):
     assert_clean_error(run_cli("preview", tmp_path / "nope.nii.gz", "--out", tmp_path / "p.png"), "not")

@@ -64,11 +64,19 @@ def phantoms(
     split: Annotated[str, typer.Option(help="Split name used in file names.")] = "train",
     min_slices: Annotated[int, typer.Option(help="Fewest slices per volume.")] = 64,
     max_slices: Annotated[int, typer.Option(help="Most slices per volume.")] = 160,
+    side_twins: Annotated[
+        bool,
+        typer.Option(
+            "--side-twins",
+            help="Also write, after the N volumes, a twin of each one with a one-sided pleural effusion:"
+            " the same phantom and report wording with the fluid on the other side.",
+        ),
+    ] = False,
     overwrite: Overwrite = False,
 ):
     """Write a procedural chest-CT phantom data set with reports and ground truth."""
     from ctflow.data.ctrate import CTRateWriter
-    from ctflow.data.phantom import make_phantom, sample_spec
+    from ctflow.data.phantom import make_phantom, sample_spec, side_twin
     from ctflow.data.reports import phantom_report
     from ctflow.files import atomic_dir
 
@@ -82,16 +90,19 @@ def phantoms(
         )
     if not split.isalpha() or not split.islower():
         raise CTFlowError(f"--split must be lower-case letters like 'train' or 'valid', got {split!r}")
+    specs = [sample_spec(seed + i, size=size, slice_range=(min_slices, max_slices)) for i in range(n)]
+    if side_twins:  # a twin keeps its original's seed, so the report is worded the same
+        specs += [t for t in map(side_twin, specs) if t is not None]
     with atomic_dir(out, overwrite) as tmp, _progress() as bar:
         writer = CTRateWriter(tmp, split)
-        task = bar.add_task("phantoms", total=n)
-        for i in range(n):
-            spec = sample_spec(seed + i, size=size, slice_range=(min_slices, max_slices))
+        task = bar.add_task("phantoms", total=len(specs))
+        for i, spec in enumerate(specs):
             volume, truth = make_phantom(spec)
-            writer.add(i, volume, phantom_report(truth, seed=seed + i), truth["labels"], extra=truth)
+            writer.add(i, volume, phantom_report(truth, seed=spec.seed), truth["labels"], extra=truth)
             bar.advance(task)
         writer.close()
-    console.print(f"wrote {n} phantoms to {out}")
+    twins = f" ({len(specs) - n} of them side twins)" if side_twins else ""
+    console.print(f"wrote {len(specs)} phantoms to {out}{twins}")
 
 
 @app.command()

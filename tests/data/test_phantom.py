@@ -13,6 +13,7 @@ from scipy import ndimage
 from ctflow.data.labels import CTRATE_LABELS
 from ctflow.data.phantom import (
     FINDING_LABELS,
+    FINDING_TISSUES,
     LABEL_IDS,
     LOBES,
     PhantomSpec,
@@ -21,7 +22,9 @@ from ctflow.data.phantom import (
     make_phantom,
     render_phantom,
     sample_spec,
+    side_twin,
 )
+from ctflow.data.reports import phantom_report
 from ctflow.data.volume import Volume
 from ctflow.errors import CTFlowError
 
@@ -203,6 +206,32 @@ def test_effusion_side_visible(side):
     vol0, gt0 = make_phantom(_spec())
     r0, l0 = _region_means(vol0, gt0)
     assert abs(r0 - l0) < 120.0
+
+
+def test_side_twin_moves_the_effusion_to_the_other_side_and_keeps_the_rest():
+    spec = _spec(findings=[{"type": "cardiomegaly"}, {"type": "effusion", "side": "left", "depth_mm": 55}])
+    twin = side_twin(spec)
+    assert twin.findings == [{"type": "cardiomegaly"}, {"type": "effusion", "side": "right", "depth_mm": 55}]
+    assert replace(twin, findings=spec.findings) == spec and spec.findings[1]["side"] == "left"
+    assert side_twin(twin) == spec
+    a, b = render_phantom(spec), render_phantom(twin)
+    wc = a.ground_truth["anatomy"]["body_center_voxel_hw"][1]
+    fluid = [np.nonzero(r.labels == LABEL_IDS["effusion"])[2] for r in (a, b)]
+    assert (fluid[0] > wc).mean() > 0.95 and (fluid[1] < wc).mean() > 0.95  # left: +x, right: -x
+    # the same body: outside both effusions (and the lung they compress) not one label differs
+    ids = [LABEL_IDS[t] for t in FINDING_TISSUES["effusion"]]
+    moved = np.isin(a.labels, ids) | np.isin(b.labels, ids)
+    assert moved.mean() < 0.1 and (a.labels == b.labels)[~moved].all()
+    # and the same report wording, but for the side
+    ra, rb = (phantom_report(r.ground_truth) for r in (a, b))
+    assert ra != rb and ra == {k: v.replace("Right", "Left").replace("right", "left") for k, v in rb.items()}
+
+
+@pytest.mark.parametrize(
+    "findings", [[], [{"type": "cardiomegaly"}], [{"type": "effusion", "side": "bilateral"}]]
+)
+def test_side_twin_is_none_without_a_one_sided_effusion(findings):
+    assert side_twin(_spec(findings=findings)) is None
 
 
 def test_bilateral_effusion_labels_both_sides():

@@ -1,7 +1,7 @@
 import json
 
 from ctflow.train.config import FlowTrainConfig
-from ctflow.train.default import encode_args, stage, write_model_card
+from ctflow.train.default import encode_args, phantom_args, stage, write_model_card
 
 NO_FINDINGS = {
     "effusion": "none",
@@ -29,6 +29,12 @@ def test_the_recipe_encodes_finding_masks_only_when_the_flow_config_weights_find
         tmp_path / "d", tmp_path / "v", tmp_path / "l", FlowTrainConfig(finding_weight=5.0)
     )
     assert weighted == [*args, "--finding-masks"]
+
+
+def test_the_recipe_writes_side_twins_only_when_asked(tmp_path):
+    args = phantom_args(tmp_path / "d", 300, 64, side_twins=False)
+    assert args[:3] == ["phantoms", "--n", "300"] and "--side-twins" not in args
+    assert phantom_args(tmp_path / "d", 300, 64, side_twins=True) == [*args, "--side-twins"]
 
 
 def test_model_card_names_steps_size_and_timings(tmp_path):

@@ -23,7 +23,7 @@ gives a bit-identical array.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -216,6 +216,23 @@ def sample_spec(
         findings=findings,
         contrast=contrast,
     )
+
+
+def side_twin(spec: PhantomSpec) -> PhantomSpec | None:
+    """The same phantom with its one-sided pleural effusion on the other side, or None when it has none.
+
+    Everything else (anatomy, noise, the other findings, and so the report's wording) stays as it is,
+    so a pair of twins differs only where the fluid lies and in the words "left" and "right": a data
+    set holding both teaches a model to read the side (``ctflow phantoms --side-twins``). A bilateral
+    effusion has no twin."""
+    other = {"left": "right", "right": "left"}
+    if not any(f["type"] == "effusion" and f.get("side") in other for f in spec.findings):
+        return None
+    findings = [
+        {**f, "side": other[f["side"]]} if f["type"] == "effusion" and f.get("side") in other else dict(f)
+        for f in spec.findings
+    ]
+    return replace(spec, findings=findings)
 
 
 # ----------------------------------------------------------------------------- small helpers

@@ -68,6 +68,14 @@ def export_checkpoint(latents: Path, config, run: Path) -> Path:
     return run / "transformer"
 
 
+def phantom_args(out: Path, n: int, size: int, side_twins: bool) -> list[str]:
+    """The recipe's `ctflow phantoms` command: training seeds from 1000 (held-out evaluations use
+    others), 40-120 slices, and with ``side_twins`` a twin of each one-sided effusion."""
+    args = ["phantoms", "--n", str(n), "--out", str(out), "--size", str(size)]
+    args += ["--min-slices", "40", "--max-slices", "120", "--seed", "1000"]
+    return args + (["--side-twins"] if side_twins else [])
+
+
 def encode_args(data: Path, vae: Path, latents: Path, flow_config) -> list[str]:
     """The recipe's `ctflow encode` command: shortened reports always (the shipped config trains on
     them), finding masks when the flow config weights findings (``finding_weight``)."""
@@ -249,6 +257,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("runs/default"))
     p.add_argument("--n", type=int, default=300, help="phantom volumes to train on")
+    p.add_argument(
+        "--side-twins",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="add a twin of each phantom with a one-sided effusion, the fluid on the other side",
+    )
     p.add_argument("--install", action="store_true", help="copy the result into the package")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vae-config", type=Path, default=CONFIGS / "tiny-vae.yaml", help="experiments only")
@@ -275,24 +289,7 @@ def main(argv=None) -> None:
 
     with stage("phantoms", timings, data) as todo:
         if todo:
-            code = cli(
-                [
-                    "phantoms",
-                    "--n",
-                    str(args.n),
-                    "--out",
-                    str(data),
-                    "--size",
-                    str(vae_cfg.image_size),
-                    "--min-slices",
-                    "40",
-                    "--max-slices",
-                    "120",
-                    "--seed",
-                    "1000",
-                ]
-            )
-            assert code == 0
+            assert cli(phantom_args(data, args.n, vae_cfg.image_size, args.side_twins)) == 0
     with stage("train-vae", timings, vae_run / "vae") as todo:
         if todo:
             train_vae(data, vae_cfg, vae_run, resume=vae_run.exists())
