@@ -146,8 +146,8 @@ def test_encode_stores_finding_masks_on_the_latent_grid(tmp_path, run_cli):
     for sidecar in (tmp_path / "ph").rglob("*_1.json"):
         sidecar.unlink()  # no ground truth beside the volumes (CT-RATE itself): no masks to store
     r = run_cli(*enc, "--out", tmp_path / "lat2", "--finding-masks")
-    assert r.code != 0 and "encode without --finding-masks" in r.err
-    assert not (tmp_path / "lat2" / "index.json").exists()
+    assert r.code != 0 and "train_1_a_1.nii.gz and 1 more have no phantom ground truth" in r.err
+    assert "encode without --finding-masks" in r.err and not (tmp_path / "lat2").exists()  # refused up front
 
 
 def test_latent_cache_reads_volumes_from_their_shards_on_demand(tmp_path):

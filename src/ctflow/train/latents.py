@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ctflow.data.ctrate import sidecar_path
 from ctflow.errors import CTFlowError
 from ctflow.files import atomic_path, write_text_atomic
 from ctflow.models.text import META_PATTERN, ReportEncoder
@@ -144,6 +145,13 @@ def encode_dataset(
     out = Path(out)
     if (out / "index.json").exists() and not overwrite:
         raise CTFlowError(f"{out} already holds a finished latent cache; pass --overwrite to redo it")
+    if finding_masks:  # refuse before writing anything, not at the first volume without ground truth
+        bare = [r.name for r in dataset.records if not sidecar_path(r.path).exists()]
+        if bare:
+            raise CTFlowError(
+                f"{bare[0]}{f' and {len(bare) - 1} more' if len(bare) > 1 else ''} have no phantom ground"
+                " truth beside them, so no finding mask; encode without --finding-masks"
+            )
     out.mkdir(parents=True, exist_ok=True)
     eos = vae.encode_slices(torch.ones(1, 1, image_size, image_size))[0]  # [C,h,w]
     with atomic_path(out / "eos.safetensors", overwrite=True) as tmp:
