@@ -46,6 +46,12 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
     assert "| phantoms | train |" in card and "| 24.0 | 629.0 |" in card
     assert "EOS latent threshold (MSE): 0.5" in card
     assert "HU window [-1000, 1000]" in card  # no VAE config: the linear default
+    assert "300 procedural chest-CT phantoms (`ctflow phantoms --n 300 --size 64" in card  # recorded before
+    command = "ctflow phantoms --n 300 --size 64 --min-slices 40 --max-slices 120 --seed 1000 --side-twins"
+    index = {"name": "m", "ctflow": {"training_data": command, "training_volumes": 339}}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    card = write_model_card(tmp_path).read_text()
+    assert f"339 procedural chest-CT phantoms (`{command}`: seeds 1000-1299, each with a one-sided" in card
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_hu_window": [-1000, -150, 150, 1000]}))
     assert "HU window [-1000, -150, 150, 1000]" in write_model_card(tmp_path).read_text()

