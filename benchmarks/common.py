@@ -9,6 +9,8 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -95,6 +97,20 @@ def through_vae(pipe, volume):
 
     z = pipe.vae.encode_volume(volume)
     return z, Volume(decoded_hu(pipe, z), volume.spacing)
+
+
+def axial_strip(volume, depths=(0.5, 0.6, 0.7), gap: int = 4) -> np.ndarray:
+    """uint8 (64, ...) image: axial slices at the given fractions of the depth, mediastinal window."""
+    from ctflow.data.preview import MEDIASTINAL_WINDOW, apply_window
+
+    hu = volume.hu()
+    panels = []
+    for d in depths:
+        panels += [
+            apply_window(hu[int(d * (hu.shape[0] - 1))], MEDIASTINAL_WINDOW),
+            np.zeros((hu.shape[1], gap), np.uint8),
+        ]
+    return np.concatenate(panels[:-1], axis=1)
 
 
 def run_measured(cmd: list[str], log: Path, cwd: Path, poll: float = 0.1) -> tuple[int, float]:

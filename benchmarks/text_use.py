@@ -32,7 +32,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, generation_setup, rendered_case, result_name, rms, through_vae, write_result  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    axial_strip,
+    generation_setup,
+    rendered_case,
+    result_name,
+    rms,
+    through_vae,
+    write_result,
+)
 
 SEED0 = 60500
 FINDINGS = [{"type": "cardiomegaly"}, {"type": "effusion", "side": "bilateral"}]
@@ -73,20 +82,6 @@ def measures(volume) -> dict:
             else None
         ),
     }
-
-
-def axial_strip(volume, depths=(0.5, 0.6, 0.7), gap: int = 4) -> np.ndarray:
-    """uint8 (64, ...) image: axial slices at the given fractions of the depth, mediastinal window."""
-    from ctflow.data.preview import MEDIASTINAL_WINDOW, apply_window
-
-    hu = volume.hu()
-    panels = []
-    for d in depths:
-        panels += [
-            apply_window(hu[int(d * (hu.shape[0] - 1))], MEDIASTINAL_WINDOW),
-            np.zeros((hu.shape[1], gap), np.uint8),
-        ]
-    return np.concatenate(panels[:-1], axis=1)
 
 
 def main() -> dict:

@@ -120,6 +120,20 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
     )
     assert "(the phantoms through this VAE: 19.7%, 19.7%)" in card
     assert "make demo" not in card  # free_text.py not run yet
+    assert "laterality" not in card  # nor laterality.py
+    counts = {"volumes": 24, "drawn": 9, "on_named_side": 4, "pairs_following_side": 7, "pairs_read": 12}
+    side = {
+        "n": 12,
+        "generated": {**counts, "side_shift_ml": 6.5},
+        "real_through_vae": {**counts, "on_named_side": 23, "side_shift_ml": 101.2},
+    }
+    (results / "laterality.json").write_text(json.dumps(side))
+    card = write_model_card(folder, results).read_text()
+    assert (
+        "pleural fluid drawn in 9 of 24 volumes, on the reported side only in 4 (through this VAE: 23)"
+        in card
+    )
+    assert "towards the named side in 7 of 12 pairs, by +6.5 ml (through this VAE: +101.2 ml)" in card
     free = {"n": 8, "median_lung_volume_ml": 2325.9, "volumes_with_lungs_over_1000_ml": 8}
     free["found"] = {"cardiomegaly": 4, "left_effusion": 0, "nodule": 1}
     (results / "free_text.json").write_text(json.dumps(free))

@@ -244,6 +244,17 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f" {recall['continuation']['report']:.1%} in its middle (the phantoms through this VAE:"
             f" {recall['onset']['reconstruction']:.1%}, {recall['continuation']['reconstruction']:.1%})"
         )
+    side = result("laterality")
+    if quality and side:
+        gen, real = side["generated"], side["real_through_vae"]
+        lines.append(
+            f"- the side of an effusion (`python benchmarks/laterality.py`, {side['n']} held-out phantoms, each"
+            " with a left and with a right effusion, the same seed): pleural fluid drawn in"
+            f" {gen['drawn']} of {gen['volumes']} volumes, on the reported side only in {gen['on_named_side']}"
+            f" (through this VAE: {real['on_named_side']}); the fluid moves towards the named side in"
+            f" {gen['pairs_following_side']} of {gen['pairs_read']} pairs, by {_signed(gen['side_shift_ml'])} ml"
+            f" (through this VAE: {_signed(real['side_shift_ml'])} ml)"
+        )
     free = result("free_text")
     if quality and free:
         found = ", ".join(f"{name.replace('_', ' ')} {k}" for name, k in free["found"].items())
