@@ -22,9 +22,11 @@ without the effusion. 1: read fully; 0: ignored.
 Writes ``results/laterality.json`` and ``results/laterality.png``: for the first three pairs, axial
 slices at 60/70/80% of the depth (mediastinal window, patient left on the image right); rows
 generated from the left report, from the right report, then the two phantoms through the VAE.
-``--result NAME`` names them.
+``--result NAME`` names them. ``--short`` (writes ``laterality_short``) replaces each template report by a short typed one, its
+meta line and "Findings: There is a left pleural effusion. Impressions: Left pleural effusion." (or
+"There is no pleural effusion."), so the side is a larger part of the text.
 
-    python benchmarks/laterality.py [--model DIR] [--n 12] [--steps 20] [--guidance 2]
+    python benchmarks/laterality.py [--model DIR] [--n 12] [--steps 20] [--guidance 2] [--short]
 """
 
 from __future__ import annotations
@@ -53,16 +55,25 @@ SIDES = ("left", "right")
 DEPTHS = (0.6, 0.7, 0.8)  # effusions lie in the lower chest
 
 
-def twins(seed: int):
+def twins(seed: int, short: bool = False):
     """{side: (render, report)}: the seed's phantom with only a pleural effusion on that side, and
-    (key "none") with no finding."""
+    (key "none") with no finding. ``short``: the report is only the meta line and one sentence."""
     from ctflow.data.phantom import sample_spec
+    from ctflow.data.reports import NORMAL_IMPRESSION
+    from ctflow.models.text import format_report
 
     spec = sample_spec(seed, size=64, slice_range=(40, 120))
     out = {}
     for side in (*SIDES, "none"):
         findings = [{"type": "effusion", "side": side}] if side in SIDES else []
-        out[side] = rendered_case(dataclasses.replace(spec, findings=findings))
+        render, report = rendered_case(dataclasses.replace(spec, findings=findings))
+        if short:
+            said = (
+                f"There is a {side} pleural effusion." if side in SIDES else "There is no pleural effusion."
+            )
+            impression = f"{side.capitalize()} pleural effusion." if side in SIDES else NORMAL_IMPRESSION
+            report = format_report(said, impression, spec.num_slices, spec.slice_spacing)
+        out[side] = (render, report)
     return out
 
 
@@ -128,13 +139,21 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main() -> dict:
-    args, pipe = generation_setup(12, __doc__.splitlines()[0])
+    args, pipe = generation_setup(
+        12,
+        __doc__.splitlines()[0],
+        lambda p: p.add_argument(
+            "--short",
+            action="store_true",
+            help="short typed reports: the meta line and the effusion sentence",
+        ),
+    )
     pipe.transformer.eval()
     rows = {"generated": [], "real": []}
     effects = {"side_effect": [], "effusion_effect": []}
     strips = []
     for i in range(args.n):
-        cases = twins(SEED0 + i)
+        cases = twins(SEED0 + i, args.short)
         gen, real, latents = {}, {}, {}
         for side, (render, report) in cases.items():
             latents[side], recon = through_vae(pipe, render.volume)
@@ -167,12 +186,13 @@ def main() -> dict:
         "guidance": args.guidance,
         "steps": args.steps,
         "model": args.model or "embedded",
+        "short_reports": args.short,
         "rows": [
             {"seed": SEED0 + i, "generated": g, "real": r}
             for i, (g, r) in enumerate(zip(rows["generated"], rows["real"], strict=True))
         ],
     }
-    name = args.result or result_name("laterality", args.guidance)
+    name = args.result or result_name("laterality_short" if args.short else "laterality", args.guidance)
     write_result(name, result)
     import imageio.v3 as iio
 
