@@ -148,9 +148,9 @@ def encode_dataset(
     if finding_masks:  # refuse before writing anything, not at the first volume without ground truth
         bare = [r.name for r in dataset.records if not sidecar_path(r.path).exists()]
         if bare:
+            which = f"{bare[0]} and {len(bare) - 1} more have" if len(bare) > 1 else f"{bare[0]} has"
             raise CTFlowError(
-                f"{bare[0]}{f' and {len(bare) - 1} more' if len(bare) > 1 else ''} have no phantom ground"
-                " truth beside them, so no finding mask; encode without --finding-masks"
+                f"{which} no phantom ground truth (the JSON `ctflow phantoms` writes), so no finding mask; encode without --finding-masks"
             )
     out.mkdir(parents=True, exist_ok=True)
     eos = vae.encode_slices(torch.ones(1, 1, image_size, image_size))[0]  # [C,h,w]
