@@ -167,7 +167,7 @@ def main() -> dict:
             )
             gen[side], real[side] = fluid(out.volumes[0]), fluid(recon)
             if i < 3:
-                strips.append((side, axial_strip(out.volumes[0], DEPTHS), axial_strip(recon, DEPTHS)))
+                strips.append((axial_strip(out.volumes[0], DEPTHS), axial_strip(recon, DEPTHS)))
         for key, value in one_step_effects(pipe, cases, latents, i).items():
             effects[key].append(value)
         rows["generated"].append(gen)
@@ -198,7 +198,7 @@ def main() -> dict:
 
     blocks = []
     for j in range(0, len(strips), 2):  # one pair: generated left, generated right, real left, real right
-        (_, gl, rl), (_, gr, rr) = strips[j], strips[j + 1]
+        (gl, rl), (gr, rr) = strips[j], strips[j + 1]
         blocks += [np.pad(s, ((0, 4), (0, 0))) for s in (gl, gr, rl, rr)] + [
             np.zeros((8, gl.shape[1]), np.uint8)
         ]

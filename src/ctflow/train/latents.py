@@ -150,7 +150,8 @@ def encode_dataset(
         if bare:
             which = f"{bare[0]} and {len(bare) - 1} more have" if len(bare) > 1 else f"{bare[0]} has"
             raise CTFlowError(
-                f"{which} no phantom ground truth (the JSON `ctflow phantoms` writes), so no finding mask; encode without --finding-masks"
+                f"{which} no phantom ground truth (the JSON `ctflow phantoms` writes), so no finding mask;"
+                " encode without --finding-masks"
             )
     out.mkdir(parents=True, exist_ok=True)
     eos = vae.encode_slices(torch.ones(1, 1, image_size, image_size))[0]  # [C,h,w]
