@@ -57,6 +57,7 @@ class FakeModel:
         pooled_text,
         chunk_index,
         num_slices=None,
+        findings=None,
     ):
         self.cache_calls += 1
         return ("cache", pooled_text.shape[0])
@@ -237,6 +238,17 @@ def test_null_and_dropped_conditions():
     )
     torch.testing.assert_close(dropped["encoder_hidden_states"][~rows], cond["encoder_hidden_states"][~rows])
     torch.testing.assert_close(dropped["chunk_index"], torch.arange(2000))
+
+
+def test_null_and_dropped_conditions_make_the_finding_flags_unknown_with_the_text():
+    cond = {**make_cond(batch=400), "findings": torch.randint(0, 2, (400, 6)).float()}
+    assert (null_condition(cond)["findings"] == -1).all()
+    assert "findings" not in null_condition(make_cond())  # a condition without flags gets none
+    dropped = drop_condition(cond, 0.5, torch.Generator().manual_seed(0))
+    rows = (dropped["pooled_text"] == 0).all(1)
+    assert 0.35 < rows.float().mean() < 0.65
+    assert (dropped["findings"][rows] == -1).all()
+    torch.testing.assert_close(dropped["findings"][~rows], cond["findings"][~rows])
 
 
 def test_cfg_condition_pads_text_of_different_lengths():

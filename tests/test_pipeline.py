@@ -215,3 +215,28 @@ def test_the_meta_line_slice_count_reaches_the_transformer(pipe, monkeypatch):
     monkeypatch.setitem(pipe.config, "typical_slices", 50)
     pipe(REPORT, max_slices=4, num_inference_steps=1, guidance_scale=1.0)
     assert seen[0] == [50]  # no count anywhere: the model's typical depth is the target
+
+
+def test_a_findings_model_reads_the_flags_parsed_from_each_report(monkeypatch, tmp_path):
+    """[cond; uncond] under guidance: each report's flags, then unknown (-1) for the null report."""
+    pipe = tiny_pipeline(num_findings=6)
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    seen = []
+    original = pipe.transformer.forward
+
+    def spy(hidden_states, *args, **kwargs):
+        seen.append(kwargs["findings"].tolist())
+        return original(hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    right = "Findings: Right pleural effusion. Impressions: Right pleural effusion."
+    pipe([REPORT, right], max_slices=4, num_inference_steps=1, guidance_scale=2.0)
+    unknown = [-1.0] * 6
+    assert seen == [[[1.0, 0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0, 0.0], unknown, unknown]]
+    monkeypatch.undo()
+    pipe.save_pretrained(tmp_path / "m")  # the setting travels with the model
+    assert CTFlowPipeline.from_pretrained(tmp_path / "m").transformer.config.num_findings == 6
+
+
+def test_a_model_without_finding_flags_is_not_given_them(pipe):
+    assert "findings" not in pipe.text_condition([REPORT])

@@ -11,7 +11,7 @@ from ctflow.pipeline import CTFlowPipeline
 _TEXT = {}
 
 
-def tiny_pipeline(context: str = "tokens", seed: int = 0) -> CTFlowPipeline:
+def tiny_pipeline(context: str = "tokens", seed: int = 0, num_findings: int = 0) -> CTFlowPipeline:
     torch.manual_seed(seed)
     if not _TEXT:
         _TEXT["enc"] = load_text_encoder(None)
@@ -26,6 +26,7 @@ def tiny_pipeline(context: str = "tokens", seed: int = 0) -> CTFlowPipeline:
         num_heads=2,
         context=context,
         max_chunks=16,
+        num_findings=num_findings,
     )
     with torch.no_grad():  # leave the zero init so outputs are not trivially zero
         for p in transformer.parameters():

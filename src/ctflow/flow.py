@@ -11,7 +11,9 @@ t = ``scheduler.sigmas[i]`` and the scheduler gets ``scheduler.timesteps[i]`` (=
 
 A condition ``cond`` is a dict of the transformer's keyword arguments: ``encoder_hidden_states``
 [B,L,text_dim], ``encoder_attention_mask`` [B,L] (1 keep, 0 pad), ``pooled_text`` [B,text_dim],
-``chunk_index`` [B] long and ``context`` [B,C,S,h,w] (the previous chunk) or None for the first chunk.
+``chunk_index`` [B] long and ``context`` [B,C,S,h,w] (the previous chunk) or None for the first chunk;
+optionally ``num_slices`` [B] (the meta line's slice count) and ``findings`` [B,F] (the report's finding
+flags, -1 where unknown), which the null condition treats as part of the report.
 """
 
 from __future__ import annotations
@@ -122,15 +124,19 @@ def context_noise(
 
 
 def null_condition(cond: dict) -> dict:
-    """The unconditional version of ``cond``: zero text tokens (only the first kept) and zero pooled text."""
+    """The unconditional version of ``cond``: zero text tokens (only the first kept), zero pooled text
+    and unknown findings (-1)."""
     mask = torch.zeros_like(cond["encoder_attention_mask"])
     mask[:, 0] = 1
-    return {
+    out = {
         **cond,
         "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
         "encoder_attention_mask": mask,
         "pooled_text": torch.zeros_like(cond["pooled_text"]),
     }
+    if cond.get("findings") is not None:
+        out["findings"] = torch.full_like(cond["findings"], -1.0)
+    return out
 
 
 def drop_condition(cond: dict, p: float, generator: torch.Generator | None = None) -> dict:
@@ -142,7 +148,7 @@ def drop_condition(cond: dict, p: float, generator: torch.Generator | None = Non
     drop = torch.rand(pooled.shape[0], generator=generator, device=rand_device).to(pooled.device) < p  # [B]
     null = null_condition(cond)
     out = dict(cond)
-    for key in TEXT_KEYS:
+    for key in TEXT_KEYS + (("findings",) if cond.get("findings") is not None else ()):
         out[key] = torch.where(drop.view(-1, *[1] * (cond[key].ndim - 1)), null[key], cond[key])
     return out
 
@@ -183,6 +189,7 @@ def context_cache_for(model, cond: dict, uncond: dict | None = None, guidance_sc
         batch["pooled_text"],
         batch["chunk_index"],
         batch.get("num_slices"),
+        batch.get("findings"),
     )
 
 

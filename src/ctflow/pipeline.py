@@ -214,14 +214,20 @@ class CTFlowPipeline:
 
     def text_condition(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """The transformer's report inputs for ``texts`` (reports with their meta line): token features,
-        mask, pooled features and the slice count each asks for."""
+        mask, pooled features, the slice count each asks for and, for a ``num_findings`` transformer, the
+        finding flags parsed from each (:func:`ctflow.data.reports.finding_vector`)."""
         emb = self.encode_prompt(texts)
-        return {
+        cond = {
             "encoder_hidden_states": emb.tokens,
             "encoder_attention_mask": emb.mask,
             "pooled_text": emb.pooled,
             "num_slices": torch.tensor([self.depth_target(t) for t in texts]),
         }
+        if getattr(self.transformer.config, "num_findings", 0):
+            from ctflow.data.reports import finding_vector
+
+            cond["findings"] = torch.tensor([finding_vector(t) for t in texts])
+        return cond
 
     @torch.no_grad()
     def __call__(

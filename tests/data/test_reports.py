@@ -8,7 +8,14 @@ import re
 import pytest
 
 from ctflow.data.phantom import PhantomSpec, make_phantom
-from ctflow.data.reports import NORMAL_IMPRESSION, lobe_phrase, phantom_report
+from ctflow.data.reports import (
+    FINDING_NAMES,
+    NORMAL_IMPRESSION,
+    attributes_from_report,
+    finding_vector,
+    lobe_phrase,
+    phantom_report,
+)
 from ctflow.errors import CTFlowError
 
 KEYS = ("ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
@@ -161,3 +168,34 @@ def test_bad_ground_truth_raises():
         phantom_report({"labels": {}})
     with pytest.raises(CTFlowError):
         phantom_report("not a dict")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text,named",
+    [
+        ("Findings: Moderate left pleural effusion. Impressions: Left pleural effusion.", {"effusion_left"}),
+        ("Right-sided pleural effusion and cardiomegaly.", {"effusion_right", "cardiomegaly"}),
+        ("Bilateral pleural effusions. Emphysema.", {"effusion_left", "effusion_right", "emphysema"}),
+        (
+            "A 9 mm nodule in the left upper lobe. Right lower lobe consolidation.",
+            {"nodule", "consolidation"},
+        ),
+        ("No pleural effusion. No nodule. Pericardial effusion. Heart size is normal.", set()),
+    ],
+)
+def test_finding_vector_flags_the_findings_a_report_names(text, named):
+    flags = dict(zip(FINDING_NAMES, finding_vector(text), strict=True))
+    assert {k for k, v in flags.items() if v == 1.0} == named
+    assert all(v == 0.0 for k, v in flags.items() if k not in named)
+
+
+def test_finding_vector_of_an_effusion_without_a_side_is_half_on_each_side():
+    flags = finding_vector("Small pleural effusion. Cardiomegaly.")
+    assert flags[:3] == [0.5, 0.5, 1.0]
+    assert attributes_from_report("Small pleural effusion.")["effusion"] == "none"  # the reader needs a side
+
+
+def test_finding_vector_of_a_phantom_report_flags_its_findings(abnormal_gt):
+    """Left effusion, cardiomegaly, nodule, emphysema and consolidation; nothing on the right."""
+    report = " ".join(phantom_report(abnormal_gt, seed=0).values())
+    assert finding_vector(report) == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]

@@ -263,6 +263,46 @@ def test_target_depth_reads_the_slices_still_to_come():
     torch.testing.assert_close(run(plain, **inputs, num_slices=torch.tensor([40, 9])), run(plain, **inputs))
 
 
+@pytest.mark.parametrize("context", ["concat", "tokens"])
+def test_finding_flags_condition_the_output_and_unknown_rows_get_the_null_vector(context):
+    model = make_model("full", context, num_findings=3)
+    inputs = make_inputs()
+    left, right = torch.tensor([[1.0, 0.0, 0.0]] * 2), torch.tensor([[0.0, 1.0, 0.0]] * 2)
+    out_left = run(model, **inputs, findings=left)
+    assert not torch.allclose(out_left, run(model, **inputs, findings=right))
+    unknown = run(model, **inputs)
+    torch.testing.assert_close(run(model, **inputs, findings=-torch.ones(2, 3)), unknown)
+    mixed = run(model, **inputs, findings=torch.tensor([[-1.0, -1.0, -1.0], [1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(mixed[0], unknown[0])
+    torch.testing.assert_close(mixed[1], out_left[1])
+    if context == "tokens":  # the cached context sees the flags too
+        cache = model.compute_context_cache(
+            inputs["context"],
+            inputs["encoder_hidden_states"],
+            inputs["encoder_attention_mask"],
+            inputs["pooled_text"],
+            inputs["chunk_index"],
+            findings=left,
+        )
+        cached = run(model, **{**inputs, "context": None}, context_cache=cache, findings=left)
+        torch.testing.assert_close(cached, out_left)
+    with pytest.raises(CTFlowError, match="expects 2x3"):
+        run(model, **inputs, findings=torch.zeros(2, 4))
+    plain = make_model("full", context)  # a model without num_findings ignores them
+    torch.testing.assert_close(run(plain, **inputs, findings=left), run(plain, **inputs))
+
+
+def test_num_findings_is_checked_and_saved_with_the_model(tmp_path):
+    with pytest.raises(CTFlowError, match="num_findings"):
+        make_model(num_findings=-1)
+    model = make_model("full", "concat", num_findings=2)
+    inputs = {**make_inputs(), "findings": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    model.save_pretrained(tmp_path)
+    loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_findings == 2
+    torch.testing.assert_close(run(loaded, **inputs), run(model, **inputs))
+
+
 @pytest.mark.parametrize("context,prediction", [("tokens", "velocity"), ("concat", "sample")])
 def test_tiny_transformer_overfits_a_fixed_batch(context, prediction):
     """Under the velocity loss, whichever quantity the network outputs."""

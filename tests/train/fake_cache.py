@@ -19,12 +19,14 @@ def make_fake_cache(
     finding_slices=None,
     report_variants=0,
     finding_masks=False,
+    reports=None,
 ):
     """``n`` volumes of 5, 8, 11, ... slices in shards of ``shard_size`` volumes (default: one shard);
     ``finding_slices``: {volume number: [{"type", "first", "last"}]} for the rows that have them;
     ``report_variants``: shortened reports per volume, variant j with 10 + j tokens (the full report's
     tokens: 4 to 6); ``finding_masks``: each volume's ``finding_mask`` covers the top-left quarter of the
-    latent grid on the slices of its ``finding_slices`` (none without them)."""
+    latent grid on the slices of its ``finding_slices`` (none without them); ``reports``: per volume, the
+    report text and then its ``report_variants`` shortened versions (default ``r{i}``, ``r{i} short{j}``)."""
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"eos": torch.full((channels, size, size), 2.0)}, folder / "eos.safetensors")
@@ -45,9 +47,12 @@ def make_fake_cache(
                 mask[f["first"] : f["last"] + 1, : size // 2, : size // 2] = 1
             t[f"{name}.finding_mask"] = mask.half()
         tensors.append(t)
+        texts = reports[i] if reports else [f"r{i}", *(f"r{i} short{j}" for j in range(report_variants))]
         rows.append(
-            {"name": name, "report": f"r{i}", "num_slices": s, "spacing": [2.0, 1.0, 1.0], "labels": None}
+            {"name": name, "report": texts[0], "num_slices": s, "spacing": [2.0, 1.0, 1.0], "labels": None}
         )
+        if report_variants:
+            rows[-1]["short_reports"] = texts[1:]
         if finding_slices and i in finding_slices:
             rows[-1]["finding_slices"] = finding_slices[i]
     step = shard_size or n

@@ -311,3 +311,56 @@ def test_short_reports_without_variants_in_the_cache_are_refused_with_the_fix(tm
         ChunkSampler(cache, 4, _config(short_reports=0.5))
     with pytest.raises(CTFlowError, match="short_reports"):
         _config(short_reports=1.5)
+
+
+def _findings_cache(folder):
+    """Volume i's full report names a left effusion on odd i; its shortened versions name a right one."""
+    full = ["Left pleural effusion." if i % 2 else "No pleural effusion." for i in range(6)]
+    return make_fake_cache(folder, report_variants=1, reports=[[r, "Right pleural effusion."] for r in full])
+
+
+def test_batches_carry_the_finding_flags_of_the_report_text_each_row_reads(tmp_path):
+    cache = LatentCache(_findings_cache(tmp_path / "lat"))
+    full = ChunkSampler(cache, 4, _config(meta_dropout=0.0), num_findings=6).batch(64, torch.Generator())
+    lengths = full["encoder_attention_mask"].sum(1)
+    assert (lengths < 10).all()  # full reports only
+    rows = full["findings"]
+    assert rows.shape == (64, 6) and set(rows[:, 0].tolist()) == {0.0, 1.0} and not rows[:, 1:].any()
+    short = ChunkSampler(cache, 4, _config(short_reports=1.0), num_findings=6).batch(16, torch.Generator())
+    assert short["findings"].tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]] * 16  # the right-sided variant
+    plain = ChunkSampler(cache, 4, _config()).batch(4, torch.Generator())
+    assert "findings" not in plain
+
+
+def test_finding_dropout_sets_the_share_of_rows_with_unknown_flags(tmp_path):
+    cache = LatentCache(_findings_cache(tmp_path / "lat"))
+    for share, lo, hi in ((0.0, 0.0, 0.0), (0.3, 0.2, 0.4), (1.0, 1.0, 1.0)):
+        batch = ChunkSampler(cache, 4, _config(finding_dropout=share), num_findings=6).batch(
+            300, torch.Generator().manual_seed(0)
+        )
+        unknown = (batch["findings"] == -1).all(1)
+        assert lo <= unknown.float().mean().item() <= hi
+        assert ((batch["findings"] >= 0).all(1) | unknown).all()  # a row is all known or all unknown
+    with pytest.raises(CTFlowError, match="finding_dropout"):
+        _config(finding_dropout=-0.1)
+
+
+def test_a_num_findings_other_than_the_report_flags_is_refused_with_the_fix(tmp_path):
+    cache = LatentCache(_findings_cache(tmp_path / "lat"))
+    with pytest.raises(CTFlowError, match="num_findings: 6"):
+        ChunkSampler(cache, 4, _config(), num_findings=4)
+
+
+def test_training_a_findings_model_learns_and_saves_it(tmp_path):
+    from ctflow.models.transformer import CTFlowTransformer
+    from ctflow.train.flow_trainer import build_transformer
+
+    cache_dir = _findings_cache(tmp_path / "lat")
+    transformer = {**TINY_TRANSFORMER, "num_findings": 6}
+    cfg = _config(transformer=transformer, finding_dropout=0.2, steps=4, checkpoint_every=4)
+    out = train_flow(cache_dir, cfg, tmp_path / "run", progress=False)
+    model = CTFlowTransformer.from_pretrained(out / "transformer")
+    assert model.config.num_findings == 6
+    torch.manual_seed(cfg.seed)  # the weights the run started from
+    initial = build_transformer(cfg, LatentCache(cache_dir))
+    assert not torch.allclose(model.finding_embedder[0].weight, initial.finding_embedder[0].weight)

@@ -6,15 +6,32 @@ CT-RATE report. Each sentence is drawn from a few templates with a seeded RNG,
 absent findings get explicit negative sentences, and only findings that are
 visible in the scanned range are reported (the same rule the CT-RATE labels of
 the ground truth follow). The slice-count meta line is not written here.
+
+:func:`attributes_from_report` reads the findings back from report wording, and
+:func:`finding_vector` turns them into the numbers a ``num_findings`` flow
+transformer is conditioned on.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 
 from ctflow.errors import CTFlowError
+
+ATTRIBUTE_KEYS: tuple[str, ...] = ("effusion", "cardiomegaly", "nodule", "emphysema", "consolidation")
+EFFUSION_VALUES: tuple[str, ...] = ("none", "left", "right", "bilateral")
+# finding_vector's entries, in order
+FINDING_NAMES: tuple[str, ...] = (
+    "effusion_left",
+    "effusion_right",
+    "cardiomegaly",
+    "nodule",
+    "emphysema",
+    "consolidation",
+)
 
 _CLINICAL = (
     "Cough.",
@@ -233,3 +250,78 @@ def phantom_report(ground_truth: dict, seed: int | None = None) -> dict[str, str
         "Findings_EN": " ".join(sent),
         "Impressions_EN": " ".join(impressions) if impressions else NORMAL_IMPRESSION,
     }
+
+
+# ---------------------------------------------------------------- reading reports
+_NEGATION = re.compile(r"\b(no|not|without|absent|neither|nor)\b|n't", re.IGNORECASE)
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", text) if s.strip()]
+
+
+def _positive(sentence: str) -> bool:
+    return _NEGATION.search(sentence) is None
+
+
+def attributes_from_report(text: str) -> dict:
+    """The same keys parsed from report wording (``ctflow.data.reports`` phrasing and close variants).
+
+    A finding counts when a sentence names it without a negation ("No pleural
+    effusion was detected." is negative). Pericardial effusion is not pleural.
+    """
+    if not isinstance(text, str):
+        raise CTFlowError(f"attributes_from_report needs report text; got {type(text).__name__}")
+    out = {
+        "effusion": "none",
+        "cardiomegaly": False,
+        "nodule": False,
+        "emphysema": False,
+        "consolidation": False,
+    }
+    right = left = False
+    for s in _sentences(text):
+        low = s.lower()
+        pos = _positive(low)
+        if "effusion" in low and "pericardial" not in low and pos:
+            if "bilateral" in low or "both sides" in low or ("left" in low and "right" in low):
+                right = left = True
+            elif "left" in low:
+                left = True
+            elif "right" in low:
+                right = True
+        if pos and ("cardiomegaly" in low or ("heart" in low and "enlarged" in low)):
+            out["cardiomegaly"] = True
+        if pos and re.search(r"\bnodul", low):
+            out["nodule"] = True
+        if pos and "emphysem" in low:
+            out["emphysema"] = True
+        if pos and "consolidation" in low:
+            out["consolidation"] = True
+    out["effusion"] = "bilateral" if right and left else "right" if right else "left" if left else "none"
+    return out
+
+
+def _unsided_effusion(text: str) -> bool:
+    # a pleural effusion named without a side ("Small pleural effusion.")
+    for sentence in _sentences(text):
+        low = sentence.lower()
+        if "effusion" in low and "pericardial" not in low and _positive(low):
+            if not re.search(r"\b(left|right|bilateral)\b|both sides", low):
+                return True
+    return False
+
+
+def finding_vector(text: str) -> list[float]:
+    """The findings a report names, as :data:`FINDING_NAMES` flags (1 named, 0 not).
+
+    A bilateral effusion sets both sides. An effusion named without a side sets both to 0.5 (present,
+    side unknown); phantom reports always name the side, so a model trained on them has not seen it.
+    """
+    a = attributes_from_report(text)
+    side = a["effusion"]
+    left = float(side in ("left", "bilateral"))
+    right = float(side in ("right", "bilateral"))
+    if side == "none" and _unsided_effusion(text):
+        left = right = 0.5
+    return [left, right, *(float(a[k]) for k in ("cardiomegaly", "nodule", "emphysema", "consolidation"))]

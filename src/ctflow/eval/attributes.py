@@ -47,7 +47,6 @@ same keys from a phantom's ground truth and from report text, and
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -55,11 +54,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.linalg import solve_banded
 
+# the report parser lives with the report writer; re-exported here beside the image reader
+from ctflow.data.reports import ATTRIBUTE_KEYS, EFFUSION_VALUES, attributes_from_report  # noqa: F401
 from ctflow.data.volume import Volume
 from ctflow.errors import CTFlowError
 
-ATTRIBUTE_KEYS: tuple[str, ...] = ("effusion", "cardiomegaly", "nodule", "emphysema", "consolidation")
-EFFUSION_VALUES: tuple[str, ...] = ("none", "left", "right", "bilateral")
 READER_SIZE = 64  # in-plane grid the reader works on
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "attribute_reader.safetensors"
 
@@ -537,55 +536,6 @@ def attributes_from_ground_truth(gt: dict) -> dict:
         "emphysema": "emphysema" in kinds,
         "consolidation": "consolidation" in kinds,
     }
-
-
-_NEGATION = re.compile(r"\b(no|not|without|absent|neither|nor)\b|n't", re.IGNORECASE)
-
-
-def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", text) if s.strip()]
-
-
-def _positive(sentence: str) -> bool:
-    return _NEGATION.search(sentence) is None
-
-
-def attributes_from_report(text: str) -> dict:
-    """The same keys parsed from report wording (``ctflow.data.reports`` phrasing and close variants).
-
-    A finding counts when a sentence names it without a negation ("No pleural
-    effusion was detected." is negative). Pericardial effusion is not pleural.
-    """
-    if not isinstance(text, str):
-        raise CTFlowError(f"attributes_from_report needs report text; got {type(text).__name__}")
-    out = {
-        "effusion": "none",
-        "cardiomegaly": False,
-        "nodule": False,
-        "emphysema": False,
-        "consolidation": False,
-    }
-    right = left = False
-    for s in _sentences(text):
-        low = s.lower()
-        pos = _positive(low)
-        if "effusion" in low and "pericardial" not in low and pos:
-            if "bilateral" in low or "both sides" in low or ("left" in low and "right" in low):
-                right = left = True
-            elif "left" in low:
-                left = True
-            elif "right" in low:
-                right = True
-        if pos and ("cardiomegaly" in low or ("heart" in low and "enlarged" in low)):
-            out["cardiomegaly"] = True
-        if pos and re.search(r"\bnodul", low):
-            out["nodule"] = True
-        if pos and "emphysem" in low:
-            out["emphysema"] = True
-        if pos and "consolidation" in low:
-            out["consolidation"] = True
-    out["effusion"] = "bilateral" if right and left else "right" if right else "left" if left else "none"
-    return out
 
 
 def attribute_accuracy(pred_list: list[dict], truth_list: list[dict]) -> dict[str, float]:

@@ -38,6 +38,13 @@ conditioning (a learned null vector when the report has no meta line or training
 published model reads the count only as text; a small text encoder reads numbers poorly, and this
 makes the end-of-scan chunk land where the report asks (README, "The model").
 
+With ``num_findings`` the model also reads a vector of finding flags parsed from the report
+(:func:`ctflow.data.reports.finding_vector`: effusion left/right, cardiomegaly, nodule, emphysema,
+consolidation), embedded by a small MLP and added to the adaLN conditioning (a learned null vector when
+unknown: no report, classifier-free dropout, or a row of negative values). The text tower tells "left"
+from "right", but a small transformer does not learn to bind that word to where it draws the fluid
+(README, "Effusion side"); the flags give the side a direct path.
+
 With ``final_conv`` a 3x3x3 convolution (identity at initialisation) runs over the unpatchified output,
 as in U-ViT. Slices of one patch come from one token and agree; slices of neighbouring patches come
 from different tokens, and an undertrained model lets them disagree (horizontal stripes in coronal and
@@ -319,6 +326,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         target_depth: bool = False,
         final_conv: bool = False,
         context_residual: float = 0.0,
+        num_findings: int = 0,
     ):
         super().__init__()
         patch_size = tuple(patch_size)
@@ -327,6 +335,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             raise CTFlowError(f"prediction must be 'velocity' or 'sample', not {prediction!r}")
         if not 0.0 <= float(context_residual) <= 1.0:
             raise CTFlowError(f"context_residual must be between 0 and 1 (true: 1), got {context_residual!r}")
+        if not isinstance(num_findings, int) or num_findings < 0:
+            raise CTFlowError(f"num_findings must be a whole number >= 0 (0: off), got {num_findings!r}")
         if context_residual and (context != "concat" or prediction != "sample"):
             raise CTFlowError(
                 "context_residual needs context='concat' and prediction='sample' "
@@ -355,6 +365,11 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         if target_depth:  # slices still to come, read from the meta line; a learned vector when unknown
             self.target_embedder = TimestepEmbedder(hidden_size)
             self.target_null = nn.Parameter(torch.zeros(hidden_size))
+        if num_findings:  # finding flags parsed from the report; a learned vector when unknown
+            self.finding_embedder = nn.Sequential(
+                nn.Linear(num_findings, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            )
+            self.finding_null = nn.Parameter(torch.zeros(hidden_size))
         self.text_embedder = nn.Sequential(
             nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
         )
@@ -427,6 +442,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         mlps = [self.t_embedder.mlp, self.text_embedder, self.pooled_embedder]
         if self.config.target_depth:
             mlps.append(self.target_embedder.mlp)
+        if self.config.num_findings:
+            mlps.append(self.finding_embedder)
         for mlp in mlps:
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
@@ -448,6 +465,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         pooled_text: torch.Tensor,
         chunk_index: torch.Tensor,
         num_slices: torch.Tensor | None = None,
+        findings: torch.Tensor | None = None,
     ) -> ContextCache | None:
         """The context tokens' per-block keys/values, reusable at every ODE step of one chunk.
 
@@ -457,7 +475,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         if self.config.context != "tokens":
             return None
         text, text_mask, y, depth = self._condition(
-            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices
+            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices, findings
         )
         return self._context_cache(context, text, text_mask, y, depth)
 
@@ -472,6 +490,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         context: torch.Tensor | None = None,
         context_cache: ContextCache | None = None,
         num_slices: torch.Tensor | None = None,
+        findings: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Velocity [B,C,S,h,w] of the noisy chunk ``hidden_states`` [B,C,S,h,w] at flow time ``timestep`` [B].
@@ -481,12 +500,13 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         ``context`` [B,C,S,h,w] the previous chunk or None for the first. In tokens mode a
         ``context_cache`` from :meth:`compute_context_cache` replaces ``context``. ``num_slices`` [B] is
         the volume's slice count from the meta line (0 or None: unknown); only ``target_depth`` models
-        read it.
+        read it. ``findings`` [B,num_findings] are the report's finding flags (None, or a row with a
+        negative value: unknown); only ``num_findings`` models read them.
         """
         b = self._check_chunk(hidden_states, "hidden_states")
         dtype = self.x_embedder.weight.dtype
         text, text_mask, y, depth = self._condition(
-            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices
+            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices, findings
         )
         x = hidden_states.to(dtype)
         if self.config.context != "tokens" and context_cache is not None:
@@ -529,9 +549,17 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         x = x.reshape(x.shape[0], slices, rows, cols, ps, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(x.shape[0], c, slices * ps, rows * ph, cols * pw)
 
-    def _condition(self, encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices):
+    def _condition(
+        self,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        pooled_text,
+        chunk_index,
+        num_slices,
+        findings=None,
+    ):
         # -> text tokens [B,L,D], text mask [B,L] bool, pooled embedding y [B,D] (plus the slices still to
-        # come for target_depth models), depth embedding [B,D]
+        # come for target_depth models and the finding flags for num_findings models), depth embedding [B,D]
         dtype = self.x_embedder.weight.dtype
         tm, ts = self.token_stats.to(encoder_hidden_states.device)
         pm, ps = self.pooled_stats.to(pooled_text.device)
@@ -539,6 +567,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         y = self.pooled_embedder(((pooled_text - pm) / ps).to(dtype))
         if self.config.target_depth:
             y = y + self._target(num_slices, chunk_index.to(y.device), y.shape[0]).to(y.dtype)
+        if self.config.num_findings:
+            y = y + self._findings(findings, y.shape[0]).to(y.dtype)
         if self.depth_embed is None:
             depth = y.new_zeros(y.shape)
         else:
@@ -556,6 +586,18 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         left = (num_slices - chunk_index.long() * k).clamp(-k, MAX_TARGET_SLICES).float()
         emb = self.target_embedder(left / 1000)  # TimestepEmbedder scales by 1000: integer slice phases
         return torch.where((num_slices > 0)[:, None], emb, null)
+
+    def _findings(self, findings: torch.Tensor | None, b: int) -> torch.Tensor:
+        # [B,D]: embedding of the finding flags, or the null vector where they are unknown
+        null = self.finding_null.expand(b, -1)
+        if findings is None:
+            return null
+        n = self.config.num_findings
+        findings = torch.as_tensor(findings, device=null.device, dtype=null.dtype)
+        if findings.ndim != 2 or findings.shape != (b, n):
+            raise CTFlowError(f"findings has shape {tuple(findings.shape)}; this transformer expects {b}x{n}")
+        known = (findings >= 0).all(dim=1, keepdim=True)
+        return torch.where(known, self.finding_embedder(findings.clamp_min(0)), null)
 
     def _tokens(self, patches: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         # patches [B,D,S',H',W'] (or [1,S',P,D] start context) -> tokens [B,N,D] with positions and depth added

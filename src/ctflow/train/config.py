@@ -59,6 +59,9 @@ class FlowTrainConfig:
     # Findings sentences; ``ctflow encode --report-variants N`` stores them), so short typed reports
     # read like the long ones the model was trained on
     short_reports: float = 0.0
+    # probability that a row's finding flags (``transformer.num_findings`` models) are unknown, so the
+    # model still generates from the report text alone; the null report (cfg_dropout) drops them too
+    finding_dropout: float = 0.0
     context_noise: float = 0.05  # std of the noise added to the previous chunk during training
     # when above context_noise, each row's std is drawn uniformly from [context_noise, context_noise_max]:
     # heavily noised contexts leave the report as the only source of what the chunk holds
@@ -74,7 +77,7 @@ class FlowTrainConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        for name in ("start_boost", "finding_boost", "short_reports"):
+        for name in ("start_boost", "finding_boost", "short_reports", "finding_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
         if not (math.isfinite(self.finding_weight) and self.finding_weight >= 0):

@@ -63,12 +63,34 @@ def _uniform(g: torch.Generator) -> float:
     return float(torch.rand((), generator=g))
 
 
-class ChunkSampler:
-    """Draws training chunks (with StartBoost, FindingBoost, FindingWeight, short reports and meta-line
-    dropout) from a latent cache."""
+def report_flags(row: dict) -> list[list[float]]:
+    """A latent-cache row's finding flags (:func:`ctflow.data.reports.finding_vector`): of its report,
+    then of each shortened version."""
+    from ctflow.data.reports import finding_vector
 
-    def __init__(self, cache: LatentCache, chunk_slices: int, config: FlowTrainConfig):
+    return [finding_vector(text) for text in [row["report"], *row.get("short_reports", [])]]
+
+
+class ChunkSampler:
+    """Draws training chunks (with StartBoost, FindingBoost, FindingWeight, short reports, meta-line
+    and finding-flag dropout) from a latent cache. With ``num_findings`` each row also gets the finding
+    flags of the report text it reads."""
+
+    def __init__(self, cache: LatentCache, chunk_slices: int, config: FlowTrainConfig, num_findings: int = 0):
+        from ctflow.data.reports import FINDING_NAMES
+
         self.cache, self.k, self.cfg = cache, chunk_slices, config
+        if num_findings and num_findings != len(FINDING_NAMES):
+            raise CTFlowError(
+                f"transformer num_findings is {num_findings} but reports give {len(FINDING_NAMES)} finding flags"
+                f" ({', '.join(FINDING_NAMES)}); set num_findings: {len(FINDING_NAMES)} or 0"
+            )
+        self.flags = [report_flags(row) for _, row in cache.rows] if num_findings else None
+        if self.flags and any(len(f) != 1 + cache.report_variants for f in self.flags):
+            raise CTFlowError(
+                "num_findings reads the text of each shortened report, which this latent cache does not"
+                " list; encode it again with `ctflow encode --overwrite`"
+            )
         # chunks per volume (its slices, EOS-padded, plus the EOS chunk): known from the index alone
         self.num_chunks = [num_chunks(cache.num_slices(i), chunk_slices) for i in range(len(cache))]
         self.onsets = onset_chunks(cache, chunk_slices) if config.finding_boost > 0 else []
@@ -103,7 +125,7 @@ class ChunkSampler:
         return v, int(torch.randint(0 if start <= 0 else 1, n, (), generator=g))
 
     def batch(self, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        x0, ctx, idx, toks, pooled, first, counts, weights = [], [], [], [], [], [], [], []
+        x0, ctx, idx, toks, pooled, first, counts, weights, flags = [], [], [], [], [], [], [], [], []
         for _ in range(batch_size):
             v, i = self.draw(g)
             n = self.num_chunks[v]
@@ -124,12 +146,18 @@ class ChunkSampler:
             first.append(i == 0)
             idx.append(i)
             dropped = _uniform(g) < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
-            suffix = "_nometa" if dropped else ""
+            variant = None  # the full report, else shortened version j
             if self.cfg.short_reports > 0 and _uniform(g) < self.cfg.short_reports:
-                suffix = short_key(int(torch.randint(self.cache.report_variants, (), generator=g))) + suffix
+                variant = int(torch.randint(self.cache.report_variants, (), generator=g))
+            suffix = ("" if variant is None else short_key(variant)) + ("_nometa" if dropped else "")
             toks.append(self.cache.tensor(v, "tokens" + suffix))
             pooled.append(self.cache.tensor(v, "pooled" + suffix))
             counts.append(0 if dropped else self.cache.num_slices(v))
+            if self.flags is not None:
+                row_flags = self.flags[v][0 if variant is None else variant + 1]
+                if self.cfg.finding_dropout > 0 and _uniform(g) < self.cfg.finding_dropout:
+                    row_flags = [-1.0] * len(row_flags)  # unknown: the model reads the text alone
+                flags.append(row_flags)
         length = max(t.shape[0] for t in toks)
         tokens = torch.zeros(batch_size, length, pooled[0].shape[0])
         mask = torch.zeros(batch_size, length, dtype=torch.long)
@@ -152,6 +180,8 @@ class ChunkSampler:
             "pooled_text": torch.stack(pooled),
             "num_slices": torch.tensor(counts),  # [B] slice count of the meta line, 0 when dropped
         }
+        if flags:
+            out["findings"] = torch.tensor(flags)  # [B,F] the report's finding flags, -1 when dropped
         if weights:
             out["weight"] = torch.stack(weights)  # [B,1,k,h,w] per-pixel loss weight (finding_weight)
         return out
@@ -166,6 +196,7 @@ def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig):
 
     batch = drop_condition(batch, config.cfg_dropout, g)
     keys = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text", "chunk_index", "num_slices")
+    keys += ("findings",) if "findings" in batch else ()
     total, n = 0.0, batch["x0"].shape[0]
     for rows, has_context in ((batch["first"], False), (~batch["first"], True)):
         if not rows.any():
@@ -227,7 +258,7 @@ def train_flow(
     model = build_transformer(config, cache)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    sampler = ChunkSampler(cache, model.config.chunk_slices, config)
+    sampler = ChunkSampler(cache, model.config.chunk_slices, config, model.config.num_findings)
     o = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
