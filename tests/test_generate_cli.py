@@ -49,6 +49,20 @@ def test_generate_writes_nifti_preview_and_sidecar(model, tmp_path, run_cli):
     assert side["synthetic"] is True and side["end_reason"] == "num_slices" and side["num_slices"] == 6
     assert side["model"] == "tiny-test" and len(side["model_weights_sha256"]) == 16
     assert side["ctflow_version"] and side["seconds"] > 0
+    assert "finding_flags" not in side  # this model does not read them
+
+
+def test_the_sidecar_records_the_finding_flags_a_findings_model_read(tmp_path):
+    from ctflow.generate import GenerationSettings, generate_one
+
+    pipe = tiny_pipeline(num_findings=6)
+    report = "Findings: Right pleural effusion. Impressions: Cardiomegaly."
+    side = generate_one(
+        pipe, report, tmp_path / "ct.nii.gz", GenerationSettings(num_slices=4, steps=1, seed=0)
+    )
+    assert side["finding_flags"]["effusion_right"] == 1.0 and side["finding_flags"]["cardiomegaly"] == 1.0
+    assert side["finding_flags"]["effusion_left"] == 0.0
+    assert json.loads((tmp_path / "ct.json").read_text())["finding_flags"] == side["finding_flags"]
 
 
 def test_same_seed_reproduces_the_volume(model, tmp_path, run_cli):

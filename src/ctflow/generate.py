@@ -103,6 +103,7 @@ def generate_one(pipe, report: str, out: Path, settings: GenerationSettings, pro
         "num_slices": volume.num_slices,
         "spacing_mm": list(volume.spacing),
         "end_reason": end,
+        **({"finding_flags": flags} if (flags := pipe.finding_flags(result.reports[0])) else {}),
         "model": pipe.name,
         "model_weights_sha256": pipe.weights_hash,
         "ctflow_version": __version__,

@@ -223,11 +223,19 @@ class CTFlowPipeline:
             "pooled_text": emb.pooled,
             "num_slices": torch.tensor([self.depth_target(t) for t in texts]),
         }
-        if getattr(self.transformer.config, "num_findings", 0):
-            from ctflow.data.reports import finding_vector
-
-            cond["findings"] = torch.tensor([finding_vector(t) for t in texts])
+        flags = [self.finding_flags(t) for t in texts]
+        if flags[0] is not None:
+            cond["findings"] = torch.tensor([list(f.values()) for f in flags])
         return cond
+
+    def finding_flags(self, text: str) -> dict[str, float] | None:
+        """The finding flags a ``num_findings`` transformer reads from ``text`` (name -> 1 named, 0 not,
+        0.5 each side for an effusion without a side); None for a model that does not read them."""
+        if not getattr(self.transformer.config, "num_findings", 0):
+            return None
+        from ctflow.data.reports import FINDING_NAMES, finding_vector
+
+        return dict(zip(FINDING_NAMES, finding_vector(text), strict=True))
 
     @torch.no_grad()
     def __call__(
