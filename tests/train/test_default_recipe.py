@@ -55,6 +55,10 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_hu_window": [-1000, -150, 150, 1000]}))
     assert "HU window [-1000, -150, 150, 1000]" in write_model_card(tmp_path).read_text()
+    assert "finding flags" not in write_model_card(tmp_path).read_text()
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"num_findings": 6}))
+    assert "it also reads 6 finding flags parsed from the report" in write_model_card(tmp_path).read_text()
 
 
 def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tmp_path):

