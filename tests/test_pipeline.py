@@ -33,6 +33,19 @@ def _scripted_decoder(pipe, monkeypatch, white_from: tuple[int, int] | None):
     return calls
 
 
+def _record_forward(pipe, monkeypatch, key: str) -> list:
+    """The ``key`` argument of every transformer forward, as lists, in a list that fills as it runs."""
+    seen = []
+    original = pipe.transformer.forward
+
+    def spy(hidden_states, *args, **kwargs):
+        seen.append(kwargs[key].tolist())
+        return original(hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    return seen
+
+
 def test_eos_detection_threshold():
     x = torch.full((3, 8, 8), -0.5)
     x[1] = 1.0
@@ -198,14 +211,7 @@ def test_eos_is_also_detected_in_latent_space():
 
 def test_the_meta_line_slice_count_reaches_the_transformer(pipe, monkeypatch):
     _scripted_decoder(pipe, monkeypatch, white_from=None)
-    seen = []
-    original = pipe.transformer.forward
-
-    def spy(hidden_states, *args, **kwargs):
-        seen.append(kwargs["num_slices"].tolist())
-        return original(hidden_states, *args, **kwargs)
-
-    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    seen = _record_forward(pipe, monkeypatch, "num_slices")
     pipe(["Volume: 12 slices. " + REPORT, REPORT], max_slices=4, num_inference_steps=1, guidance_scale=2.0)
     assert seen == [[12, 0, 12, 0]]  # [cond; uncond]: guidance keeps the count, a report without one gives 0
     seen.clear()
@@ -221,14 +227,7 @@ def test_a_findings_model_reads_the_flags_parsed_from_each_report(monkeypatch, t
     """[cond; uncond] under guidance: each report's flags, then unknown (-1) for the null report."""
     pipe = tiny_pipeline(num_findings=6)
     _scripted_decoder(pipe, monkeypatch, white_from=None)
-    seen = []
-    original = pipe.transformer.forward
-
-    def spy(hidden_states, *args, **kwargs):
-        seen.append(kwargs["findings"].tolist())
-        return original(hidden_states, *args, **kwargs)
-
-    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    seen = _record_forward(pipe, monkeypatch, "findings")
     right = "Findings: Right pleural effusion. Impressions: Right pleural effusion."
     pipe([REPORT, right], max_slices=4, num_inference_steps=1, guidance_scale=2.0)
     unknown = [-1.0] * 6
