@@ -21,12 +21,17 @@ def test_shipped_configs_load(tmp_path):
     assert load_config(root / "ctrate-512.yaml", FlowTrainConfig).mixed_precision == "bf16"
     assert load_config(root / "tiny-vae.yaml", VAETrainConfig).image_size == 64
     # each experiment config is the v1 one plus its changes; the shipped one is the short-reports one
-    # (shipped until 2026-12-02) plus FindingWeight
+    # (shipped until 2026-12-02) plus FindingWeight plus finding flags
     base = load_config(root / "tiny-phantom-v1.yaml", FlowTrainConfig)
     shipped = load_config(root / "tiny-phantom.yaml", FlowTrainConfig)
-    assert shipped == load_config(root / "tiny-phantom-shortreports-findingweight.yaml", FlowTrainConfig)
+    assert shipped == load_config(root / "tiny-phantom-findings.yaml", FlowTrainConfig)
+    assert shipped.transformer["num_findings"] == 6 and shipped.finding_dropout == 0.1
+    findingweight = load_config(root / "tiny-phantom-shortreports-findingweight.yaml", FlowTrainConfig)
+    flags_off = {**shipped.transformer}
+    del flags_off["num_findings"]
+    assert dataclasses.replace(shipped, transformer=flags_off, finding_dropout=0.0) == findingweight
     previous = load_config(root / "tiny-phantom-shortreports.yaml", FlowTrainConfig)
-    assert previous != base and dataclasses.replace(shipped, finding_weight=0.0) == previous
+    assert previous != base and dataclasses.replace(findingweight, finding_weight=0.0) == previous
     for name, changes in (
         ("context-noise", {"context_noise_max": 1.0}),
         ("startboost25", {"start_boost": 0.25}),
