@@ -264,6 +264,11 @@ def _positive(sentence: str) -> bool:
     return _NEGATION.search(sentence) is None
 
 
+def _pleural_effusion(low: str) -> bool:
+    # a lower-cased sentence that names a pleural effusion (not a pericardial one) without negating it
+    return "effusion" in low and "pericardial" not in low and _positive(low)
+
+
 def attributes_from_report(text: str) -> dict:
     """The same keys parsed from report wording (``ctflow.data.reports`` phrasing and close variants).
 
@@ -283,7 +288,7 @@ def attributes_from_report(text: str) -> dict:
     for s in _sentences(text):
         low = s.lower()
         pos = _positive(low)
-        if "effusion" in low and "pericardial" not in low and pos:
+        if _pleural_effusion(low):
             if "bilateral" in low or "both sides" in low or ("left" in low and "right" in low):
                 right = left = True
             elif "left" in low:
@@ -302,16 +307,6 @@ def attributes_from_report(text: str) -> dict:
     return out
 
 
-def _unsided_effusion(text: str) -> bool:
-    # a pleural effusion named without a side ("Small pleural effusion.")
-    for sentence in _sentences(text):
-        low = sentence.lower()
-        if "effusion" in low and "pericardial" not in low and _positive(low):
-            if not re.search(r"\b(left|right|bilateral)\b|both sides", low):
-                return True
-    return False
-
-
 def finding_vector(text: str) -> list[float]:
     """The findings a report names, as :data:`FINDING_NAMES` flags (1 named, 0 not).
 
@@ -322,6 +317,6 @@ def finding_vector(text: str) -> list[float]:
     side = a["effusion"]
     left = float(side in ("left", "bilateral"))
     right = float(side in ("right", "bilateral"))
-    if side == "none" and _unsided_effusion(text):
-        left = right = 0.5
+    if side == "none" and any(_pleural_effusion(s.lower()) for s in _sentences(text)):
+        left = right = 0.5  # named, but no sentence that names it says a side (else side != "none")
     return [left, right, *(float(a[k]) for k in ("cardiomegaly", "nodule", "emphysema", "consolidation"))]
