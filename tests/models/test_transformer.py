@@ -303,6 +303,30 @@ def test_num_findings_is_checked_and_saved_with_the_model(tmp_path):
     torch.testing.assert_close(run(loaded, **inputs), run(model, **inputs))
 
 
+def test_finding_maps_add_each_flags_in_plane_map_to_every_slice_of_the_chunk(tmp_path):
+    with pytest.raises(CTFlowError, match="set num_findings"):
+        make_model(finding_maps=True)
+    fresh = make_model("full", "concat", randomize=False, num_findings=2, finding_maps=True)
+    assert not fresh.finding_map.any()  # zeros at first: a model starts as one without maps
+    model = make_model("full", "concat", num_findings=2, finding_maps=True)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    inputs = make_inputs()
+    for flags in ([[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.5, 1.0]], [[-1.0, -1.0], [0.0, 0.0]]):
+        run(model, **inputs, findings=torch.tensor(flags))
+    none, some, unknown = seen  # the first block's input tokens [B,N,D]
+    maps = model.finding_map.detach()  # [2,P,D]
+    slices = model.grid[0]
+    torch.testing.assert_close(some[0] - none[0], maps[0].repeat(slices, 1))
+    torch.testing.assert_close(some[1] - none[1], (0.5 * maps[0] + maps[1]).repeat(slices, 1))
+    torch.testing.assert_close(unknown, none)  # unknown flags add no map
+    out = run(model, **inputs, findings=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    model.save_pretrained(tmp_path)
+    loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.config.finding_maps
+    torch.testing.assert_close(run(loaded, **inputs, findings=torch.tensor([[1.0, 0.0], [0.0, 1.0]])), out)
+
+
 @pytest.mark.parametrize("context,prediction", [("tokens", "velocity"), ("concat", "sample")])
 def test_tiny_transformer_overfits_a_fixed_batch(context, prediction):
     """Under the velocity loss, whichever quantity the network outputs."""

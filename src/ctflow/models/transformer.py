@@ -45,6 +45,13 @@ unknown: no report, classifier-free dropout, or a row of negative values). The t
 from "right", but a small transformer does not learn to bind that word to where it draws the fluid
 (README, "Effusion side"); the flags give the side a direct path.
 
+With ``finding_maps`` (needs ``num_findings``) each flag also adds a learned in-plane map to the
+chunk's tokens: a [P, D] table per finding (zeros at initialisation), weighted by the flag and the same
+for every slice of the chunk. The adaLN conditioning is one vector for all tokens, so a flag there says
+*that* there is a left effusion but not *where*: the network has to learn to combine it with the
+position embedding, which the phantom-sized model did not do in 8000 steps (README, "Finding maps").
+A map says where: the tokens of the left lung base can be moved by the left-effusion flag alone.
+
 With ``final_conv`` a 3x3x3 convolution (identity at initialisation) runs over the unpatchified output,
 as in U-ViT. Slices of one patch come from one token and agree; slices of neighbouring patches come
 from different tokens, and an undertrained model lets them disagree (horizontal stripes in coronal and
@@ -327,6 +334,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         final_conv: bool = False,
         context_residual: float = 0.0,
         num_findings: int = 0,
+        finding_maps: bool = False,
     ):
         super().__init__()
         patch_size = tuple(patch_size)
@@ -337,6 +345,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             raise CTFlowError(f"context_residual must be between 0 and 1 (true: 1), got {context_residual!r}")
         if not isinstance(num_findings, int) or num_findings < 0:
             raise CTFlowError(f"num_findings must be a whole number >= 0 (0: off), got {num_findings!r}")
+        if finding_maps and not num_findings:
+            raise CTFlowError("finding_maps needs finding flags to weight the maps: set num_findings too")
         if context_residual and (context != "concat" or prediction != "sample"):
             raise CTFlowError(
                 "context_residual needs context='concat' and prediction='sample' "
@@ -370,6 +380,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
                 nn.Linear(num_findings, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
             )
             self.finding_null = nn.Parameter(torch.zeros(hidden_size))
+        if finding_maps:  # per finding, a learned in-plane map added to the chunk's tokens [n,P,D]
+            self.finding_map = nn.Parameter(torch.zeros(num_findings, rows * cols, hidden_size))
         self.text_embedder = nn.Sequential(
             nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
         )
@@ -527,6 +539,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             raise CTFlowError(f"context_cache was computed for batch {context_cache.batch_size}, not {b}")
 
         x = self._tokens(self.x_embedder(x), depth)  # [B,N,D]
+        if self.config.finding_maps:
+            x = x + self._finding_tokens(findings, b).to(x.dtype)
         t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
         c = self.t_embedder(t) + y  # [B,D]
         for i, block in enumerate(self.blocks):
@@ -592,12 +606,24 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         null = self.finding_null.expand(b, -1)
         if findings is None:
             return null
+        flags, known = self._flags(findings, b)
+        return torch.where(known, self.finding_embedder(flags), null)
+
+    def _finding_tokens(self, findings: torch.Tensor | None, b: int) -> torch.Tensor:
+        # [B,N,D] or 0: the finding maps weighted by each row's flags, repeated over the chunk's slices
+        if findings is None:
+            return 0
+        flags, known = self._flags(findings, b)
+        maps = torch.einsum("bn,npd->bpd", flags * known, self.finding_map)  # unknown rows: no map
+        return maps.repeat(1, self.grid[0], 1)
+
+    def _flags(self, findings: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> flags [B,n] (negatives clamped to 0) and whether each row is known [B,1]
         n = self.config.num_findings
-        findings = torch.as_tensor(findings, device=null.device, dtype=null.dtype)
+        findings = torch.as_tensor(findings, device=self.finding_null.device, dtype=self.finding_null.dtype)
         if findings.ndim != 2 or findings.shape != (b, n):
             raise CTFlowError(f"findings has shape {tuple(findings.shape)}; this transformer expects {b}x{n}")
-        known = (findings >= 0).all(dim=1, keepdim=True)
-        return torch.where(known, self.finding_embedder(findings.clamp_min(0)), null)
+        return findings.clamp_min(0), (findings >= 0).all(dim=1, keepdim=True)
 
     def _tokens(self, patches: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         # patches [B,D,S',H',W'] (or [1,S',P,D] start context) -> tokens [B,N,D] with positions and depth added
