@@ -55,6 +55,12 @@ def generation_setup(n: int, description: str, add_arguments=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument(
+        "--finding-guidance",
+        type=float,
+        default=None,
+        help="guidance of the finding flags apart from the text (default: --guidance)",
+    )
+    p.add_argument(
         "--result", default=None, help="name of the JSON/PNG written to benchmarks/results (experiments)"
     )
     if add_arguments:

@@ -131,6 +131,7 @@ def main() -> dict:
             max_slices=200,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
+            finding_guidance=args.finding_guidance,
             generator=torch.Generator().manual_seed(i),
         )
         seconds += time.perf_counter() - t0
@@ -171,6 +172,7 @@ def main() -> dict:
         "seeds": [args.first_seed, args.first_seed + args.n - 1],
         "steps": args.steps,
         "guidance": args.guidance,
+        "finding_guidance": args.finding_guidance,
         "model": args.model or "embedded",
         "seconds_per_volume": round(seconds / len(rows), 2),
         "slice_count_within_one_chunk": round(float(np.mean([r["within_chunk"] for r in rows])), 3),

@@ -53,6 +53,7 @@ def main() -> dict:
             num_slices=SLICES,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
+            finding_guidance=args.finding_guidance,
             generator=torch.Generator().manual_seed(seed),
         )
         read = attributes_from_scores(attribute_scores(out.volumes[0]))
@@ -65,6 +66,7 @@ def main() -> dict:
         "slices": SLICES,
         "steps": args.steps,
         "guidance": args.guidance,
+        "finding_guidance": args.finding_guidance,
         "model": args.model or "embedded",
         "median_lung_volume_ml": round(statistics.median(lungs), 1),
         "volumes_with_lungs_over_1000_ml": sum(v >= LUNG_ML_FLOOR for v in lungs),

@@ -163,6 +163,7 @@ def main() -> dict:
                 report,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
+                finding_guidance=args.finding_guidance,
                 generator=torch.Generator().manual_seed(i),
             )
             gen[side], real[side] = fluid(out.volumes[0]), fluid(recon)
@@ -184,6 +185,7 @@ def main() -> dict:
         "real_through_vae": summary(rows["real"]),
         **{key: round(float(np.mean(v)), 4) for key, v in effects.items()},
         "guidance": args.guidance,
+        "finding_guidance": args.finding_guidance,
         "steps": args.steps,
         "model": args.model or "embedded",
         "short_reports": args.short,

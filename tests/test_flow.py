@@ -204,6 +204,42 @@ def test_cfg_runs_cond_and_uncond_in_one_batched_forward():
     assert model.batches == [4]
 
 
+def flag_velocity(x, t, cond):
+    """A fake velocity that reads the text and, separately, the finding flags (unknown: -1)."""
+    flags = cond["findings"].clamp_min(0).sum(1) * (cond["findings"] >= 0).all(1)
+    return x + cond["pooled_text"].mean(1).view(-1, 1, 1, 1, 1) + flags.view(-1, 1, 1, 1, 1)
+
+
+def test_finding_guidance_splits_the_guidance_between_the_text_and_the_flags():
+    model = FakeModel(flag_velocity)
+    x, t = torch.randn(SHAPE), torch.rand(2)
+    cond = {**make_cond(), "findings": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    uncond = null_condition(cond)
+    flagless = {**cond, "findings": -torch.ones(2, 2)}
+    v_c, v_f, v_u = (model.velocity(x, t, c) for c in (cond, flagless, uncond))
+    v = guided_velocity(model, x, t, cond, uncond, 2.0, ("cache", 6), finding_scale=5.0)
+    torch.testing.assert_close(v, v_u + 2.0 * (v_f - v_u) + 5.0 * (v_c - v_f))
+    assert model.batches == [6]  # one forward over [cond; flagless; uncond]
+    # equal scales are plain guidance, in one forward of two
+    same = guided_velocity(model, x, t, cond, uncond, 2.0, ("cache", 4), finding_scale=2.0)
+    torch.testing.assert_close(same, guided_velocity(model, x, t, cond, uncond, 2.0, ("cache", 4)))
+    # without text guidance, only the flags are guided
+    v = guided_velocity(model, x, t, cond, None, 1.0, ("cache", 4), finding_scale=3.0)
+    torch.testing.assert_close(v, v_f + 3.0 * (v_c - v_f))
+    # a condition without flags ignores the finding scale
+    plain, text_model = (
+        make_cond(),
+        FakeModel(lambda x, t, cond: x + cond["pooled_text"].mean(1).view(-1, 1, 1, 1, 1)),
+    )
+    v = guided_velocity(text_model, x, t, plain, null_condition(plain), 2.0, ("cache", 4), finding_scale=5.0)
+    torch.testing.assert_close(
+        v, guided_velocity(text_model, x, t, plain, null_condition(plain), 2.0, ("cache", 4))
+    )
+    cache_model = FakeModel(flag_velocity)
+    sample_chunk(cache_model, make_scheduler(), SHAPE, cond, 3, 2.0, uncond=uncond, finding_scale=4.0)
+    assert cache_model.cache_calls == 1 and cache_model.batches == [6] * 3
+
+
 def test_sample_chunk_computes_the_cache_once_and_one_forward_per_step():
     model = FakeModel(lambda x, t, cond: 0.1 * x)
     cond = make_cond()

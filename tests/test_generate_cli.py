@@ -63,6 +63,10 @@ def test_the_sidecar_records_the_finding_flags_a_findings_model_read(tmp_path):
     assert side["finding_flags"]["effusion_right"] == 1.0 and side["finding_flags"]["cardiomegaly"] == 1.0
     assert side["finding_flags"]["effusion_left"] == 0.0
     assert json.loads((tmp_path / "ct.json").read_text())["finding_flags"] == side["finding_flags"]
+    assert "finding_guidance" not in side  # the default: the same as --guidance
+    settings = GenerationSettings(num_slices=4, steps=1, seed=0, finding_guidance=5.0)
+    side = generate_one(pipe, report, tmp_path / "fg.nii.gz", settings)
+    assert side["finding_guidance"] == 5.0
 
 
 def test_same_seed_reproduces_the_volume(model, tmp_path, run_cli):
@@ -97,6 +101,7 @@ def test_report_file_and_no_overwrite(model, tmp_path, run_cli):
         (("--report-file", "MISSING"), "not found"),
         ((REPORT, "--steps", "0"), "--steps"),
         ((REPORT, "--guidance", "-1"), "--guidance"),
+        ((REPORT, "--finding-guidance", "-1"), "--finding-guidance"),
         ((REPORT, "--slices", "-4"), "--slices"),
         ((), "exactly one"),
         ((REPORT, "--report-file", "x.txt"), "exactly one"),

@@ -237,5 +237,33 @@ def test_a_findings_model_reads_the_flags_parsed_from_each_report(monkeypatch, t
     assert CTFlowPipeline.from_pretrained(tmp_path / "m").transformer.config.num_findings == 6
 
 
+def test_finding_guidance_adds_the_report_with_unknown_flags_to_each_forward(monkeypatch):
+    """[cond; flagless; uncond]: the same report with unknown flags guides the flags apart."""
+    pipe = tiny_pipeline(num_findings=6)
+    latents = []  # what each run decodes
+    monkeypatch.setattr(
+        pipe.vae, "decode_volume", lambda x, **_: latents.append(x) or torch.full((x.shape[1], 32, 32), -0.6)
+    )
+    seen = _record_forward(pipe, monkeypatch, "findings")
+    left = "Findings: Left pleural effusion. Impressions: Left pleural effusion."
+
+    def run(**kw):
+        g = torch.Generator().manual_seed(0)
+        pipe(left, max_slices=4, num_inference_steps=1, guidance_scale=2.0, generator=g, **kw)
+        return latents[-1]
+
+    guided = run(finding_guidance=6.0)
+    unknown = [-1.0] * 6
+    assert seen == [[[1.0, 0.0, 0.0, 0.0, 0.0, 0.0], unknown, unknown]]
+    seen.clear()
+    plain = run()
+    assert len(seen[0]) == 2 and not torch.allclose(guided, plain)
+    torch.testing.assert_close(
+        run(finding_guidance=2.0), plain, rtol=0, atol=0
+    )  # equal scales: plain guidance
+    with pytest.raises(CTFlowError, match="finding_guidance"):
+        pipe(left, finding_guidance=-1.0, max_slices=4)
+
+
 def test_a_model_without_finding_flags_is_not_given_them(pipe):
     assert "findings" not in pipe.text_condition([REPORT])

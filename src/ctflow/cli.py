@@ -255,6 +255,13 @@ def generate(
     ] = None,
     steps: Annotated[int, typer.Option("--steps", help="ODE steps per chunk.")] = 20,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 2.0,
+    finding_guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--finding-guidance",
+            help="Guidance of the finding flags parsed from the report, apart from the text (default: --guidance).",
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (recorded in the sidecar).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Reports generated together.")] = 1,
     model: Annotated[
@@ -273,7 +280,9 @@ def generate(
         raise CTFlowError("--out is required (a .nii.gz path, or a folder with --prompts)")
     if batch_size < 1:
         raise CTFlowError(f"--batch-size must be at least 1, got {batch_size}")
-    settings = GenerationSettings(slices, max_slices, steps, guidance, seed, dicom, overwrite)
+    settings = GenerationSettings(
+        slices, max_slices, steps, guidance, seed, dicom, overwrite, finding_guidance=finding_guidance
+    )
     settings.check()
     if report_file is not None:
         report = read_report_file(report_file)

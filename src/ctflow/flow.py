@@ -14,6 +14,16 @@ A condition ``cond`` is a dict of the transformer's keyword arguments: ``encoder
 ``chunk_index`` [B] long and ``context`` [B,C,S,h,w] (the previous chunk) or None for the first chunk;
 optionally ``num_slices`` [B] (the meta line's slice count) and ``findings`` [B,F] (the report's finding
 flags, -1 where unknown), which the null condition treats as part of the report.
+
+Guidance: classifier-free guidance moves the velocity away from the null condition's by
+``guidance_scale``. With a ``finding_scale`` (transformers that read finding flags) it is split in two,
+as InstructPix2Pix splits its image and text guidance: the report text against the null condition by
+``guidance_scale``, and the flags against the same report with unknown flags by ``finding_scale``::
+
+    v = v(null) + g * (v(text) - v(null)) + f * (v(text, flags) - v(text))
+
+``f = g`` is plain guidance. A larger ``f`` pushes harder on what the flags add (which side an
+effusion is on) without pushing the rest of the report (the slice count) harder.
 """
 
 from __future__ import annotations
@@ -153,19 +163,19 @@ def drop_condition(cond: dict, p: float, generator: torch.Generator | None = Non
     return out
 
 
-def cfg_condition(cond: dict, uncond: dict) -> dict:
-    """One batch [cond; uncond] for a single guided forward; text of different lengths is padded."""
-    uncond = {**cond, **uncond}
-    length = max(cond["encoder_hidden_states"].shape[1], uncond["encoder_hidden_states"].shape[1])
+def cfg_condition(cond: dict, *others: dict) -> dict:
+    """One batch [cond; others...] for a single guided forward; text of different lengths is padded."""
+    others = [{**cond, **o} for o in others]
+    length = max(c["encoder_hidden_states"].shape[1] for c in (cond, *others))
     out = {}
     for key, value in cond.items():
-        pair = [value, uncond[key]]
+        group = [value, *(o[key] for o in others)]
         if value is None:
             out[key] = None
             continue
         if key in ("encoder_hidden_states", "encoder_attention_mask"):
-            pair = [_pad_length(x, length) for x in pair]
-        out[key] = torch.cat(pair)
+            group = [_pad_length(x, length) for x in group]
+        out[key] = torch.cat(group)
     return out
 
 
@@ -175,13 +185,38 @@ def _pad_length(x: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad) if x.ndim == 3 else (0, pad))
 
 
-def _guided(uncond: dict | None, guidance_scale: float) -> bool:
-    return uncond is not None and guidance_scale > 1.0
+def guidance_terms(
+    cond: dict, uncond: dict | None, guidance_scale: float, finding_scale: float | None = None
+) -> list[tuple[dict, float]]:
+    """The conditions one guided velocity needs, with weights: v = v_last + sum_i w_i (v_i - v_last).
+
+    ``[(cond, 1)]`` unguided; ``[(cond, g), (uncond, 0)]`` for classifier-free guidance (``uncond``
+    given and ``guidance_scale`` > 1); with a ``finding_scale`` f other than the text's scale and
+    ``cond`` holding finding flags, the same report with unknown flags comes between them:
+    ``[(cond, f), (flagless, g - f), (uncond, 0)]``, or ``[(cond, f), (flagless, 0)]`` unguided (see
+    the module docstring).
+    """
+    g = guidance_scale if uncond is not None and guidance_scale > 1.0 else 1.0
+    terms = [(cond, g)]
+    if finding_scale is not None and cond.get("findings") is not None and finding_scale != g:
+        flagless = {**cond, "findings": torch.full_like(cond["findings"], -1.0)}
+        terms = [(cond, finding_scale), (flagless, g - finding_scale)]
+    if g != 1.0:
+        terms.append((uncond, 0.0))
+    elif len(terms) == 2:
+        terms[-1] = (terms[-1][0], 0.0)
+    return terms
 
 
-def context_cache_for(model, cond: dict, uncond: dict | None = None, guidance_scale: float = 1.0):
+def context_cache_for(
+    model,
+    cond: dict,
+    uncond: dict | None = None,
+    guidance_scale: float = 1.0,
+    finding_scale: float | None = None,
+):
     """The model's context cache for the batch :func:`guided_velocity` runs (None in concat mode)."""
-    batch = cfg_condition(cond, uncond) if _guided(uncond, guidance_scale) else cond
+    batch = cfg_condition(*(c for c, _ in guidance_terms(cond, uncond, guidance_scale, finding_scale)))
     return model.compute_context_cache(
         batch.get("context"),
         batch["encoder_hidden_states"],
@@ -201,19 +236,28 @@ def guided_velocity(
     uncond: dict | None = None,
     guidance_scale: float = 1.0,
     context_cache=None,
+    finding_scale: float | None = None,
 ) -> torch.Tensor:
     """Classifier-free guided velocity v_u + g * (v_c - v_u) from ONE forward over [cond; uncond].
 
     With ``guidance_scale <= 1`` or no ``uncond`` it is the conditional velocity (one forward of batch B).
+    A ``finding_scale`` adds the report with unknown flags to the batch (:func:`guidance_terms`).
     ``context_cache`` must come from :func:`context_cache_for` with the same arguments.
     """
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-    if not _guided(uncond, guidance_scale):
+    terms = guidance_terms(cond, uncond, guidance_scale, finding_scale)
+    if len(terms) == 1:
         return model_output(model(x, t, **cond, context_cache=context_cache))
-    both = cfg_condition(cond, uncond)
-    v = model_output(model(torch.cat([x, x]), torch.cat([t, t]), **both, context_cache=context_cache))
-    v_cond, v_uncond = v.chunk(2)
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
+    n = len(terms)
+    batch = cfg_condition(*(c for c, _ in terms))
+    v = model_output(
+        model(x.repeat(n, *[1] * (x.ndim - 1)), t.repeat(n), **batch, context_cache=context_cache)
+    )
+    *vs, last = v.chunk(n)
+    out = last
+    for (_, weight), vi in zip(terms, vs, strict=False):
+        out = out + weight * (vi - last)
+    return out
 
 
 @torch.no_grad()
@@ -227,6 +271,7 @@ def sample_chunk(
     generator: torch.Generator | None = None,
     uncond: dict | None = None,
     callback: Callable[[int], None] | None = None,
+    finding_scale: float | None = None,
 ) -> torch.Tensor:
     """Generate one chunk x0 [B,C,S,h,w] from noise, integrating t: 1 -> 0 with ``scheduler``.
 
@@ -240,10 +285,10 @@ def sample_chunk(
     device = cond["pooled_text"].device
     x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    cache = context_cache_for(model, cond, uncond, guidance_scale)
+    cache = context_cache_for(model, cond, uncond, guidance_scale, finding_scale)
     for i, timestep in enumerate(scheduler.timesteps):
         t = scheduler.sigmas[i].to(device=device, dtype=torch.float32).expand(shape[0])
-        v = guided_velocity(model, x, t, cond, uncond, guidance_scale, context_cache=cache)
+        v = guided_velocity(model, x, t, cond, uncond, guidance_scale, cache, finding_scale)
         x = scheduler.step(v.float(), timestep, x, return_dict=False)[0]
         if callback is not None:
             callback(i)

@@ -33,6 +33,7 @@ class GenerationSettings:
     seed: int | None = None
     dicom: Path | None = None
     overwrite: bool = False
+    finding_guidance: float | None = None  # None: the same as guidance
 
     def check(self) -> None:
         if self.num_slices is not None and not 1 <= self.num_slices <= MAX_SLICES:
@@ -43,6 +44,8 @@ class GenerationSettings:
             raise CTFlowError(f"--steps must be between 1 and 1000, got {self.steps}")
         if not 0 <= self.guidance <= 100:
             raise CTFlowError(f"--guidance must be between 0 and 100, got {self.guidance}")
+        if self.finding_guidance is not None and not 0 <= self.finding_guidance <= 100:
+            raise CTFlowError(f"--finding-guidance must be between 0 and 100, got {self.finding_guidance}")
 
 
 def output_paths(out: Path) -> dict[str, Path]:
@@ -84,6 +87,7 @@ def generate_one(pipe, report: str, out: Path, settings: GenerationSettings, pro
         max_slices=settings.max_slices,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance,
+        finding_guidance=settings.finding_guidance,
         generator=generator,
         callback=progress,
     )
@@ -99,6 +103,7 @@ def generate_one(pipe, report: str, out: Path, settings: GenerationSettings, pro
         "seed": seed,
         "steps": settings.steps,
         "guidance": settings.guidance,
+        **({"finding_guidance": settings.finding_guidance} if settings.finding_guidance is not None else {}),
         "requested_slices": settings.num_slices,
         "num_slices": volume.num_slices,
         "spacing_mm": list(volume.spacing),

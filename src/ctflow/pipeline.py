@@ -197,7 +197,9 @@ class CTFlowPipeline:
             self._eos_latent = self.vae.encode_slices(torch.ones(1, 1, size, size))[0]
         return self._eos_latent
 
-    def check_inputs(self, reports, num_slices, max_slices, num_inference_steps, guidance_scale):
+    def check_inputs(
+        self, reports, num_slices, max_slices, num_inference_steps, guidance_scale, finding_guidance=None
+    ):
         if not reports or any(not isinstance(r, str) or not r.strip() for r in reports):
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
         if num_slices is not None and not 1 <= num_slices <= max_slices:
@@ -208,6 +210,8 @@ class CTFlowPipeline:
             raise CTFlowError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if guidance_scale < 0 or not math.isfinite(guidance_scale):
             raise CTFlowError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        if finding_guidance is not None and (finding_guidance < 0 or not math.isfinite(finding_guidance)):
+            raise CTFlowError(f"finding_guidance must be a finite number >= 0, got {finding_guidance}")
 
     def encode_prompt(self, reports: list[str]) -> TextEmbedding:
         return self.text(reports)
@@ -248,10 +252,13 @@ class CTFlowPipeline:
         generator: torch.Generator | None = None,
         slice_spacing: float | None = None,
         callback: Callable[[int, int, int], None] | None = None,
+        finding_guidance: float | None = None,
     ) -> CTFlowOutput:
         """Generate one volume per report.
 
-        callback(chunk_index, step, total_steps) is called after every ODE step.
+        ``finding_guidance`` (transformers that read finding flags; None: ``guidance_scale``) guides
+        the flags apart from the text (:mod:`ctflow.flow`). callback(chunk_index, step, total_steps)
+        is called after every ODE step.
         """
         from ctflow.flow import null_condition, sample_chunk
 
@@ -259,7 +266,9 @@ class CTFlowPipeline:
         max_slices = max_slices or self.config["default_max_slices"]
         if num_slices is not None:
             max_slices = max(max_slices, num_slices)
-        self.check_inputs(reports, num_slices, max_slices, num_inference_steps, guidance_scale)
+        self.check_inputs(
+            reports, num_slices, max_slices, num_inference_steps, guidance_scale, finding_guidance
+        )
         texts = [with_meta(r, num_slices, slice_spacing or self.config["slice_spacing"]) for r in reports]
         limit = num_slices or max_slices
         cond = self.text_condition(texts)
@@ -288,6 +297,7 @@ class CTFlowPipeline:
                 callback=None
                 if callback is None
                 else (lambda step, _c=chunk: callback(_c, step, num_inference_steps)),
+                finding_scale=finding_guidance,
             )
             still = []
             for row, item in enumerate(active):
