@@ -320,6 +320,8 @@ def test_finding_maps_add_each_flags_in_plane_map_to_every_slice_of_the_chunk(tm
     torch.testing.assert_close(some[0] - none[0], maps[0].repeat(slices, 1))
     torch.testing.assert_close(some[1] - none[1], (0.5 * maps[0] + maps[1]).repeat(slices, 1))
     torch.testing.assert_close(unknown, none)  # unknown flags add no map
+    run(model, **inputs)  # no flags at all: no map either
+    torch.testing.assert_close(seen[-1], none)
     out = run(model, **inputs, findings=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     model.save_pretrained(tmp_path)
     loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()

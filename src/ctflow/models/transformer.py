@@ -49,8 +49,9 @@ With ``finding_maps`` (needs ``num_findings``) each flag also adds a learned in-
 chunk's tokens: a [P, D] table per finding (zeros at initialisation), weighted by the flag and the same
 for every slice of the chunk. The adaLN conditioning is one vector for all tokens, so a flag there says
 *that* there is a left effusion but not *where*: the network has to learn to combine it with the
-position embedding, which the phantom-sized model did not do in 8000 steps (README, "Finding maps").
-A map says where: the tokens of the left lung base can be moved by the left-effusion flag alone.
+position embedding, which the phantom-sized model did not do in 8000 steps. A map says where: the
+tokens of the left lung base can be moved by the left-effusion flag alone. Measured on the phantom
+recipe it did not make generated effusions follow the side of full reports (README, "Finding maps").
 
 With ``final_conv`` a 3x3x3 convolution (identity at initialisation) runs over the unpatchified output,
 as in U-ViT. Slices of one patch come from one token and agree; slices of neighbouring patches come
@@ -539,7 +540,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             raise CTFlowError(f"context_cache was computed for batch {context_cache.batch_size}, not {b}")
 
         x = self._tokens(self.x_embedder(x), depth)  # [B,N,D]
-        if self.config.finding_maps:
+        if self.config.finding_maps and findings is not None:
             x = x + self._finding_tokens(findings, b).to(x.dtype)
         t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
         c = self.t_embedder(t) + y  # [B,D]
@@ -609,10 +610,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         flags, known = self._flags(findings, b)
         return torch.where(known, self.finding_embedder(flags), null)
 
-    def _finding_tokens(self, findings: torch.Tensor | None, b: int) -> torch.Tensor:
-        # [B,N,D] or 0: the finding maps weighted by each row's flags, repeated over the chunk's slices
-        if findings is None:
-            return 0
+    def _finding_tokens(self, findings: torch.Tensor, b: int) -> torch.Tensor:
+        # [B,N,D]: the finding maps weighted by each row's flags, repeated over the chunk's slices
         flags, known = self._flags(findings, b)
         maps = torch.einsum("bn,npd->bpd", flags * known, self.finding_map)  # unknown rows: no map
         return maps.repeat(1, self.grid[0], 1)
