@@ -198,15 +198,13 @@ def guidance_terms(
     the module docstring).
     """
     g = guidance_scale if uncond is not None and guidance_scale > 1.0 else 1.0
-    terms = [(cond, g)]
-    if finding_scale is not None and cond.get("findings") is not None and finding_scale != g:
-        flagless = {**cond, "findings": torch.full_like(cond["findings"], -1.0)}
-        terms = [(cond, finding_scale), (flagless, g - finding_scale)]
-    if g != 1.0:
-        terms.append((uncond, 0.0))
-    elif len(terms) == 2:
-        terms[-1] = (terms[-1][0], 0.0)
-    return terms
+    f = finding_scale if finding_scale is not None and cond.get("findings") is not None else g
+    if f == g:  # plain guidance, or none
+        return [(cond, g), (uncond, 0.0)] if g != 1.0 else [(cond, 1.0)]
+    flagless = {**cond, "findings": torch.full_like(cond["findings"], -1.0)}
+    if g == 1.0:  # no text guidance: the report with unknown flags is the base
+        return [(cond, f), (flagless, 0.0)]
+    return [(cond, f), (flagless, g - f), (uncond, 0.0)]
 
 
 def context_cache_for(
@@ -217,7 +215,8 @@ def context_cache_for(
     finding_scale: float | None = None,
 ):
     """The model's context cache for the batch :func:`guided_velocity` runs (None in concat mode)."""
-    batch = cfg_condition(*(c for c, _ in guidance_terms(cond, uncond, guidance_scale, finding_scale)))
+    terms = guidance_terms(cond, uncond, guidance_scale, finding_scale)
+    batch = cond if len(terms) == 1 else cfg_condition(*(c for c, _ in terms))
     return model.compute_context_cache(
         batch.get("context"),
         batch["encoder_hidden_states"],

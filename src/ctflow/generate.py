@@ -42,10 +42,9 @@ class GenerationSettings:
             raise CTFlowError(f"--max-slices must be between 1 and {MAX_SLICES}, got {self.max_slices}")
         if self.steps < 1 or self.steps > 1000:
             raise CTFlowError(f"--steps must be between 1 and 1000, got {self.steps}")
-        if not 0 <= self.guidance <= 100:
-            raise CTFlowError(f"--guidance must be between 0 and 100, got {self.guidance}")
-        if self.finding_guidance is not None and not 0 <= self.finding_guidance <= 100:
-            raise CTFlowError(f"--finding-guidance must be between 0 and 100, got {self.finding_guidance}")
+        for option, scale in (("--guidance", self.guidance), ("--finding-guidance", self.finding_guidance)):
+            if scale is not None and not 0 <= scale <= 100:
+                raise CTFlowError(f"{option} must be between 0 and 100, got {scale}")
 
 
 def output_paths(out: Path) -> dict[str, Path]:

@@ -208,10 +208,9 @@ class CTFlowPipeline:
             raise CTFlowError(f"max_slices must be between 1 and {MAX_SLICES}, got {max_slices}")
         if num_inference_steps < 1:
             raise CTFlowError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        if guidance_scale < 0 or not math.isfinite(guidance_scale):
-            raise CTFlowError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
-        if finding_guidance is not None and (finding_guidance < 0 or not math.isfinite(finding_guidance)):
-            raise CTFlowError(f"finding_guidance must be a finite number >= 0, got {finding_guidance}")
+        for name, scale in (("guidance_scale", guidance_scale), ("finding_guidance", finding_guidance)):
+            if scale is not None and (scale < 0 or not math.isfinite(scale)):
+                raise CTFlowError(f"{name} must be a finite number >= 0, got {scale}")
 
     def encode_prompt(self, reports: list[str]) -> TextEmbedding:
         return self.text(reports)
