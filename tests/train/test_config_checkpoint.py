@@ -30,6 +30,8 @@ def test_shipped_configs_load(tmp_path):
     flags_off = {**shipped.transformer}
     del flags_off["num_findings"]
     assert dataclasses.replace(shipped, transformer=flags_off, finding_dropout=0.0) == findingweight
+    maps = load_config(root / "tiny-phantom-findingmaps.yaml", FlowTrainConfig)  # the shipped one plus maps
+    assert maps == dataclasses.replace(shipped, transformer={**shipped.transformer, "finding_maps": True})
     previous = load_config(root / "tiny-phantom-shortreports.yaml", FlowTrainConfig)
     assert previous != base and dataclasses.replace(findingweight, finding_weight=0.0) == previous
     for name, changes in (
