@@ -32,6 +32,10 @@ def test_shipped_configs_load(tmp_path):
     assert dataclasses.replace(shipped, transformer=flags_off, finding_dropout=0.0) == findingweight
     maps = load_config(root / "tiny-phantom-findingmaps.yaml", FlowTrainConfig)  # the shipped one plus maps
     assert maps == dataclasses.replace(shipped, transformer={**shipped.transformer, "finding_maps": True})
+    twins_ft = load_config(root / "tiny-phantom-findingmapstwins-finetune.yaml", FlowTrainConfig)
+    assert twins_ft == dataclasses.replace(maps, steps=10000, finding_boost=0.3, finding_weight=10.0)
+    w5 = load_config(root / "tiny-phantom-findingmapstwins-finetune-w5.yaml", FlowTrainConfig)
+    assert w5 == dataclasses.replace(twins_ft, finding_weight=shipped.finding_weight)  # only the weight
     previous = load_config(root / "tiny-phantom-shortreports.yaml", FlowTrainConfig)
     assert previous != base and dataclasses.replace(findingweight, finding_weight=0.0) == previous
     for name, changes in (
