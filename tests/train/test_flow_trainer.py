@@ -10,7 +10,15 @@ from safetensors.torch import load_file
 
 from ctflow.errors import CTFlowError
 from ctflow.train.config import FlowTrainConfig, OptimConfig
-from ctflow.train.flow_trainer import ChunkSampler, chunk_at, onset_chunks, train_flow
+from ctflow.train.flow_trainer import (
+    ChunkSampler,
+    Draw,
+    chunk_at,
+    finding_onsets,
+    onset_chunks,
+    same_depth,
+    train_flow,
+)
 from ctflow.train.latents import LatentCache
 from tests.train.fake_cache import TINY_TRANSFORMER, make_fake_cache
 
@@ -79,9 +87,10 @@ def test_finding_boost_sets_the_share_of_onset_chunks_and_keeps_the_first_chunks
     for boost in (0.0, 0.3):
         sampler = ChunkSampler(cache, 4, _config(start_boost=0.4, finding_boost=boost))
         draws = [sampler.draw(g) for _ in range(3000)]
+        assert all(d.region is None for d in draws)  # no controls unless finding_controls asks
         shares[boost] = (
-            sum(i == 0 for _, i in draws) / len(draws),
-            sum(d in onsets for d in draws) / len(draws),
+            sum(d.chunk == 0 for d in draws) / len(draws),
+            sum(d[:2] in onsets for d in draws) / len(draws),
         )
     assert abs(shares[0.0][0] - 0.4) < 0.03 and abs(shares[0.3][0] - 0.4) < 0.03
     base = shares[0.0][1]  # onsets drawn by chance among the later chunks
@@ -95,13 +104,13 @@ def test_finding_weight_weights_the_pixels_a_finding_covers_in_each_chunk(tmp_pa
     sampler = ChunkSampler(cache, 4, _config(finding_weight=3.0))
     mask = cache.tensor(2, "finding_mask")[None]
     for i in range(4):  # chunk 2 ends past the volume's last slice, chunk 3 is all EOS: weight 1 there
-        sampler.draw = lambda g, i=i: (2, i)
+        sampler.draw = lambda g, i=i: Draw(2, i)
         b = sampler.batch(2, torch.Generator().manual_seed(0))
         expected = 1 + 3.0 * chunk_at(mask, torch.zeros_like(mask[:, 0]), 4, i)
         assert b["weight"].shape == (2, 1, 4, 8, 8)
         assert torch.equal(b["weight"][0], expected) and torch.equal(b["weight"][1], expected)
     assert b["weight"].eq(1).all() and sampler.batch(2, torch.Generator())["weight"][0, 0, 1:3].eq(1).all()
-    sampler.draw = lambda g: (2, 1)  # slices 4-7: the finding's top-left quarter counts 4x
+    sampler.draw = lambda g: Draw(2, 1)  # slices 4-7: the finding's top-left quarter counts 4x
     w = sampler.batch(1, torch.Generator())["weight"][0, 0]
     assert w[:, :4, :4].eq(4).all() and w.sum() == 4 * 8 * 8 + 3 * 4 * 16
     # off by default: no weights, and the same batch as before the option existed
@@ -111,6 +120,75 @@ def test_finding_weight_weights_the_pixels_a_finding_covers_in_each_chunk(tmp_pa
         ChunkSampler(LatentCache(make_fake_cache(tmp_path / "d")), 4, _config(finding_weight=1.0))
     with pytest.raises(CTFlowError, match="finding_weight must be 0 or more"):
         _config(finding_weight=-1.0)
+
+
+def test_same_depth_maps_a_chunk_to_the_same_share_of_another_stack():
+    assert same_depth(5, 4, 40, 120) == 16  # middle slice 22 of 40 (55%): slice 66 of 120
+    assert same_depth(5, 4, 40, 40) == 5
+    assert same_depth(0, 4, 40, 120) == 1  # never the first chunk: StartBoost draws those
+    assert same_depth(9, 4, 37, 20) == 4  # a last partial chunk's middle lies past the end: the last chunk
+
+
+# volumes of 5, 8, ..., 26 slices; volume 4 has no ground truth, so it is nobody's control
+CONTROL_FINDINGS = {
+    0: [],
+    1: [{"type": "nodule", "first": 1, "last": 2}],
+    2: [],
+    3: [],
+    5: [{"type": "effusion", "first": 12, "last": 19}],
+    6: [{"type": "effusion", "first": 9, "last": 17}],
+    7: [{"type": "nodule", "first": 13, "last": 14}],
+}
+
+
+def test_finding_controls_draw_the_same_depth_of_volumes_without_the_findings_that_begin_there(tmp_path):
+    cache = LatentCache(make_fake_cache(tmp_path / "c", n=8, finding_slices=CONTROL_FINDINGS))
+    onsets = finding_onsets(cache, 4)
+    assert onsets == {
+        (5, 3): {"effusion"},
+        (5, 4): {"effusion"},
+        (6, 2): {"effusion"},
+        (6, 3): {"effusion"},
+        (7, 3): {"nodule"},
+    }
+    sampler = ChunkSampler(cache, 4, _config(start_boost=0.4, finding_boost=0.3, finding_controls=0.5))
+    g = torch.Generator().manual_seed(0)
+    draws = [sampler.draw(g) for _ in range(4000)]
+    controls = [d for d in draws if d.region is not None]
+    assert abs(len(controls) / len(draws) - 0.15) < 0.03  # half of the 0.3 boosted draws
+    assert abs(sum(d.chunk == 0 for d in draws) / len(draws) - 0.4) < 0.03  # StartBoost untouched
+    for d in controls:
+        v, i = d.region
+        assert not onsets[d.region] & {f["type"] for f in CONTROL_FINDINGS[d.volume]}
+        assert d.chunk == same_depth(i, 4, cache.num_slices(v), cache.num_slices(d.volume))
+    by_finding = {t: {d.volume for d in controls if onsets[d.region] == {t}} for t in ("effusion", "nodule")}
+    assert by_finding == {"effusion": {0, 1, 2, 3, 7}, "nodule": {0, 2, 3, 5, 6}}
+    # the onsets themselves: the other half of the boost, plus later chunks that hit them by chance
+    assert 0.14 < sum(d.region is None and d[:2] in onsets for d in draws) / len(draws) < 0.22
+
+
+def test_a_finding_control_weights_its_onsets_finding_region(tmp_path):
+    cache = LatentCache(
+        make_fake_cache(tmp_path / "c", n=8, finding_slices=CONTROL_FINDINGS, finding_masks=True)
+    )
+    config = _config(finding_boost=0.3, finding_controls=0.5, finding_weight=3.0)
+    sampler = ChunkSampler(cache, 4, config)
+    sampler.draw = lambda g: Draw(0, 1, (6, 2))  # volume 6's effusion covers slices 9-11 of chunk 2
+    w = sampler.batch(1, torch.Generator())["weight"][0, 0]  # [k,h,w]
+    assert w[0].eq(1).all() and w[1:, :4, :4].eq(4).all() and w.sum() == 4 * 64 + 3 * 3 * 16
+    sampler.draw = lambda g: Draw(1, 0, (6, 2))  # its own nodule (slices 1-2) and the region (1-3)
+    w = sampler.batch(1, torch.Generator())["weight"][0, 0]
+    assert w[0].eq(1).all() and w[1:, :4, :4].eq(4).all()
+    sampler.draw = lambda g: Draw(1, 0)  # not a control: its own finding alone
+    w = sampler.batch(1, torch.Generator())["weight"][0, 0]
+    assert w[1:3, :4, :4].eq(4).all() and w[3].eq(1).all()
+
+
+def test_finding_controls_need_a_finding_boost_and_a_share_between_0_and_1():
+    with pytest.raises(CTFlowError, match="finding_controls replaces some finding_boost samples"):
+        _config(finding_controls=0.5)
+    with pytest.raises(CTFlowError, match="finding_controls must be between 0 and 1"):
+        _config(finding_boost=0.2, finding_controls=1.5)
 
 
 def test_chunk_loss_applies_the_batch_weights(tmp_path):

@@ -49,6 +49,10 @@ class FlowTrainConfig:
     # after), drawn from the volumes whose latent-cache rows carry finding_slices (phantom data sets).
     # It replaces later-chunk draws, so first chunks stay start_boost of all samples
     finding_boost: float = 0.0
+    # FindingBoost controls: the share of those samples that are instead the chunk at the same depth of
+    # a volume without the findings that begin there (and, with finding_weight, weighted over the same
+    # region), so the boost shows where a finding is absent as often as where it begins
+    finding_controls: float = 0.0
     # FindingWeight: each latent pixel's loss counts 1 + finding_weight x the share of it a finding covers
     # (the cache's finding masks: `ctflow encode --finding-masks`, phantom data sets), so the few pixels
     # that show a finding are not outweighed by the anatomy around them
@@ -77,7 +81,7 @@ class FlowTrainConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        for name in ("start_boost", "finding_boost", "short_reports", "finding_dropout"):
+        for name in ("start_boost", "finding_boost", "finding_controls", "short_reports", "finding_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
         if not (math.isfinite(self.finding_weight) and self.finding_weight >= 0):
@@ -87,6 +91,11 @@ class FlowTrainConfig:
         if self.loss_space not in LOSS_SPACES:
             raise CTFlowError(
                 f"config key loss_space must be {' or '.join(map(repr, LOSS_SPACES))}, got {self.loss_space!r}"
+            )
+        if self.finding_controls > 0 and self.finding_boost <= 0:
+            raise CTFlowError(
+                "config key finding_controls replaces some finding_boost samples, which is 0;"
+                " set finding_boost above 0 or finding_controls: 0"
             )
         if self.start_boost + self.finding_boost > 1.0:
             raise CTFlowError(

@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -47,16 +48,42 @@ def chunk_at(latents: torch.Tensor, eos: torch.Tensor, k: int, i: int) -> torch.
     return torch.cat([part, eos[:, None].expand(c, k - part.shape[1], h, w)], dim=1)
 
 
-def onset_chunks(cache: LatentCache, k: int) -> list[tuple[int, int]]:
-    """(volume, chunk index) pairs where a localized finding begins, and the chunk after (a finding
+def finding_onsets(cache: LatentCache, k: int) -> dict[tuple[int, int], frozenset[str]]:
+    """(volume, chunk index) -> the finding types that begin there (or in the chunk before: a finding
     such as an effusion starts as a sliver), from the cache's ``finding_slices``. First chunks are left
-    out: StartBoost already draws them. A finding that starts several times in one chunk counts once."""
-    out = set()
+    out: StartBoost already draws them."""
+    out: dict[tuple[int, int], set[str]] = {}
     for v in range(len(cache)):
         for f in cache.rows[v][1].get("finding_slices") or []:
             first, last = int(f["first"]) // k, int(f["last"]) // k
-            out.update((v, i) for i in (first, first + 1) if 0 < i <= last)
-    return sorted(out)
+            for i in (first, first + 1):
+                if 0 < i <= last:
+                    out.setdefault((v, i), set()).add(str(f["type"]))
+    return {key: frozenset(types) for key, types in sorted(out.items())}
+
+
+def onset_chunks(cache: LatentCache, k: int) -> list[tuple[int, int]]:
+    """(volume, chunk index) pairs where a localized finding begins, and the chunk after, sorted
+    (:func:`finding_onsets`). A finding that starts several times in one chunk counts once."""
+    return list(finding_onsets(cache, k))
+
+
+def same_depth(i: int, k: int, slices_from: int, slices_to: int) -> int:
+    """The chunk of a ``slices_to``-slice volume at the depth (share of the stack) of the middle of
+    chunk ``i`` of a ``slices_from``-slice volume, kept off the first chunk and the EOS chunk. Phantom
+    stacks all run from the lung apices to the upper abdomen, so equal depth means the same anatomy."""
+    depth = (i * k + k / 2) / slices_from
+    return min(max(int(depth * slices_to) // k, 1), math.ceil(slices_to / k) - 1)
+
+
+class Draw(NamedTuple):
+    """One training sample: chunk ``chunk`` of volume ``volume``. A FindingBoost control also names
+    the onset chunk it stands in for (``region``): with ``finding_weight``, that chunk's finding mask
+    weights this one, so leaving the region empty counts as much as filling it."""
+
+    volume: int
+    chunk: int
+    region: tuple[int, int] | None = None
 
 
 def _uniform(g: torch.Generator) -> float:
@@ -72,9 +99,9 @@ def report_flags(row: dict) -> list[list[float]]:
 
 
 class ChunkSampler:
-    """Draws training chunks (with StartBoost, FindingBoost, FindingWeight, short reports, meta-line
-    and finding-flag dropout) from a latent cache. With ``num_findings`` each row also gets the finding
-    flags of the report text it reads."""
+    """Draws training chunks (with StartBoost, FindingBoost and its controls, FindingWeight, short
+    reports, meta-line and finding-flag dropout) from a latent cache. With ``num_findings`` each row
+    also gets the finding flags of the report text it reads."""
 
     def __init__(self, cache: LatentCache, chunk_slices: int, config: FlowTrainConfig, num_findings: int = 0):
         from ctflow.data.reports import FINDING_NAMES
@@ -93,7 +120,21 @@ class ChunkSampler:
             )
         # chunks per volume (its slices, EOS-padded, plus the EOS chunk): known from the index alone
         self.num_chunks = [num_chunks(cache.num_slices(i), chunk_slices) for i in range(len(cache))]
-        self.onsets = onset_chunks(cache, chunk_slices) if config.finding_boost > 0 else []
+        onsets = finding_onsets(cache, chunk_slices) if config.finding_boost > 0 else {}
+        self.onsets = list(onsets)
+        # FindingBoost controls: per onset, the volumes whose ground truth has none of the findings that
+        # begin there and that have a chunk past the first (an onset without any is drawn itself)
+        self.controls: list[list[int]] = []
+        if config.finding_controls > 0:
+            rows = [row for _, row in cache.rows]
+            usable = [
+                v
+                for v, row in enumerate(rows)
+                if row.get("finding_slices") is not None and self.num_chunks[v] > 2
+            ]
+            found = [{str(f["type"]) for f in row.get("finding_slices") or []} for row in rows]
+            by_types = {t: [v for v in usable if not t & found[v]] for t in set(onsets.values())}
+            self.controls = [by_types[t] for t in onsets.values()]
         if config.finding_boost > 0 and not self.onsets:
             raise CTFlowError(
                 "finding_boost needs finding_slices in the latent cache (phantom data sets, encoded by this"
@@ -111,23 +152,40 @@ class ChunkSampler:
                 " `ctflow encode --report-variants 4 --overwrite`, or set short_reports: 0"
             )
 
-    def draw(self, g: torch.Generator) -> tuple[int, int]:
-        """(volume, chunk index) of one training sample."""
+    def draw(self, g: torch.Generator) -> Draw:
+        """One training sample (:class:`Draw`)."""
         v = int(torch.randint(len(self.cache), (), generator=g))
         n = self.num_chunks[v]
         start, finding = self.cfg.start_boost, self.cfg.finding_boost
         if start > 0 and _uniform(g) < start:
-            return v, 0
+            return Draw(v, 0)
         later_share = finding / (1.0 - start) if finding > 0 else 0.0  # finding_boost of all samples
         if later_share and _uniform(g) < later_share:
-            return self.onsets[int(torch.randint(len(self.onsets), (), generator=g))]
+            o = int(torch.randint(len(self.onsets), (), generator=g))
+            onset = Draw(*self.onsets[o])
+            if self.controls and _uniform(g) < self.cfg.finding_controls and self.controls[o]:
+                return self.control(onset, self.controls[o], g)
+            return onset
         # StartBoost off: every chunk equally likely, the first included
-        return v, int(torch.randint(0 if start <= 0 else 1, n, (), generator=g))
+        return Draw(v, int(torch.randint(0 if start <= 0 else 1, n, (), generator=g)))
+
+    def control(self, onset: Draw, candidates: list[int], g: torch.Generator) -> Draw:
+        """A FindingBoost control for ``onset``: the chunk at the same depth of a random volume
+        without the findings that begin there (:func:`same_depth`)."""
+        w = candidates[int(torch.randint(len(candidates), (), generator=g))]
+        v, i = onset.volume, onset.chunk
+        j = same_depth(i, self.k, self.cache.num_slices(v), self.cache.num_slices(w))
+        return Draw(w, j, (v, i))
+
+    def finding_share(self, v: int, i: int) -> torch.Tensor:
+        """[1,k,h,w]: the share of each latent pixel of chunk ``i`` of volume ``v`` a finding covers."""
+        mask = self.cache.tensor(v, "finding_mask")[None]  # [1,S,h,w]
+        return chunk_at(mask, torch.zeros_like(mask[:, 0]), self.k, i)
 
     def batch(self, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         x0, ctx, idx, toks, pooled, first, counts, weights, flags = [], [], [], [], [], [], [], [], []
         for _ in range(batch_size):
-            v, i = self.draw(g)
+            v, i, region = self.draw(g)
             n = self.num_chunks[v]
             latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
             if num_chunks(latents.shape[1], self.k) != n:
@@ -140,9 +198,10 @@ class ChunkSampler:
                 chunk_at(latents, self.cache.eos, self.k, i - 1) if i > 0 else torch.zeros_like(x0[-1])
             )
             if self.cfg.finding_weight > 0:  # 1 + finding_weight x the finding's share of each latent pixel
-                mask = self.cache.tensor(v, "finding_mask")[None]  # [1,S,h,w]
-                no_finding = torch.zeros_like(mask[:, 0])
-                weights.append(1 + self.cfg.finding_weight * chunk_at(mask, no_finding, self.k, i))
+                share = self.finding_share(v, i)
+                if region is not None:  # a control: its onset's finding region counts too
+                    share = torch.maximum(share, self.finding_share(*region))
+                weights.append(1 + self.cfg.finding_weight * share)
             first.append(i == 0)
             idx.append(i)
             dropped = _uniform(g) < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
