@@ -36,6 +36,12 @@ def test_shipped_configs_load(tmp_path):
     assert twins_ft == dataclasses.replace(maps, steps=10000, finding_boost=0.3, finding_weight=10.0)
     w5 = load_config(root / "tiny-phantom-findingmapstwins-finetune-w5.yaml", FlowTrainConfig)
     assert w5 == dataclasses.replace(twins_ft, finding_weight=shipped.finding_weight)  # only the weight
+    controls = load_config(root / "tiny-phantom-findingmapstwins-finetune-controls.yaml", FlowTrainConfig)
+    assert controls == dataclasses.replace(twins_ft, finding_controls=0.5)  # half the boost: controls
+    b45 = load_config(root / "tiny-phantom-findingmapstwins-finetune-controls-b45.yaml", FlowTrainConfig)
+    assert b45 == dataclasses.replace(controls, finding_boost=0.45, finding_controls=0.3333)
+    onsets = [c.finding_boost * (1 - c.finding_controls) for c in (twins_ft, b45)]  # the same onset share
+    assert onsets[0] == pytest.approx(onsets[1], abs=1e-4)
     previous = load_config(root / "tiny-phantom-shortreports.yaml", FlowTrainConfig)
     assert previous != base and dataclasses.replace(findingweight, finding_weight=0.0) == previous
     for name, changes in (
