@@ -74,6 +74,29 @@ def test_phantoms_side_twins_follow_the_volumes(tmp_path, run_cli):
     assert len(CTRateDataset.open(tmp_path / "plain")) == 2
 
 
+def test_phantoms_clear_twins_follow_the_side_twins(tmp_path, run_cli):
+    from ctflow.data.ctrate import CTRateDataset, sidecar_path
+    from ctflow.data.phantom import PhantomSpec, clear_twin, side_twin
+    from ctflow.data.reports import finding_vector
+
+    # seed 27 has a right effusion (a side twin and a clear twin), seed 28 a bilateral one (a clear twin)
+    args = ("phantoms", "--n", 2, "--seed", 27, "--size", 32, "--min-slices", 60, "--max-slices", 64)
+    r = run_cli(*args, "--out", tmp_path / "ph", "--side-twins", "--clear-twins")
+    assert r.code == 0, r.err
+    assert "wrote 5 phantoms" in r.err and "3 of them side and clear twins" in r.err  # the console: stderr
+    ds = CTRateDataset.open(tmp_path / "ph")
+    specs = [
+        PhantomSpec(**json.loads(sidecar_path(ds.load(i).record.path).read_text())["spec"]) for i in range(5)
+    ]
+    assert specs[2:] == [side_twin(specs[0]), clear_twin(specs[0]), clear_twin(specs[1])]
+    reports = [ds.load(i).report for i in range(5)]
+    assert "Right pleural effusion." in reports[0] and "Bilateral pleural effusion" in reports[1]
+    assert [finding_vector(t)[:2] for t in reports] == [[0, 1], [1, 1], [1, 0], [0, 0], [0, 0]]  # left, right
+    assert [ds.load(i).labels["Pleural effusion"] for i in range(5)] == [1, 1, 1, 0, 0]
+    r = run_cli(*args, "--out", tmp_path / "clear", "--clear-twins")  # without side twins
+    assert r.code == 0 and len(CTRateDataset.open(tmp_path / "clear")) == 4
+
+
 # ---------------------------------------------------------------- bad inputs
 def test_missing_file(tmp_path, run_cli):
     assert_clean_error(run_cli("preview", tmp_path / "nope.nii.gz", "--out", tmp_path / "p.png"), "not")

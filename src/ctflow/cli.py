@@ -72,11 +72,19 @@ def phantoms(
             " the same phantom and report wording with the fluid on the other side.",
         ),
     ] = False,
+    clear_twins: Annotated[
+        bool,
+        typer.Option(
+            "--clear-twins",
+            help="Also write, after those, a twin of each of the N volumes with a pleural effusion: the"
+            " same phantom and report without the fluid.",
+        ),
+    ] = False,
     overwrite: Overwrite = False,
 ):
     """Write a procedural chest-CT phantom data set with reports and ground truth."""
     from ctflow.data.ctrate import CTRateWriter
-    from ctflow.data.phantom import make_phantom, sample_spec, side_twin
+    from ctflow.data.phantom import clear_twin, make_phantom, sample_spec, side_twin
     from ctflow.data.reports import phantom_report
     from ctflow.files import atomic_dir
 
@@ -91,8 +99,10 @@ def phantoms(
     if not split.isalpha() or not split.islower():
         raise CTFlowError(f"--split must be lower-case letters like 'train' or 'valid', got {split!r}")
     specs = [sample_spec(seed + i, size=size, slice_range=(min_slices, max_slices)) for i in range(n)]
-    if side_twins:  # a twin keeps its original's seed, so the report is worded the same
-        specs += [t for t in map(side_twin, specs) if t is not None]
+    originals = list(specs)  # a twin keeps its original's seed, so the report is worded the same
+    for wanted, twin in ((side_twins, side_twin), (clear_twins, clear_twin)):
+        if wanted:
+            specs += [t for t in map(twin, originals) if t is not None]
     with atomic_dir(out, overwrite) as tmp, _progress() as bar:
         writer = CTRateWriter(tmp, split)
         task = bar.add_task("phantoms", total=len(specs))
@@ -101,7 +111,8 @@ def phantoms(
             writer.add(i, volume, phantom_report(truth, seed=spec.seed), truth["labels"], extra=truth)
             bar.advance(task)
         writer.close()
-    twins = f" ({len(specs) - n} of them side twins)" if side_twins else ""
+    kinds = " and ".join(k for k, on in (("side", side_twins), ("clear", clear_twins)) if on)
+    twins = f" ({len(specs) - n} of them {kinds} twins)" if kinds else ""
     console.print(f"wrote {len(specs)} phantoms to {out}{twins}")
 
 

@@ -17,6 +17,7 @@ from ctflow.data.phantom import (
     LABEL_IDS,
     LOBES,
     PhantomSpec,
+    clear_twin,
     finding_extents,
     finding_mask,
     make_phantom,
@@ -232,6 +233,35 @@ def test_side_twin_moves_the_effusion_to_the_other_side_and_keeps_the_rest():
 )
 def test_side_twin_is_none_without_a_one_sided_effusion(findings):
     assert side_twin(_spec(findings=findings)) is None
+
+
+@pytest.mark.parametrize("side", ["left", "bilateral"])
+def test_clear_twin_removes_the_effusion_and_keeps_the_body_and_the_wording(side):
+    spec = _spec(findings=[{"type": "cardiomegaly"}, {"type": "effusion", "side": side, "depth_mm": 55}])
+    twin = clear_twin(spec)
+    assert twin.findings == [{"type": "cardiomegaly"}] and len(spec.findings) == 2
+    assert replace(twin, findings=spec.findings) == spec and clear_twin(twin) is None
+    a, b = render_phantom(spec), render_phantom(twin)
+    ids = [LABEL_IDS[t] for t in FINDING_TISSUES["effusion"]]
+    assert np.isin(a.labels, ids).any() and not np.isin(b.labels, ids).any()
+    # the same body: outside the fluid and the lung it compressed not one label differs
+    moved = np.isin(a.labels, ids)
+    assert (a.labels == b.labels)[~moved].all()
+    assert (
+        b.ground_truth["labels"]["Pleural effusion"] == 0
+        and a.ground_truth["labels"]["Pleural effusion"] == 1
+    )
+    ra, rb = (phantom_report(r.ground_truth) for r in (a, b))
+    assert (
+        "effusion was detected" not in ra["Findings_EN"] and "pleural effusion" in ra["Findings_EN"].lower()
+    )
+    sa, sb = (r["Findings_EN"].split(". ") for r in (ra, rb))
+    assert len(sa) == len(sb) and sum(x != y for x, y in zip(sa, sb, strict=True)) == 1  # the effusion's
+    assert rb["Findings_EN"].count("effusion") == 2  # "No pericardial effusion", "No pleural effusion"
+
+
+def test_clear_twin_is_none_without_an_effusion():
+    assert clear_twin(_spec(findings=[{"type": "cardiomegaly"}])) is None and clear_twin(_spec()) is None
 
 
 def test_bilateral_effusion_labels_both_sides():

@@ -235,6 +235,19 @@ def side_twin(spec: PhantomSpec) -> PhantomSpec | None:
     return replace(spec, findings=findings)
 
 
+def clear_twin(spec: PhantomSpec) -> PhantomSpec | None:
+    """The same phantom without its pleural effusion (one-sided or bilateral), or None when it has none.
+
+    The body, its noise and its report's wording stay (each report sentence draws one wording, so only
+    the effusion sentences change), so a pair differs where the fluid and the lung it compressed lie:
+    a data set holding both shows a model when to leave the fluid out (``ctflow phantoms
+    --clear-twins``). Findings listed after the effusion draw from the next random stream, so a nodule
+    or a consolidation may lie elsewhere in the twin."""
+    if not any(f["type"] == "effusion" for f in spec.findings):
+        return None
+    return replace(spec, findings=[dict(f) for f in spec.findings if f["type"] != "effusion"])
+
+
 # ----------------------------------------------------------------------------- small helpers
 
 
