@@ -42,6 +42,8 @@ def test_shipped_configs_load(tmp_path):
     assert b45 == dataclasses.replace(controls, finding_boost=0.45, finding_controls=0.3333)
     onsets = [c.finding_boost * (1 - c.finding_controls) for c in (twins_ft, b45)]  # the same onset share
     assert onsets[0] == pytest.approx(onsets[1], abs=1e-4)
+    clear_continue = load_config(root / "tiny-phantom-findingmapsclear-continue.yaml", FlowTrainConfig)
+    assert clear_continue == dataclasses.replace(maps, steps=10000)  # the maps recipe, 2000 steps on
     previous = load_config(root / "tiny-phantom-shortreports.yaml", FlowTrainConfig)
     assert previous != base and dataclasses.replace(findingweight, finding_weight=0.0) == previous
     for name, changes in (
