@@ -15,7 +15,6 @@ from ctflow.train.flow_trainer import (
     Draw,
     chunk_at,
     finding_onsets,
-    onset_chunks,
     same_depth,
     train_flow,
 )
@@ -72,7 +71,7 @@ def test_onset_chunks_are_where_a_finding_begins_and_the_chunk_after(tmp_path):
     cache = LatentCache(make_fake_cache(tmp_path / "c", finding_slices=findings))
     # chunks of 4 slices: the effusion starts in chunk 2, the nodule inside it too (counted once); the
     # heart starts in the first chunk, which StartBoost covers, so only its next chunk is listed
-    assert onset_chunks(cache, 4) == [(3, 1), (4, 1), (4, 3), (5, 2), (5, 3)]
+    assert list(finding_onsets(cache, 4)) == [(3, 1), (4, 1), (4, 3), (5, 2), (5, 3)]
 
 
 def test_finding_boost_sets_the_share_of_onset_chunks_and_keeps_the_first_chunks_share(tmp_path):
@@ -81,7 +80,7 @@ def test_finding_boost_sets_the_share_of_onset_chunks_and_keeps_the_first_chunks
         5: [{"type": "nodule", "first": 13, "last": 14}],
     }
     cache = LatentCache(make_fake_cache(tmp_path / "c", finding_slices=findings))
-    onsets = set(onset_chunks(cache, 4))
+    onsets = set(finding_onsets(cache, 4))
     g = torch.Generator().manual_seed(0)
     shares = {}
     for boost in (0.0, 0.3):

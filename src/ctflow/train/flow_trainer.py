@@ -50,8 +50,8 @@ def chunk_at(latents: torch.Tensor, eos: torch.Tensor, k: int, i: int) -> torch.
 
 def finding_onsets(cache: LatentCache, k: int) -> dict[tuple[int, int], frozenset[str]]:
     """(volume, chunk index) -> the finding types that begin there (or in the chunk before: a finding
-    such as an effusion starts as a sliver), from the cache's ``finding_slices``. First chunks are left
-    out: StartBoost already draws them."""
+    such as an effusion starts as a sliver), from the cache's ``finding_slices``, sorted. First chunks
+    are left out: StartBoost already draws them. A chunk where several findings start is listed once."""
     out: dict[tuple[int, int], set[str]] = {}
     for v in range(len(cache)):
         for f in cache.rows[v][1].get("finding_slices") or []:
@@ -60,12 +60,6 @@ def finding_onsets(cache: LatentCache, k: int) -> dict[tuple[int, int], frozense
                 if 0 < i <= last:
                     out.setdefault((v, i), set()).add(str(f["type"]))
     return {key: frozenset(types) for key, types in sorted(out.items())}
-
-
-def onset_chunks(cache: LatentCache, k: int) -> list[tuple[int, int]]:
-    """(volume, chunk index) pairs where a localized finding begins, and the chunk after, sorted
-    (:func:`finding_onsets`). A finding that starts several times in one chunk counts once."""
-    return list(finding_onsets(cache, k))
 
 
 def same_depth(i: int, k: int, slices_from: int, slices_to: int) -> int:
