@@ -44,6 +44,8 @@ def test_shipped_configs_load(tmp_path):
     assert onsets[0] == pytest.approx(onsets[1], abs=1e-4)
     clear_continue = load_config(root / "tiny-phantom-findingmapsclear-continue.yaml", FlowTrainConfig)
     assert clear_continue == dataclasses.replace(maps, steps=10000)  # the maps recipe, 2000 steps on
+    late = load_config(root / "tiny-phantom-findingmapsclear-lateboost.yaml", FlowTrainConfig)
+    assert late == dataclasses.replace(b45, steps=maps.steps)  # b45 as the recipe's last 2000 steps
     previous = load_config(root / "tiny-phantom-shortreports.yaml", FlowTrainConfig)
     assert previous != base and dataclasses.replace(findingweight, finding_weight=0.0) == previous
     for name, changes in (
