@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ctflow.errors import CTFlowError
-from ctflow.train.config import FlowTrainConfig, OptimConfig
+from ctflow.train.config import FlowTrainConfig, LateConfig, OptimConfig
 from ctflow.train.flow_trainer import (
     ChunkSampler,
     Draw,
@@ -103,13 +103,13 @@ def test_finding_weight_weights_the_pixels_a_finding_covers_in_each_chunk(tmp_pa
     sampler = ChunkSampler(cache, 4, _config(finding_weight=3.0))
     mask = cache.tensor(2, "finding_mask")[None]
     for i in range(4):  # chunk 2 ends past the volume's last slice, chunk 3 is all EOS: weight 1 there
-        sampler.draw = lambda g, i=i: Draw(2, i)
+        sampler.draw = lambda *_, i=i: Draw(2, i)
         b = sampler.batch(2, torch.Generator().manual_seed(0))
         expected = 1 + 3.0 * chunk_at(mask, torch.zeros_like(mask[:, 0]), 4, i)
         assert b["weight"].shape == (2, 1, 4, 8, 8)
         assert torch.equal(b["weight"][0], expected) and torch.equal(b["weight"][1], expected)
     assert b["weight"].eq(1).all() and sampler.batch(2, torch.Generator())["weight"][0, 0, 1:3].eq(1).all()
-    sampler.draw = lambda g: Draw(2, 1)  # slices 4-7: the finding's top-left quarter counts 4x
+    sampler.draw = lambda *_: Draw(2, 1)  # slices 4-7: the finding's top-left quarter counts 4x
     w = sampler.batch(1, torch.Generator())["weight"][0, 0]
     assert w[:, :4, :4].eq(4).all() and w.sum() == 4 * 8 * 8 + 3 * 4 * 16
     # off by default: no weights, and the same batch as before the option existed
@@ -172,13 +172,13 @@ def test_a_finding_control_weights_its_onsets_finding_region(tmp_path):
     )
     config = _config(finding_boost=0.3, finding_controls=0.5, finding_weight=3.0)
     sampler = ChunkSampler(cache, 4, config)
-    sampler.draw = lambda g: Draw(0, 1, (6, 2))  # volume 6's effusion covers slices 9-11 of chunk 2
+    sampler.draw = lambda *_: Draw(0, 1, (6, 2))  # volume 6's effusion covers slices 9-11 of chunk 2
     w = sampler.batch(1, torch.Generator())["weight"][0, 0]  # [k,h,w]
     assert w[0].eq(1).all() and w[1:, :4, :4].eq(4).all() and w.sum() == 4 * 64 + 3 * 3 * 16
-    sampler.draw = lambda g: Draw(1, 0, (6, 2))  # its own nodule (slices 1-2) and the region (1-3)
+    sampler.draw = lambda *_: Draw(1, 0, (6, 2))  # its own nodule (slices 1-2) and the region (1-3)
     w = sampler.batch(1, torch.Generator())["weight"][0, 0]
     assert w[0].eq(1).all() and w[1:, :4, :4].eq(4).all()
-    sampler.draw = lambda g: Draw(1, 0)  # not a control: its own finding alone
+    sampler.draw = lambda *_: Draw(1, 0)  # not a control: its own finding alone
     w = sampler.batch(1, torch.Generator())["weight"][0, 0]
     assert w[1:3, :4, :4].eq(4).all() and w[3].eq(1).all()
 
@@ -441,3 +441,56 @@ def test_training_a_findings_model_learns_and_saves_it(tmp_path):
     torch.manual_seed(cfg.seed)  # the weights the run started from
     initial = build_transformer(cfg, LatentCache(cache_dir))
     assert not torch.allclose(model.finding_embedder[0].weight, initial.finding_embedder[0].weight)
+
+
+def test_a_late_stage_samples_with_its_keys_from_its_step_on(tmp_path):
+    cache = LatentCache(
+        make_fake_cache(tmp_path / "c", n=8, finding_slices=CONTROL_FINDINGS, finding_masks=True)
+    )
+    late = {"from_step": 10, "finding_boost": 0.3, "finding_controls": 0.5, "finding_weight": 4.0}
+    config = _config(late=LateConfig(**late))
+    assert config.at_step(9) is config and config.stages()[0] is config
+    stage = config.at_step(10)
+    assert stage == _config(finding_boost=0.3, finding_controls=0.5, finding_weight=4.0) == config.stages()[1]
+    sampler = ChunkSampler(cache, 4, config)  # the onsets and controls the late stage needs are ready
+    assert sampler.onsets and sampler.controls
+    g = torch.Generator().manual_seed(0)
+    early = [sampler.draw(g, config.at_step(0)) for _ in range(2000)]
+    later = [sampler.draw(g, stage) for _ in range(2000)]
+    assert not any(d.region for d in early) and 0.1 < sum(d.region is not None for d in later) / 2000 < 0.2
+    with pytest.raises(
+        CTFlowError, match="finding_weight needs finding masks"
+    ):  # checked for the late stage too
+        ChunkSampler(
+            LatentCache(make_fake_cache(tmp_path / "d", n=8, finding_slices=CONTROL_FINDINGS)), 4, config
+        )
+
+
+def test_a_late_stage_is_the_same_run_as_resuming_with_its_keys(tmp_path):
+    """A run whose late stage starts at step 10 ends with the weights of a run stopped at step 10 and
+    resumed with the late keys as its own: the fine-tune the late stage replaces."""
+    found = {
+        2: [{"type": "nodule", "first": 4, "last": 6}],
+        4: [{"type": "effusion", "first": 9, "last": 14}],
+    }
+    cache = make_fake_cache(tmp_path / "c", finding_slices=found, finding_masks=True)
+    keys = {"finding_boost": 0.3, "finding_controls": 0.5, "finding_weight": 4.0}
+    train_flow(cache, _config(late=LateConfig(from_step=10, **keys)), tmp_path / "late", progress=False)
+    train_flow(cache, _config(), tmp_path / "two", progress=False, stop_at=10)
+    train_flow(cache, _config(**keys), tmp_path / "two", progress=False, resume=True)
+    train_flow(cache, _config(), tmp_path / "plain", progress=False)
+    a, b, c = (
+        load_file(tmp_path / f"{r}/transformer/diffusion_pytorch_model.safetensors")
+        for r in ("late", "two", "plain")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the late stage changed the run
+
+
+def test_late_stage_errors_name_the_stage_and_the_fix():
+    with pytest.raises(CTFlowError, match=r"late.from_step must be between 1 and steps - 1 \(19\)"):
+        _config(late=LateConfig(from_step=20, finding_boost=0.2))
+    with pytest.raises(CTFlowError, match="late stage .from step 5.: config key finding_controls replaces"):
+        _config(late=LateConfig(from_step=5, finding_controls=0.5))
+    with pytest.raises(CTFlowError, match="late.finding_weight must be a number"):
+        LateConfig(from_step=5, finding_weight="ten")

@@ -33,6 +33,25 @@ class OptimConfig:
 
 
 @dataclass
+class LateConfig:
+    """The last steps of a flow run, from ``from_step`` on: the sampling keys given here replace the
+    run's own (the rest, the learning-rate schedule included, go on unchanged), so a run can end on a
+    FindingBoost stage without a second command. ``from_step: 0`` (the default): no late stage."""
+
+    from_step: int = 0
+    finding_boost: float | None = None
+    finding_controls: float | None = None
+    finding_weight: float | None = None
+
+    def __post_init__(self):
+        for name in ("finding_boost", "finding_controls", "finding_weight"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise CTFlowError(f"config key late.{name} must be a number, got {value!r}")
+            setattr(self, name, None if value is None else float(value))
+
+
+@dataclass
 class FlowTrainConfig:
     """Flow-transformer training (``ctflow train``)."""
 
@@ -79,8 +98,33 @@ class FlowTrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
+    late: LateConfig = field(default_factory=LateConfig)
+
+    def at_step(self, step: int) -> FlowTrainConfig:
+        """The config that samples step ``step`` (0-based): this one, or past ``late.from_step`` this one
+        with the late keys in place."""
+        if not self.late.from_step or step < self.late.from_step:
+            return self
+        changes = {
+            k: v for k, v in dataclasses.asdict(self.late).items() if k != "from_step" and v is not None
+        }
+        return dataclasses.replace(self, late=LateConfig(), **changes)
+
+    def stages(self) -> list[FlowTrainConfig]:
+        """The configs a run samples with: this one, and its late stage if it has one."""
+        return [self] + ([self.at_step(self.late.from_step)] if self.late.from_step else [])
 
     def __post_init__(self):
+        if self.late.from_step and not 0 < self.late.from_step < self.steps:
+            raise CTFlowError(
+                f"config key late.from_step must be between 1 and steps - 1 ({self.steps - 1}), got"
+                f" {self.late.from_step}; set it below steps, or 0 for no late stage"
+            )
+        if self.late.from_step:
+            try:  # the late stage's keys are checked as the run's own are
+                self.at_step(self.late.from_step)
+            except CTFlowError as e:
+                raise CTFlowError(f"late stage (from step {self.late.from_step}): {e}") from None
         for name in ("start_boost", "finding_boost", "finding_controls", "short_reports", "finding_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")

@@ -114,12 +114,17 @@ class ChunkSampler:
             )
         # chunks per volume (its slices, EOS-padded, plus the EOS chunk): known from the index alone
         self.num_chunks = [num_chunks(cache.num_slices(i), chunk_slices) for i in range(len(cache))]
-        onsets = finding_onsets(cache, chunk_slices) if config.finding_boost > 0 else {}
+        stages = config.stages()  # a late stage may boost findings where the run's start does not
+        boost, controls, weight = (
+            any(getattr(c, k) > 0 for c in stages)
+            for k in ("finding_boost", "finding_controls", "finding_weight")
+        )
+        onsets = finding_onsets(cache, chunk_slices) if boost else {}
         self.onsets = list(onsets)
         # FindingBoost controls: per onset, the volumes whose ground truth has none of the findings that
         # begin there and that have a chunk past the first (an onset without any is drawn itself)
         self.controls: list[list[int]] = []
-        if config.finding_controls > 0:
+        if controls:
             rows = [row for _, row in cache.rows]
             usable = [
                 v
@@ -129,13 +134,13 @@ class ChunkSampler:
             found = [{str(f["type"]) for f in row.get("finding_slices") or []} for row in rows]
             by_types = {t: [v for v in usable if not t & found[v]] for t in set(onsets.values())}
             self.controls = [by_types[t] for t in onsets.values()]
-        if config.finding_boost > 0 and not self.onsets:
+        if boost and not self.onsets:
             raise CTFlowError(
                 "finding_boost needs finding_slices in the latent cache (phantom data sets, encoded by this"
                 " version of `ctflow encode --overwrite`); none of its volumes has a finding past the first"
                 " chunk. Set finding_boost: 0"
             )
-        if config.finding_weight > 0 and not cache.finding_masks:
+        if weight and not cache.finding_masks:
             raise CTFlowError(
                 "finding_weight needs finding masks in the latent cache; encode a phantom data set again with"
                 " `ctflow encode --finding-masks --overwrite`, or set finding_weight: 0"
@@ -146,18 +151,20 @@ class ChunkSampler:
                 " `ctflow encode --report-variants 4 --overwrite`, or set short_reports: 0"
             )
 
-    def draw(self, g: torch.Generator) -> Draw:
-        """One training sample (:class:`Draw`)."""
+    def draw(self, g: torch.Generator, config: FlowTrainConfig | None = None) -> Draw:
+        """One training sample (:class:`Draw`), drawn as ``config`` says (default: the sampler's own,
+        ``config.at_step(step)`` for a run's late stage)."""
+        cfg = config or self.cfg
         v = int(torch.randint(len(self.cache), (), generator=g))
         n = self.num_chunks[v]
-        start, finding = self.cfg.start_boost, self.cfg.finding_boost
+        start, finding = cfg.start_boost, cfg.finding_boost
         if start > 0 and _uniform(g) < start:
             return Draw(v, 0)
         later_share = finding / (1.0 - start) if finding > 0 else 0.0  # finding_boost of all samples
         if later_share and _uniform(g) < later_share:
             o = int(torch.randint(len(self.onsets), (), generator=g))
             onset = Draw(*self.onsets[o])
-            if self.controls and _uniform(g) < self.cfg.finding_controls and self.controls[o]:
+            if self.controls and _uniform(g) < cfg.finding_controls and self.controls[o]:
                 return self.control(onset, self.controls[o], g)
             return onset
         # StartBoost off: every chunk equally likely, the first included
@@ -176,10 +183,13 @@ class ChunkSampler:
         mask = self.cache.tensor(v, "finding_mask")[None]  # [1,S,h,w]
         return chunk_at(mask, torch.zeros_like(mask[:, 0]), self.k, i)
 
-    def batch(self, batch_size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    def batch(
+        self, batch_size: int, g: torch.Generator, config: FlowTrainConfig | None = None
+    ) -> dict[str, torch.Tensor]:
+        cfg = config or self.cfg
         x0, ctx, idx, toks, pooled, first, counts, weights, flags = [], [], [], [], [], [], [], [], []
         for _ in range(batch_size):
-            v, i, region = self.draw(g)
+            v, i, region = self.draw(g, cfg)
             n = self.num_chunks[v]
             latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
             if num_chunks(latents.shape[1], self.k) != n:
@@ -191,16 +201,16 @@ class ChunkSampler:
             ctx.append(
                 chunk_at(latents, self.cache.eos, self.k, i - 1) if i > 0 else torch.zeros_like(x0[-1])
             )
-            if self.cfg.finding_weight > 0:  # 1 + finding_weight x the finding's share of each latent pixel
+            if cfg.finding_weight > 0:  # 1 + finding_weight x the finding's share of each latent pixel
                 share = self.finding_share(v, i)
                 if region is not None:  # a control: its onset's finding region counts too
                     share = torch.maximum(share, self.finding_share(*region))
-                weights.append(1 + self.cfg.finding_weight * share)
+                weights.append(1 + cfg.finding_weight * share)
             first.append(i == 0)
             idx.append(i)
-            dropped = _uniform(g) < self.cfg.meta_dropout  # no meta line: the slice count is unknown (0)
+            dropped = _uniform(g) < cfg.meta_dropout  # no meta line: the slice count is unknown (0)
             variant = None  # the full report, else shortened version j
-            if self.cfg.short_reports > 0 and _uniform(g) < self.cfg.short_reports:
+            if cfg.short_reports > 0 and _uniform(g) < cfg.short_reports:
                 variant = int(torch.randint(self.cache.report_variants, (), generator=g))
             suffix = ("" if variant is None else short_key(variant)) + ("_nometa" if dropped else "")
             toks.append(self.cache.tensor(v, "tokens" + suffix))
@@ -208,7 +218,7 @@ class ChunkSampler:
             counts.append(0 if dropped else self.cache.num_slices(v))
             if self.flags is not None:
                 row_flags = self.flags[v][0 if variant is None else variant + 1]
-                if self.cfg.finding_dropout > 0 and _uniform(g) < self.cfg.finding_dropout:
+                if cfg.finding_dropout > 0 and _uniform(g) < cfg.finding_dropout:
                     row_flags = [-1.0] * len(row_flags)  # unknown: the model reads the text alone
                 flags.append(row_flags)
         length = max(t.shape[0] for t in toks)
@@ -218,7 +228,7 @@ class ChunkSampler:
             tokens[b, : t.shape[0]] = t
             mask[b, : t.shape[0]] = 1
         context = torch.stack(ctx)
-        lo, hi = self.cfg.context_noise, max(self.cfg.context_noise, self.cfg.context_noise_max)
+        lo, hi = cfg.context_noise, max(cfg.context_noise, cfg.context_noise_max)
         std = lo + (hi - lo) * torch.rand(batch_size, generator=g) if hi > lo else lo  # per row: uniform
         from ctflow.flow import context_noise
 
@@ -340,10 +350,11 @@ def train_flow(
     while step < end:
         t0 = time.perf_counter()
         g = step_generator(config.seed, step, rank)
-        batch = sampler.batch(config.batch_size, g)
+        stage = config.at_step(step)  # the late stage's sampling from late.from_step on
+        batch = sampler.batch(config.batch_size, g, stage)
         t1 = time.perf_counter()
         with accelerator.autocast():
-            loss = chunk_loss(model, batch, g, config)
+            loss = chunk_loss(model, batch, g, stage)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
