@@ -43,8 +43,12 @@ class LateConfig:
     finding_controls: float | None = None
     finding_weight: float | None = None
 
+    def changes(self) -> dict[str, float]:
+        """The keys this stage sets (its ``from_step`` aside)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "from_step" and v is not None}
+
     def __post_init__(self):
-        for name in ("finding_boost", "finding_controls", "finding_weight"):
+        for name in (f.name for f in dataclasses.fields(self) if f.name != "from_step"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise CTFlowError(f"config key late.{name} must be a number, got {value!r}")
@@ -105,22 +109,19 @@ class FlowTrainConfig:
         with the late keys in place."""
         if not self.late.from_step or step < self.late.from_step:
             return self
-        changes = {
-            k: v for k, v in dataclasses.asdict(self.late).items() if k != "from_step" and v is not None
-        }
-        return dataclasses.replace(self, late=LateConfig(), **changes)
+        return dataclasses.replace(self, late=LateConfig(), **self.late.changes())
 
     def stages(self) -> list[FlowTrainConfig]:
         """The configs a run samples with: this one, and its late stage if it has one."""
         return [self] + ([self.at_step(self.late.from_step)] if self.late.from_step else [])
 
     def __post_init__(self):
-        if self.late.from_step and not 0 < self.late.from_step < self.steps:
-            raise CTFlowError(
-                f"config key late.from_step must be between 1 and steps - 1 ({self.steps - 1}), got"
-                f" {self.late.from_step}; set it below steps, or 0 for no late stage"
-            )
         if self.late.from_step:
+            if not 0 < self.late.from_step < self.steps:
+                raise CTFlowError(
+                    f"config key late.from_step must be between 1 and steps - 1 ({self.steps - 1}), got"
+                    f" {self.late.from_step}; set it below steps, or 0 for no late stage"
+                )
             try:  # the late stage's keys are checked as the run's own are
                 self.at_step(self.late.from_step)
             except CTFlowError as e:
