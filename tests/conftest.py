@@ -34,14 +34,15 @@ def run_cli(capsys):
 
     def run(*args) -> CLIResult:
         capsys.readouterr()
-        old_file = console.file
         import sys
 
         console.file = sys.stderr  # capsys replaces sys.stderr per test
         try:
             code = main([str(a) for a in args])
         finally:
-            console.file = old_file
+            # None: back to whatever sys.stderr is then (the console's default), not pinned to this
+            # test's capture stream, which is closed once the test ends
+            console.file = None
         captured = capsys.readouterr()
         return CLIResult(code, captured.out, captured.err)
 
