@@ -21,17 +21,19 @@ def test_shipped_configs_load(tmp_path):
     assert load_config(root / "ctrate-512.yaml", FlowTrainConfig).mixed_precision == "bf16"
     assert load_config(root / "tiny-vae.yaml", VAETrainConfig).image_size == 64
     # each experiment config is the v1 one plus its changes; the shipped one is the short-reports one
-    # (shipped until 2026-12-02) plus FindingWeight plus finding flags
+    # (shipped until 2026-12-02) plus FindingWeight plus finding flags (shipped until 2026-12-03) plus
+    # finding maps, and its fine-tune stage is the b45 controls fine-tune
     base = load_config(root / "tiny-phantom-v1.yaml", FlowTrainConfig)
     shipped = load_config(root / "tiny-phantom.yaml", FlowTrainConfig)
-    assert shipped == load_config(root / "tiny-phantom-findings.yaml", FlowTrainConfig)
-    assert shipped.transformer["num_findings"] == 6 and shipped.finding_dropout == 0.1
+    findings = load_config(root / "tiny-phantom-findings.yaml", FlowTrainConfig)
+    assert findings.transformer["num_findings"] == 6 and findings.finding_dropout == 0.1
     findingweight = load_config(root / "tiny-phantom-shortreports-findingweight.yaml", FlowTrainConfig)
-    flags_off = {**shipped.transformer}
+    flags_off = {**findings.transformer}
     del flags_off["num_findings"]
-    assert dataclasses.replace(shipped, transformer=flags_off, finding_dropout=0.0) == findingweight
-    maps = load_config(root / "tiny-phantom-findingmaps.yaml", FlowTrainConfig)  # the shipped one plus maps
-    assert maps == dataclasses.replace(shipped, transformer={**shipped.transformer, "finding_maps": True})
+    assert dataclasses.replace(findings, transformer=flags_off, finding_dropout=0.0) == findingweight
+    maps = load_config(root / "tiny-phantom-findingmaps.yaml", FlowTrainConfig)  # findings plus maps
+    assert maps == dataclasses.replace(findings, transformer={**findings.transformer, "finding_maps": True})
+    assert shipped == maps
     twins_ft = load_config(root / "tiny-phantom-findingmapstwins-finetune.yaml", FlowTrainConfig)
     assert twins_ft == dataclasses.replace(maps, steps=10000, finding_boost=0.3, finding_weight=10.0)
     w5 = load_config(root / "tiny-phantom-findingmapstwins-finetune-w5.yaml", FlowTrainConfig)
@@ -40,6 +42,7 @@ def test_shipped_configs_load(tmp_path):
     assert controls == dataclasses.replace(twins_ft, finding_controls=0.5)  # half the boost: controls
     b45 = load_config(root / "tiny-phantom-findingmapstwins-finetune-controls-b45.yaml", FlowTrainConfig)
     assert b45 == dataclasses.replace(controls, finding_boost=0.45, finding_controls=0.3333)
+    assert load_config(root / "tiny-phantom-finetune.yaml", FlowTrainConfig) == b45  # the shipped stage 2
     onsets = [c.finding_boost * (1 - c.finding_controls) for c in (twins_ft, b45)]  # the same onset share
     assert onsets[0] == pytest.approx(onsets[1], abs=1e-4)
     clear_continue = load_config(root / "tiny-phantom-findingmapsclear-continue.yaml", FlowTrainConfig)

