@@ -121,6 +121,28 @@ def test_finding_weight_weights_the_pixels_a_finding_covers_in_each_chunk(tmp_pa
         _config(finding_weight=-1.0)
 
 
+def test_a_share_power_below_one_weighs_the_pixels_a_finding_only_touches_more(tmp_path):
+    found = {2: [{"type": "effusion", "first": 3, "last": 9}]}
+    cache = LatentCache(make_fake_cache(tmp_path / "c", finding_slices=found, finding_masks=True))
+    mask = cache.tensor(2, "finding_mask")[None]
+    share = chunk_at(mask, torch.zeros_like(mask[:, 0]), 4, 1)
+    share[0, 0, 0, 0] = 0.25  # a pixel the finding touches (fake masks are all 0 or 1)
+    weights = {}
+    for power in (1.0, 0.5):
+        sampler = ChunkSampler(cache, 4, _config(finding_weight=3.0, finding_share_power=power))
+        sampler.draw = lambda *_: Draw(2, 1)
+        sampler.finding_share = lambda v, i: share
+        weights[power] = sampler.batch(1, torch.Generator())["weight"][0]
+    assert weights[1.0][0, 0, 0, 0] == 1 + 3 * 0.25 and weights[0.5][0, 0, 0, 0] == 1 + 3 * 0.5
+    untouched, filled = share == 0, share == 1
+    assert untouched.any() and filled.any()
+    for power in (1.0, 0.5):  # pixels it fills or misses weigh the same either way
+        assert weights[power][untouched].eq(1).all() and weights[power][filled].eq(4).all()
+    for bad in (0.0, 1.5):
+        with pytest.raises(CTFlowError, match="finding_share_power must be above 0 and at most 1"):
+            _config(finding_share_power=bad)
+
+
 def test_same_depth_maps_a_chunk_to_the_same_share_of_another_stack():
     assert same_depth(5, 4, 40, 120) == 16  # middle slice 22 of 40 (55%): slice 66 of 120
     assert same_depth(5, 4, 40, 40) == 5

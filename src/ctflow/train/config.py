@@ -80,6 +80,9 @@ class FlowTrainConfig:
     # (the cache's finding masks: `ctflow encode --finding-masks`, phantom data sets), so the few pixels
     # that show a finding are not outweighed by the anatomy around them
     finding_weight: float = 0.0
+    # the share enters the weight raised to this power: below 1, a latent pixel a finding only touches
+    # (a nodule of 1-2 voxels covers a sixteenth of one) weighs more, one it fills the same
+    finding_share_power: float = 1.0
     cfg_dropout: float = 0.1  # probability of the null report (classifier-free guidance)
     meta_dropout: float = 0.1  # probability of the report without its slice-count meta line
     # probability that a row reads one of its report's shortened versions (a random subset of the
@@ -131,6 +134,10 @@ class FlowTrainConfig:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
         if not (math.isfinite(self.finding_weight) and self.finding_weight >= 0):
             raise CTFlowError(f"config key finding_weight must be 0 or more, got {self.finding_weight}")
+        if not 0 < self.finding_share_power <= 1:
+            raise CTFlowError(
+                f"config key finding_share_power must be above 0 and at most 1, got {self.finding_share_power}"
+            )
         from ctflow.flow import LOSS_SPACES
 
         if self.loss_space not in LOSS_SPACES:

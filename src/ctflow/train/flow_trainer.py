@@ -205,7 +205,7 @@ class ChunkSampler:
                 share = self.finding_share(v, i)
                 if region is not None:  # a control: its onset's finding region counts too
                     share = torch.maximum(share, self.finding_share(*region))
-                weights.append(1 + cfg.finding_weight * share)
+                weights.append(1 + cfg.finding_weight * share.pow(cfg.finding_share_power))
             first.append(i == 0)
             idx.append(i)
             dropped = _uniform(g) < cfg.meta_dropout  # no meta line: the slice count is unknown (0)
