@@ -97,6 +97,25 @@ def test_phantoms_clear_twins_follow_the_side_twins(tmp_path, run_cli):
     assert r.code == 0 and len(CTRateDataset.open(tmp_path / "clear")) == 4
 
 
+def test_phantoms_nodule_twins_follow_the_other_twins(tmp_path, run_cli):
+    from ctflow.data.ctrate import CTRateDataset, sidecar_path
+    from ctflow.data.phantom import PhantomSpec, clear_twin
+
+    # seed 27 has a left lower lobe nodule and a right effusion, seed 28 neither nodule
+    args = ("phantoms", "--n", 2, "--seed", 27, "--size", 32, "--min-slices", 60, "--max-slices", 64)
+    r = run_cli(*args, "--out", tmp_path / "ph", "--side-twins", "--clear-twins", "--nodule-twins")
+    assert r.code == 0, r.err
+    assert "4 of them side, clear and nodule twins" in r.err.replace("\n", " ")
+    ds = CTRateDataset.open(tmp_path / "ph")
+    specs = [
+        PhantomSpec(**json.loads(sidecar_path(ds.load(i).record.path).read_text())["spec"])
+        for i in range(len(ds))
+    ]
+    assert len(ds) == 6 and specs[5] == clear_twin(specs[0], "nodule")  # after 1 side and 2 clear twins
+    assert "left lower lobe" in ds.load(0).report and "left lower lobe" not in ds.load(5).report
+    assert [ds.load(i).labels["Lung nodule"] for i in (0, 5)] == [1, 0]
+
+
 # ---------------------------------------------------------------- bad inputs
 def test_missing_file(tmp_path, run_cli):
     assert_clean_error(run_cli("preview", tmp_path / "nope.nii.gz", "--out", tmp_path / "p.png"), "not")

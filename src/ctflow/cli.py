@@ -80,6 +80,14 @@ def phantoms(
             " same phantom and report without the fluid.",
         ),
     ] = False,
+    nodule_twins: Annotated[
+        bool,
+        typer.Option(
+            "--nodule-twins",
+            help="Also write, after those, a twin of each of the N volumes with a lung nodule: the same"
+            " phantom and report without the nodule.",
+        ),
+    ] = False,
     overwrite: Overwrite = False,
 ):
     """Write a procedural chest-CT phantom data set with reports and ground truth."""
@@ -100,7 +108,12 @@ def phantoms(
         raise CTFlowError(f"--split must be lower-case letters like 'train' or 'valid', got {split!r}")
     specs = [sample_spec(seed + i, size=size, slice_range=(min_slices, max_slices)) for i in range(n)]
     originals = list(specs)  # a twin keeps its original's seed, so the report is worded the same
-    for wanted, twin in ((side_twins, side_twin), (clear_twins, clear_twin)):
+    twin_kinds = (
+        ("side", side_twins, side_twin),
+        ("clear", clear_twins, clear_twin),
+        ("nodule", nodule_twins, lambda spec: clear_twin(spec, "nodule")),
+    )
+    for _, wanted, twin in twin_kinds:
         if wanted:
             specs += [t for t in map(twin, originals) if t is not None]
     with atomic_dir(out, overwrite) as tmp, _progress() as bar:
@@ -111,7 +124,8 @@ def phantoms(
             writer.add(i, volume, phantom_report(truth, seed=spec.seed), truth["labels"], extra=truth)
             bar.advance(task)
         writer.close()
-    kinds = " and ".join(k for k, on in (("side", side_twins), ("clear", clear_twins)) if on)
+    kinds = [k for k, on, _ in twin_kinds if on]
+    kinds = ", ".join(kinds[:-1]) + " and " * (len(kinds) > 1) + "".join(kinds[-1:])
     twins = f" ({len(specs) - n} of them {kinds} twins)" if kinds else ""
     console.print(f"wrote {len(specs)} phantoms to {out}{twins}")
 

@@ -264,6 +264,27 @@ def test_clear_twin_is_none_without_an_effusion():
     assert clear_twin(_spec(findings=[{"type": "cardiomegaly"}])) is None and clear_twin(_spec()) is None
 
 
+def test_nodule_twin_removes_the_nodule_and_its_sentence():
+    spec = _spec(
+        findings=[{"type": "nodule", "lobe": "right upper", "size_mm": 14.0}, {"type": "cardiomegaly"}]
+    )
+    twin = clear_twin(spec, "nodule")
+    assert twin.findings == [{"type": "cardiomegaly"}] and clear_twin(twin, "nodule") is None
+    assert clear_twin(spec) is None  # no effusion to clear
+    a, b = render_phantom(spec), render_phantom(twin)
+    nodule = a.labels == LABEL_IDS["nodule"]
+    assert nodule.any() and not (b.labels == LABEL_IDS["nodule"]).any()
+    assert (a.labels == b.labels)[~nodule].all()  # the heart comes first in neither: nothing else moves
+    ra, rb = (phantom_report(r.ground_truth)["Findings_EN"] for r in (a, b))
+    assert "14 mm" in ra and "mm" not in rb and "nodule" in rb  # its sentence reads "No ... nodule ..."
+    assert (b.ground_truth["labels"]["Lung nodule"], a.ground_truth["labels"]["Lung nodule"]) == (0, 1)
+
+
+def test_clear_twin_names_an_unknown_finding():
+    with pytest.raises(CTFlowError, match="unknown finding 'mass'"):
+        clear_twin(_spec(), "mass")
+
+
 def test_bilateral_effusion_labels_both_sides():
     spec = _spec(findings=[{"type": "effusion", "side": "bilateral"}])
     r = render_phantom(spec)

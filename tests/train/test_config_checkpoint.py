@@ -45,6 +45,9 @@ def test_shipped_configs_load(tmp_path):
     assert load_config(root / "tiny-phantom-finetune.yaml", FlowTrainConfig) == b45  # the shipped stage 2
     sharepower = load_config(root / "tiny-phantom-finetune-sharepower.yaml", FlowTrainConfig)
     assert sharepower == dataclasses.replace(b45, finding_share_power=0.5)
+    # the nodule-twin experiments change the data set, not the config
+    assert load_config(root / "tiny-phantom-finetune-nodtwins.yaml", FlowTrainConfig) == sharepower
+    assert load_config(root / "tiny-phantom-finetune-nodtwins-power1.yaml", FlowTrainConfig) == b45
     onsets = [c.finding_boost * (1 - c.finding_controls) for c in (twins_ft, b45)]  # the same onset share
     assert onsets[0] == pytest.approx(onsets[1], abs=1e-4)
     clear_continue = load_config(root / "tiny-phantom-findingmapsclear-continue.yaml", FlowTrainConfig)

@@ -235,17 +235,21 @@ def side_twin(spec: PhantomSpec) -> PhantomSpec | None:
     return replace(spec, findings=findings)
 
 
-def clear_twin(spec: PhantomSpec) -> PhantomSpec | None:
-    """The same phantom without its pleural effusion (one-sided or bilateral), or None when it has none.
+def clear_twin(spec: PhantomSpec, finding: str = "effusion") -> PhantomSpec | None:
+    """The same phantom without its ``finding`` (default: the pleural effusion, one-sided or
+    bilateral; ``"nodule"``: the lung nodule), or None when it has none.
 
     The body, its noise and its report's wording stay (each report sentence draws one wording, so only
-    the effusion sentences change), so a pair differs where the fluid and the lung it compressed lie:
-    a data set holding both shows a model when to leave the fluid out (``ctflow phantoms
-    --clear-twins``). Findings listed after the effusion draw from the next random stream, so a nodule
-    or a consolidation may lie elsewhere in the twin."""
-    if not any(f["type"] == "effusion" for f in spec.findings):
+    the sentences naming the finding change), so a pair differs where the finding (and, for fluid, the
+    lung it compressed) lies: a data set holding both shows a model when to leave it out (``ctflow
+    phantoms --clear-twins``, ``--nodule-twins``). Each finding draws from the random stream of its
+    place in the list, so the findings listed after the removed one (a nodule comes first) may lie
+    elsewhere or be shaped differently in the twin."""
+    if finding not in FINDING_TYPES:
+        raise CTFlowError(f"unknown finding {finding!r}; use one of {', '.join(FINDING_TYPES)}")
+    if not any(f["type"] == finding for f in spec.findings):
         return None
-    return replace(spec, findings=[dict(f) for f in spec.findings if f["type"] != "effusion"])
+    return replace(spec, findings=[dict(f) for f in spec.findings if f["type"] != finding])
 
 
 # ----------------------------------------------------------------------------- small helpers
