@@ -174,6 +174,20 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
         in card
     )
     assert "towards the named side in 7 of 12 pairs, by +6.5 ml (through this VAE: +101.2 ml)" in card
+    assert "nodule_pairs" not in card  # not measured yet
+    calls = {"pairs": 24, "found": 5, "false": 3, "pairs_following_report": 14, "pairs_read": 24}
+    nodules = {
+        "n": 24,
+        "generated": calls,
+        "real_through_vae": {**calls, "found": 15, "pairs_following_report": 20},
+    }
+    (results / "nodule_pairs.json").write_text(json.dumps(nodules))
+    card = write_model_card(folder, results).read_text()
+    assert (
+        "nodule found under 5 of 24 nodule reports and under 3 of 24 clear ones (through this VAE: 15 and 3)"
+        in card
+    )
+    assert "higher under the nodule report in 14 of 24 pairs (through this VAE: 20)" in card
     free = {"n": 8, "median_lung_volume_ml": 2325.9, "volumes_with_lungs_over_1000_ml": 8}
     free["found"] = {"cardiomegaly": 4, "left_effusion": 0, "nodule": 1}
     (results / "free_text.json").write_text(json.dumps(free))

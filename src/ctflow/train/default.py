@@ -293,6 +293,17 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f" {gen['pairs_following_side']} of {gen['pairs_read']} pairs, by {_signed(gen['side_shift_ml'])} ml"
             f" (through this VAE: {_signed(real['side_shift_ml'])} ml)"
         )
+    nod = result("nodule_pairs")
+    if quality and nod:
+        gen, real = nod["generated"], nod["real_through_vae"]
+        lines.append(
+            f"- a lung nodule (`python benchmarks/nodule_pairs.py`, {nod['n']} held-out phantoms, each with"
+            " one 12-20 mm nodule and without it, the same seed): nodule found under"
+            f" {gen['found']} of {gen['pairs']} nodule reports and under {gen['false']} of {gen['pairs']} clear"
+            f" ones (through this VAE: {real['found']} and {real['false']}); the reader's nodule score is"
+            f" higher under the nodule report in {gen['pairs_following_report']} of {gen['pairs_read']} pairs"
+            f" (through this VAE: {real['pairs_following_report']})"
+        )
     free = result("free_text")
     if quality and free:
         found = ", ".join(f"{name.replace('_', ' ')} {k}" for name, k in free["found"].items())
