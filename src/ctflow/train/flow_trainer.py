@@ -183,70 +183,79 @@ class ChunkSampler:
         mask = self.cache.tensor(v, "finding_mask")[None]  # [1,S,h,w]
         return chunk_at(mask, torch.zeros_like(mask[:, 0]), self.k, i)
 
+    def row(self, g: torch.Generator, config: FlowTrainConfig | None = None) -> dict:
+        """One training row: a drawn chunk (:meth:`draw`), the chunk before it, the report text it
+        reads (full or shortened, with or without its meta line), its finding flags and per-pixel loss
+        weight when the config uses them. Its random draws come in a fixed order, so a step's batch
+        depends only on the step's generator."""
+        cfg = config or self.cfg
+        v, i, region = self.draw(g, cfg)
+        latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
+        if num_chunks(latents.shape[1], self.k) != self.num_chunks[v]:
+            raise CTFlowError(
+                f"latent cache: {self.cache.rows[v][1]['name']} has {latents.shape[1]} latent slices but "
+                f"its index says {self.cache.num_slices(v)}; re-encode it with `ctflow encode --overwrite`"
+            )
+        x0 = chunk_at(latents, self.cache.eos, self.k, i)
+        row = {
+            "x0": x0,
+            "context": chunk_at(latents, self.cache.eos, self.k, i - 1) if i > 0 else torch.zeros_like(x0),
+            "first": i == 0,
+            "chunk_index": i,
+        }
+        if cfg.finding_weight > 0:  # 1 + finding_weight x the finding's share of each latent pixel
+            share = self.finding_share(v, i)
+            if region is not None:  # a control: its onset's finding region counts too
+                share = torch.maximum(share, self.finding_share(*region))
+            row["weight"] = 1 + cfg.finding_weight * share.pow(cfg.finding_share_power)
+        dropped = _uniform(g) < cfg.meta_dropout  # no meta line: the slice count is unknown (0)
+        variant = None  # the full report, else shortened version j
+        if cfg.short_reports > 0 and _uniform(g) < cfg.short_reports:
+            variant = int(torch.randint(self.cache.report_variants, (), generator=g))
+        suffix = ("" if variant is None else short_key(variant)) + ("_nometa" if dropped else "")
+        row["tokens"] = self.cache.tensor(v, "tokens" + suffix)
+        row["pooled_text"] = self.cache.tensor(v, "pooled" + suffix)
+        row["num_slices"] = 0 if dropped else self.cache.num_slices(v)
+        if self.flags is not None:
+            flags = self.flags[v][0 if variant is None else variant + 1]
+            if cfg.finding_dropout > 0 and _uniform(g) < cfg.finding_dropout:
+                flags = [-1.0] * len(flags)  # unknown: the model reads the text alone
+            row["findings"] = flags
+        return row
+
     def batch(
         self, batch_size: int, g: torch.Generator, config: FlowTrainConfig | None = None
     ) -> dict[str, torch.Tensor]:
+        """``batch_size`` rows (:meth:`row`) collated: report tokens padded to the longest with an
+        attention mask, and each row's previous chunk noised (``context_noise``)."""
+        from ctflow.flow import context_noise
+
         cfg = config or self.cfg
-        x0, ctx, idx, toks, pooled, first, counts, weights, flags = [], [], [], [], [], [], [], [], []
-        for _ in range(batch_size):
-            v, i, region = self.draw(g, cfg)
-            n = self.num_chunks[v]
-            latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
-            if num_chunks(latents.shape[1], self.k) != n:
-                raise CTFlowError(
-                    f"latent cache: {self.cache.rows[v][1]['name']} has {latents.shape[1]} latent slices but "
-                    f"its index says {self.cache.num_slices(v)}; re-encode it with `ctflow encode --overwrite`"
-                )
-            x0.append(chunk_at(latents, self.cache.eos, self.k, i))
-            ctx.append(
-                chunk_at(latents, self.cache.eos, self.k, i - 1) if i > 0 else torch.zeros_like(x0[-1])
-            )
-            if cfg.finding_weight > 0:  # 1 + finding_weight x the finding's share of each latent pixel
-                share = self.finding_share(v, i)
-                if region is not None:  # a control: its onset's finding region counts too
-                    share = torch.maximum(share, self.finding_share(*region))
-                weights.append(1 + cfg.finding_weight * share.pow(cfg.finding_share_power))
-            first.append(i == 0)
-            idx.append(i)
-            dropped = _uniform(g) < cfg.meta_dropout  # no meta line: the slice count is unknown (0)
-            variant = None  # the full report, else shortened version j
-            if cfg.short_reports > 0 and _uniform(g) < cfg.short_reports:
-                variant = int(torch.randint(self.cache.report_variants, (), generator=g))
-            suffix = ("" if variant is None else short_key(variant)) + ("_nometa" if dropped else "")
-            toks.append(self.cache.tensor(v, "tokens" + suffix))
-            pooled.append(self.cache.tensor(v, "pooled" + suffix))
-            counts.append(0 if dropped else self.cache.num_slices(v))
-            if self.flags is not None:
-                row_flags = self.flags[v][0 if variant is None else variant + 1]
-                if cfg.finding_dropout > 0 and _uniform(g) < cfg.finding_dropout:
-                    row_flags = [-1.0] * len(row_flags)  # unknown: the model reads the text alone
-                flags.append(row_flags)
-        length = max(t.shape[0] for t in toks)
-        tokens = torch.zeros(batch_size, length, pooled[0].shape[0])
-        mask = torch.zeros(batch_size, length, dtype=torch.long)
+        rows = [self.row(g, cfg) for _ in range(batch_size)]
+        toks = [r["tokens"] for r in rows]
+        tokens = torch.zeros(batch_size, max(t.shape[0] for t in toks), toks[0].shape[1])
+        mask = torch.zeros(tokens.shape[:2], dtype=torch.long)
         for b, t in enumerate(toks):
             tokens[b, : t.shape[0]] = t
             mask[b, : t.shape[0]] = 1
-        context = torch.stack(ctx)
         lo, hi = cfg.context_noise, max(cfg.context_noise, cfg.context_noise_max)
         std = lo + (hi - lo) * torch.rand(batch_size, generator=g) if hi > lo else lo  # per row: uniform
-        from ctflow.flow import context_noise
-
-        context = context_noise(context, std, g)
         out = {
-            "x0": torch.stack(x0),  # [B,C,k,h,w]
-            "context": context,  # [B,C,k,h,w]
-            "first": torch.tensor(first),  # [B] bool: first chunk (start context)
-            "chunk_index": torch.tensor(idx),
+            "x0": torch.stack([r["x0"] for r in rows]),  # [B,C,k,h,w]
+            "context": context_noise(torch.stack([r["context"] for r in rows]), std, g),  # [B,C,k,h,w]
+            "first": torch.tensor([r["first"] for r in rows]),  # [B] bool: first chunk (start context)
+            "chunk_index": torch.tensor([r["chunk_index"] for r in rows]),
             "encoder_hidden_states": tokens,
             "encoder_attention_mask": mask,
-            "pooled_text": torch.stack(pooled),
-            "num_slices": torch.tensor(counts),  # [B] slice count of the meta line, 0 when dropped
+            "pooled_text": torch.stack([r["pooled_text"] for r in rows]),
+            "num_slices": torch.tensor(
+                [r["num_slices"] for r in rows]
+            ),  # [B] meta-line slice count, 0: dropped
         }
-        if flags:
-            out["findings"] = torch.tensor(flags)  # [B,F] the report's finding flags, -1 when dropped
-        if weights:
-            out["weight"] = torch.stack(weights)  # [B,1,k,h,w] per-pixel loss weight (finding_weight)
+        if "findings" in rows[0]:
+            out["findings"] = torch.tensor([r["findings"] for r in rows])  # [B,F] finding flags, -1: dropped
+        if "weight" in rows[0]:
+            out["weight"] = torch.stack([r["weight"] for r in rows])  # [B,1,k,h,w] per-pixel loss weight
         return out
 
 
