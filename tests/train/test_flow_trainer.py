@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -335,14 +336,22 @@ def test_two_process_torchrun_keeps_replicas_identical_and_only_rank0_writes(tmp
         f"train_flow({str(cache)!r}, _config(steps=6, checkpoint_every=3), {str(tmp_path / 'run')!r}, progress=False)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=300,
+        start_new_session=True,  # its own process group: a timeout kills the workers too, not torchrun alone
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        _, stderr = proc.communicate(timeout=180)  # about 15 s when nothing hangs
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        log = (tmp_path / "run/log.jsonl").read_text() if (tmp_path / "run/log.jsonl").exists() else ""
+        pytest.fail(f"two-process training did not exit within 180 s; its log:\n{log}")
+    assert proc.returncode == 0, stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert records[-1] == {"step": 6, "processes": 2, "replicas_identical": True}
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == [

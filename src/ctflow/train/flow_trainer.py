@@ -417,5 +417,11 @@ def train_flow(
     # all ranks tear the process group down together: a rank that left while rank 0 was still saving
     # sometimes died in gloo's teardown ("terminate called without an active exception", ~1 run in 8)
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        # a gloo worker thread may still be releasing the last collective, which takes the GIL, while
+        # its lock is held; destroying the process group with the GIL held then deadlocks (seen in gdb:
+        # ~ProcessGroupGloo waiting for that lock, the pt_gloo_runloop thread waiting for the GIL, in
+        # about one full test run in three). Sleeping gives the GIL up so the workers finish first.
+        time.sleep(0.5)
     accelerator.end_training()
     return out
