@@ -187,7 +187,13 @@ class ChunkSampler:
         """One training row: a drawn chunk (:meth:`draw`), the chunk before it, the report text it
         reads (full or shortened, with or without its meta line), its finding flags and per-pixel loss
         weight when the config uses them. Its random draws come in a fixed order, so a step's batch
-        depends only on the step's generator."""
+        depends only on the step's generator.
+
+        Keys (shapes as :meth:`batch` collates them over B rows): ``x0`` and ``context`` [C,k,h,w],
+        ``first`` (bool: the first chunk, start context), ``chunk_index``, ``tokens`` [L,D] and
+        ``pooled_text`` [D] of the report, ``num_slices`` (the meta line's count, 0 when dropped);
+        ``findings`` [F] (the report's flags, -1 when dropped) and ``weight`` [1,k,h,w] (per-pixel
+        loss weight) when used."""
         cfg = config or self.cfg
         v, i, region = self.draw(g, cfg)
         latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
@@ -232,31 +238,23 @@ class ChunkSampler:
 
         cfg = config or self.cfg
         rows = [self.row(g, cfg) for _ in range(batch_size)]
+        out = {key: _collate([r[key] for r in rows]) for key in rows[0] if key != "tokens"}
         toks = [r["tokens"] for r in rows]
         tokens = torch.zeros(batch_size, max(t.shape[0] for t in toks), toks[0].shape[1])
         mask = torch.zeros(tokens.shape[:2], dtype=torch.long)
         for b, t in enumerate(toks):
             tokens[b, : t.shape[0]] = t
             mask[b, : t.shape[0]] = 1
+        out["encoder_hidden_states"], out["encoder_attention_mask"] = tokens, mask
         lo, hi = cfg.context_noise, max(cfg.context_noise, cfg.context_noise_max)
         std = lo + (hi - lo) * torch.rand(batch_size, generator=g) if hi > lo else lo  # per row: uniform
-        out = {
-            "x0": torch.stack([r["x0"] for r in rows]),  # [B,C,k,h,w]
-            "context": context_noise(torch.stack([r["context"] for r in rows]), std, g),  # [B,C,k,h,w]
-            "first": torch.tensor([r["first"] for r in rows]),  # [B] bool: first chunk (start context)
-            "chunk_index": torch.tensor([r["chunk_index"] for r in rows]),
-            "encoder_hidden_states": tokens,
-            "encoder_attention_mask": mask,
-            "pooled_text": torch.stack([r["pooled_text"] for r in rows]),
-            "num_slices": torch.tensor(
-                [r["num_slices"] for r in rows]
-            ),  # [B] meta-line slice count, 0: dropped
-        }
-        if "findings" in rows[0]:
-            out["findings"] = torch.tensor([r["findings"] for r in rows])  # [B,F] finding flags, -1: dropped
-        if "weight" in rows[0]:
-            out["weight"] = torch.stack([r["weight"] for r in rows])  # [B,1,k,h,w] per-pixel loss weight
+        out["context"] = context_noise(out["context"], std, g)
         return out
+
+
+def _collate(values: list):
+    """One batch entry from the rows' values: tensors stacked, numbers and flag lists as a tensor."""
+    return torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
 
 
 def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig):
