@@ -70,6 +70,31 @@ def generation_setup(n: int, description: str, add_arguments=None):
     return args, CTFlowPipeline.from_pretrained(args.model)
 
 
+def generate(pipe, args, report: str, seed: int, **kwargs):
+    """``pipe(report)`` with the benchmark options ``generation_setup`` parsed (steps, guidance,
+    finding guidance) and a generator seeded with ``seed``; ``kwargs`` go to the pipeline."""
+    import torch
+
+    return pipe(
+        report,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        finding_guidance=args.finding_guidance,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
+
+
+def generation_settings(args) -> dict:
+    """The generation options a result records: steps, guidance, finding guidance and the model."""
+    return {
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "finding_guidance": args.finding_guidance,
+        "model": args.model or "embedded",
+    }
+
+
 def rendered_case(spec):
     """A phantom and its report: (``PhantomRender``, report with its meta line), the report drawn with
     the spec's seed."""

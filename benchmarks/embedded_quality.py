@@ -43,6 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS,
+    generate,
+    generation_settings,
     generation_setup,
     heldout_reports,
     result_name,
@@ -126,14 +128,7 @@ def main() -> dict:
         z_real, real = through_vae(pipe, phantom)
         chunks.clear()
         t0 = time.perf_counter()
-        out = pipe(
-            text,
-            max_slices=200,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            finding_guidance=args.finding_guidance,
-            generator=torch.Generator().manual_seed(i),
-        )
+        out = generate(pipe, args, text, i, max_slices=200)
         seconds += time.perf_counter() - t0
         vol = out.volumes[0]
         row = {
@@ -170,10 +165,7 @@ def main() -> dict:
     result = {
         "n": len(rows),
         "seeds": [args.first_seed, args.first_seed + args.n - 1],
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "finding_guidance": args.finding_guidance,
-        "model": args.model or "embedded",
+        **generation_settings(args),
         "seconds_per_volume": round(seconds / len(rows), 2),
         "slice_count_within_one_chunk": round(float(np.mean([r["within_chunk"] for r in rows])), 3),
         "ended_by_eos": round(float(np.mean([r["end"] == "eos" for r in rows])), 3),

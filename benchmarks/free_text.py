@@ -23,10 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import generation_setup, result_name, write_result  # noqa: E402
+from common import generate, generation_settings, generation_setup, result_name, write_result  # noqa: E402
 
 REPORT = Path(__file__).resolve().parents[1] / "examples" / "report.txt"
 SLICES = 96
@@ -48,14 +46,7 @@ def main() -> dict:
     report = args.report_file.read_text()
     rows = []
     for seed in range(args.n):
-        out = pipe(
-            report,
-            num_slices=SLICES,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            finding_guidance=args.finding_guidance,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        out = generate(pipe, args, report, seed, num_slices=SLICES)
         read = attributes_from_scores(attribute_scores(out.volumes[0]))
         rows.append({"seed": seed, **read})
         print(f"seed {seed}: lungs {read['lung_volume_ml']:.0f} ml, {read}")
@@ -64,10 +55,7 @@ def main() -> dict:
         "report": report,
         "n": args.n,
         "slices": SLICES,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "finding_guidance": args.finding_guidance,
-        "model": args.model or "embedded",
+        **generation_settings(args),
         "median_lung_volume_ml": round(statistics.median(lungs), 1),
         "volumes_with_lungs_over_1000_ml": sum(v >= LUNG_ML_FLOOR for v in lungs),
         "found": {

@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS,
     axial_strip,
+    generate,
+    generation_settings,
     generation_setup,
     rendered_case,
     result_name,
@@ -159,13 +161,7 @@ def main() -> dict:
             latents[side], recon = through_vae(pipe, render.volume)
             if side not in SIDES:
                 continue
-            out = pipe(
-                report,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                finding_guidance=args.finding_guidance,
-                generator=torch.Generator().manual_seed(i),
-            )
+            out = generate(pipe, args, report, i)
             gen[side], real[side] = fluid(out.volumes[0]), fluid(recon)
             if i < 3:
                 strips.append((axial_strip(out.volumes[0], DEPTHS), axial_strip(recon, DEPTHS)))
@@ -184,10 +180,7 @@ def main() -> dict:
         "generated": summary(rows["generated"]),
         "real_through_vae": summary(rows["real"]),
         **{key: round(float(np.mean(v)), 4) for key, v in effects.items()},
-        "guidance": args.guidance,
-        "finding_guidance": args.finding_guidance,
-        "steps": args.steps,
-        "model": args.model or "embedded",
+        **generation_settings(args),
         "short_reports": args.short,
         "rows": [
             {"seed": SEED0 + i, "generated": g, "real": r}

@@ -26,10 +26,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import generation_setup, rendered_case, result_name, through_vae, write_result  # noqa: E402
+from common import (  # noqa: E402
+    generate,
+    generation_settings,
+    generation_setup,
+    rendered_case,
+    result_name,
+    through_vae,
+    write_result,
+)
 
 SEED0 = 62000
 SIZES_MM = (12.0, 16.0, 20.0)
@@ -85,13 +92,7 @@ def main() -> dict:
             continue
         gen, real = {}, {}
         for key, (render, report) in zip(("nodule", "clear"), cases, strict=True):
-            out = pipe(
-                report,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                finding_guidance=args.finding_guidance,
-                generator=torch.Generator().manual_seed(len(seeds)),
-            )
+            out = generate(pipe, args, report, len(seeds))
             gen[key], real[key] = read(out.volumes[0]), read(through_vae(pipe, render.volume)[1])
         seeds.append(seed - 1)
         rows["generated"].append(gen)
@@ -102,10 +103,7 @@ def main() -> dict:
         "seeds": seeds,
         "generated": summary(rows["generated"]),
         "real_through_vae": summary(rows["real"]),
-        "guidance": args.guidance,
-        "finding_guidance": args.finding_guidance,
-        "steps": args.steps,
-        "model": args.model or "embedded",
+        **generation_settings(args),
         "rows": [
             {"seed": s, "generated": g, "real": r}
             for s, g, r in zip(seeds, rows["generated"], rows["real"], strict=True)
