@@ -525,3 +525,37 @@ def test_late_stage_errors_name_the_stage_and_the_fix():
         _config(late=LateConfig(from_step=5, finding_controls=0.5))
     with pytest.raises(CTFlowError, match="late.finding_weight must be a number"):
         LateConfig(from_step=5, finding_weight="ten")
+
+
+@pytest.mark.parametrize("context", ["concat", "none"])
+def test_one_pass_loss_equals_the_two_passes_in_value_and_gradient(tmp_path, context):
+    from ctflow.train.flow_trainer import build_transformer, chunk_loss
+
+    cache = LatentCache(make_fake_cache(tmp_path / "c"))
+    config = _config(
+        transformer={**TINY_TRANSFORMER, "context": context},
+        start_boost=0.5,
+        context_noise=0.2,
+        cfg_dropout=0.3,
+    )
+    torch.manual_seed(0)
+    model = build_transformer(config, cache)
+    batch = ChunkSampler(cache, 4, config).batch(8, torch.Generator().manual_seed(1))
+    assert batch["first"].any() and not batch["first"].all()
+    assert (
+        batch["context"][batch["first"]].abs().sum() > 0
+    )  # the start rows' context is noise: must be zeroed
+
+    def run(one_pass):
+        model.zero_grad()
+        loss = chunk_loss(model, batch, torch.Generator().manual_seed(7), config, one_pass=one_pass)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (two, grads2), (one, grads1) = run(False), run(True)
+    assert one == pytest.approx(two, rel=1e-5)
+    assert len(grads1) == len(grads2)
+    for a, b in zip(grads1, grads2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    other = chunk_loss(model, batch, torch.Generator().manual_seed(8), config, one_pass=True).item()
+    assert other != pytest.approx(one, rel=1e-3)  # the draws come from the generator

@@ -257,33 +257,52 @@ def _collate(values: list):
     return torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
 
 
-def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig):
+def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig, one_pass: bool = False):
     """Flow-matching loss over a batch mixing first chunks (no context) and later chunks.
 
     A fraction ``config.cfg_dropout`` of rows gets the null report (classifier-free guidance).
+    The first chunks' times and noise are drawn before the later chunks'. ``one_pass`` runs the whole
+    batch through the model at once, the first chunks with a zero context: for ``concat`` and ``none``
+    models that is what they see without one, so the loss is the same (up to rounding) as the two
+    passes a ``tokens`` model needs (its start has no context tokens at all), and about 10% cheaper.
     """
-    from ctflow.flow import drop_condition, flow_matching_loss
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from ctflow.flow import drop_condition, flow_matching_loss, sample_time
 
     batch = drop_condition(batch, config.cfg_dropout, g)
     keys = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text", "chunk_index", "num_slices")
     keys += ("findings",) if "findings" in batch else ()
-    total, n = 0.0, batch["x0"].shape[0]
-    for rows, has_context in ((batch["first"], False), (~batch["first"], True)):
-        if not rows.any():
-            continue
+    groups = [
+        (first, rows) for first, rows in ((True, batch["first"]), (False, ~batch["first"])) if rows.any()
+    ]
+    x0, weight = batch["x0"], batch.get("weight")
+    if one_pass:
+        t, noise = torch.empty(x0.shape[0], device=x0.device), torch.empty_like(x0)
+        for _, rows in groups:  # the same draws, in the same order, as the two passes below
+            t[rows] = sample_time(int(rows.sum()), g, config.time_distribution, x0.device, config.time_mean)
+            noise[rows] = randn_tensor(x0[rows].shape, generator=g, device=x0.device, dtype=x0.dtype)
+        cond = {k: batch[k] for k in keys}
+        cond["context"] = batch["context"].masked_fill(batch["first"].view(-1, 1, 1, 1, 1), 0.0)
+        loss, _ = flow_matching_loss(
+            model, x0, cond, t=t, noise=noise, loss_space=config.loss_space, weight=weight
+        )
+        return loss
+    total = 0.0
+    for first, rows in groups:
         cond = {k: batch[k][rows] for k in keys}
-        cond["context"] = batch["context"][rows] if has_context else None
+        cond["context"] = None if first else batch["context"][rows]
         loss, _ = flow_matching_loss(
             model,
-            batch["x0"][rows],
+            x0[rows],
             cond,
             generator=g,
             distribution=config.time_distribution,
             time_mean=config.time_mean,
             loss_space=config.loss_space,
-            weight=batch["weight"][rows] if "weight" in batch else None,
+            weight=None if weight is None else weight[rows],
         )
-        total = total + loss * rows.sum() / n
+        total = total + loss * rows.sum() / x0.shape[0]
     return total
 
 
@@ -329,6 +348,7 @@ def train_flow(
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     sampler = ChunkSampler(cache, model.config.chunk_slices, config, model.config.num_findings)
+    one_pass = model.config.context != "tokens"  # see chunk_loss
     o = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -361,7 +381,7 @@ def train_flow(
         batch = sampler.batch(config.batch_size, g, stage)
         t1 = time.perf_counter()
         with accelerator.autocast():
-            loss = chunk_loss(model, batch, g, stage)
+            loss = chunk_loss(model, batch, g, stage, one_pass)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
