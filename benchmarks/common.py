@@ -228,7 +228,14 @@ def synthetic_cache(
                     tensors[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
                     tensors[f"{name}.pooled{suffix}"] = torch.randn(text_dim, generator=g)
             part.append(
-                {"name": name, "report": "", "num_slices": s, "spacing": [2.5, 5.0, 5.0], "labels": None}
+                {
+                    "name": name,
+                    "report": "",
+                    **({"short_reports": [""] * report_variants} if report_variants else {}),
+                    "num_slices": s,
+                    "spacing": [2.5, 5.0, 5.0],
+                    "labels": None,
+                }
             )
         save_file(tensors, folder / f"shard_{k:05d}.safetensors")
         (folder / f"shard_{k:05d}.json").write_text(json.dumps(part))
