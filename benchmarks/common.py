@@ -204,10 +204,12 @@ def synthetic_cache(
     slices: tuple[int, int] = (40, 120),
     shard_size: int | None = None,
     report_variants: int = 0,
+    finding_masks: bool = False,
 ) -> Path:
     """A latent cache of random volumes in the layout ``ctflow encode`` writes: ``n`` volumes of
     ``slices[0]``.. ``slices[1] - 1`` slices of ``channels`` x ``size`` x ``size`` latents, 90 text tokens
-    per report, ``report_variants`` shortened reports of 45 tokens."""
+    per report, ``report_variants`` shortened reports of 45 tokens; ``finding_masks``: random finding
+    shares per latent pixel, as a phantom data set's cache holds (the shipped config weights by them)."""
     import torch
     from safetensors.torch import save_file
 
@@ -223,6 +225,8 @@ def synthetic_cache(
         for i in range(start, min(start + step, n)):
             name, s = f"train_{i + 1}_a_1.nii.gz", slices[0] + i % (slices[1] - slices[0])
             tensors[f"{name}.latents"] = torch.randn(channels, s, size, size, generator=g).half()
+            if finding_masks:
+                tensors[f"{name}.finding_mask"] = torch.rand(s, size, size, generator=g).half()
             for key, length in zip(report_keys(report_variants), [90, *[45] * report_variants], strict=True):
                 for suffix in (key, key + "_nometa"):
                     tensors[f"{name}.tokens{suffix}"] = torch.randn(length, text_dim, generator=g).half()
@@ -240,6 +244,11 @@ def synthetic_cache(
         save_file(tensors, folder / f"shard_{k:05d}.safetensors")
         (folder / f"shard_{k:05d}.json").write_text(json.dumps(part))
         rows += part
-    index = {"text_dim": text_dim, "report_variants": report_variants, "volumes": rows}
+    index = {
+        "text_dim": text_dim,
+        "report_variants": report_variants,
+        "finding_masks": finding_masks,
+        "volumes": rows,
+    }
     (folder / "index.json").write_text(json.dumps(index))
     return folder

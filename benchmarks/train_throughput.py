@@ -78,7 +78,11 @@ if __name__ == "__main__":
     real = args.latents
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cache = real if (real / "index.json").exists() else synthetic_cache(tmp / "cache", report_variants=4)
+        cache = (
+            real
+            if (real / "index.json").exists()
+            else synthetic_cache(tmp / "cache", report_variants=4, finding_masks=True)
+        )
         cfg = replace(base, steps=40, log_every=10, checkpoint_every=10**6)
         results = {}
         for mode in ("concat", "tokens"):

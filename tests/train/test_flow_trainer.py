@@ -559,3 +559,24 @@ def test_one_pass_loss_equals_the_two_passes_in_value_and_gradient(tmp_path, con
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     other = chunk_loss(model, batch, torch.Generator().manual_seed(8), config, one_pass=True).item()
     assert other != pytest.approx(one, rel=1e-3)  # the draws come from the generator
+
+
+def test_the_benchmarks_synthetic_cache_feeds_the_shipped_config(tmp_path):
+    # benchmarks/train_throughput.py falls back to it; it once lacked what finding flags and weights need
+    import importlib.util
+
+    from ctflow.train.config import load_config
+    from ctflow.train.flow_trainer import build_transformer, chunk_loss
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("bench_common", root / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    config = load_config(root / "configs" / "tiny-phantom.yaml", FlowTrainConfig)
+    cache = LatentCache(common.synthetic_cache(tmp_path / "c", n=4, report_variants=4, finding_masks=True))
+    model = build_transformer(config, cache)
+    sampler = ChunkSampler(cache, model.config.chunk_slices, config, model.config.num_findings)
+    g = torch.Generator().manual_seed(0)
+    batch = sampler.batch(4, g)
+    assert batch["findings"].shape == (4, model.config.num_findings) and batch["weight"].min() >= 1
+    assert torch.isfinite(chunk_loss(model, batch, g, config, one_pass=True))
