@@ -22,6 +22,7 @@ Writes ``results/nodule_pairs.json`` (``--result NAME`` names it).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -84,20 +85,20 @@ def main() -> dict:
     args, pipe = generation_setup(24, __doc__.splitlines()[0])
     rows = {"generated": [], "real": []}
     seeds = []
-    seed = SEED0
-    while len(seeds) < args.n:
+    for seed in itertools.count(SEED0):
+        if len(seeds) == args.n:
+            break
         cases = pair(seed, len(seeds))
-        seed += 1
         if cases is None:
             continue
         gen, real = {}, {}
         for key, (render, report) in zip(("nodule", "clear"), cases, strict=True):
             out = generate(pipe, args, report, len(seeds))
             gen[key], real[key] = read(out.volumes[0]), read(through_vae(pipe, render.volume)[1])
-        seeds.append(seed - 1)
+        print(f"{len(seeds)}: seed {seed} generated {gen}  through VAE {real}", flush=True)
+        seeds.append(seed)
         rows["generated"].append(gen)
         rows["real"].append(real)
-        print(f"{len(seeds) - 1}: seed {seed - 1} generated {gen}  through VAE {real}", flush=True)
     result = {
         "n": args.n,
         "seeds": seeds,
