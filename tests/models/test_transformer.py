@@ -11,6 +11,7 @@ from ctflow.models.transformer import (
     CTFlowTransformer,
     count_params,
     forward_flops,
+    pool_tokens,
     preset_config,
 )
 
@@ -162,6 +163,44 @@ def test_padded_text_tokens_are_ignored(attention, context):
     torch.testing.assert_close(run(model, **{**inputs, "encoder_hidden_states": text}), run(model, **inputs))
     text[0, :4] += 1.0  # its real tokens do matter
     assert not torch.allclose(run(model, **{**inputs, "encoder_hidden_states": text}), run(model, **inputs))
+
+
+def test_pool_tokens_averages_runs_of_real_tokens_and_leaves_padding_out():
+    tokens = torch.arange(2 * 7 * 2, dtype=torch.float32).view(2, 7, 2)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+    pooled, keep = pool_tokens(tokens, mask, 3)
+    assert pooled.shape == (2, 3, 2)  # 7 tokens -> runs of 3, 3 and 1
+    torch.testing.assert_close(pooled[0, 0], tokens[0, :3].mean(0))
+    torch.testing.assert_close(pooled[0, 2], tokens[0, 6])  # the short last run: its own mean
+    torch.testing.assert_close(pooled[1, 1], tokens[1, 3:5].mean(0))  # padding left out of the mean
+    assert keep.tolist() == [[True, True, True], [True, True, False]]
+    same, same_keep = pool_tokens(tokens, mask, 1)
+    assert same is tokens and same_keep.tolist() == mask.bool().tolist()
+
+
+@pytest.mark.parametrize("context", ["concat", "tokens"])
+def test_text_pool_reads_pooled_text_and_still_ignores_padding(tmp_path, context):
+    model = make_model("full", context, text_pool=2)
+    inputs = make_inputs()
+    text = inputs["encoder_hidden_states"].clone()
+    text[0, 4:] = 100.0  # sample 0's padded tokens
+    torch.testing.assert_close(run(model, **{**inputs, "encoder_hidden_states": text}), run(model, **inputs))
+    swapped = inputs["encoder_hidden_states"].clone()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]  # order within a run of 2 is lost in its mean
+    torch.testing.assert_close(
+        run(model, **{**inputs, "encoder_hidden_states": swapped}), run(model, **inputs)
+    )
+    swapped[:, [1, 2]] = swapped[:, [2, 1]]  # across runs it is not
+    assert not torch.allclose(
+        run(model, **{**inputs, "encoder_hidden_states": swapped}), run(model, **inputs)
+    )
+    model.save_pretrained(tmp_path)
+    loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.config.text_pool == 2
+    torch.testing.assert_close(run(loaded, **inputs), run(model, **inputs))
+    for bad in (0, 1.5):
+        with pytest.raises(CTFlowError, match="text_pool"):
+            make_model(text_pool=bad)
 
 
 @pytest.mark.parametrize("attention", ["full", "factorized"])
@@ -486,5 +525,8 @@ def test_forward_flops_grow_with_depth_and_the_cache_saves_work():
     assert flops == sorted(flops) and len(set(flops)) == 4
     assert forward_flops("ctflow-0.5b", context_stream=False) < forward_flops("ctflow-0.5b")
     assert forward_flops("tiny", batch=2) == 2 * forward_flops("tiny")
+    shipped = dict(patch_size=(2, 4, 4), context="concat")  # 64 chunk tokens, as the embedded model
+    pooled = [forward_flops(preset_config("tiny", **shipped, text_pool=k), text_len=200) for k in (1, 4)]
+    assert pooled[1] < 0.8 * pooled[0]  # 200 report tokens are most of its cross-attention work
     factorized = preset_config("ctflow-0.5b", attention="factorized")
     assert forward_flops(factorized) > 0 and count_params(factorized) > count_params("ctflow-0.5b")
