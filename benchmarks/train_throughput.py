@@ -5,7 +5,9 @@ steps on a latent cache (the one `make train-default` wrote, or a synthetic one
 of the same shapes) and reads the trainer's own JSONL log. Goal: data wait
 < 10% of step time. Also compares the two context modes at the same size, and
 times the loss's forward and backward in one pass against two passes (first
-chunks apart, as ``tokens`` models need) on the same batches, alternating.
+chunks apart, as ``tokens`` models need), and with the report's tokens pooled
+in runs of 4 (``text_pool``) against unpooled, on the same batches, alternating;
+and the trainer's fused AdamW step against the default for-loop one.
 
     python benchmarks/train_throughput.py [--latents runs/default/latents]
 """
@@ -48,23 +50,55 @@ def run(cache: Path, config: FlowTrainConfig, work: Path) -> dict:
     return {"sec_per_step": round(sec, 4), "data_share": round(share, 4)}
 
 
-def one_vs_two_passes(cache: Path, config: FlowTrainConfig, steps: int = 30) -> dict:
-    """Median seconds of the loss's forward + backward, one pass and two, on the same batches."""
+def alternating(cache: Path, variants: dict[str, tuple[FlowTrainConfig, bool]], steps: int = 30) -> dict:
+    """Median seconds of the loss's forward + backward for each variant (config, one pass), on the
+    same batches (drawn with the first variant's config), taking turns in a rotating order."""
     latents = LatentCache(cache)
-    torch.manual_seed(0)
-    model = build_transformer(config, latents)
-    sampler = ChunkSampler(latents, model.config.chunk_slices, config, model.config.num_findings)
-    times = {True: [], False: []}
+    names = list(variants)
+    config = variants[names[0]][0]
+    models = {}
+    for name, (cfg, _) in variants.items():
+        torch.manual_seed(0)
+        models[name] = build_transformer(cfg, latents)
+    sampler = ChunkSampler(
+        latents, models[names[0]].config.chunk_slices, config, models[names[0]].config.num_findings
+    )
+    times = {name: [] for name in names}
     for step in range(steps + 2):
         batch = sampler.batch(config.batch_size, step_generator(config.seed, step), config)
-        for one_pass in (step % 2 == 0, step % 2 == 1):  # alternate which goes first
+        for name in names[step % len(names) :] + names[: step % len(names)]:
+            cfg, one_pass = variants[name]
             start = time.perf_counter()
-            chunk_loss(model, batch, step_generator(config.seed, step), config, one_pass).backward()
-            model.zero_grad(set_to_none=True)
+            chunk_loss(models[name], batch, step_generator(config.seed, step), cfg, one_pass).backward()
+            models[name].zero_grad(set_to_none=True)
             if step >= 2:  # the first two steps warm up
-                times[one_pass].append(time.perf_counter() - start)
-    one, two = statistics.median(times[True]), statistics.median(times[False])
-    return {"one_pass_sec": round(one, 4), "two_passes_sec": round(two, 4), "ratio": round(one / two, 3)}
+                times[name].append(time.perf_counter() - start)
+    return {f"{name}_sec": round(statistics.median(t), 4) for name, t in times.items()}
+
+
+def adamw_steps(cache: Path, config: FlowTrainConfig, steps: int = 40) -> dict:
+    """Median seconds of one AdamW step over the model's parameters: the fused kernel the trainer
+    uses against the default for-loop over parameter tensors, taking turns."""
+    torch.manual_seed(0)
+    model = build_transformer(config, LatentCache(cache))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizers = {
+        name: torch.optim.AdamW(model.parameters(), lr=1e-6, fused=fused)
+        for name, fused in (("fused", True), ("for_loop", None))
+    }
+    times = {name: [] for name in optimizers}
+    for step in range(steps + 2):
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            if step >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {f"{name}_sec": round(statistics.median(t), 4) for name, t in times.items()}
+
+
+def ratio(times: dict, new: str, old: str) -> dict:
+    return {**times, "ratio": round(times[f"{new}_sec"] / times[f"{old}_sec"], 3)}
 
 
 if __name__ == "__main__":
@@ -88,7 +122,18 @@ if __name__ == "__main__":
         for mode in ("concat", "tokens"):
             c = replace(cfg, transformer={**cfg.transformer, "context": mode})
             results[mode] = run(cache, c, tmp / mode)
-        passes = one_vs_two_passes(cache, cfg)
+        passes = ratio(
+            alternating(cache, {"one_pass": (cfg, True), "two_passes": (cfg, False)}),
+            "one_pass",
+            "two_passes",
+        )
+        pooled = replace(cfg, transformer={**cfg.transformer, "text_pool": 4})
+        pool = ratio(
+            alternating(cache, {"text_pool_1": (cfg, True), "text_pool_4": (pooled, True)}),
+            "text_pool_4",
+            "text_pool_1",
+        )
+        adamw = ratio(adamw_steps(cache, cfg), "fused", "for_loop")
     out = {
         "cache": str(real) if cache == real else "synthetic (same shapes)",
         "batch_size": cfg.batch_size,
@@ -97,6 +142,8 @@ if __name__ == "__main__":
             results["tokens"]["sec_per_step"] / results["concat"]["sec_per_step"], 3
         ),
         "concat_loss_one_pass_vs_two": passes,
+        "concat_loss_text_pool_4_vs_1": pool,
+        "adamw_step_fused_vs_for_loop": adamw,
         "goal_data_share": 0.10,
         "passed": all(r["data_share"] < 0.10 for r in results.values()),
     }

@@ -83,6 +83,12 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
         "each also as a learned in-plane map added to the chunk's tokens"
         in write_model_card(tmp_path).read_text()
     )
+    assert "averaged in runs" not in write_model_card(tmp_path).read_text()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"num_findings": 6, "text_pool": 4}))
+    assert (
+        "reads the report's tokens averaged in runs of 4 (`text_pool`)"
+        in write_model_card(tmp_path).read_text()
+    )
     shipped = load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig).steps  # models from before stages
     assert f"`configs/tiny-phantom.yaml` to step {shipped} (EMA weights after {shipped} steps;" in card
     index["ctflow"]["flow_stages"] = [{"config": "a.yaml", "steps": 700}, {"config": "b.yaml", "steps": 900}]

@@ -181,6 +181,11 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             )
             if flags
             else ""
+        )
+        + (
+            f"; it reads the report's tokens averaged in runs of {flow['text_pool']} (`text_pool`)"
+            if flow.get("text_pool", 1) > 1
+            else ""
         ),
         "- scheduler: FlowMatchEulerDiscreteScheduler (shift 1)",
         f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
