@@ -63,7 +63,8 @@ With ``text_pool`` k > 1 the report's tokens are averaged over runs of k neighbo
 carry their context, and a chest report has some 200 of them against 64 chunk tokens, so most of a
 small model's cross-attention cost (its key/value projections in every block) is spent on the text;
 k = 4 takes a phantom training step's forward and backward to 0.74x the time
-(``benchmarks/train_throughput.py``); it also drew fewer reported effusions (README, "Pooled report tokens").
+(``benchmarks/train_throughput.py``). The phantom model trained so drew less of a reported effusion's
+fluid and found named nodules less often (README, "Pooled report tokens").
 
 With ``context_residual`` (``concat`` context, ``sample`` prediction) the network predicts each slice
 of the chunk as a change from the previous chunk's last slice (zeros before the first chunk), so a
