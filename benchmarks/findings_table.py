@@ -7,6 +7,10 @@ how many of the reports that do not name it give a volume where the reader finds
 
     python benchmarks/findings_table.py [RESULT ...]   (default: embedded_quality, the embedded model)
 
+A column may pool results with ``+`` (``embedded_quality+exp_installed_quality_seed55000``): one
+model's reports from two seed sets counted together. About a dozen reports name each finding in a
+set of 50, and a finding's count moves by about four between sets (README, "Pooled report tokens").
+
 It prints the table; it reads the results' rows and measures nothing new.
 """
 
@@ -27,10 +31,14 @@ FINDINGS = ("emphysema", "cardiomegaly", "consolidation", "nodule", "effusion") 
 def table(names: list[str]) -> str:
     counts = {}
     for name in names:
-        path = RESULTS / f"{name}.json"
-        if not path.is_file():
-            raise SystemExit(f"no result {path}; run benchmarks/embedded_quality.py --result {name} first")
-        rows = json.loads(path.read_text())["rows"]
+        rows = []
+        for part in name.split("+"):
+            path = RESULTS / f"{part}.json"
+            if not path.is_file():
+                raise SystemExit(
+                    f"no result {path}; run benchmarks/embedded_quality.py --result {part} first"
+                )
+            rows += json.loads(path.read_text())["rows"]
         counts[name] = finding_counts([r["pred"] for r in rows], [r["truth"] for r in rows])
 
     def frac(pair):

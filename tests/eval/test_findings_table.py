@@ -1,0 +1,40 @@
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_findings_table():
+    spec = importlib.util.spec_from_file_location("findings_table", ROOT / "benchmarks" / "findings_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(effusion: str, nodule: bool, pred_effusion: str, pred_nodule: bool) -> dict:
+    truth = {
+        "effusion": effusion,
+        "cardiomegaly": False,
+        "nodule": nodule,
+        "emphysema": False,
+        "consolidation": False,
+    }
+    return {"truth": truth, "pred": {**truth, "effusion": pred_effusion, "nodule": pred_nodule}}
+
+
+def test_a_plus_column_counts_the_reports_of_both_results_together(tmp_path, monkeypatch):
+    table = load_findings_table()
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    a = [row("left", True, "left", False), row("none", False, "right", False)]  # effusion found; one false
+    b = [row("right", False, "left", False), row("none", True, "none", True)]  # wrong side; nodule found
+    for name, rows in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows}))
+    lines = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
+        for line in table.table(["a", "b", "a+b"]).splitlines()
+    }
+    assert lines["effusion found"] == ["1/1", "0/1", "1/2 |"]
+    assert lines["effusion found, any side"] == ["1/1", "1/1", "2/2 |"]
+    assert lines["nodule found"] == ["0/1", "1/1", "1/2 |"]
+    assert lines["all false findings"] == ["1", "0", "1 |"]
