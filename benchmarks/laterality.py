@@ -26,7 +26,7 @@ generated from the left report, from the right report, then the two phantoms thr
 meta line and "Findings: There is a left pleural effusion. Impressions: Left pleural effusion." (or
 "There is no pleural effusion."), so the side is a larger part of the text.
 
-    python benchmarks/laterality.py [--model DIR] [--n 12] [--steps 20] [--guidance 2] [--short]
+    python benchmarks/laterality.py [--model DIR] [--n 12] [--steps 20] [--guidance 2] [--short] [--first-seed S --result NAME]
 """
 
 from __future__ import annotations
@@ -141,21 +141,26 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main() -> dict:
-    args, pipe = generation_setup(
-        12,
-        __doc__.splitlines()[0],
-        lambda p: p.add_argument(
+    def add_arguments(p):
+        p.add_argument(
             "--short",
             action="store_true",
             help="short typed reports: the meta line and the effusion sentence",
-        ),
-    )
+        )
+        p.add_argument("--first-seed", type=int, default=SEED0, help="phantom seed of the first pair")
+
+    args, pipe = generation_setup(12, __doc__.splitlines()[0], add_arguments)
+    if args.first_seed != SEED0 and not args.result:
+        raise SystemExit(
+            "laterality.py: --first-seed needs --result NAME, so the held-out figures stay as they are"
+        )
+    seed0 = args.first_seed
     pipe.transformer.eval()
     rows = {"generated": [], "real": []}
     effects = {"side_effect": [], "effusion_effect": []}
     strips = []
     for i in range(args.n):
-        cases = twins(SEED0 + i, args.short)
+        cases = twins(seed0 + i, args.short)
         gen, real, latents = {}, {}, {}
         for side, (render, report) in cases.items():
             latents[side], recon = through_vae(pipe, render.volume)
@@ -176,14 +181,14 @@ def main() -> dict:
 
     result = {
         "n": args.n,
-        "seeds": [SEED0, SEED0 + args.n - 1],
+        "seeds": [seed0, seed0 + args.n - 1],
         "generated": summary(rows["generated"]),
         "real_through_vae": summary(rows["real"]),
         **{key: round(float(np.mean(v)), 4) for key, v in effects.items()},
         **generation_settings(args),
         "short_reports": args.short,
         "rows": [
-            {"seed": SEED0 + i, "generated": g, "real": r}
+            {"seed": seed0 + i, "generated": g, "real": r}
             for i, (g, r) in enumerate(zip(rows["generated"], rows["real"], strict=True))
         ],
     }
