@@ -40,9 +40,12 @@ def peak_rss_mb(pid: int | str = "self", key: str = "VmHWM") -> float | None:
     return None
 
 
-def generation_setup(n: int, description: str, add_arguments=None):
+def generation_setup(n: int, description: str, add_arguments=None, first_seed: int | None = None):
     """The options every generation benchmark takes (--model, --n, --steps, --guidance, --result) and
-    those ``add_arguments(parser)`` adds, parsed, and the pipeline they name on 2 threads: (args, pipe)."""
+    those ``add_arguments(parser)`` adds, parsed, and the pipeline they name on 2 threads: (args, pipe).
+
+    ``first_seed`` (the benchmark's held-out seeds start there) adds ``--first-seed`` for another set
+    of held-out cases; it needs ``--result``, so the benchmark's own figures stay as they are."""
     import argparse
 
     import torch
@@ -63,9 +66,15 @@ def generation_setup(n: int, description: str, add_arguments=None):
     p.add_argument(
         "--result", default=None, help="name of the JSON/PNG written to benchmarks/results (experiments)"
     )
+    if first_seed is not None:
+        p.add_argument("--first-seed", type=int, default=first_seed, help="phantom seed of the first case")
     if add_arguments:
         add_arguments(p)
     args = p.parse_args()
+    if first_seed is not None and args.first_seed != first_seed and not args.result:
+        raise SystemExit(
+            f"{p.prog}: --first-seed needs --result NAME, so the held-out figures stay as they are"
+        )
     torch.set_num_threads(2)
     return args, CTFlowPipeline.from_pretrained(args.model)
 

@@ -102,17 +102,7 @@ def last_over_second(chunks: list) -> float:
 
 
 def main() -> dict:
-    args, pipe = generation_setup(
-        50,
-        __doc__.splitlines()[0],
-        lambda p: p.add_argument(
-            "--first-seed", type=int, default=SEED0, help="phantom seed of the first report"
-        ),
-    )
-    if args.first_seed != SEED0 and not args.result:
-        sys.exit(
-            "embedded_quality.py: --first-seed needs --result NAME, so the held-out figures stay as they are"
-        )
+    args, pipe = generation_setup(50, __doc__.splitlines()[0], first_seed=SEED0)
     name = args.result or result_name("embedded_quality", args.guidance)
     k = pipe.chunk_slices
     patch_slices = pipe.transformer.config.patch_size[0]

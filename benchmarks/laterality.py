@@ -141,19 +141,16 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main() -> dict:
-    def add_arguments(p):
-        p.add_argument(
+    args, pipe = generation_setup(
+        12,
+        __doc__.splitlines()[0],
+        lambda p: p.add_argument(
             "--short",
             action="store_true",
             help="short typed reports: the meta line and the effusion sentence",
-        )
-        p.add_argument("--first-seed", type=int, default=SEED0, help="phantom seed of the first pair")
-
-    args, pipe = generation_setup(12, __doc__.splitlines()[0], add_arguments)
-    if args.first_seed != SEED0 and not args.result:
-        raise SystemExit(
-            "laterality.py: --first-seed needs --result NAME, so the held-out figures stay as they are"
-        )
+        ),
+        first_seed=SEED0,
+    )
     seed0 = args.first_seed
     pipe.transformer.eval()
     rows = {"generated": [], "real": []}
