@@ -544,9 +544,8 @@ def test_one_pass_loss_equals_the_two_passes_in_value_and_gradient(tmp_path, con
     model = build_transformer(config, cache)
     batch = ChunkSampler(cache, 4, config).batch(8, torch.Generator().manual_seed(1))
     assert batch["first"].any() and not batch["first"].all()
-    batch["context"][batch["first"]] = (
-        1.0  # one pass gives start rows a zero context whatever the batch holds
-    )
+    # one pass gives start rows a zero context whatever the batch holds
+    batch["context"][batch["first"]] = 1.0
 
     def run(one_pass):
         model.zero_grad()

@@ -270,8 +270,8 @@ def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig, 
     The first chunks' times and noise are drawn before the later chunks'. ``one_pass`` runs the whole
     batch through the model at once, the first chunks with a zero context: for ``concat`` and ``none``
     models that is what they see without one, so the loss is the same (up to rounding) as the two
-    passes a ``tokens`` model needs (its start has no context tokens at all), in 0.92x the time
-    (``benchmarks/train_throughput.py``).
+    passes a ``tokens`` model needs (its start has no context tokens at all), in 0.92-0.97x the time
+    (two runs of ``benchmarks/train_throughput.py``).
     """
     from diffusers.utils.torch_utils import randn_tensor
 
