@@ -16,7 +16,7 @@ generator can reach. Paired and from one-finding reports, this reads the nodule 
 
 Writes ``results/nodule_pairs.json`` (``--result NAME`` names it).
 
-    python benchmarks/nodule_pairs.py [--model DIR] [--n 24] [--steps 20] [--guidance 2]
+    python benchmarks/nodule_pairs.py [--model DIR] [--n 24] [--steps 20] [--guidance 2] [--first-seed S --result NAME]
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main() -> dict:
-    args, pipe = generation_setup(24, __doc__.splitlines()[0])
+    args, pipe = generation_setup(24, __doc__.splitlines()[0], first_seed=SEED0)
     rows = {"generated": [], "real": []}
     seeds = []
-    for seed in itertools.count(SEED0):
+    for seed in itertools.count(args.first_seed):
         if len(seeds) == args.n:
             break
         cases = pair(seed, len(seeds))

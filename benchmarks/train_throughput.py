@@ -6,7 +6,8 @@ of the same shapes) and reads the trainer's own JSONL log. Goal: data wait
 < 10% of step time. Also compares the two context modes at the same size, and
 times the loss's forward and backward in one pass against two passes (first
 chunks apart, as ``tokens`` models need), and with the report's tokens pooled
-in runs of 4 (``text_pool``) against unpooled, on the same batches, alternating;
+in runs of 4 (``text_pool``) or read by 16 resampler queries (``text_resampler``) against
+neither, on the same batches, alternating;
 and the trainer's fused AdamW step against the default for-loop one.
 
     python benchmarks/train_throughput.py [--latents runs/default/latents]
@@ -127,11 +128,18 @@ if __name__ == "__main__":
             "one_pass",
             "two_passes",
         )
-        pooled = replace(cfg, transformer={**cfg.transformer, "text_pool": 4})
-        pool = ratio(
-            alternating(cache, {"text_pool_1": (cfg, True), "text_pool_4": (pooled, True)}),
-            "text_pool_4",
-            "text_pool_1",
+        shorter = (
+            alternating(  # the report's tokens as they are, averaged in runs of 4, or read by 16 queries
+                cache,
+                {
+                    "text_pool_1": (cfg, True),
+                    "text_pool_4": (replace(cfg, transformer={**cfg.transformer, "text_pool": 4}), True),
+                    "text_resampler_16": (
+                        replace(cfg, transformer={**cfg.transformer, "text_resampler": 16}),
+                        True,
+                    ),
+                },
+            )
         )
         adamw = ratio(adamw_steps(cache, cfg), "fused", "for_loop")
     out = {
@@ -142,7 +150,8 @@ if __name__ == "__main__":
             results["tokens"]["sec_per_step"] / results["concat"]["sec_per_step"], 3
         ),
         "concat_loss_one_pass_vs_two": passes,
-        "concat_loss_text_pool_4_vs_1": pool,
+        "concat_loss_text_pool_4_vs_1": ratio(shorter, "text_pool_4", "text_pool_1"),
+        "concat_loss_text_resampler_16_vs_1": ratio(shorter, "text_resampler_16", "text_pool_1"),
         "adamw_step_fused_vs_for_loop": adamw,
         "goal_data_share": 0.10,
         "passed": all(r["data_share"] < 0.10 for r in results.values()),

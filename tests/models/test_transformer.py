@@ -203,6 +203,36 @@ def test_text_pool_reads_pooled_text_and_still_ignores_padding(tmp_path, context
             make_model(text_pool=bad)
 
 
+@pytest.mark.parametrize("context", ["concat", "tokens"])
+def test_text_resampler_gives_the_blocks_its_queries_and_ignores_padding(tmp_path, context):
+    model = make_model("full", context, text_resampler=3)
+    assert model.text_embedder is None  # the resampler reads the encoder's tokens itself
+    seen = []
+    model.blocks[0].cross_attn.register_forward_hook(lambda mod, args, out: seen.append(args[1:]))
+    inputs = make_inputs()
+    base = run(model, **inputs)
+    text, mask = seen[0]
+    assert text.shape == (2, 3, 32) and mask.all()  # every block reads 3 queries, not the 6 tokens
+    padded = inputs["encoder_hidden_states"].clone()
+    padded[0, 4:] = 100.0  # sample 0's padded tokens
+    torch.testing.assert_close(run(model, **{**inputs, "encoder_hidden_states": padded}), base)
+    padded[0, :4] += 1.0  # its real tokens do matter
+    assert not torch.allclose(run(model, **{**inputs, "encoder_hidden_states": padded}), base)
+    null = torch.zeros_like(inputs["encoder_attention_mask"])
+    null[:, 0] = 1  # the null report (flow.null_condition): one zero token
+    assert torch.isfinite(run(model, **{**inputs, "encoder_attention_mask": null})).all()
+    model.save_pretrained(tmp_path)
+    loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.config.text_resampler == 3
+    torch.testing.assert_close(run(loaded, **inputs), base)
+    assert sum(p.numel() for p in model.parameters()) == count_params(dict(model.config))
+    for bad in (-1, 1.5):
+        with pytest.raises(CTFlowError, match="text_resampler"):
+            make_model(text_resampler=bad)
+    with pytest.raises(CTFlowError, match="set one of them"):
+        make_model(text_resampler=2, text_pool=2)
+
+
 @pytest.mark.parametrize("attention", ["full", "factorized"])
 def test_context_none_ignores_the_previous_chunk(attention):
     # the "independent chunks" ablation: same input width as a model without context, no cache
@@ -528,5 +558,11 @@ def test_forward_flops_grow_with_depth_and_the_cache_saves_work():
     shipped = dict(patch_size=(2, 4, 4), context="concat")  # 64 chunk tokens, as the embedded model
     pooled = [forward_flops(preset_config("tiny", **shipped, text_pool=k), text_len=200) for k in (1, 4)]
     assert pooled[1] < 0.8 * pooled[0]  # 200 report tokens are most of its cross-attention work
+    resampled = [
+        forward_flops(preset_config("tiny", **shipped, text_resampler=16), text_len=n) for n in (200, 400)
+    ]
+    assert resampled[0] < 0.8 * pooled[0]
+    longer = forward_flops(preset_config("tiny", **shipped), text_len=400) - pooled[0]
+    assert resampled[1] - resampled[0] < longer / 4  # the report's length is read once, not in every block
     factorized = preset_config("ctflow-0.5b", attention="factorized")
     assert forward_flops(factorized) > 0 and count_params(factorized) > count_params("ctflow-0.5b")

@@ -89,6 +89,9 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
         "reads the report's tokens averaged in runs of 4 (`text_pool`)"
         in write_model_card(tmp_path).read_text()
     )
+    assert "learned queries" not in write_model_card(tmp_path).read_text()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"text_resampler": 16}))
+    assert "; 16 learned queries read the report's tokens once" in write_model_card(tmp_path).read_text()
     shipped = load_config(CONFIGS / "tiny-phantom.yaml", FlowTrainConfig).steps  # models from before stages
     assert f"`configs/tiny-phantom.yaml` to step {shipped} (EMA weights after {shipped} steps;" in card
     index["ctflow"]["flow_stages"] = [{"config": "a.yaml", "steps": 700}, {"config": "b.yaml", "steps": 900}]

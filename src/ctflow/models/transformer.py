@@ -66,6 +66,12 @@ k = 4 takes a phantom training step's forward and backward to 0.74x the time
 (``benchmarks/train_throughput.py``). The phantom model trained so drew less of a reported effusion's
 fluid and found named nodules less often (README, "Pooled report tokens").
 
+With ``text_resampler`` m > 0 a Perceiver resampler (Flamingo) reads the report instead: m learned
+queries attend once to the text encoder's tokens (keys and values straight from its width, so no MLP
+runs over every token), and the blocks cross-attend to those m queries. The report's length is then
+paid for once per forward, not in every block, and unlike ``text_pool`` the queries choose which
+tokens to read rather than averaging neighbours (README, "A resampler for the report").
+
 With ``context_residual`` (``concat`` context, ``sample`` prediction) the network predicts each slice
 of the chunk as a change from the previous chunk's last slice (zeros before the first chunk), so a
 structure that runs on across the chunk boundary (an effusion, the heart) needs no output at all and a
@@ -227,23 +233,45 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """Tokens attend to the report's text tokens; padded text tokens are masked out."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, text_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, dim * 2)
+        self.kv = nn.Linear(text_dim or dim, dim * 2)
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        # x [B,N,D]; text [B,L,D]; text_mask [B,L] bool (True = real token) -> [B,N,D]
+        # x [B,N,D]; text [B,L,text_dim]; text_mask [B,L] bool (True = real token) -> [B,N,D]
         b, n, d = x.shape
         q = self.q_norm(self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2))
         k, v = self.kv(text).view(b, text.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=text_mask[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class TextResampler(nn.Module):
+    """A Perceiver resampler (Flamingo): ``num_latents`` learned queries read the report's tokens once
+    (cross-attention straight from the text encoder's width, then an MLP, pre-norm residuals); the
+    blocks then cross-attend to those queries instead of the tokens."""
+
+    def __init__(self, dim: int, text_dim: int, num_latents: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.latents = nn.Parameter(torch.zeros(num_latents, dim))
+        self.norm_latents = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_text = nn.LayerNorm(text_dim, eps=1e-6)
+        self.attn = CrossAttention(dim, num_heads, text_dim=text_dim)
+        self.norm_mlp = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        # text [B,L,text_dim]; text_mask [B,L] bool -> [B,num_latents,D]
+        x = self.latents.expand(text.shape[0], -1, -1)
+        x = x + self.attn(self.norm_latents(x), self.norm_text(text), text_mask)
+        return x + self.mlp(self.norm_mlp(x))
 
 
 class CTFlowBlock(nn.Module):
@@ -362,6 +390,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         num_findings: int = 0,
         finding_maps: bool = False,
         text_pool: int = 1,
+        text_resampler: int = 0,
     ):
         super().__init__()
         patch_size = tuple(patch_size)
@@ -374,6 +403,12 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             raise CTFlowError(f"num_findings must be a whole number >= 0 (0: off), got {num_findings!r}")
         if not isinstance(text_pool, int) or text_pool < 1:
             raise CTFlowError(f"text_pool must be a whole number >= 1 (1: off), got {text_pool!r}")
+        if not isinstance(text_resampler, int) or text_resampler < 0:
+            raise CTFlowError(f"text_resampler must be a whole number >= 0 (0: off), got {text_resampler!r}")
+        if text_resampler and text_pool > 1:
+            raise CTFlowError(
+                "text_resampler and text_pool both shorten the report's tokens: set one of them"
+            )
         if finding_maps and not num_findings:
             raise CTFlowError("finding_maps needs finding flags to weight the maps: set num_findings too")
         if context_residual and (context != "concat" or prediction != "sample"):
@@ -411,11 +446,23 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             self.finding_null = nn.Parameter(torch.zeros(hidden_size))
         if finding_maps:  # per finding, a learned in-plane map added to the chunk's tokens [n,P,D]
             self.finding_map = nn.Parameter(torch.zeros(num_findings, rows * cols, hidden_size))
-        self.text_embedder = nn.Sequential(
-            nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+        # the report's tokens reach the blocks through an MLP, or through the resampler's queries
+        self.text_embedder = (
+            None
+            if text_resampler
+            else nn.Sequential(
+                nn.Linear(text_dim, hidden_size),
+                nn.GELU(approximate="tanh"),
+                nn.Linear(hidden_size, hidden_size),
+            )
         )
         self.pooled_embedder = nn.Sequential(
             nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.resampler = (
+            TextResampler(hidden_size, text_dim, text_resampler, num_heads, mlp_ratio)
+            if text_resampler
+            else None
         )
         # per-dimension (mean, std) of the training reports' token and pooled features; identity until
         # set_text_statistics. Saved with the weights, like a VAE's latent scaling factor.
@@ -480,7 +527,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             nn.init.normal_(self.start_context, std=0.02)
         if self.depth_embed is not None:
             nn.init.normal_(self.depth_embed.weight, std=0.02)
-        mlps = [self.t_embedder.mlp, self.text_embedder, self.pooled_embedder]
+        mlps = [self.t_embedder.mlp, self.pooled_embedder]
+        mlps += [self.text_embedder] if self.text_embedder is not None else []
         if self.config.target_depth:
             mlps.append(self.target_embedder.mlp)
         if self.config.num_findings:
@@ -488,6 +536,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         for mlp in mlps:
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
+        if self.resampler is not None:
+            nn.init.normal_(self.resampler.latents, std=0.02)
         if self.output_conv is not None:  # starts as the identity
             nn.init.dirac_(self.output_conv.weight)
             nn.init.zeros_(self.output_conv.bias)
@@ -611,7 +661,11 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             encoder_attention_mask.to(encoder_hidden_states.device),
             self.config.text_pool,
         )
-        text = self.text_embedder(text.to(dtype))
+        if self.resampler is None:
+            text = self.text_embedder(text.to(dtype))
+        else:  # the blocks read the resampler's queries, all of them real
+            text = self.resampler(text.to(dtype), mask)
+            mask = mask.new_ones(text.shape[:2])
         y = self.pooled_embedder(((pooled_text - pm) / ps).to(dtype))
         if self.config.target_depth:
             y = y + self._target(num_slices, chunk_index.to(y.device), y.shape[0]).to(y.dtype)
@@ -754,7 +808,8 @@ def forward_flops(
     """
     cfg = full_config(config)
     d, c, text_dim = cfg["hidden_size"], cfg["in_channels"], cfg["text_dim"]
-    pooled_len = -(-text_len // cfg["text_pool"])  # the text tokens the blocks see
+    m = cfg["text_resampler"]
+    pooled_len = m or -(-text_len // cfg["text_pool"])  # the text tokens the blocks see
     ps, ph, pw = cfg["patch_size"]
     slices, positions = cfg["chunk_slices"] // ps, (cfg["sample_size"] // ph) * (cfg["sample_size"] // pw)
     n, patch_dim = slices * positions, ps * ph * pw * c
@@ -774,7 +829,11 @@ def forward_flops(
         return attn_linear + attn_matmul + cross + mlp + ada
 
     conditioning = 2 * (FREQUENCY_EMBEDDING_SIZE * d + d * d) + 2 * (text_dim * d + d * d)
-    conditioning += 2 * pooled_len * (text_dim * d + d * d)
+    if m:  # the resampler: keys/values of every report token, then m queries (attention, MLP)
+        conditioning += 2 * text_len * text_dim * 2 * d + 2 * m * d * 2 * d + 4 * m * d * text_len
+        conditioning += 4 * m * d * mlp_hidden
+    else:
+        conditioning += 2 * pooled_len * (text_dim * d + d * d)
     patch_in = 2 * n * d * patch_dim * (2 if cfg["context"] == "concat" else 1)
     final = 2 * d * 2 * d + 2 * n * d * patch_dim
     if cfg.get("final_conv"):

@@ -186,6 +186,12 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f"; it reads the report's tokens averaged in runs of {flow['text_pool']} (`text_pool`)"
             if flow.get("text_pool", 1) > 1
             else ""
+        )
+        + (
+            f"; {flow['text_resampler']} learned queries read the report's tokens once and its blocks read"
+            " those queries (`text_resampler`)"
+            if flow.get("text_resampler", 0)
+            else ""
         ),
         "- scheduler: FlowMatchEulerDiscreteScheduler (shift 1)",
         f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
