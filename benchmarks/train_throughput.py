@@ -98,6 +98,11 @@ def adamw_steps(cache: Path, config: FlowTrainConfig, steps: int = 40) -> dict:
     return {f"{name}_sec": round(statistics.median(t), 4) for name, t in times.items()}
 
 
+def with_transformer(config: FlowTrainConfig, **changes) -> FlowTrainConfig:
+    """``config`` with these transformer options changed."""
+    return replace(config, transformer={**config.transformer, **changes})
+
+
 def ratio(times: dict, new: str, old: str) -> dict:
     return {**times, "ratio": round(times[f"{new}_sec"] / times[f"{old}_sec"], 3)}
 
@@ -121,25 +126,20 @@ if __name__ == "__main__":
         cfg = replace(base, steps=40, log_every=10, checkpoint_every=10**6)
         results = {}
         for mode in ("concat", "tokens"):
-            c = replace(cfg, transformer={**cfg.transformer, "context": mode})
-            results[mode] = run(cache, c, tmp / mode)
+            results[mode] = run(cache, with_transformer(cfg, context=mode), tmp / mode)
         passes = ratio(
             alternating(cache, {"one_pass": (cfg, True), "two_passes": (cfg, False)}),
             "one_pass",
             "two_passes",
         )
-        shorter = (
-            alternating(  # the report's tokens as they are, averaged in runs of 4, or read by 16 queries
-                cache,
-                {
-                    "text_pool_1": (cfg, True),
-                    "text_pool_4": (replace(cfg, transformer={**cfg.transformer, "text_pool": 4}), True),
-                    "text_resampler_16": (
-                        replace(cfg, transformer={**cfg.transformer, "text_resampler": 16}),
-                        True,
-                    ),
-                },
-            )
+        # the report's tokens as they are, averaged in runs of 4, or read by 16 resampler queries
+        shorter = alternating(
+            cache,
+            {
+                "text_pool_1": (cfg, True),
+                "text_pool_4": (with_transformer(cfg, text_pool=4), True),
+                "text_resampler_16": (with_transformer(cfg, text_resampler=16), True),
+            },
         )
         adamw = ratio(adamw_steps(cache, cfg), "fused", "for_loop")
     out = {
