@@ -8,6 +8,8 @@ times the loss's forward and backward in one pass against two passes (first
 chunks apart, as ``tokens`` models need), and with the report's tokens pooled
 in runs of 4 (``text_pool``) or read by 16 resampler queries (``text_resampler``) against
 neither, on the same batches, alternating;
+the report's key/value projections over its real tokens only (the model) against over every token,
+padding too (as before 2026-12-03);
 and the trainer's fused AdamW step against the default for-loop one.
 
     python benchmarks/train_throughput.py [--latents runs/default/latents]
@@ -23,12 +25,14 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import MethodType
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import synthetic_cache, write_result  # noqa: E402
 
+from ctflow.models.transformer import TextCache, pool_tokens  # noqa: E402
 from ctflow.train.config import FlowTrainConfig, load_config  # noqa: E402
 from ctflow.train.flow_trainer import (  # noqa: E402
     ChunkSampler,
@@ -51,9 +55,29 @@ def run(cache: Path, config: FlowTrainConfig, work: Path) -> dict:
     return {"sec_per_step": round(sec, 4), "data_share": round(share, 4)}
 
 
-def alternating(cache: Path, variants: dict[str, tuple[FlowTrainConfig, bool]], steps: int = 30) -> dict:
+def every_token_text_cache(model, tokens: torch.Tensor, mask: torch.Tensor) -> TextCache:
+    """The report's keys/values projected by each block over every token, padding too."""
+    tm, ts = model.token_stats
+    text, mask = pool_tokens((tokens - tm) / ts, mask, model.config.text_pool)
+    text = model.text_embedder(text)
+    b, length = mask.shape
+    heads = model.config.num_heads
+    kv = [
+        block.cross_attn.kv(text).view(b, length, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        for block in model.blocks
+    ]
+    return TextCache(kv, mask)
+
+
+def alternating(
+    cache: Path,
+    variants: dict[str, tuple[FlowTrainConfig, bool]],
+    steps: int = 30,
+    text_caches: dict | None = None,
+) -> dict:
     """Median seconds of the loss's forward + backward for each variant (config, one pass), on the
-    same batches (drawn with the first variant's config), taking turns in a rotating order."""
+    same batches (drawn with the first variant's config), taking turns in a rotating order.
+    ``text_caches`` maps a variant to a replacement for its model's ``compute_text_cache``."""
     latents = LatentCache(cache)
     names = list(variants)
     config = variants[names[0]][0]
@@ -61,6 +85,8 @@ def alternating(cache: Path, variants: dict[str, tuple[FlowTrainConfig, bool]], 
     for name, (cfg, _) in variants.items():
         torch.manual_seed(0)
         models[name] = build_transformer(cfg, latents)
+        if name in (text_caches or {}):
+            models[name].compute_text_cache = MethodType(text_caches[name], models[name])
     sampler = ChunkSampler(
         latents, models[names[0]].config.chunk_slices, config, models[names[0]].config.num_findings
     )
@@ -141,6 +167,15 @@ if __name__ == "__main__":
                 "text_resampler_16": (with_transformer(cfg, text_resampler=16), True),
             },
         )
+        projection = ratio(
+            alternating(
+                cache,
+                {"real_tokens": (cfg, True), "every_token": (cfg, True)},
+                text_caches={"every_token": every_token_text_cache},
+            ),
+            "real_tokens",
+            "every_token",
+        )
         adamw = ratio(adamw_steps(cache, cfg), "fused", "for_loop")
     out = {
         "cache": str(real) if cache == real else "synthetic (same shapes)",
@@ -152,6 +187,7 @@ if __name__ == "__main__":
         "concat_loss_one_pass_vs_two": passes,
         "concat_loss_text_pool_4_vs_1": ratio(shorter, "text_pool_4", "text_pool_1"),
         "concat_loss_text_resampler_16_vs_1": ratio(shorter, "text_resampler_16", "text_pool_1"),
+        "concat_loss_text_kv_real_tokens_vs_every_token": projection,
         "adamw_step_fused_vs_for_loop": adamw,
         "goal_data_share": 0.10,
         "passed": all(r["data_share"] < 0.10 for r in results.values()),

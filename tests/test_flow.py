@@ -14,6 +14,7 @@ from ctflow.flow import (
     null_condition,
     sample_chunk,
     sample_time,
+    text_cache_for,
 )
 from ctflow.models.transformer import CTFlowTransformer
 
@@ -323,15 +324,24 @@ def test_sample_chunk_with_a_tiny_transformer(context):
         for p in model.parameters():
             if not p.any():
                 p.normal_(std=0.1)
-    calls = []
-    compute = model.compute_context_cache
-    model.compute_context_cache = lambda *args: calls.append(1) or compute(*args)
+    calls, text_calls = [], []
+    compute, compute_text = model.compute_context_cache, model.compute_text_cache
+    model.compute_context_cache = lambda *args, **kw: calls.append(1) or compute(*args, **kw)
+    model.compute_text_cache = lambda *args: text_calls.append(1) or compute_text(*args)
     cond = {**make_cond(), "context": torch.randn(2, 3, 4, 4, 4)}
     shape = (2, 3, 4, 4, 4)
     out = sample_chunk(
         model, make_scheduler(), shape, cond, 3, 2.0, torch.Generator().manual_seed(0), null_condition(cond)
     )
-    assert out.shape == shape and torch.isfinite(out).all() and len(calls) == 1
+    assert out.shape == shape and torch.isfinite(out).all() and len(calls) == len(text_calls) == 1
+    # the report's keys/values, computed once, give the velocity that projecting them every step gives
+    x, t = torch.randn(shape), torch.full((2,), 0.7)
+    text = text_cache_for(model, cond, null_condition(cond), 2.0)
+    assert text.mask.shape == (4, cond["encoder_attention_mask"].shape[1])  # [cond; uncond]
+    with torch.no_grad():
+        cached = guided_velocity(model, x, t, cond, null_condition(cond), 2.0, text_cache=text)
+        fresh = guided_velocity(model, x, t, cond, null_condition(cond), 2.0)
+    torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=0)
     if context == "tokens":  # the cached sampler equals the one that recomputes the context every step
         x, t = torch.randn(shape), torch.full((2,), 0.7)
         cache = context_cache_for(model, cond, null_condition(cond), 2.0)

@@ -207,16 +207,41 @@ def guidance_terms(
     return [(cond, f), (flagless, g - f), (uncond, 0.0)]
 
 
-def context_cache_for(
+def _guided_batch(
+    cond: dict, uncond: dict | None, guidance_scale: float, finding_scale: float | None
+) -> dict:
+    # the one batch guided_velocity runs the model on
+    terms = guidance_terms(cond, uncond, guidance_scale, finding_scale)
+    return cond if len(terms) == 1 else cfg_condition(*(c for c, _ in terms))
+
+
+def text_cache_for(
     model,
     cond: dict,
     uncond: dict | None = None,
     guidance_scale: float = 1.0,
     finding_scale: float | None = None,
 ):
-    """The model's context cache for the batch :func:`guided_velocity` runs (None in concat mode)."""
-    terms = guidance_terms(cond, uncond, guidance_scale, finding_scale)
-    batch = cond if len(terms) == 1 else cfg_condition(*(c for c, _ in terms))
+    """The report's per-block keys/values for the batch :func:`guided_velocity` runs, or None for a
+    model that does not cache them: they stay the same at every ODE step."""
+    if not hasattr(model, "compute_text_cache"):
+        return None
+    batch = _guided_batch(cond, uncond, guidance_scale, finding_scale)
+    return model.compute_text_cache(batch["encoder_hidden_states"], batch["encoder_attention_mask"])
+
+
+def context_cache_for(
+    model,
+    cond: dict,
+    uncond: dict | None = None,
+    guidance_scale: float = 1.0,
+    finding_scale: float | None = None,
+    text_cache=None,
+):
+    """The model's context cache for the batch :func:`guided_velocity` runs (None in concat mode);
+    ``text_cache`` from :func:`text_cache_for` saves projecting the report again."""
+    batch = _guided_batch(cond, uncond, guidance_scale, finding_scale)
+    extra = {} if text_cache is None else {"text_cache": text_cache}
     return model.compute_context_cache(
         batch.get("context"),
         batch["encoder_hidden_states"],
@@ -225,6 +250,7 @@ def context_cache_for(
         batch["chunk_index"],
         batch.get("num_slices"),
         batch.get("findings"),
+        **extra,
     )
 
 
@@ -237,21 +263,24 @@ def guided_velocity(
     guidance_scale: float = 1.0,
     context_cache=None,
     finding_scale: float | None = None,
+    text_cache=None,
 ) -> torch.Tensor:
     """Classifier-free guided velocity v_u + g * (v_c - v_u) from ONE forward over [cond; uncond].
 
     With ``guidance_scale <= 1`` or no ``uncond`` it is the conditional velocity (one forward of batch B).
     A ``finding_scale`` adds the report with unknown flags to the batch (:func:`guidance_terms`).
-    ``context_cache`` must come from :func:`context_cache_for` with the same arguments.
+    ``context_cache`` and ``text_cache`` must come from :func:`context_cache_for` and
+    :func:`text_cache_for` with the same arguments.
     """
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
     terms = guidance_terms(cond, uncond, guidance_scale, finding_scale)
+    extra = {} if text_cache is None else {"text_cache": text_cache}
     if len(terms) == 1:
-        return model_output(model(x, t, **cond, context_cache=context_cache))
+        return model_output(model(x, t, **cond, context_cache=context_cache, **extra))
     n = len(terms)
     batch = cfg_condition(*(c for c, _ in terms))
     v = model_output(
-        model(x.repeat(n, *[1] * (x.ndim - 1)), t.repeat(n), **batch, context_cache=context_cache)
+        model(x.repeat(n, *[1] * (x.ndim - 1)), t.repeat(n), **batch, context_cache=context_cache, **extra)
     )
     *vs, last = v.chunk(n)
     out = last
@@ -275,7 +304,7 @@ def sample_chunk(
 ) -> torch.Tensor:
     """Generate one chunk x0 [B,C,S,h,w] from noise, integrating t: 1 -> 0 with ``scheduler``.
 
-    The context cache is computed once and reused at every step. ``callback(i)`` runs after step i of
+    The report's keys/values and the context cache are computed once and reused at every step. ``callback(i)`` runs after step i of
     ``len(scheduler.timesteps)`` (Heun evaluates the model twice per interval).
     """
     if shape[0] != cond["pooled_text"].shape[0]:
@@ -285,10 +314,11 @@ def sample_chunk(
     device = cond["pooled_text"].device
     x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    cache = context_cache_for(model, cond, uncond, guidance_scale, finding_scale)
+    text = text_cache_for(model, cond, uncond, guidance_scale, finding_scale)
+    cache = context_cache_for(model, cond, uncond, guidance_scale, finding_scale, text)
     for i, timestep in enumerate(scheduler.timesteps):
         t = scheduler.sigmas[i].to(device=device, dtype=torch.float32).expand(shape[0])
-        v = guided_velocity(model, x, t, cond, uncond, guidance_scale, cache, finding_scale)
+        v = guided_velocity(model, x, t, cond, uncond, guidance_scale, cache, finding_scale, text)
         x = scheduler.step(v.float(), timestep, x, return_dict=False)[0]
         if callback is not None:
             callback(i)

@@ -9,6 +9,7 @@ from ctflow.models.transformer import (
     TRANSFORMER_PRESETS,
     CTFlowBlock,
     CTFlowTransformer,
+    TextCache,
     count_params,
     forward_flops,
     pool_tokens,
@@ -203,16 +204,58 @@ def test_text_pool_reads_pooled_text_and_still_ignores_padding(tmp_path, context
             make_model(text_pool=bad)
 
 
+def per_block_text_cache(model, tokens, mask):
+    """The report's keys/values as each block's kv layer would give them over every token, padding too."""
+    tm, ts = model.token_stats
+    text, mask = pool_tokens((tokens - tm) / ts, mask, model.config.text_pool)
+    text = model.text_embedder(text)
+    b, length = mask.shape
+    kv = [
+        blk.cross_attn.kv(text)
+        .view(b, length, 2, model.config.num_heads, -1)
+        .permute(2, 0, 3, 1, 4)
+        .unbind(0)
+        for blk in model.blocks
+    ]
+    return TextCache(kv, mask)
+
+
+@pytest.mark.parametrize("attention,context", MODES)
+@pytest.mark.parametrize("text_pool", [1, 2])
+def test_text_cache_projects_only_real_tokens_with_the_same_output_and_gradients(
+    attention, context, text_pool
+):
+    model = make_model(attention, context, text_pool=text_pool).train()
+    inputs = make_inputs()
+    inputs["encoder_hidden_states"][0, 4:] = 100.0  # padding, which must not matter
+    text = (inputs["encoder_hidden_states"], inputs["encoder_attention_mask"])
+    cache = model.compute_text_cache(*text)
+    k, v = cache.kv[1]
+    assert len(cache.kv) == 2 and k.shape == v.shape == (2, 4, L // text_pool, 8)
+    assert not k[0, :, 4 // text_pool :].any() and k[1].abs().sum(-1).all()  # padding zero, real tokens not
+    outputs, grads = [], []
+    for text_cache in (None, per_block_text_cache(model, *text)):
+        model.zero_grad()
+        out = model(**inputs, text_cache=text_cache).sample
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().max() > 0
+    with pytest.raises(CTFlowError, match="text_cache was computed for batch 2, not 1"):
+        model(**make_inputs(batch=1), text_cache=cache)
+
+
 @pytest.mark.parametrize("context", ["concat", "tokens"])
 def test_text_resampler_gives_the_blocks_its_queries_and_ignores_padding(tmp_path, context):
     model = make_model("full", context, text_resampler=3)
     assert model.text_embedder is None  # the resampler reads the encoder's tokens itself
-    seen = []
-    model.blocks[0].cross_attn.register_forward_hook(lambda mod, args, out: seen.append(args[1:]))
     inputs = make_inputs()
     base = run(model, **inputs)
-    text, mask = seen[0]
-    assert text.shape == (2, 3, 32) and mask.all()  # every block reads 3 queries, not the 6 tokens
+    cache = model.compute_text_cache(inputs["encoder_hidden_states"], inputs["encoder_attention_mask"])
+    assert cache.mask.shape == (2, 3) and cache.mask.all()  # every block reads 3 queries, not the 6 tokens
+    assert all(k.shape[2] == v.shape[2] == 3 for k, v in cache.kv) and len(cache.kv) == len(model.blocks)
     padded = inputs["encoder_hidden_states"].clone()
     padded[0, 4:] = 100.0  # sample 0's padded tokens
     torch.testing.assert_close(run(model, **{**inputs, "encoder_hidden_states": padded}), base)

@@ -16,6 +16,10 @@ Two ways to see the previous chunk (``context``):
   per-block keys/values are computed once per chunk (:meth:`CTFlowTransformer.compute_context_cache`)
   and reused at every ODE step.
 
+The report's per-block cross-attention keys/values likewise depend on neither the chunk nor t: the
+sampler computes them once per chunk (:meth:`CTFlowTransformer.compute_text_cache`) and reuses them
+at every ODE step, over the report's real tokens only (padding is masked out either way).
+
 Two attention layouts (``attention``):
 
 * ``"full"``: joint self-attention over all tokens of the chunk.
@@ -177,6 +181,23 @@ class ContextCache:
     batch_size: int
 
 
+@dataclass
+class TextCache:
+    """The report's keys/values for every block's cross-attention, reusable at every ODE step.
+
+    ``kv[i]`` is block i's (key, value), each [B, heads, L, head_dim]; ``mask`` [B, L] bool marks the
+    real tokens (keys and values of padding are zero, and masked out). From
+    :meth:`CTFlowTransformer.compute_text_cache`.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+
 class TimestepEmbedder(nn.Module):
     """Flow time t in [0, 1] -> [B, D]: sinusoidal embedding of t * 1000, then an MLP (DiT)."""
 
@@ -245,9 +266,15 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         # x [B,N,D]; text [B,L,text_dim]; text_mask [B,L] bool (True = real token) -> [B,N,D]
+        k, v = self.kv(text).view(*text.shape[:2], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.attend(x, k, v, text_mask)
+
+    def attend(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        # x [B,N,D]; k, v [B,heads,L,head_dim] (this layer's kv projection of the text) -> [B,N,D]
         b, n, d = x.shape
         q = self.q_norm(self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2))
-        k, v = self.kv(text).view(b, text.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=text_mask[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -319,13 +346,15 @@ class CTFlowBlock(nn.Module):
         self,
         x: torch.Tensor,
         c: torch.Tensor,
-        text: torch.Tensor,
+        text_k: torch.Tensor,
+        text_v: torch.Tensor,
         text_mask: torch.Tensor,
         grid: tuple[int, int],
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        # x [B,N,D]; c [B,D]; text [B,L,D]; text_mask [B,L]; prefix: the context's (k, v) for the attention
-        # that crosses streams (full: self-attention, factorized: temporal) -> x [B,N,D] and own (k, v) there
+        # x [B,N,D]; c [B,D]; text_k, text_v [B,heads,L,head_dim] (this block's projection of the report,
+        # TextCache); text_mask [B,L]; prefix: the context's (k, v) for the attention that crosses streams
+        # (full: self-attention, factorized: temporal) -> x [B,N,D] and own (k, v) there
         if self.factorized:
             (shift_s, scale_s, gate_s, shift_t, scale_t, gate_t, shift_mlp, scale_mlp, gate_mlp) = (
                 self.adaLN_modulation(c).chunk(9, dim=1)
@@ -341,7 +370,7 @@ class CTFlowBlock(nn.Module):
             )
             out, kv = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), prefix)
             x = x + gate_msa.unsqueeze(1) * out
-        x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
+        x = x + self.cross_attn.attend(self.norm_cross(x), text_k, text_v, text_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x, kv
 
@@ -548,6 +577,44 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
+    def compute_text_cache(
+        self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor
+    ) -> TextCache:
+        """The report's keys/values for every block's cross-attention, reusable at every ODE step.
+
+        They depend only on the report's tokens [B,L,text_dim] and mask [B,L] (1 keep, 0 pad), not on
+        the chunk or t; :meth:`forward` with ``text_cache=`` skips computing them again.
+        """
+        dtype = self.x_embedder.weight.dtype
+        tm, ts = self.token_stats.to(encoder_hidden_states.device)
+        text, mask = pool_tokens(
+            (encoder_hidden_states - tm) / ts,
+            encoder_attention_mask.to(encoder_hidden_states.device),
+            self.config.text_pool,
+        )
+        if self.resampler is None:  # the MLP runs over the real tokens only: [T,D]
+            real = self.text_embedder(text[mask].to(dtype))
+        else:  # the blocks read the resampler's queries, all of them real
+            text = self.resampler(text.to(dtype), mask)
+            mask = mask.new_ones(text.shape[:2])
+            real = text.flatten(0, 1)
+        return TextCache(kv=self._text_kv(real, mask), mask=mask)
+
+    def _text_kv(self, real: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # real [T,D]: the embedded real tokens of mask [B,L] in order -> per block (k, v) [B,heads,L,hd].
+        # Projected over the real tokens only (a batch of phantom reports is a quarter padding); padding's
+        # keys and values are zero, which the mask hides as it hid the projected padding before: the same
+        # attention and gradients; a phantom training step takes 0.93 to 0.96x the time
+        # (benchmarks/train_throughput.py).
+        b, length = mask.shape
+        rows, cols = mask.nonzero(as_tuple=True)
+        out = []
+        for block in self.blocks:
+            kv = block.cross_attn.kv(real)
+            kv = kv.new_zeros(b, length, kv.shape[-1]).index_put((rows, cols), kv)
+            out.append(kv.view(b, length, 2, self.config.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
+        return out
+
     def compute_context_cache(
         self,
         context: torch.Tensor | None,
@@ -557,6 +624,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         chunk_index: torch.Tensor,
         num_slices: torch.Tensor | None = None,
         findings: torch.Tensor | None = None,
+        text_cache: TextCache | None = None,
     ) -> ContextCache | None:
         """The context tokens' per-block keys/values, reusable at every ODE step of one chunk.
 
@@ -565,10 +633,16 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         """
         if self.config.context != "tokens":
             return None
-        text, text_mask, y, depth = self._condition(
-            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices, findings
+        text, y, depth = self._condition(
+            encoder_hidden_states,
+            encoder_attention_mask,
+            pooled_text,
+            chunk_index,
+            num_slices,
+            findings,
+            text_cache,
         )
-        return self._context_cache(context, text, text_mask, y, depth)
+        return self._context_cache(context, text, y, depth)
 
     def forward(
         self,
@@ -582,6 +656,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         context_cache: ContextCache | None = None,
         num_slices: torch.Tensor | None = None,
         findings: torch.Tensor | None = None,
+        text_cache: TextCache | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Velocity [B,C,S,h,w] of the noisy chunk ``hidden_states`` [B,C,S,h,w] at flow time ``timestep`` [B].
@@ -592,12 +667,19 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         ``context_cache`` from :meth:`compute_context_cache` replaces ``context``. ``num_slices`` [B] is
         the volume's slice count from the meta line (0 or None: unknown); only ``target_depth`` models
         read it. ``findings`` [B,num_findings] are the report's finding flags (None, or a row with a
-        negative value: unknown); only ``num_findings`` models read them.
+        negative value: unknown); only ``num_findings`` models read them. A ``text_cache`` from
+        :meth:`compute_text_cache` of the same report tokens saves projecting them again.
         """
         b = self._check_chunk(hidden_states, "hidden_states")
         dtype = self.x_embedder.weight.dtype
-        text, text_mask, y, depth = self._condition(
-            encoder_hidden_states, encoder_attention_mask, pooled_text, chunk_index, num_slices, findings
+        text, y, depth = self._condition(
+            encoder_hidden_states,
+            encoder_attention_mask,
+            pooled_text,
+            chunk_index,
+            num_slices,
+            findings,
+            text_cache,
         )
         x = hidden_states.to(dtype)
         if self.config.context != "tokens" and context_cache is not None:
@@ -613,7 +695,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         elif self.config.context == "none":
             pass  # independent chunks: the previous chunk is not seen
         elif context_cache is None:
-            context_cache = self._context_cache(context, text, text_mask, y, depth)
+            context_cache = self._context_cache(context, text, y, depth)
         elif context_cache.batch_size != b:
             raise CTFlowError(f"context_cache was computed for batch {context_cache.batch_size}, not {b}")
 
@@ -624,7 +706,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         c = self.t_embedder(t) + y  # [B,D]
         for i, block in enumerate(self.blocks):
             prefix = None if context_cache is None else context_cache.kv[i]
-            x, _ = self._block(block, x, c, text, text_mask, prefix)
+            x, _ = self._block(block, x, c, text, i, prefix)
         out = self.unpatchify(self.final_layer(x, c))  # [B,C,S,h,w]
         if self.output_conv is not None:
             out = self.output_conv(out)
@@ -650,22 +732,17 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         chunk_index,
         num_slices,
         findings=None,
+        text_cache=None,
     ):
-        # -> text tokens [B,L,D], text mask [B,L] bool, pooled embedding y [B,D] (plus the slices still to
-        # come for target_depth models and the finding flags for num_findings models), depth embedding [B,D]
+        # -> the report's TextCache, pooled embedding y [B,D] (plus the slices still to come for
+        # target_depth models and the finding flags for num_findings models), depth embedding [B,D]
         dtype = self.x_embedder.weight.dtype
-        tm, ts = self.token_stats.to(encoder_hidden_states.device)
+        b = pooled_text.shape[0]
+        if text_cache is None:
+            text_cache = self.compute_text_cache(encoder_hidden_states, encoder_attention_mask)
+        elif text_cache.batch_size != b:
+            raise CTFlowError(f"text_cache was computed for batch {text_cache.batch_size}, not {b}")
         pm, ps = self.pooled_stats.to(pooled_text.device)
-        text, mask = pool_tokens(
-            (encoder_hidden_states - tm) / ts,
-            encoder_attention_mask.to(encoder_hidden_states.device),
-            self.config.text_pool,
-        )
-        if self.resampler is None:
-            text = self.text_embedder(text.to(dtype))
-        else:  # the blocks read the resampler's queries, all of them real
-            text = self.resampler(text.to(dtype), mask)
-            mask = mask.new_ones(text.shape[:2])
         y = self.pooled_embedder(((pooled_text - pm) / ps).to(dtype))
         if self.config.target_depth:
             y = y + self._target(num_slices, chunk_index.to(y.device), y.shape[0]).to(y.dtype)
@@ -676,7 +753,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         else:
             index = chunk_index.to(y.device, torch.long).clamp(0, self.config.max_chunks - 1)
             depth = self.depth_embed(index)
-        return text, mask, y, depth
+        return text_cache, y, depth
 
     def _target(self, num_slices: torch.Tensor | None, chunk_index: torch.Tensor, b: int) -> torch.Tensor:
         # [B,D]: embedding of the slices left from this chunk's first slice on, or the null vector
@@ -718,7 +795,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         tokens = patches + self.pos_embed + self.slice_embed
         return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]) + depth[:, None]
 
-    def _context_cache(self, context, text, text_mask, y, depth) -> ContextCache:
+    def _context_cache(self, context, text, y, depth) -> ContextCache:
         b = y.shape[0]
         if context is None:
             ctx = self._tokens(self.start_context, depth)  # [B,N,D]
@@ -727,16 +804,17 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             ctx = self._tokens(self.context_embedder(context.to(self.x_embedder.weight.dtype)), depth)
         c = self.t_embedder(y.new_zeros(b)) + y  # context tokens are clean: t = 0
         kv = []
-        for block in self.blocks:
-            ctx, block_kv = self._block(block, ctx, c, text, text_mask)
+        for i, block in enumerate(self.blocks):
+            ctx, block_kv = self._block(block, ctx, c, text, i)
             kv.append(block_kv)
         return ContextCache(kv=kv, batch_size=b)
 
-    def _block(self, block, x, c, text, text_mask, prefix=None):
+    def _block(self, block, x, c, text: TextCache, i: int, prefix=None):
         grid = (self.grid[0], self.grid[1] * self.grid[2])
+        k, v = text.kv[i]
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, x, c, text, text_mask, grid, prefix)
-        return block(x, c, text, text_mask, grid, prefix)
+            return self._gradient_checkpointing_func(block, x, c, k, v, text.mask, grid, prefix)
+        return block(x, c, k, v, text.mask, grid, prefix)
 
     def _check_chunk(self, x: torch.Tensor, name: str, batch: int | None = None) -> int:
         cfg = self.config
