@@ -51,3 +51,21 @@ def test_long_report_is_truncated_with_a_warning_saying_by_how_much(encoder):
     with pytest.warns(UserWarning, match=r"truncated by \d+ tokens"):
         emb = encoder(["word " * 400])
     assert emb.tokens.shape[1] == encoder.max_length
+
+
+def test_encode_each_gives_what_encoding_each_report_alone_gives_in_the_given_order(encoder):
+    reports = [
+        "Findings: a 12 mm nodule in the right upper lobe. Impressions: nodule.",
+        "Normal.",
+        "Volume: 80 slices. Findings: left pleural effusion. Heart size is enlarged. " * 3,
+        "Findings: clear lungs.",
+        "Normal.",
+    ]
+    out = encoder.encode_each(reports, batch_size=2)  # batches group by length, not by position
+    assert len(out) == len(reports)
+    for report, (tokens, pooled) in zip(reports, out, strict=True):
+        alone = encoder([report])
+        assert tokens.shape == alone.tokens[0].shape  # no padding left on
+        torch.testing.assert_close(tokens, alone.tokens[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pooled, alone.pooled[0], atol=1e-4, rtol=1e-4)
+    assert encoder.encode_each([]) == []

@@ -95,6 +95,8 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
     assert len(cache) == 2 and v.latents.shape == (8, v.num_slices, 16, 16)
     assert v.tokens.shape[0] > v.tokens_nometa.shape[0]  # the meta line adds tokens
     torch.testing.assert_close(v.pooled, text([ds.load(0).report]).pooled[0])
+    alone = text([ds.load(0).report]).tokens[0]  # as encoded alone: no padding, float16
+    torch.testing.assert_close(v.tokens, alone.half().float(), atol=2e-3, rtol=2e-3)
     assert cache.eos.shape == (8, 16, 16)
     for i in range(2):  # the phantoms' finding extents travel with their rows (FindingBoost reads them)
         assert cache.rows[i][1]["finding_slices"] == ds.load(i).finding_slices

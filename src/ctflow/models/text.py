@@ -151,3 +151,22 @@ class ReportEncoder(nn.Module):
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return TextEmbedding(hidden, mask, pooled)
+
+    def encode_each(
+        self, reports: list[str], batch_size: int = 16
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each report's (tokens [L_i, D] without padding, pooled [D]), as encoding it alone gives them
+        (up to rounding), in the order given; many at a time, grouped by length so batches hold
+        little padding (0.68x the time of one at a time on a phantom cache's texts,
+        ``benchmarks/report_encoding.py``)."""
+        if not reports:
+            return []
+        lengths = [len(ids) for ids in self.tokenizer(list(reports), add_special_tokens=True)["input_ids"]]
+        order = sorted(range(len(reports)), key=lengths.__getitem__)
+        out: list = [None] * len(reports)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            emb = self([reports[i] for i in rows])
+            for j, i in enumerate(rows):
+                out[i] = (emb.tokens[j, : int(emb.mask[j].sum())], emb.pooled[j])
+        return out

@@ -177,7 +177,7 @@ def encode_dataset(
             if progress:
                 progress(min(shard_size, n - start))
             continue
-        tensors, rows = {}, []
+        tensors, rows, texts = {}, [], {}
         for i in range(start, min(start + shard_size, n)):
             try:
                 sample = dataset.load(i)
@@ -199,10 +199,8 @@ def encode_dataset(
                 tensors[f"{name}.finding_mask"] = m.to(torch.float16).contiguous()
             short = shortened_reports(sample.report, report_variants, zlib.crc32(name.encode()))
             for key, report in zip(report_keys(len(short)), [sample.report, *short], strict=True):
-                for suffix, r in ((key, report), (key + "_nometa", strip_meta(report))):
-                    emb = text([r])
-                    tensors[f"{name}.tokens{suffix}"] = emb.tokens[0].to(torch.float16).contiguous()
-                    tensors[f"{name}.pooled{suffix}"] = emb.pooled[0].contiguous()
+                texts[name, key] = report
+                texts[name, key + "_nometa"] = strip_meta(report)
             rows.append(
                 {
                     "name": name,
@@ -219,6 +217,10 @@ def encode_dataset(
             )
             if progress:
                 progress(1)
+        # the shard's reports, encoded together (grouped by length)
+        for (name, key), (tokens, pooled) in zip(texts, text.encode_each(list(texts.values())), strict=True):
+            tensors[f"{name}.tokens{key}"] = tokens.to(torch.float16).contiguous()
+            tensors[f"{name}.pooled{key}"] = pooled.contiguous()
         with atomic_path(shard.with_suffix(".safetensors"), overwrite=True) as tmp:
             save_file(tensors or {"_empty": torch.zeros(1)}, tmp)
         write_text_atomic(shard.with_suffix(".json"), json.dumps(rows, indent=1), overwrite=True)
