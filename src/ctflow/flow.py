@@ -304,8 +304,9 @@ def sample_chunk(
 ) -> torch.Tensor:
     """Generate one chunk x0 [B,C,S,h,w] from noise, integrating t: 1 -> 0 with ``scheduler``.
 
-    The report's keys/values and the context cache are computed once and reused at every step. ``callback(i)`` runs after step i of
-    ``len(scheduler.timesteps)`` (Heun evaluates the model twice per interval).
+    The report's keys/values and the context cache are computed once and reused at every step.
+    ``callback(i)`` runs after step i of ``len(scheduler.timesteps)`` (Heun evaluates the model twice
+    per interval).
     """
     if shape[0] != cond["pooled_text"].shape[0]:
         raise CTFlowError(

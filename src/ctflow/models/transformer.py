@@ -66,7 +66,8 @@ With ``text_pool`` k > 1 the report's tokens are averaged over runs of k neighbo
 (:func:`pool_tokens`, padding left out) before the blocks read them. The text encoder's tokens already
 carry their context, and a chest report has some 200 of them against 64 chunk tokens, so most of a
 small model's cross-attention cost (its key/value projections in every block) is spent on the text;
-k = 4 takes a phantom training step's forward and backward to 0.74x the time
+k = 4 takes a phantom training step's forward and backward to 0.74x the time of projecting every
+token, and 0.79x that of projecting the real tokens only, as the model does now
 (``benchmarks/train_throughput.py``). The phantom model trained so drew less of a reported effusion's
 fluid and found named nodules less often (README, "Pooled report tokens").
 
