@@ -267,8 +267,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         # x [B,N,D]; text [B,L,text_dim]; text_mask [B,L] bool (True = real token) -> [B,N,D]
-        k, v = self.kv(text).view(*text.shape[:2], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.attend(x, k, v, text_mask)
+        return self.attend(x, *self.heads(self.kv(text)), text_mask)
+
+    def heads(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # kv [B,L,2D] (this layer's kv projection of the text) -> k, v each [B,heads,L,head_dim]
+        return kv.view(*kv.shape[:2], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
     def attend(
         self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_mask: torch.Tensor
@@ -612,8 +615,9 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         out = []
         for block in self.blocks:
             kv = block.cross_attn.kv(real)
-            kv = kv.new_zeros(b, length, kv.shape[-1]).index_put((rows, cols), kv)
-            out.append(kv.view(b, length, 2, self.config.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
+            out.append(
+                block.cross_attn.heads(kv.new_zeros(b, length, kv.shape[-1]).index_put((rows, cols), kv))
+            )
         return out
 
     def compute_context_cache(
