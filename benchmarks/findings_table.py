@@ -9,7 +9,8 @@ how many of the reports that do not name it give a volume where the reader finds
 
 A column may pool results with ``+`` (``embedded_quality+exp_installed_quality_seed55000``): one
 model's reports from two seed sets counted together. About a dozen reports name each finding in a
-set of 50, and a finding's count moves by about four between sets (README, "Pooled report tokens").
+set of 50, and a finding's count moves by about four between sets (docs/experiments.md, "Pooled report
+tokens").
 
 It prints the table; it reads the results' rows and measures nothing new.
 """

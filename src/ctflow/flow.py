@@ -24,7 +24,7 @@ as InstructPix2Pix splits its image and text guidance: the report text against t
 
 ``f = g`` is plain guidance. A larger ``f`` pushes harder on what the flags add (which side an
 effusion is on) without pushing the rest of the report harder. On the embedded model it does not
-help: the flags' own push costs the slice count (README, "Finding guidance").
+help: the flags' own push costs the slice count (docs/experiments.md, "Finding guidance").
 """
 
 from __future__ import annotations

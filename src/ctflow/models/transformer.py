@@ -47,7 +47,7 @@ With ``num_findings`` the model also reads a vector of finding flags parsed from
 consolidation), embedded by a small MLP and added to the adaLN conditioning (a learned null vector when
 unknown: no report, classifier-free dropout, or a row of negative values). The text tower tells "left"
 from "right", but a small transformer does not learn to bind that word to where it draws the fluid
-(README, "Effusion side"); the flags give the side a direct path.
+(docs/experiments.md, "Side twins"); the flags give the side a direct path.
 
 With ``finding_maps`` (needs ``num_findings``) each flag also adds a learned in-plane map to the
 chunk's tokens: a [P, D] table per finding (zeros at initialisation), weighted by the flag and the same
@@ -55,7 +55,8 @@ for every slice of the chunk. The adaLN conditioning is one vector for all token
 *that* there is a left effusion but not *where*: the network has to learn to combine it with the
 position embedding, which the phantom-sized model did not do in 8000 steps. A map says where: the
 tokens of the left lung base can be moved by the left-effusion flag alone. Measured on the phantom
-recipe it did not make generated effusions follow the side of full reports (README, "Finding maps").
+recipe it did not make generated effusions follow the side of full reports (docs/experiments.md,
+"Finding maps").
 
 With ``final_conv`` a 3x3x3 convolution (identity at initialisation) runs over the unpatchified output,
 as in U-ViT. Slices of one patch come from one token and agree; slices of neighbouring patches come
@@ -69,20 +70,20 @@ small model's cross-attention cost (its key/value projections in every block) is
 k = 4 takes a phantom training step's forward and backward to 0.74x the time of projecting every
 token, and 0.79x that of projecting the real tokens only, as the model does now
 (``benchmarks/train_throughput.py``). The phantom model trained so drew less of a reported effusion's
-fluid and found named nodules less often (README, "Pooled report tokens").
+fluid and found named nodules less often (docs/experiments.md, "Pooled report tokens").
 
 With ``text_resampler`` m > 0 a Perceiver resampler (Flamingo) reads the report instead: m learned
 queries attend once to the text encoder's tokens (keys and values straight from its width, so no MLP
 runs over every token), and the blocks cross-attend to those m queries. The report's length is then
 paid for once per forward, not in every block, and unlike ``text_pool`` the queries choose which
-tokens to read rather than averaging neighbours (README, "A resampler for the report").
+tokens to read rather than averaging neighbours (docs/experiments.md, "A resampler for the report").
 
 With ``context_residual`` (``concat`` context, ``sample`` prediction) the network predicts each slice
 of the chunk as a change from the previous chunk's last slice (zeros before the first chunk), so a
 structure that runs on across the chunk boundary (an effusion, the heart) needs no output at all and a
-thin one is not lost in the 2x4x4 patch bottleneck (README, "Why weak"). A number below 1 adds only
-that share of the slice: what the network gets wrong then fades from chunk to chunk instead of adding
-up.
+thin one is not lost in the 2x4x4 patch bottleneck (docs/experiments.md, "Why weak (v1)"). A number
+below 1 adds only that share of the slice: what the network gets wrong then fades from chunk to chunk
+instead of adding up.
 
 Tokens are ordered (slice, row, column); shapes in comments use S' = S / patch_s, P = (h / patch_h) *
 (w / patch_w) and N = S' * P.
