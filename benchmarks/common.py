@@ -169,10 +169,11 @@ def run_measured(cmd: list[str], log: Path, cwd: Path, poll: float = 0.1) -> tup
 def environment() -> dict:
     import torch
 
+    from ctflow.train.utils import machine
+
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        **machine(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),

@@ -55,6 +55,12 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
     assert "| phantoms | train |" in card and "| 24.0 | 629.0 |" in card
     assert "EOS latent threshold (MSE): 0.5" in card
     assert "HU window [-1000, 1000]" in card  # no VAE config: the linear default
+    assert "Stage times on the build machine (seconds, 2 CPU cores):" in card  # no machine recorded
+    machine = {"cpu": "Some CPU", "cpu_count": 2, "matmul_gflops_fp32": 361.6}
+    (tmp_path / "timings.json").write_text(json.dumps({"machine": machine, "phantoms": 24.0, "train": 629.0}))
+    card = write_model_card(tmp_path).read_text()
+    assert "(seconds, 2 CPU cores: Some CPU, fp32 matrix multiply 361.6 GFLOP/s):" in card
+    assert "| phantoms | train |" in card and "| 24.0 | 629.0 |" in card  # the machine is not a stage
     assert "300 procedural chest-CT phantoms (`ctflow phantoms --n 300 --size 64" in card  # recorded before
     command = "ctflow phantoms --n 300 --size 64 --min-slices 40 --max-slices 120 --seed 1000 --side-twins"
     index = {"name": "m", "ctflow": {"training_data": command, "training_volumes": 339}}

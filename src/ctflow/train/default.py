@@ -203,11 +203,17 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         "`make train-default` (phantoms -> VAE -> latents -> transformer -> fine-tune -> this folder),"
         " on 2 CPU cores.",
     ]
-    note = timings.pop("note", None)
+    note, built_on = timings.pop("note", None), timings.pop("machine", None)
     if timings:
         lines += [
             "",
-            "Stage times on the build machine (seconds, 2 CPU cores):",
+            "Stage times on the build machine (seconds, 2 CPU cores"
+            + (
+                f": {built_on['cpu']}, fp32 matrix multiply {built_on['matmul_gflops_fp32']} GFLOP/s"
+                if built_on
+                else ""
+            )
+            + "):",
             "",
             "| " + " | ".join(timings) + " |",
             "|" + "---|" * len(timings),
@@ -338,6 +344,7 @@ def main(argv=None) -> None:
     from ctflow.pipeline import DEFAULT_MODEL, CTFlowPipeline
     from ctflow.train.config import FlowTrainConfig, VAETrainConfig, load_config
     from ctflow.train.flow_trainer import train_flow
+    from ctflow.train.utils import machine
     from ctflow.train.vae_trainer import load_slices, train_vae
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -379,6 +386,7 @@ def main(argv=None) -> None:
     work = args.work
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings.setdefault("machine", machine())  # the first run's machine: a resumed run may be on another
     data, vae_run, latents, flow_run, finetune_run, model = (
         work / x for x in ("phantoms", "vae", "latents", "flow", "finetune", "model")
     )

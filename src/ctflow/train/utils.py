@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +52,52 @@ class EMA:
 
     def copy_to(self, model: torch.nn.Module) -> None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_gflops(size: int = 1024, seconds: float = 0.5) -> float:
+    """fp32 matrix-multiply throughput (GFLOP/s) with torch's current threads: a yardstick that puts
+    times measured on different machines side by side (the same 2-core kind has ranged 1.7x)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
+        a @ b
+        runs += 1
+    return round(2 * size**3 * runs / elapsed / 1e9, 1)
+
+
+def machine() -> dict:
+    """The machine a timing was taken on: CPU model, cores, torch threads, the vector and matrix
+    instructions torch can use (from ``/proc/cpuinfo`` flags) and :func:`matmul_gflops`."""
+    try:
+        flags = next(
+            set(line.split(":", 1)[1].split())
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        flags = set()
+    return {
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_features": [f for f in CPU_FEATURES if f in flags],
+        "matmul_gflops_fp32": matmul_gflops(),
+    }
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -1,0 +1,43 @@
+import math
+
+import torch
+
+from ctflow.train.utils import EMA, lr_lambda, machine, matmul_gflops, step_generator
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    f = lr_lambda(warmup=10, total=110, min_ratio=0.1)
+    assert f(0) == 0.1 and f(4) == 0.5 and f(9) == 1.0
+    assert f(10) == 1.0
+    assert math.isclose(f(60), 0.1 + 0.9 * 0.5)  # half way through the decay
+    assert math.isclose(f(110), 0.1) and math.isclose(f(500), 0.1)  # held at the floor past the end
+
+
+def test_ema_moves_a_share_of_the_way_and_copies_integer_buffers():
+    model = torch.nn.BatchNorm1d(2)
+    ema = EMA(model, decay=0.75)
+    with torch.no_grad():
+        model.weight.fill_(5.0)  # starts at 1
+    model.num_batches_tracked.fill_(7)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], torch.full((2,), 2.0))  # 1 + 0.25 x (5 - 1)
+    assert int(ema.shadow["num_batches_tracked"]) == 7
+    other = torch.nn.BatchNorm1d(2)
+    ema.copy_to(other)
+    assert torch.allclose(other.weight, torch.full((2,), 2.0))
+
+
+def test_step_generator_replays_a_step_and_differs_across_steps_and_ranks():
+    draw = lambda *a: torch.rand(3, generator=step_generator(*a))  # noqa: E731
+    assert torch.equal(draw(0, 5), draw(0, 5))
+    assert not torch.equal(draw(0, 5), draw(0, 6))
+    assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
+    assert not torch.equal(draw(0, 5), draw(1, 5))
+
+
+def test_machine_describes_the_cpu_and_measures_matmul_throughput():
+    info = machine()
+    assert info["cpu"] and info["cpu_count"] >= 1 and info["torch_threads"] == torch.get_num_threads()
+    assert set(info["cpu_features"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert info["matmul_gflops_fp32"] > 0
+    assert matmul_gflops(size=64, seconds=0.01) > 0
