@@ -264,6 +264,24 @@ def test_text_resampler_gives_the_blocks_its_queries_and_ignores_padding(tmp_pat
     null = torch.zeros_like(inputs["encoder_attention_mask"])
     null[:, 0] = 1  # the null report (flow.null_condition): one zero token
     assert torch.isfinite(run(model, **{**inputs, "encoder_attention_mask": null})).all()
+    # its keys and values come from the real tokens only: the same queries and gradients as projecting
+    # every token, padding too
+    r, mask = model.resampler, inputs["encoder_attention_mask"].bool()
+    outputs, grads = [], []
+    for every_token in (False, True):
+        r.zero_grad()
+        if every_token:
+            x = r.latents.expand(2, -1, -1)
+            x = x + r.attn(r.norm_latents(x), r.norm_text(padded), mask)
+            out = x + r.mlp(r.norm_mlp(x))
+        else:
+            out = r(padded, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in r.parameters()]))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert r.attn.kv.weight.grad.abs().max() > 0
     model.save_pretrained(tmp_path)
     loaded = CTFlowTransformer.from_pretrained(tmp_path).eval()
     assert loaded.config.text_resampler == 3
