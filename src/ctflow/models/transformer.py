@@ -81,9 +81,9 @@ tokens to read rather than averaging neighbours (docs/experiments.md, "A resampl
 With ``context_residual`` (``concat`` context, ``sample`` prediction) the network predicts each slice
 of the chunk as a change from the previous chunk's last slice (zeros before the first chunk), so a
 structure that runs on across the chunk boundary (an effusion, the heart) needs no output at all and a
-thin one is not lost in the 2x4x4 patch bottleneck (docs/experiments.md, "Why weak (v1)"). A number
-below 1 adds only that share of the slice: what the network gets wrong then fades from chunk to chunk
-instead of adding up.
+thin one is not lost in the 2x4x4 patch bottleneck (docs/experiments.md, "v1, and why it read the
+report weakly"). A number below 1 adds only that share of the slice: what the network gets wrong then
+fades from chunk to chunk instead of adding up.
 
 Tokens are ordered (slice, row, column); shapes in comments use S' = S / patch_s, P = (h / patch_h) *
 (w / patch_w) and N = S' * P.
