@@ -10,7 +10,9 @@ in runs of 4 (``text_pool``) or read by 16 resampler queries (``text_resampler``
 neither, on the same batches, alternating;
 the report's key/value projections over its real tokens only (the model) against over every token,
 padding too (as before 2026-12-03);
-and the trainer's fused AdamW step against the default for-loop one.
+and the trainer's fused AdamW step against the default for-loop one;
+and the loss's forward and backward in fp32 with torch's default attention kernel (the trainer)
+against bf16 autocast and against the plain-math attention kernel.
 
     python benchmarks/train_throughput.py [--latents runs/default/latents]
 """
@@ -18,6 +20,7 @@ and the trainer's fused AdamW step against the default for-loop one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -74,10 +77,12 @@ def alternating(
     variants: dict[str, tuple[FlowTrainConfig, bool]],
     steps: int = 30,
     text_caches: dict | None = None,
+    contexts: dict | None = None,
 ) -> dict:
     """Median seconds of the loss's forward + backward for each variant (config, one pass), on the
     same batches (drawn with the first variant's config), taking turns in a rotating order.
-    ``text_caches`` maps a variant to a replacement for its model's ``compute_text_cache``."""
+    ``text_caches`` maps a variant to a replacement for its model's ``compute_text_cache``;
+    ``contexts`` maps a variant to a function giving the context manager its step runs in."""
     latents = LatentCache(cache)
     names = list(variants)
     config = variants[names[0]][0]
@@ -96,7 +101,9 @@ def alternating(
         for name in names[step % len(names) :] + names[: step % len(names)]:
             cfg, one_pass = variants[name]
             start = time.perf_counter()
-            chunk_loss(models[name], batch, step_generator(config.seed, step), cfg, one_pass).backward()
+            with (contexts or {}).get(name, contextlib.nullcontext)():
+                loss = chunk_loss(models[name], batch, step_generator(config.seed, step), cfg, one_pass)
+            loss.backward()
             models[name].zero_grad(set_to_none=True)
             if step >= 2:  # the first two steps warm up
                 times[name].append(time.perf_counter() - start)
@@ -177,6 +184,17 @@ if __name__ == "__main__":
             "every_token",
         )
         adamw = ratio(adamw_steps(cache, cfg), "fused", "for_loop")
+        # faster kernels for the same step? bf16 autocast (AMX where the CPU has it), plain-math attention
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernels = alternating(
+            cache,
+            {"fp32": (cfg, True), "bf16_autocast": (cfg, True), "math_attention": (cfg, True)},
+            contexts={
+                "bf16_autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                "math_attention": lambda: sdpa_kernel(SDPBackend.MATH),
+            },
+        )
     out = {
         "cache": str(real) if cache == real else "synthetic (same shapes)",
         "batch_size": cfg.batch_size,
@@ -189,6 +207,8 @@ if __name__ == "__main__":
         "concat_loss_text_resampler_16_vs_1": ratio(shorter, "text_resampler_16", "text_pool_1"),
         "concat_loss_text_kv_real_tokens_vs_every_token": projection,
         "adamw_step_fused_vs_for_loop": adamw,
+        "concat_loss_bf16_autocast_vs_fp32": ratio(kernels, "bf16_autocast", "fp32"),
+        "concat_loss_math_attention_vs_default": ratio(kernels, "math_attention", "fp32"),
         "goal_data_share": 0.10,
         "passed": all(r["data_share"] < 0.10 for r in results.values()),
     }
