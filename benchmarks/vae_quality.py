@@ -5,7 +5,7 @@ a linear [-1, 1] normalisation, whatever HU window the VAE uses), the mean absol
 error on soft tissue (-200..200 HU in the phantom: fat, fluid, muscle, unenhanced blood),
 plus how a white end-of-scan slice reconstructs (why EOS is detected in latent space).
 
-    python benchmarks/vae_quality.py [--model DIR]
+    python benchmarks/vae_quality.py [--model DIR] [--result NAME]
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="pipeline folder (default: embedded)")
+    p.add_argument(
+        "--result", default="vae_quality", help="name of the JSON written to benchmarks/results (experiments)"
+    )
     args = p.parse_args()
     torch.set_num_threads(2)
     vae = SliceVAE.load(args.model / "vae").eval()
@@ -42,7 +45,7 @@ if __name__ == "__main__":
         soft_mae.append(float(np.abs(err[(hu > -200) & (hu < 200)]).mean()))
     white = vae.decode_slices(vae.encode_slices(torch.ones(1, 1, 64, 64))).mean().item()
     write_result(
-        "vae_quality",
+        args.result,
         {
             "psnr_db_per_volume": [round(p, 2) for p in psnr],
             "psnr_db_mean": round(float(np.mean(psnr)), 2),
