@@ -257,7 +257,10 @@ def test_the_recipe_trains_the_vae_on_the_phantoms_alone_and_fine_tunes_from_the
     assert ctflow["flow_stages"] == [{"config": "flow.yaml", "steps": 2}, {"config": "ft.yaml", "steps": 4}]
     assert "--side-twins --clear-twins" in ctflow["training_data"]
     timings = json.loads((work / "timings.json").read_text())
-    assert list(timings) == ["phantoms", "train-vae", "encode", "train", "finetune", "assemble", "total"]
+    stages = ["phantoms", "train-vae", "encode", "train", "finetune", "assemble", "total"]
+    assert list(timings) == ["machine", *stages]  # the machine first: times are read against it
+    assert timings["machine"]["cpu_count"] >= 1 and timings["machine"]["matmul_gflops_fp32"] > 0
+    assert timings["total"] == round(sum(timings[k] for k in stages[:-1]), 1)
     weights = {
         run: load_file(work / run / "transformer" / "diffusion_pytorch_model.safetensors")
         for run in ("flow", "finetune", "model")

@@ -387,6 +387,12 @@ def main(argv=None) -> None:
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     timings.setdefault("machine", machine())  # the first run's machine: a resumed run may be on another
+    built_on = timings["machine"]
+    print(
+        f"machine: {built_on['cpu']}, {built_on['cpu_count']} cores, fp32 matmul {built_on['matmul_gflops_fp32']}"
+        ' GFLOP/s (README, "Training time": how long the recipe took on which machine)',
+        flush=True,
+    )
     data, vae_run, latents, flow_run, finetune_run, model = (
         work / x for x in ("phantoms", "vae", "latents", "flow", "finetune", "model")
     )
