@@ -41,3 +41,17 @@ def test_machine_describes_the_cpu_and_measures_matmul_throughput():
     assert set(info["cpu_features"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
     assert info["matmul_gflops_fp32"] > 0
     assert matmul_gflops(size=64, seconds=0.01) > 0
+
+
+def test_machine_without_cpuinfo_falls_back_to_platform(monkeypatch):
+    import platform
+
+    from ctflow.train import utils
+
+    monkeypatch.setattr(utils, "_cpuinfo", lambda field: None)  # not Linux
+    assert utils.cpu_name() == (platform.processor() or platform.machine())
+    monkeypatch.setattr(utils, "matmul_gflops", lambda: 1.0)
+    assert utils.machine()["cpu_features"] == []
+    flags = {"flags": "fpu avx2 sse avx512f", "model name": "Some CPU"}
+    monkeypatch.setattr(utils, "_cpuinfo", flags.get)
+    assert utils.machine()["cpu_features"] == ["avx2", "avx512f"] and utils.cpu_name() == "Some CPU"

@@ -57,20 +57,25 @@ class EMA:
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` says."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in ``/proc/cpuinfo`` (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` says."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def matmul_gflops(size: int = 1024, seconds: float = 0.5) -> float:
     """fp32 matrix-multiply throughput (GFLOP/s) with torch's current threads: a yardstick that puts
-    times measured on different machines side by side (the same 2-core kind has ranged 1.7x)."""
+    times measured on different machines side by side (2-core machines here have differed 1.7x)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up
     runs, start = 0, time.perf_counter()
@@ -83,14 +88,7 @@ def matmul_gflops(size: int = 1024, seconds: float = 0.5) -> float:
 def machine() -> dict:
     """The machine a timing was taken on: CPU model, cores, torch threads, the vector and matrix
     instructions torch can use (from ``/proc/cpuinfo`` flags) and :func:`matmul_gflops`."""
-    try:
-        flags = next(
-            set(line.split(":", 1)[1].split())
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        flags = set()
+    flags = set((_cpuinfo("flags") or "").split())
     return {
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
