@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
 DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/experiments.md")}
 RESULTS = sorted(p.name for p in (ROOT / "benchmarks" / "results").iterdir())
 
