@@ -12,6 +12,11 @@ model's reports from two seed sets counted together. About a dozen reports name 
 set of 50, and a finding's count moves by about four between sets (docs/experiments.md, "Pooled report
 tokens").
 
+A column name ending in ``:vae`` (``embedded_quality+exp_installed_quality_seed55000:vae``) counts the
+same reports' phantoms through the VAE instead (the rows' ``pred_reconstruction``): what the reader
+finds, and calls where nothing was reported, with no generation at all. That is the floor under a
+model's false findings and the ceiling over what it finds.
+
 It prints the table; it reads the results' rows and measures nothing new.
 """
 
@@ -32,15 +37,16 @@ FINDINGS = ("emphysema", "cardiomegaly", "consolidation", "nodule", "effusion") 
 def table(names: list[str]) -> str:
     counts = {}
     for name in names:
-        rows = []
-        for part in name.split("+"):
+        rows, parts = [], name.removesuffix(":vae")
+        pred = "pred_reconstruction" if parts != name else "pred"
+        for part in parts.split("+"):
             path = RESULTS / f"{part}.json"
             if not path.is_file():
                 raise SystemExit(
                     f"no result {path}; run benchmarks/embedded_quality.py --result {part} first"
                 )
             rows += json.loads(path.read_text())["rows"]
-        counts[name] = finding_counts([r["pred"] for r in rows], [r["truth"] for r in rows])
+        counts[name] = finding_counts([r[pred] for r in rows], [r["truth"] for r in rows])
 
     def frac(pair):
         return f"{pair[0]}/{pair[1]}"

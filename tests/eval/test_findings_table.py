@@ -12,7 +12,7 @@ def load_findings_table():
     return module
 
 
-def row(effusion: str, nodule: bool, pred_effusion: str, pred_nodule: bool) -> dict:
+def row(effusion: str, nodule: bool, pred_effusion: str, pred_nodule: bool, vae_nodule: bool = False) -> dict:
     truth = {
         "effusion": effusion,
         "cardiomegaly": False,
@@ -20,7 +20,11 @@ def row(effusion: str, nodule: bool, pred_effusion: str, pred_nodule: bool) -> d
         "emphysema": False,
         "consolidation": False,
     }
-    return {"truth": truth, "pred": {**truth, "effusion": pred_effusion, "nodule": pred_nodule}}
+    return {
+        "truth": truth,
+        "pred": {**truth, "effusion": pred_effusion, "nodule": pred_nodule},
+        "pred_reconstruction": {**truth, "nodule": vae_nodule},
+    }
 
 
 def test_a_plus_column_counts_the_reports_of_both_results_together(tmp_path, monkeypatch):
@@ -38,3 +42,18 @@ def test_a_plus_column_counts_the_reports_of_both_results_together(tmp_path, mon
     assert lines["effusion found, any side"] == ["1/1", "1/1", "2/2 |"]
     assert lines["nodule found"] == ["0/1", "1/1", "1/2 |"]
     assert lines["all false findings"] == ["1", "0", "1 |"]
+
+
+def test_a_vae_column_counts_the_reconstructions_of_the_same_reports(tmp_path, monkeypatch):
+    table = load_findings_table()
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    # generated: an effusion on the wrong side, no nodule; through the VAE: the effusion right, a
+    # nodule called where none was reported
+    rows = [row("left", False, "right", False, vae_nodule=True)]
+    (tmp_path / "a.json").write_text(json.dumps({"rows": rows}))
+    lines = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
+        for line in table.table(["a", "a:vae"]).splitlines()
+    }
+    assert lines["effusion found"] == ["0/1", "1/1 |"]
+    assert lines["false nodule"] == ["0", "1 |"]
