@@ -64,6 +64,13 @@ def generation_setup(n: int, description: str, add_arguments=None, first_seed: i
         help="guidance of the finding flags apart from the text (default: --guidance)",
     )
     p.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="the sampler's time shift (default: the model's scheduler config, 1 for the embedded model);"
+        " above 1 spends more of the steps at high noise",
+    )
+    p.add_argument(
         "--result", default=None, help="name of the JSON/PNG written to benchmarks/results (experiments)"
     )
     if first_seed is not None:
@@ -76,7 +83,10 @@ def generation_setup(n: int, description: str, add_arguments=None, first_seed: i
             f"{p.prog}: --first-seed needs --result NAME, so the held-out figures stay as they are"
         )
     torch.set_num_threads(2)
-    return args, CTFlowPipeline.from_pretrained(args.model)
+    pipe = CTFlowPipeline.from_pretrained(args.model)
+    if args.shift is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
+    return args, pipe
 
 
 def generate(pipe, args, report: str, seed: int, **kwargs):
@@ -100,6 +110,7 @@ def generation_settings(args) -> dict:
         "steps": args.steps,
         "guidance": args.guidance,
         "finding_guidance": args.finding_guidance,
+        "shift": args.shift,
         "model": args.model or "embedded",
     }
 
