@@ -37,9 +37,9 @@ FINDINGS = ("emphysema", "cardiomegaly", "consolidation", "nodule", "effusion") 
 def table(names: list[str]) -> str:
     counts = {}
     for name in names:
-        rows, parts = [], name.removesuffix(":vae")
-        pred = "pred_reconstruction" if parts != name else "pred"
-        for part in parts.split("+"):
+        rows = []
+        pred = "pred_reconstruction" if name.endswith(":vae") else "pred"
+        for part in name.removesuffix(":vae").split("+"):
             path = RESULTS / f"{part}.json"
             if not path.is_file():
                 raise SystemExit(

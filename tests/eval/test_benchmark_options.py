@@ -1,0 +1,40 @@
+"""The options every generation benchmark takes (benchmarks/common.py)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.tiny_pipeline import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_common():
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shift_replaces_the_models_sampler_schedule_and_is_recorded(tmp_path, monkeypatch):
+    common = load_common()
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    threads = torch.get_num_threads()
+    try:
+        schedules = {}
+        for shift in (None, 3.0):
+            argv = ["bench", "--model", str(tmp_path / "model")] + (
+                [] if shift is None else ["--shift", str(shift)]
+            )
+            monkeypatch.setattr(sys, "argv", argv)
+            args, pipe = common.generation_setup(4, "test")
+            pipe.scheduler.set_timesteps(10)
+            schedules[shift] = pipe.scheduler.sigmas.clone()
+            assert common.generation_settings(args)["shift"] == shift
+    finally:
+        torch.set_num_threads(threads)
+    # the same 10 steps from t = 1 to 0, spent nearer the noise end with shift 3
+    assert schedules[None][0] == schedules[3.0][0] == 1.0
+    assert torch.all(schedules[3.0][1:-1] > schedules[None][1:-1])
