@@ -17,6 +17,8 @@ same reports' phantoms through the VAE instead (the rows' ``pred_reconstruction`
 finds, and calls where nothing was reported, with no generation at all. That is the floor under a
 model's false findings and the ceiling over what it finds.
 
+The last two rows split the false consolidations by whether the report names an effusion.
+
 It prints the table; it reads the results' rows and measures nothing new.
 """
 
@@ -35,7 +37,7 @@ FINDINGS = ("emphysema", "cardiomegaly", "consolidation", "nodule", "effusion") 
 
 
 def table(names: list[str]) -> str:
-    counts = {}
+    counts, beside_fluid = {}, {}
     for name in names:
         rows = []
         pred = "pred_reconstruction" if name.endswith(":vae") else "pred"
@@ -47,6 +49,7 @@ def table(names: list[str]) -> str:
                 )
             rows += json.loads(path.read_text())["rows"]
         counts[name] = finding_counts([r[pred] for r in rows], [r["truth"] for r in rows])
+        beside_fluid[name] = false_consolidation_by_effusion(rows, pred)
 
     def frac(pair):
         return f"{pair[0]}/{pair[1]}"
@@ -69,7 +72,28 @@ def table(names: list[str]) -> str:
     lines.append(
         "| all false findings | " + " | ".join(str(sum(c["false"].values())) for c in counts.values()) + " |"
     )
+    for i, which in enumerate(("names an effusion", "names no effusion")):
+        lines.append(
+            f"| false consolidation where the report {which} | "
+            + " | ".join(frac(split[i]) for split in beside_fluid.values())
+            + " |"
+        )
     return "\n".join(lines)
+
+
+def false_consolidation_by_effusion(rows: list[dict], pred: str = "pred") -> tuple[tuple[int, int], ...]:
+    """Among the reports without a consolidation: (consolidations read, reports) where the report names
+    an effusion, then where it names none. A model that draws a reported effusion as dense tissue that
+    is not fluid gets the first count, not an effusion."""
+    out = []
+    for with_fluid in (True, False):
+        picked = [
+            r
+            for r in rows
+            if not r["truth"]["consolidation"] and (r["truth"]["effusion"] != "none") == with_fluid
+        ]
+        out.append((sum(bool(r[pred]["consolidation"]) for r in picked), len(picked)))
+    return tuple(out)
 
 
 if __name__ == "__main__":

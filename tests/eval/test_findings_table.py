@@ -57,3 +57,25 @@ def test_a_vae_column_counts_the_reconstructions_of_the_same_reports(tmp_path, m
     }
     assert lines["effusion found"] == ["0/1", "1/1 |"]
     assert lines["false nodule"] == ["0", "1 |"]
+
+
+def test_false_consolidations_are_split_by_whether_the_report_names_an_effusion(tmp_path, monkeypatch):
+    table = load_findings_table()
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    dense = {"consolidation": True}
+    rows = [
+        row("left", False, "none", False),  # the effusion drawn as dense tissue: a false consolidation
+        row("right", False, "right", False),  # the effusion drawn as fluid
+        row("none", False, "none", False),  # nothing named, nothing read
+        row("none", True, "none", True),  # a nodule named; a consolidation read
+    ]
+    rows[0]["pred"].update(dense)
+    rows[3]["pred"].update(dense)
+    rows.append({**row("left", False, "left", False), "truth": {**rows[0]["truth"], "consolidation": True}})
+    (tmp_path / "a.json").write_text(json.dumps({"rows": rows}))
+    lines = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.table(["a"]).splitlines()
+    }
+    assert lines["false consolidation where the report names an effusion"] == ["1/2 |"]
+    assert lines["false consolidation where the report names no effusion"] == ["1/2 |"]
+    assert lines["false consolidation"] == ["2 |"]
