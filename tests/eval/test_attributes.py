@@ -168,3 +168,27 @@ def test_ground_truth_attributes_ignore_findings_outside_the_scan():
     }
     got = attributes_from_ground_truth(gt)
     assert got["effusion"] == "left" and not got["nodule"]
+
+
+def test_consolidation_regions_show_an_effusion_drawn_denser_than_fluid():
+    from ctflow.data.phantom import LABEL_IDS, render_phantom
+    from ctflow.data.volume import Volume
+    from ctflow.eval.attributes import consolidation_regions
+
+    base = sample_spec(31_002, size=64, num_slices=80)
+    spec = PhantomSpec(
+        **{**base.__dict__, "findings": [{"type": "effusion", "side": "right", "depth_mm": 65.0}]}
+    )
+    r = render_phantom(spec)
+    assert read_attributes(r.volume)["effusion"] == "right"
+    assert consolidation_regions(r.volume) == []  # fluid in its band is an effusion, not a consolidation
+    # the same fluid 45 HU denser, as the embedded model draws much of it
+    fluid = r.labels == LABEL_IDS["effusion"]
+    dense = Volume(np.where(fluid, r.volume.array + 45.0, r.volume.array), r.volume.spacing)
+    got = read_attributes(dense)
+    assert got["consolidation"] and got["effusion"] == "none"
+    (region, *_) = consolidation_regions(dense)
+    z = np.nonzero(fluid.any((1, 2)))[0]
+    assert region["posterior_share"] > 0.8 and 22.0 < region["median_hu"] < 150.0
+    assert region["right_share"] > 0.9  # the patient's right, as the effusion
+    assert z[0] <= region["slices"][0] <= region["slices"][1] <= z[-1]

@@ -444,6 +444,50 @@ def _load_params(path: str) -> dict[str, np.ndarray]:
     return params
 
 
+def _consolidation(scan: _Scan, eff: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray, float]:
+    """The consolidation candidates (labels, ml per label) and the cardiothoracic ratio: with an enlarged
+    heart the regions are found again with the enlarged-heart atlas."""
+    atlas = params["cavity_atlas"]
+    lab, ml = _consolidation_regions(scan, eff, atlas)
+    cardio = _cardio_ratio(
+        scan, (ml >= CONSOLIDATION_ML)[lab]
+    )  # a consolidation next to the heart is not heart
+    if cardio >= CARDIO_RATIO:
+        lab, ml = _consolidation_regions(scan, eff, np.minimum(atlas, params["cavity_atlas_cardiomegaly"]))
+    return lab, ml, cardio
+
+
+def consolidation_regions(volume, spacing=None) -> list[dict]:
+    """The regions the reader calls consolidation (each at least ``CONSOLIDATION_ML``), largest first:
+    ``ml`` (scaled like the call), ``median_hu`` (of their 3^3-median HU), ``posterior_share`` (of
+    their voxels in the posterior half of the body, where dependent fluid lies), ``right_share`` (on
+    the patient's right of the body midline) and ``slices`` (first and last slice). What the reader saw when it called one, e.g. fluid drawn denser than its fluid
+    band (``benchmarks/consolidation_probe.py``)."""
+    scan = _Scan(_as_volume(volume, spacing))
+    if not scan.has_lungs:
+        return []
+    lab, ml, _ = _consolidation(scan, _effusion_mask(scan), _load_params(str(WEIGHTS_PATH)))
+    rows = np.arange(scan.H)[None, :, None]
+    posterior = (rows - scan.body_row0) / max(scan.bbox_rows[1] + 2 - scan.body_row0, 1) > 0.5
+    right = np.arange(scan.W)[None, None, :] < scan.cx[:, None, None]  # as _effusion_ml
+    out = []
+    for k in np.argsort(-ml):
+        if ml[k] < CONSOLIDATION_ML:
+            break
+        region = lab == k
+        z = np.nonzero(region.any((1, 2)))[0]
+        out.append(
+            {
+                "ml": round(float(ml[k]), 1),
+                "median_hu": round(float(np.median(scan.median[region])), 1),
+                "posterior_share": round(float((region & posterior).sum() / region.sum()), 3),
+                "right_share": round(float((region & right).sum() / region.sum()), 3),
+                "slices": [int(z[0]), int(z[-1])],
+            }
+        )
+    return out
+
+
 def attribute_scores(volume, spacing=None, params: dict | None = None) -> dict[str, float]:
     """The continuous measurements behind :func:`read_attributes` (thresholds not applied)."""
     vol = _as_volume(volume, spacing)
@@ -453,13 +497,8 @@ def attribute_scores(volume, spacing=None, params: dict | None = None) -> dict[s
         return {"lung_volume_ml": float(scan.lung.sum() * scan.voxel_ml), "has_lungs": 0.0}
     eff = _effusion_mask(scan)
     right_ml, left_ml = _effusion_ml(scan, eff)
-    atlas = params["cavity_atlas"]
-    lab, ml = _consolidation_regions(scan, eff, atlas)
+    lab, ml, cardio = _consolidation(scan, eff, params)
     big = ml >= CONSOLIDATION_ML
-    cardio = _cardio_ratio(scan, big[lab])  # a consolidation next to the heart is not heart
-    if cardio >= CARDIO_RATIO:
-        lab, ml = _consolidation_regions(scan, eff, np.minimum(atlas, params["cavity_atlas_cardiomegaly"]))
-        big = ml >= CONSOLIDATION_ML
     cons_ml = float(ml.max())
     exclude = ndi.binary_dilation(eff | big[lab], iterations=1)
     _, feats = nodule_candidates(scan, exclude)
