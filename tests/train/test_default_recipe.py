@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +268,22 @@ def test_the_recipe_trains_the_vae_on_the_phantoms_alone_and_fine_tunes_from_the
     }
     assert all(torch.equal(weights["model"][k], weights["finetune"][k]) for k in weights["model"])
     assert not all(torch.equal(weights["flow"][k], weights["finetune"][k]) for k in weights["flow"])
+
+
+def test_model_card_quotes_the_consolidation_probe(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"name": "m", "ctflow": {}}))
+    assert "consolidation_probe" not in write_model_card(tmp_path, results).read_text()
+    shipped = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "embedded_quality.json"
+    (results / "embedded_quality.json").write_text(shipped.read_text())  # the card's quality section
+    group = {"volumes": 8, "with_consolidation": 7, "on_the_reported_side": 6, "overlapping_the_effusion": 5}
+    probe = {
+        "n": 50,
+        "effusion_reported": {**group, "median_hu": 31.8},
+        "no_effusion_reported": {"volumes": 30, "with_consolidation": 4},
+    }
+    (results / "consolidation_probe.json").write_text(json.dumps(probe))
+    card = write_model_card(tmp_path, results).read_text()
+    assert "under 7 of the 8 that name an effusion, in 6 a region on the reported side, 5 within" in card
+    assert "(median 31.8 HU" in card and "under 4 of the 30 that name neither" in card

@@ -310,6 +310,18 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f" {gen['pairs_following_side']} of {gen['pairs_read']} pairs, by {_signed(gen['side_shift_ml'])} ml"
             f" (through this VAE: {_signed(real['side_shift_ml'])} ml)"
         )
+    cons = result("consolidation_probe")
+    if quality and cons:
+        eff, neither = cons["effusion_reported"], cons["no_effusion_reported"]
+        lines.append(
+            "- what the reader calls a consolidation under a report without one (`python"
+            f" benchmarks/consolidation_probe.py`, the same {cons['n']} held-out reports): under"
+            f" {eff['with_consolidation']} of the {eff['volumes']} that name an effusion, in"
+            f" {eff['on_the_reported_side']} a region on the reported side, {eff['overlapping_the_effusion']} within"
+            f" the effusion's slices (median {eff['median_hu']:g} HU, the reader's fluid band ending at 22 HU):"
+            f" the reported effusion, drawn denser than fluid; under {neither['with_consolidation']} of the"
+            f" {neither['volumes']} that name neither"
+        )
     nod = result("nodule_pairs")
     if quality and nod:
         gen, real = nod["generated"], nod["real_through_vae"]
