@@ -449,9 +449,8 @@ def _consolidation(scan: _Scan, eff: np.ndarray, params: dict) -> tuple[np.ndarr
     heart the regions are found again with the enlarged-heart atlas."""
     atlas = params["cavity_atlas"]
     lab, ml = _consolidation_regions(scan, eff, atlas)
-    cardio = _cardio_ratio(
-        scan, (ml >= CONSOLIDATION_ML)[lab]
-    )  # a consolidation next to the heart is not heart
+    # a consolidation next to the heart is not heart
+    cardio = _cardio_ratio(scan, (ml >= CONSOLIDATION_ML)[lab])
     if cardio >= CARDIO_RATIO:
         lab, ml = _consolidation_regions(scan, eff, np.minimum(atlas, params["cavity_atlas_cardiomegaly"]))
     return lab, ml, cardio
@@ -461,8 +460,9 @@ def consolidation_regions(volume, spacing=None) -> list[dict]:
     """The regions the reader calls consolidation (each at least ``CONSOLIDATION_ML``), largest first:
     ``ml`` (scaled like the call), ``median_hu`` (of their 3^3-median HU), ``posterior_share`` (of
     their voxels in the posterior half of the body, where dependent fluid lies), ``right_share`` (on
-    the patient's right of the body midline) and ``slices`` (first and last slice). What the reader saw when it called one, e.g. fluid drawn denser than its fluid
-    band (``benchmarks/consolidation_probe.py``)."""
+    the patient's right of the body midline) and ``slices`` (first and last slice). What the reader
+    saw when it called one, e.g. fluid drawn denser than its fluid band
+    (``benchmarks/consolidation_probe.py``)."""
     scan = _Scan(_as_volume(volume, spacing))
     if not scan.has_lungs:
         return []

@@ -139,7 +139,7 @@ def _data_line(config: dict) -> str:
 def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     """(Re)write ``folder/README.md`` from the recipe's timings, configs and the measured quality in
     ``results`` (``embedded_quality.json`` and ``text_use.json`` from ``benchmarks/``)."""
-    from ctflow.eval.attributes import finding_counts
+    from ctflow.eval.attributes import FLUID_HU, finding_counts
 
     timings = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
     index = json.loads((folder / "model_index.json").read_text())
@@ -318,7 +318,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f" benchmarks/consolidation_probe.py`, the same {cons['n']} held-out reports): under"
             f" {eff['with_consolidation']} of the {eff['volumes']} that name an effusion, in"
             f" {eff['on_the_reported_side']} a region on the reported side, {eff['overlapping_the_effusion']} within"
-            f" the effusion's slices (median {eff['median_hu']:g} HU, the reader's fluid band ending at 22 HU):"
+            f" the effusion's slices (median {eff['median_hu']:g} HU, the reader's fluid band ending at"
+            f" {FLUID_HU[1]:g} HU):"
             f" the reported effusion, drawn denser than fluid; under {neither['with_consolidation']} of the"
             f" {neither['volumes']} that name neither"
         )
