@@ -1,25 +1,15 @@
 """The options every generation benchmark takes (benchmarks/common.py)."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import torch
 
+from tests.benchmark_module import load_benchmark
 from tests.tiny_pipeline import tiny_pipeline
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_common():
-    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shift_replaces_the_models_sampler_schedule_and_is_recorded(tmp_path, monkeypatch):
-    common = load_common()
+    common = load_benchmark("common")
     tiny_pipeline().save_pretrained(tmp_path / "model")
     threads = torch.get_num_threads()
     try:

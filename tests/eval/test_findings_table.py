@@ -1,15 +1,6 @@
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_findings_table():
-    spec = importlib.util.spec_from_file_location("findings_table", ROOT / "benchmarks" / "findings_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmark_module import load_benchmark
 
 
 def row(effusion: str, nodule: bool, pred_effusion: str, pred_nodule: bool, vae_nodule: bool = False) -> dict:
@@ -28,7 +19,7 @@ def row(effusion: str, nodule: bool, pred_effusion: str, pred_nodule: bool, vae_
 
 
 def test_a_plus_column_counts_the_reports_of_both_results_together(tmp_path, monkeypatch):
-    table = load_findings_table()
+    table = load_benchmark("findings_table")
     monkeypatch.setattr(table, "RESULTS", tmp_path)
     a = [row("left", True, "left", False), row("none", False, "right", False)]  # effusion found; one false
     b = [row("right", False, "left", False), row("none", True, "none", True)]  # wrong side; nodule found
@@ -45,7 +36,7 @@ def test_a_plus_column_counts_the_reports_of_both_results_together(tmp_path, mon
 
 
 def test_a_vae_column_counts_the_reconstructions_of_the_same_reports(tmp_path, monkeypatch):
-    table = load_findings_table()
+    table = load_benchmark("findings_table")
     monkeypatch.setattr(table, "RESULTS", tmp_path)
     # generated: an effusion on the wrong side, no nodule; through the VAE: the effusion right, a
     # nodule called where none was reported
@@ -60,7 +51,7 @@ def test_a_vae_column_counts_the_reconstructions_of_the_same_reports(tmp_path, m
 
 
 def test_false_consolidations_are_split_by_whether_the_report_names_an_effusion(tmp_path, monkeypatch):
-    table = load_findings_table()
+    table = load_benchmark("findings_table")
     monkeypatch.setattr(table, "RESULTS", tmp_path)
     dense = {"consolidation": True}
     rows = [

@@ -564,15 +564,12 @@ def test_one_pass_loss_equals_the_two_passes_in_value_and_gradient(tmp_path, con
 
 def test_the_benchmarks_synthetic_cache_feeds_the_shipped_config(tmp_path):
     # benchmarks/train_throughput.py falls back to it; it once lacked what finding flags and weights need
-    import importlib.util
-
     from ctflow.train.config import load_config
     from ctflow.train.flow_trainer import build_transformer, chunk_loss
+    from tests.benchmark_module import load_benchmark
 
     root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("bench_common", root / "benchmarks" / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    common = load_benchmark("common")
     config = load_config(root / "configs" / "tiny-phantom.yaml", FlowTrainConfig)
     cache = LatentCache(common.synthetic_cache(tmp_path / "c", n=4, report_variants=4, finding_masks=True))
     model = build_transformer(config, cache)
