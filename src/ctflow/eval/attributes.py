@@ -247,6 +247,18 @@ def _emphysema_hu(scan: _Scan) -> float:
     return float(np.median(scan.hu[scan.lung]))
 
 
+def _posterior_half(scan: _Scan) -> np.ndarray:
+    """(1, H, 1) bool: the rows in the posterior half of the body, from its first row to just past the
+    lungs' posterior edge (the table lies below it), where dependent fluid lies."""
+    r0, r1 = scan.body_row0, scan.bbox_rows[1] + 2
+    return ((np.arange(scan.H) - r0) / max(r1 - r0, 1) > 0.5)[None, :, None]
+
+
+def _right_side(scan: _Scan) -> np.ndarray:
+    """(S, 1, W) bool: the columns on the patient's right of each slice's body midline."""
+    return np.arange(scan.W)[None, None, :] < scan.cx[:, None, None]
+
+
 def _effusion_mask(scan: _Scan) -> np.ndarray:
     """(S, H, W) bool: dependent pleural fluid."""
     fluid = (scan.median >= FLUID_HU[0]) & (scan.median <= FLUID_HU[1])
@@ -254,16 +266,12 @@ def _effusion_mask(scan: _Scan) -> np.ndarray:
     lung = scan.lung
     anterior = np.maximum.accumulate(lung, axis=1)  # lung at or in front of the voxel
     posterior = np.maximum.accumulate(lung[:, ::-1], axis=1)[:, ::-1]
-    rows = np.nonzero((scan.hu > -500).any((0, 2)))[0]
-    r0 = rows[0]
-    r1 = scan.bbox_rows[1] + 2  # the table lies below the lungs' posterior edge
-    frac = (np.arange(scan.H) - r0) / max(r1 - r0, 1)
-    return fluid & anterior & ~posterior & (frac > 0.5)[None, :, None]
+    return fluid & anterior & ~posterior & _posterior_half(scan)
 
 
 def _effusion_ml(scan: _Scan, eff: np.ndarray) -> tuple[float, float]:
     """Scaled fluid volume (ml) on the patient's right and left."""
-    right = np.arange(scan.W)[None, None, :] < scan.cx[:, None, None]
+    right = _right_side(scan)
     r = float((eff & right).sum()) * scan.voxel_ml / scan.scale3
     left = float((eff & ~right).sum()) * scan.voxel_ml / scan.scale3
     return r, left
@@ -467,9 +475,7 @@ def consolidation_regions(volume, spacing=None) -> list[dict]:
     if not scan.has_lungs:
         return []
     lab, ml, _ = _consolidation(scan, _effusion_mask(scan), _load_params(str(WEIGHTS_PATH)))
-    rows = np.arange(scan.H)[None, :, None]
-    posterior = (rows - scan.body_row0) / max(scan.bbox_rows[1] + 2 - scan.body_row0, 1) > 0.5
-    right = np.arange(scan.W)[None, None, :] < scan.cx[:, None, None]  # as _effusion_ml
+    posterior, right = _posterior_half(scan), _right_side(scan)
     out = []
     for k in np.argsort(-ml):
         if ml[k] < CONSOLIDATION_ML:
