@@ -6,10 +6,10 @@ rows). This generates the volumes of ``embedded_quality.py`` again (the same hel
 and settings, so the same volumes on one machine) for the reports without a consolidation, and
 describes each region the reader calls one (:func:`ctflow.eval.attributes.consolidation_regions`):
 its median HU, its share in the posterior half of the body (where dependent fluid lies) and whether
-its slices overlap the phantom's effusion (ground truth) and it lies on the reported side (most of it
-on that side of the midline; either side for a bilateral effusion). A reported effusion drawn in its place but
-denser than the reader's -15..22 HU fluid band reads as a posterior region at +22..150 HU within
-the effusion's slices.
+its slices overlap the phantom's effusion (ground truth) and it lies on the reported side (most of
+it on that side of the midline; either side for a bilateral effusion). A reported effusion drawn in
+its place but denser than the reader's -15..22 HU fluid band reads as a posterior region at
++22..150 HU within the effusion's slices.
 
     python benchmarks/consolidation_probe.py [--n 50] [--model DIR] [--result NAME] [--first-seed S]
 
@@ -35,15 +35,12 @@ from common import (  # noqa: E402
 SEED0 = 50000  # embedded_quality.py's held-out reports
 
 
-def effusion_slices(truth: dict) -> tuple[int, int] | None:
-    """First and last slice of the phantom's effusion (ground truth), or None without one."""
-    ranges = [f["slice_range"] for f in truth["findings"] if f["type"] == "effusion" and "slice_range" in f]
-    return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
-
-
 def summary(rows: list[dict]) -> dict:
     """Per group: volumes, volumes with a consolidation read, and of their largest regions the median
-    HU, the median posterior share, and how many overlap the reported effusion's slices."""
+    HU, the median posterior share, how many are posterior and denser than fluid, and how many overlap
+    the reported effusion's slices and lie on its side."""
+    from ctflow.eval.attributes import FLUID_HU
+
     called = [r for r in rows if r["regions"]]
     largest = [r["regions"][0] for r in called]
     return {
@@ -53,7 +50,7 @@ def summary(rows: list[dict]) -> dict:
         "posterior_share": round(statistics.median(g["posterior_share"] for g in largest), 3)
         if largest
         else None,
-        "dense_fluid_like": sum(g["posterior_share"] > 0.8 and g["median_hu"] > 22.0 for g in largest),
+        "dense_fluid_like": sum(g["posterior_share"] > 0.8 and g["median_hu"] > FLUID_HU[1] for g in largest),
         "overlapping_the_effusion": sum(bool(r.get("overlaps_effusion")) for r in called),
         "on_the_reported_side": sum(bool(r.get("on_reported_side")) for r in called),
     }
@@ -71,14 +68,14 @@ def main():
         out = generate(pipe, args, text, i, max_slices=200)  # as embedded_quality.py: the same volume
         regions = consolidation_regions(out.volumes[0])
         row = {"seed": spec.seed, "effusion_reported": "effusion" in kinds, "regions": regions}
-        fluid = effusion_slices(truth)
+        # the phantom's effusion (a phantom has at most one; its slices where it is rendered)
+        fluid = next((f for f in truth["findings"] if f["type"] == "effusion" and "slice_range" in f), None)
         if fluid and regions:
-            first, last = regions[0]["slices"]
-            row["effusion_slices"] = list(fluid)
-            row["overlaps_effusion"] = first <= fluid[1] and last >= fluid[0]
-            side = next(f["side"] for f in truth["findings"] if f["type"] == "effusion")
+            (first, last), (lo, hi) = regions[0]["slices"], fluid["slice_range"]
+            row["effusion_slices"] = [lo, hi]
+            row["overlaps_effusion"] = first <= hi and last >= lo
             right = regions[0]["right_share"]
-            row["on_reported_side"] = {"right": right > 0.5, "left": right < 0.5}.get(side, True)
+            row["on_reported_side"] = {"right": right > 0.5, "left": right < 0.5}.get(fluid["side"], True)
         rows.append(row)
         big = regions[0] if regions else None
         print(f"{spec.seed}: effusion reported {row['effusion_reported']}, largest consolidation read {big}")
