@@ -12,7 +12,9 @@ the report's key/value projections over its real tokens only (the model) against
 padding too (as before 2026-12-03);
 and the trainer's fused AdamW step against the default for-loop one;
 and the loss's forward and backward in fp32 with torch's default attention kernel (the trainer)
-against bf16 autocast and against the plain-math attention kernel.
+against bf16 autocast, against the plain-math attention kernel and against each block compiled by
+torch.compile; and the trainer as two one-thread DDP processes (torchrun), half the batch each,
+against one two-thread process (the trainer's way).
 
     python benchmarks/train_throughput.py [--latents runs/default/latents]
 """
@@ -22,7 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(cache: Path, config: FlowTrainConfig, work: Path) -> dict:
     train_flow(cache, config, work, progress=False)
+    return run_log(work)
+
+
+def run_log(work: Path) -> dict:
+    """Seconds per step and data share of a finished run, from its log, the first window left out."""
     records = [json.loads(x) for x in (work / "log.jsonl").read_text().splitlines()]
     steady = [r for r in records if "sec_per_step" in r][1:]  # drop the first window (warm-up)
     sec = sum(r["sec_per_step"] for r in steady) / len(steady)
@@ -78,11 +88,13 @@ def alternating(
     steps: int = 30,
     text_caches: dict | None = None,
     contexts: dict | None = None,
+    prepare: dict | None = None,
 ) -> dict:
     """Median seconds of the loss's forward + backward for each variant (config, one pass), on the
     same batches (drawn with the first variant's config), taking turns in a rotating order.
     ``text_caches`` maps a variant to a replacement for its model's ``compute_text_cache``;
-    ``contexts`` maps a variant to a function giving the context manager its step runs in."""
+    ``contexts`` maps a variant to a function giving the context manager its step runs in;
+    ``prepare`` maps a variant to a function changing its model in place (once, before the steps)."""
     latents = LatentCache(cache)
     names = list(variants)
     config = variants[names[0]][0]
@@ -92,6 +104,8 @@ def alternating(
         models[name] = build_transformer(cfg, latents)
         if name in (text_caches or {}):
             models[name].compute_text_cache = MethodType(text_caches[name], models[name])
+        if name in (prepare or {}):
+            prepare[name](models[name])
     sampler = ChunkSampler(
         latents, models[names[0]].config.chunk_slices, config, models[names[0]].config.num_findings
     )
@@ -129,6 +143,23 @@ def adamw_steps(cache: Path, config: FlowTrainConfig, steps: int = 40) -> dict:
             if step >= 2:
                 times[name].append(time.perf_counter() - start)
     return {f"{name}_sec": round(statistics.median(t), 4) for name, t in times.items()}
+
+
+def ddp_run(cache: Path, config_path: Path, work: Path, processes: int = 2) -> dict:
+    """``run`` as ``processes`` one-thread DDP processes (torchrun, gloo), each drawing the config's
+    batch: the other way to use the cores."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    command += ["-m", "ctflow.cli", "train", "--latents", str(cache), "--config", str(config_path)]
+    subprocess.run([*command, "--out", str(work)], env=env, check=True, capture_output=True)
+    return run_log(work)
+
+
+def compile_blocks(model) -> None:
+    """Each transformer block compiled by torch.compile (inductor). The whole model does not compile in
+    one graph: the report's real-token projection has a data-dependent shape."""
+    for block in model.blocks:
+        block.compile()
 
 
 def with_transformer(config: FlowTrainConfig, **changes) -> FlowTrainConfig:
@@ -187,14 +218,24 @@ if __name__ == "__main__":
         # faster kernels for the same step? bf16 autocast (AMX where the CPU has it), plain-math attention
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        # and torch.compile of each block, where a C++ compiler is at hand for inductor's kernels
+        compiled = {"compiled_blocks": (cfg, True)} if shutil.which("g++") or shutil.which("c++") else {}
         kernels = alternating(
             cache,
-            {"fp32": (cfg, True), "bf16_autocast": (cfg, True), "math_attention": (cfg, True)},
+            {"fp32": (cfg, True), "bf16_autocast": (cfg, True), "math_attention": (cfg, True), **compiled},
             contexts={
                 "bf16_autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
                 "math_attention": lambda: sdpa_kernel(SDPBackend.MATH),
             },
+            prepare={"compiled_blocks": compile_blocks},
         )
+        # the second core as a second process: two one-thread DDP processes, half the batch each
+        ddp_config = tmp / "ddp.yaml"
+        ddp_config.write_text(
+            f"base: {ROOT / 'configs/tiny-phantom.yaml'}\nsteps: {cfg.steps}\nlog_every: {cfg.log_every}\n"
+            f"checkpoint_every: {cfg.checkpoint_every}\nbatch_size: {cfg.batch_size // 2}\n"
+        )
+        ddp = ddp_run(cache, ddp_config, tmp / "ddp")
     out = {
         "cache": str(real) if cache == real else "synthetic (same shapes)",
         "batch_size": cfg.batch_size,
@@ -209,6 +250,13 @@ if __name__ == "__main__":
         "adamw_step_fused_vs_for_loop": adamw,
         "concat_loss_bf16_autocast_vs_fp32": ratio(kernels, "bf16_autocast", "fp32"),
         "concat_loss_math_attention_vs_default": ratio(kernels, "math_attention", "fp32"),
+        "concat_loss_compiled_blocks_vs_eager": ratio(kernels, "compiled_blocks", "fp32")
+        if compiled
+        else "skipped: no C++ compiler for inductor",
+        "ddp_two_one_thread_processes_half_batch_each": ddp,
+        "ddp_vs_one_two_thread_process_time_ratio": round(
+            ddp["sec_per_step"] / results["concat"]["sec_per_step"], 3
+        ),
         "goal_data_share": 0.10,
         "passed": all(r["data_share"] < 0.10 for r in results.values()),
     }
