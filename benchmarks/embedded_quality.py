@@ -11,6 +11,10 @@ slice count, so the model itself decides where to stop (EOS). Measures:
 * the same reader on the VAE reconstruction of each held-out phantom: the best a
   generator can score through this VAE (the reader's fluid band is 37 HU wide and
   the tiny VAE's error is larger, so effusions fade in reconstruction);
+* the nodule call again with the reader's nodule rule fitted through this VAE
+  (``common.vae_reader_params``; rows' ``nodule_vae_rule``), on generated volumes and
+  reconstructions: the shipped rule calls a nodule in about a fifth of nodule-free
+  reconstructions, so its nodule counts cannot tell models apart;
 * continuity across chunk seams, slice-to-slice change (flicker) relative to the
   reconstructed phantoms, and the patch-seam ratio (change between slices that
   different tokens predict over change between slices of one token; 1 for the
@@ -50,6 +54,7 @@ from common import (  # noqa: E402
     result_name,
     rms,
     through_vae,
+    vae_reader_params,
     write_result,
 )
 
@@ -83,6 +88,13 @@ def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
     return {"attribute_majority_baseline": majority, "findings_found": found}
 
 
+def nodule_calls(rows: list[dict], key: str) -> dict:
+    """Nodules called by ``row[key]`` under reports naming one (found of reported) and not (false of clear)."""
+    named = [bool(r[key]) for r in rows if r["truth"]["nodule"]]
+    clear = [bool(r[key]) for r in rows if not r["truth"]["nodule"]]
+    return {"found": [sum(named), len(named)], "false": [sum(clear), len(clear)]}
+
+
 def record_chunks(pipe) -> list:
     """Every latent chunk [C,K,h,w] the pipeline decodes from now on, in order: wraps this pipeline's
     ``vae.decode_volume`` (the pipeline decodes each generated chunk once, as it is made)."""
@@ -111,6 +123,7 @@ def main() -> dict:
         from ctflow.eval.metrics import continuity
     except ImportError:  # the evaluation package is optional for this measurement
         read_attributes = None
+    vae_params = vae_reader_params(pipe) if read_attributes is not None else None
     rows, previews, seconds = [], [], 0.0  # seconds: generation only (not the reader or the VAE ceiling)
     chunks = record_chunks(pipe)
     for i, (spec, phantom, _truth, text) in enumerate(heldout_reports(args.first_seed, args.n)):
@@ -139,6 +152,9 @@ def main() -> dict:
             row["truth"] = attributes_from_report(text)
             row["continuity"] = continuity(vol, chunk=k)
             row["pred_reconstruction"] = read_attributes(real)
+            # the nodule call of the rule fitted through this VAE (vae_reader_params)
+            row["nodule_vae_rule"] = read_attributes(vol, params=vae_params)["nodule"]
+            row["reconstruction_nodule_vae_rule"] = read_attributes(real, params=vae_params)["nodule"]
             row["reconstruction_within_diff"] = continuity(real, chunk=k)["within_diff"]
             # patch seams: continuity's chunk-seam measure at the transformer's temporal patch size
             row["patch_seam_ratio"] = continuity(vol, chunk=patch_slices)["ratio"]
@@ -178,6 +194,13 @@ def main() -> dict:
         result["attribute_accuracy_vae_reconstruction"] = attribute_accuracy(
             [r["pred_reconstruction"] for r in rows], [r["truth"] for r in rows]
         )
+        result["nodule_vae_rule"] = {
+            name: nodule_calls(rows, key)
+            for name, key in (
+                ("generated", "nodule_vae_rule"),
+                ("reconstruction", "reconstruction_nodule_vae_rule"),
+            )
+        }
         result["findings_found_vae_reconstruction"] = attribute_baselines(
             [{**r, "pred": r["pred_reconstruction"]} for r in rows], result["attribute_accuracy"]
         )["findings_found"]

@@ -10,7 +10,9 @@ The attribute reader scores each volume's most nodule-like spot in the lungs (``
 0 and above: it calls a nodule). Per pair, ``score_shift`` = the score under the nodule report −
 the score under the clear one: positive when the nodule follows the words, about 0 when the model
 ignores them. ``found`` counts nodule reports whose volume the reader calls a nodule, ``false``
-clear reports whose volume it calls one anyway. The two phantoms through the VAE give what a
+clear reports whose volume it calls one anyway; ``found_vae_rule`` and ``false_vae_rule`` count the
+calls of the reader's nodule rule fitted through this VAE (``common.vae_reader_params``), which
+calls fewer nodules where there are none. The two phantoms through the VAE give what a
 generator can reach. Paired and from one-finding reports, this reads the nodule more directly than
 ``embedded_quality.py``'s 14 reported nodules among other findings.
 
@@ -36,6 +38,7 @@ from common import (  # noqa: E402
     rendered_case,
     result_name,
     through_vae,
+    vae_reader_params,
     write_result,
 )
 
@@ -55,13 +58,17 @@ def pair(seed: int, i: int):
     return with_nodule, rendered_case(dataclasses.replace(spec, findings=[]))
 
 
-def read(volume) -> dict:
-    """The reader's nodule score (None: no lungs found) and call."""
+def read(volume, vae_params: dict | None = None) -> dict:
+    """The reader's nodule score (None: no lungs found) and call; with ``vae_params`` also the call of
+    the nodule rule fitted through the VAE (``nodule_vae_rule``)."""
     from ctflow.eval.attributes import attribute_scores, attributes_from_scores
 
     scores = attribute_scores(volume)
     score = round(float(scores["nodule_score"]), 3) if "nodule_score" in scores else None
-    return {"score": score, "nodule": attributes_from_scores(scores)["nodule"]}
+    out = {"score": score, "nodule": attributes_from_scores(scores)["nodule"]}
+    if vae_params is not None:
+        out["nodule_vae_rule"] = attributes_from_scores(attribute_scores(volume, params=vae_params))["nodule"]
+    return out
 
 
 def summary(rows: list[dict]) -> dict:
@@ -78,11 +85,20 @@ def summary(rows: list[dict]) -> dict:
         "pairs_following_report": sum(s > 0 for s in shifts),
         "pairs_read": len(shifts),
         "mean_score_shift": round(float(np.mean(shifts)), 3) if shifts else None,
+        **(
+            {
+                "found_vae_rule": sum(r["nodule"]["nodule_vae_rule"] for r in rows),
+                "false_vae_rule": sum(r["clear"]["nodule_vae_rule"] for r in rows),
+            }
+            if rows and "nodule_vae_rule" in rows[0]["nodule"]
+            else {}
+        ),
     }
 
 
 def main() -> dict:
     args, pipe = generation_setup(24, __doc__.splitlines()[0], first_seed=SEED0)
+    vae_params = vae_reader_params(pipe)
     rows = {"generated": [], "real": []}
     seeds = []
     for seed in itertools.count(args.first_seed):
@@ -94,7 +110,8 @@ def main() -> dict:
         gen, real = {}, {}
         for key, (render, report) in zip(("nodule", "clear"), cases, strict=True):
             out = generate(pipe, args, report, len(seeds))
-            gen[key], real[key] = read(out.volumes[0]), read(through_vae(pipe, render.volume)[1])
+            gen[key] = read(out.volumes[0], vae_params)
+            real[key] = read(through_vae(pipe, render.volume)[1], vae_params)
         print(f"{len(seeds)}: seed {seed} generated {gen}  through VAE {real}", flush=True)
         seeds.append(seed)
         rows["generated"].append(gen)

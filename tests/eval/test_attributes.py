@@ -192,3 +192,41 @@ def test_consolidation_regions_show_an_effusion_drawn_denser_than_fluid():
     assert region["posterior_share"] > 0.8 and 22.0 < region["median_hu"] < 150.0
     assert region["right_share"] > 0.9  # the patient's right, as the effusion
     assert z[0] <= region["slices"][0] <= region["slices"][1] <= z[-1]
+
+
+def test_a_nodule_rule_is_fitted_on_given_volumes_and_swapped_into_the_reader(phantoms):
+    from ctflow.eval.attributes import (
+        NODULE_RULE_KEYS,
+        attribute_scores,
+        calibrate_nodule_rule,
+        reader_params,
+    )
+
+    cases = [(vol, gt) for _, vol, gt in phantoms[:24]]
+    rule = calibrate_nodule_rule(cases)
+    assert set(rule) == set(NODULE_RULE_KEYS) and all(np.isfinite(v).all() for v in rule.values())
+    params = reader_params(rule)
+    truth = [attributes_from_ground_truth(gt)["nodule"] for _, gt in cases]
+    calls = [read_attributes(vol, params=params)["nodule"] for vol, _ in cases]
+    # fitted on these very volumes, the rule reads at least as many of them right as it could by
+    # calling no nodule at all, and it finds some
+    assert sum(c == t for c, t in zip(calls, truth, strict=True)) >= max(sum(truth), len(truth) - sum(truth))
+    assert any(c and t for c, t in zip(calls, truth, strict=True))
+    # swapped in, only the nodule score changes
+    never = reader_params({**rule, "nodule_threshold": np.array([1e6], np.float32)})
+    vol = cases[int(np.argmax(calls))][0]
+    a, b = attribute_scores(vol, params=params), attribute_scores(vol, params=never)
+    assert a["nodule_score"] > 0 > b["nodule_score"]
+    assert {k: v for k, v in a.items() if k != "nodule_score"} == {
+        k: v for k, v in b.items() if k != "nodule_score"
+    }
+
+
+def test_a_nodule_rule_needs_volumes_with_and_without_nodules_and_all_its_parts(phantoms):
+    from ctflow.eval.attributes import calibrate_nodule_rule, reader_params
+
+    clear = [(vol, gt) for _, vol, gt in phantoms if not attributes_from_ground_truth(gt)["nodule"]][:3]
+    with pytest.raises(CTFlowError, match="with and without a visible nodule"):
+        calibrate_nodule_rule(clear)
+    with pytest.raises(CTFlowError, match="nodule rule holds"):
+        reader_params({"nodule_weight": np.zeros(3)})

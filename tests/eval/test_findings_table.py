@@ -70,3 +70,27 @@ def test_false_consolidations_are_split_by_whether_the_report_names_an_effusion(
     assert lines["false consolidation where the report names an effusion"] == ["1/2 |"]
     assert lines["false consolidation where the report names no effusion"] == ["1/2 |"]
     assert lines["false consolidation"] == ["2 |"]
+
+
+def test_the_refitted_nodule_rule_rows_count_its_calls_and_mark_older_results(tmp_path, monkeypatch):
+    table = load_benchmark("findings_table")
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    rows = [
+        row("none", True, "none", True),
+        row("none", False, "none", True),
+        row("none", False, "none", False),
+    ]
+    # the refitted rule: misses the reported nodule, calls none where none was reported; through the VAE
+    # it finds the reported one and calls one false
+    for r, gen, rec in zip(rows, (False, False, False), (True, True, False), strict=True):
+        r["nodule_vae_rule"], r["reconstruction_nodule_vae_rule"] = gen, rec
+    (tmp_path / "new.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "old.json").write_text(json.dumps({"rows": [row("none", True, "none", True)]}))
+    lines = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
+        for line in table.table(["new", "new:vae", "old"]).splitlines()
+    }
+    assert lines["nodule found"] == ["1/1", "0/1", "1/1 |"]  # the shipped rule's calls
+    assert lines["false nodule"] == ["1", "0", "0 |"]
+    assert lines["nodule found, rule fitted through the VAE"] == ["0/1", "1/1", "– |"]
+    assert lines["false nodule, rule fitted through the VAE"] == ["0", "1", "– |"]

@@ -494,6 +494,11 @@ def consolidation_regions(volume, spacing=None) -> list[dict]:
     return out
 
 
+def _nodule_exclusion(eff: np.ndarray, lab: np.ndarray, ml: np.ndarray) -> np.ndarray:
+    """Where no nodule is looked for: the effusion and the consolidations, grown by a voxel."""
+    return ndi.binary_dilation(eff | (ml >= CONSOLIDATION_ML)[lab], iterations=1)
+
+
 def attribute_scores(volume, spacing=None, params: dict | None = None) -> dict[str, float]:
     """The continuous measurements behind :func:`read_attributes` (thresholds not applied)."""
     vol = _as_volume(volume, spacing)
@@ -504,10 +509,8 @@ def attribute_scores(volume, spacing=None, params: dict | None = None) -> dict[s
     eff = _effusion_mask(scan)
     right_ml, left_ml = _effusion_ml(scan, eff)
     lab, ml, cardio = _consolidation(scan, eff, params)
-    big = ml >= CONSOLIDATION_ML
     cons_ml = float(ml.max())
-    exclude = ndi.binary_dilation(eff | big[lab], iterations=1)
-    _, feats = nodule_candidates(scan, exclude)
+    _, feats = nodule_candidates(scan, _nodule_exclusion(eff, lab, ml))
     if len(feats):
         z = (feats - params["nodule_mean"]) / params["nodule_std"]
         nodule = float((z @ params["nodule_weight"] + params["nodule_bias"][0]).max())
@@ -550,14 +553,25 @@ def attributes_from_scores(scores: dict[str, float]) -> dict:
     }
 
 
-def read_attributes(volume, spacing=None) -> dict:
+def read_attributes(volume, spacing=None, params: dict | None = None) -> dict:
     """Predict the phantom findings of a HU volume (a :class:`Volume` or an (S, H, W) array + spacing).
 
     Returns ``{"effusion": "none"|"left"|"right"|"bilateral", "cardiomegaly": bool,
     "nodule": bool, "emphysema": bool, "consolidation": bool, "lung_volume_ml": float}``.
-    A volume without recognisable lungs reads as normal.
+    A volume without recognisable lungs reads as normal. ``params``: the reader's parameters
+    (default: the shipped ones, :func:`reader_params`).
     """
-    return attributes_from_scores(attribute_scores(volume, spacing))
+    return attributes_from_scores(attribute_scores(volume, spacing, params))
+
+
+def reader_params(nodule_rule: dict | None = None) -> dict[str, np.ndarray]:
+    """The shipped reader parameters, with another nodule rule (:func:`calibrate_nodule_rule`) if given."""
+    params = dict(_load_params(str(WEIGHTS_PATH)))
+    if nodule_rule is not None:
+        if set(nodule_rule) != set(NODULE_RULE_KEYS):
+            raise CTFlowError(f"a nodule rule holds {', '.join(NODULE_RULE_KEYS)}; got {sorted(nodule_rule)}")
+        params.update({k: np.asarray(v, np.float32) for k, v in nodule_rule.items()})
+    return params
 
 
 # ----------------------------------------------------------------------------- other sources
@@ -651,6 +665,64 @@ def _fit_linear(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> tuple[np.ndar
     return w[:-1], float(w[-1])
 
 
+NODULE_RULE_KEYS = ("nodule_weight", "nodule_bias", "nodule_mean", "nodule_std", "nodule_threshold")
+
+
+def _nodule_samples(scan: _Scan, findings: list[dict], exclude: np.ndarray | None = None):
+    """A scan's nodule candidates' features, whether each lies within 10 mm of a visible nodule of the
+    ground truth ``findings``, and whether the scan has one: (features, near, has_nodule)."""
+    pts, feats = nodule_candidates(scan, exclude)
+    nodules = [f for f in findings if f["type"] == "nodule" and f.get("visible")]
+    near = np.zeros(len(pts), bool)
+    for f in nodules:
+        d = np.linalg.norm((pts - np.array(f["center_voxel"])) * np.array(scan.sp), axis=1)
+        near |= d < 10.0
+    return feats, near, bool(nodules)
+
+
+def fit_nodule_rule(samples: list[tuple[np.ndarray, np.ndarray, bool]]) -> dict[str, np.ndarray]:
+    """The linear nodule rule from scans' (features, near, has_nodule) (:func:`_nodule_samples`): a
+    class-weighted logistic fit of "near a nodule" on standardised features, and the threshold on a
+    scan's highest candidate score that reads the most scans right."""
+    x = np.concatenate([f for f, _, _ in samples])
+    y = np.concatenate([n for _, n, _ in samples]).astype(np.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    w, b = _fit_linear((x - mean) / std, y)
+    best = np.array([((f - mean) / std @ w + b).max() if len(f) else -np.inf for f, _, _ in samples])
+    truth = np.array([has for _, _, has in samples])
+    cuts = np.unique(best[np.isfinite(best)])
+    acc = [((best >= c) == truth).mean() for c in cuts]
+    i = int(np.argmax(acc))
+    threshold = float((cuts[i] + cuts[i - 1]) / 2) if i > 0 else float(cuts[0] - 1e-3)
+    return {
+        "nodule_weight": w.astype(np.float32),
+        "nodule_bias": np.array([b], np.float32),
+        "nodule_mean": mean.astype(np.float32),
+        "nodule_std": std.astype(np.float32),
+        "nodule_threshold": np.array([threshold], np.float32),
+    }
+
+
+def calibrate_nodule_rule(cases, log=None) -> dict[str, np.ndarray]:
+    """The nodule rule fitted on other volumes than the phantoms themselves: ``cases`` yields
+    (volume, ground truth) pairs, for example phantoms through a slice VAE, whose blur makes vessels
+    read as nodules under the phantom-calibrated rule. Candidates are found as
+    :func:`attribute_scores` finds them (outside the effusion and consolidations). Use the result with
+    :func:`reader_params`."""
+    params, samples = _load_params(str(WEIGHTS_PATH)), []
+    for n, (volume, truth) in enumerate(cases):
+        scan = _Scan(_as_volume(volume))
+        if scan.has_lungs:
+            eff = _effusion_mask(scan)
+            lab, ml, _ = _consolidation(scan, eff, params)
+            samples.append(_nodule_samples(scan, truth["findings"], _nodule_exclusion(eff, lab, ml)))
+        if log is not None and (n + 1) % 50 == 0:
+            log(f"nodule rule: {n + 1} volumes")
+    if not any(has for _, _, has in samples) or all(has for _, _, has in samples):
+        raise CTFlowError("calibrate_nodule_rule needs volumes with and without a visible nodule")
+    return fit_nodule_rule(samples)
+
+
 def calibrate_reader(
     seeds, size: int = READER_SIZE, slice_range=(40, 120), log=None
 ) -> dict[str, np.ndarray]:
@@ -664,7 +736,7 @@ def calibrate_reader(
 
     counts, totals = np.zeros(ATLAS_SHAPE), np.zeros(ATLAS_SHAPE)
     counts_c, totals_c = np.zeros(ATLAS_SHAPE), np.zeros(ATLAS_SHAPE)
-    xs, ys, owner, has_nodule = [], [], [], []
+    samples = []
     seeds = list(seeds)
     for n, seed in enumerate(seeds):
         spec = sample_spec(int(seed), size=size, slice_range=slice_range)
@@ -686,41 +758,14 @@ def calibrate_reader(
             _accumulate_atlas(
                 scan, r.labels[:, :: size // READER_SIZE, :: size // READER_SIZE], counts_c, totals_c
             )
-        pts, feats = nodule_candidates(scan)
-        nodules = [f for f in r.ground_truth["findings"] if f["type"] == "nodule" and f.get("visible")]
-        near = np.zeros(len(pts), bool)
-        for f in nodules:
-            d = np.linalg.norm((pts - np.array(f["center_voxel"])) * np.array(scan.sp), axis=1)
-            near |= d < 10.0
-        xs.append(feats)
-        ys.append(near)
-        owner.append(np.full(len(feats), len(has_nodule)))
-        has_nodule.append(bool(nodules))
+        samples.append(_nodule_samples(scan, r.ground_truth["findings"]))
         if log is not None and (n + 1) % 50 == 0:
             log(f"reader calibration: {n + 1}/{len(seeds)} phantoms")
-    x = np.concatenate(xs)
-    y = np.concatenate(ys).astype(np.float64)
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    w, b = _fit_linear((x - mean) / std, y)
-    # phantom-level threshold on the max candidate score: the most accurate one on these phantoms
-    score = (x - mean) / std @ w + b
-    owner_all = np.concatenate(owner)
-    best = np.full(len(has_nodule), -np.inf)
-    np.maximum.at(best, owner_all, score)
-    truth = np.array(has_nodule)
-    cuts = np.unique(best[np.isfinite(best)])
-    acc = [((best >= c) == truth).mean() for c in cuts]
-    i = int(np.argmax(acc))
-    threshold = float((cuts[i] + cuts[i - 1]) / 2) if i > 0 else float(cuts[0] - 1e-3)
     atlas = counts / np.maximum(totals, 1)
     atlas_c = counts_c / np.maximum(totals_c, 1)
     atlas_c[totals_c == 0] = atlas[totals_c == 0]
     return {
         "cavity_atlas": atlas.astype(np.float32),
         "cavity_atlas_cardiomegaly": atlas_c.astype(np.float32),
-        "nodule_weight": w.astype(np.float32),
-        "nodule_bias": np.array([b], np.float32),
-        "nodule_mean": mean.astype(np.float32),
-        "nodule_std": std.astype(np.float32),
-        "nodule_threshold": np.array([threshold], np.float32),
+        **fit_nodule_rule(samples),
     }

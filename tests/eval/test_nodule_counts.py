@@ -1,0 +1,34 @@
+"""Nodule counts of the benchmarks under the reader's nodule rule fitted through the VAE."""
+
+import pytest
+
+from tests.benchmark_module import load_benchmark
+
+
+def test_nodule_pairs_counts_both_rules_calls():
+    pairs = load_benchmark("nodule_pairs")
+
+    def read(score, call, refitted):
+        return {"score": score, "nodule": call, "nodule_vae_rule": refitted}
+
+    rows = [
+        {"nodule": read(0.5, True, True), "clear": read(0.2, True, False)},
+        {"nodule": read(-1.0, False, False), "clear": read(-0.5, False, False)},
+    ]
+    out = pairs.summary(rows)
+    assert (out["found"], out["false"], out["found_vae_rule"], out["false_vae_rule"]) == (1, 1, 1, 0)
+    assert out["pairs_following_report"] == 1 and out["mean_score_shift"] == pytest.approx((0.3 - 0.5) / 2)
+    older = [{key: {k: v for k, v in r[key].items() if k != "nodule_vae_rule"} for key in r} for r in rows]
+    assert "found_vae_rule" not in pairs.summary(older)
+
+
+def test_embedded_quality_counts_the_refitted_rules_calls_by_report():
+    quality = load_benchmark("embedded_quality")
+    rows = [
+        {"truth": {"nodule": True}, "nodule_vae_rule": True},
+        {"truth": {"nodule": True}, "nodule_vae_rule": False},
+        {"truth": {"nodule": False}, "nodule_vae_rule": True},
+        {"truth": {"nodule": False}, "nodule_vae_rule": False},
+        {"truth": {"nodule": False}, "nodule_vae_rule": False},
+    ]
+    assert quality.nodule_calls(rows, "nodule_vae_rule") == {"found": [1, 2], "false": [1, 3]}
