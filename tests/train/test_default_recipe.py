@@ -204,6 +204,23 @@ def test_model_card_reports_the_reconstruction_ceiling_flicker_and_report_use(tm
         in card
     )
     assert "higher under the nodule report in 14 of 24 pairs (through this VAE: 20)" in card
+    assert "fitted through this VAE" not in card  # results from before the refitted nodule rule
+    nodules["generated"].update(found_vae_rule=0, false_vae_rule=1)
+    nodules["real_through_vae"].update(found_vae_rule=9, false_vae_rule=0)
+    quality["nodule_vae_rule"] = {
+        "generated": {"found": [1, 14], "false": [2, 36]},
+        "reconstruction": {"found": [4, 14], "false": [0, 36]},
+    }
+    (results / "nodule_pairs.json").write_text(json.dumps(nodules))
+    (results / "embedded_quality.json").write_text(json.dumps(quality))
+    card = write_model_card(folder, results).read_text()
+    assert (
+        "with the nodule rule fitted through this VAE found under 0 and 1 (through this VAE: 9 and 0)" in card
+    )
+    assert (
+        "found in 1 of 14 volumes whose report names one, called in 2 of 36 whose report does not"
+        " (the phantoms through this VAE: 4 and 0)"
+    ) in card
     free = {"n": 8, "median_lung_volume_ml": 2325.9, "volumes_with_lungs_over_1000_ml": 8}
     free["found"] = {"cardiomegaly": 4, "left_effusion": 0, "nodule": 1}
     (results / "free_text.json").write_text(json.dumps(free))

@@ -248,6 +248,16 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             lines.append(
                 f"- reported effusions drawn: {drawn} of {named} on any side, {side} on the reported side"
             )
+        refit = quality.get("nodule_vae_rule")
+        if refit:
+            (gen, rec) = refit["generated"], refit["reconstruction"]
+            lines.append(
+                "- nodules with the reader's nodule rule fitted through this VAE (the shipped rule, fitted on"
+                " sharp phantoms, takes the VAE's blurred vessels for nodules): found in"
+                f" {gen['found'][0]} of {gen['found'][1]} volumes whose report names one, called in"
+                f" {gen['false'][0]} of {gen['false'][1]} whose report does not (the phantoms through this VAE:"
+                f" {rec['found'][0]} and {rec['false'][0]})"
+            )
         ceiling = quality.get("attribute_accuracy_vae_reconstruction")
         if ceiling:
             found = quality.get("findings_found_vae_reconstruction", {})
@@ -333,6 +343,12 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f" ones (through this VAE: {real['found']} and {real['false']}); the reader's nodule score is"
             f" higher under the nodule report in {gen['pairs_following_report']} of {gen['pairs_read']} pairs"
             f" (through this VAE: {real['pairs_following_report']})"
+            + (
+                f"; with the nodule rule fitted through this VAE found under {gen['found_vae_rule']} and"
+                f" {gen['false_vae_rule']} (through this VAE: {real['found_vae_rule']} and {real['false_vae_rule']})"
+                if "found_vae_rule" in gen
+                else ""
+            )
         )
     free = result("free_text")
     if quality and free:
