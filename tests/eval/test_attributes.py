@@ -230,3 +230,20 @@ def test_a_nodule_rule_needs_volumes_with_and_without_nodules_and_all_its_parts(
         calibrate_nodule_rule(clear)
     with pytest.raises(CTFlowError, match="nodule rule holds"):
         reader_params({"nodule_weight": np.zeros(3)})
+
+
+def test_nodule_samples_find_the_nodule_of_a_volume_the_reader_resamples():
+    from ctflow.data.phantom import render_phantom
+    from ctflow.eval.attributes import _nodule_samples, _Scan
+
+    base = sample_spec(31_004, size=128, num_slices=60)
+    spec = PhantomSpec(
+        **{**base.__dict__, "findings": [{"type": "nodule", "lobe": "right lower", "size_mm": 20.0}]}
+    )
+    r = render_phantom(spec)
+    scan = _Scan(r.volume)  # read on the 64 px grid
+    feats, near, has = _nodule_samples(scan, r.ground_truth["findings"], r.volume.array.shape)
+    assert has and near.any() and len(near) == len(feats)
+    # the centre taken as if on the 64 px grid lands elsewhere: the candidates by the nodule are missed
+    _, near_unscaled, _ = _nodule_samples(scan, r.ground_truth["findings"], (60, 64, 64))
+    assert not near_unscaled[near].all()

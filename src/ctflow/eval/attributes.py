@@ -38,7 +38,10 @@ grid (the resolution ctflow generates), then read with image rules:
 
 The atlases and the nodule rule's coefficients are calibrated on phantoms by
 :func:`calibrate_reader` (run by ``python -m ctflow.eval.train_features``) and
-shipped in ``ctflow/eval/weights/attribute_reader.safetensors``.
+shipped in ``ctflow/eval/weights/attribute_reader.safetensors``. Volumes blurred
+like a slice VAE's reconstructions show vessels the shipped nodule rule takes for
+nodules; :func:`calibrate_nodule_rule` fits the rule again on such volumes and
+:func:`reader_params` swaps it in (``benchmarks/common.vae_reader_params``).
 
 :func:`attributes_from_ground_truth` and :func:`attributes_from_report` give the
 same keys from a phantom's ground truth and from report text, and
@@ -668,15 +671,17 @@ def _fit_linear(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> tuple[np.ndar
 NODULE_RULE_KEYS = ("nodule_weight", "nodule_bias", "nodule_mean", "nodule_std", "nodule_threshold")
 
 
-def _nodule_samples(scan: _Scan, findings: list[dict], exclude: np.ndarray | None = None):
+def _nodule_samples(scan: _Scan, findings: list[dict], shape, exclude: np.ndarray | None = None):
     """A scan's nodule candidates' features, whether each lies within 10 mm of a visible nodule of the
-    ground truth ``findings``, and whether the scan has one: (features, near, has_nodule)."""
+    ground truth ``findings`` (voxel centres of the volume of ``shape``, before the reader's in-plane
+    resampling), and whether the scan has one: (features, near, has_nodule)."""
     pts, feats = nodule_candidates(scan, exclude)
     nodules = [f for f in findings if f["type"] == "nodule" and f.get("visible")]
+    zoom = np.array([1.0, scan.H / shape[1], scan.W / shape[2]])
     near = np.zeros(len(pts), bool)
     for f in nodules:
-        d = np.linalg.norm((pts - np.array(f["center_voxel"])) * np.array(scan.sp), axis=1)
-        near |= d < 10.0
+        centre = (np.array(f["center_voxel"]) + 0.5) * zoom - 0.5  # on the reader's grid
+        near |= np.linalg.norm((pts - centre) * np.array(scan.sp), axis=1) < 10.0
     return feats, near, bool(nodules)
 
 
@@ -711,11 +716,13 @@ def calibrate_nodule_rule(cases, log=None) -> dict[str, np.ndarray]:
     :func:`reader_params`."""
     params, samples = _load_params(str(WEIGHTS_PATH)), []
     for n, (volume, truth) in enumerate(cases):
-        scan = _Scan(_as_volume(volume))
+        volume = _as_volume(volume)
+        scan = _Scan(volume)
         if scan.has_lungs:
             eff = _effusion_mask(scan)
             lab, ml, _ = _consolidation(scan, eff, params)
-            samples.append(_nodule_samples(scan, truth["findings"], _nodule_exclusion(eff, lab, ml)))
+            exclude = _nodule_exclusion(eff, lab, ml)
+            samples.append(_nodule_samples(scan, truth["findings"], volume.array.shape, exclude))
         if log is not None and (n + 1) % 50 == 0:
             log(f"nodule rule: {n + 1} volumes")
     if not any(has for _, _, has in samples) or all(has for _, _, has in samples):
@@ -758,7 +765,7 @@ def calibrate_reader(
             _accumulate_atlas(
                 scan, r.labels[:, :: size // READER_SIZE, :: size // READER_SIZE], counts_c, totals_c
             )
-        samples.append(_nodule_samples(scan, r.ground_truth["findings"]))
+        samples.append(_nodule_samples(scan, r.ground_truth["findings"], r.volume.array.shape))
         if log is not None and (n + 1) % 50 == 0:
             log(f"reader calibration: {n + 1}/{len(seeds)} phantoms")
     atlas = counts / np.maximum(totals, 1)
