@@ -157,7 +157,7 @@ def vae_reader_params(pipe, n: int = 200) -> dict:
     The shipped rule was fitted on the phantoms themselves; on their reconstructions it calls a
     nodule in about one in five volumes without one (the VAE's blur makes vessels look like
     nodules), as many as a generator draws, so a count of nodules in generated volumes tells little.
-    The refitted rule reads generated volumes in the domain they are decoded into. About 90 s on 2
+    The refitted rule reads generated volumes in the domain they are decoded into. About 80 s on 2
     cores for 200."""
     from ctflow.data.phantom import render_phantom, sample_spec
     from ctflow.eval.attributes import calibrate_nodule_rule, reader_params
