@@ -174,6 +174,14 @@ def vae_reader_params(pipe, n: int = 200) -> dict:
     return params
 
 
+def nodule_calls(rows: list[dict], key: str) -> dict:
+    """Nodules called by ``row[key]`` (a result row's call, e.g. ``nodule_vae_rule``) under reports
+    naming one (found of reported) and under the others (false of clear)."""
+    named = [bool(r[key]) for r in rows if r["truth"]["nodule"]]
+    clear = [bool(r[key]) for r in rows if not r["truth"]["nodule"]]
+    return {"found": [sum(named), len(named)], "false": [sum(clear), len(clear)]}
+
+
 def axial_strip(volume, depths=(0.5, 0.6, 0.7), gap: int = 4) -> np.ndarray:
     """uint8 (64, ...) image: axial slices at the given fractions of the depth, mediastinal window."""
     from ctflow.data.preview import MEDIASTINAL_WINDOW, apply_window

@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     generation_settings,
     generation_setup,
     heldout_reports,
+    nodule_calls,
     result_name,
     rms,
     through_vae,
@@ -86,13 +87,6 @@ def attribute_baselines(rows: list[dict], accuracy: dict) -> dict:
         if named:
             found[key] = round(hits / named, 3)
     return {"attribute_majority_baseline": majority, "findings_found": found}
-
-
-def nodule_calls(rows: list[dict], key: str) -> dict:
-    """Nodules called by ``row[key]`` under reports naming one (found of reported) and not (false of clear)."""
-    named = [bool(r[key]) for r in rows if r["truth"]["nodule"]]
-    clear = [bool(r[key]) for r in rows if not r["truth"]["nodule"]]
-    return {"found": [sum(named), len(named)], "false": [sum(clear), len(clear)]}
 
 
 def record_chunks(pipe) -> list:

@@ -34,7 +34,7 @@ from pathlib import Path
 from ctflow.eval.attributes import finding_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, nodule_calls  # noqa: E402
 
 FINDINGS = ("emphysema", "cardiomegaly", "consolidation", "nodule", "effusion")  # the table's row order
 
@@ -54,7 +54,7 @@ def table(names: list[str]) -> str:
             rows += json.loads(path.read_text())["rows"]
         counts[name] = finding_counts([r[pred] for r in rows], [r["truth"] for r in rows])
         beside_fluid[name] = false_consolidation_by_effusion(rows, pred)
-        refitted[name] = nodule_rule_counts(rows, rule)
+        refitted[name] = nodule_calls(rows, rule) if all(rule in r for r in rows) else None  # older results
 
     def frac(pair):
         return f"{pair[0]}/{pair[1]}"
@@ -79,7 +79,7 @@ def table(names: list[str]) -> str:
     )
     for label, part in (
         ("nodule found", lambda c: frac(c["found"])),
-        ("false nodule", lambda c: str(c["false"])),
+        ("false nodule", lambda c: str(c["false"][0])),
     ):
         lines.append(
             f"| {label}, rule fitted through the VAE | "
@@ -93,18 +93,6 @@ def table(names: list[str]) -> str:
             + " |"
         )
     return "\n".join(lines)
-
-
-def nodule_rule_counts(rows: list[dict], key: str) -> dict | None:
-    """Nodules found (of reported) and false under the nodule calls ``row[key]`` (the rule fitted
-    through the VAE); None when a result predates them."""
-    if not all(key in r for r in rows):
-        return None
-    named = [bool(r[key]) for r in rows if r["truth"]["nodule"]]
-    return {
-        "found": (sum(named), len(named)),
-        "false": sum(bool(r[key]) for r in rows if not r["truth"]["nodule"]),
-    }
 
 
 def false_consolidation_by_effusion(rows: list[dict], pred: str = "pred") -> tuple[tuple[int, int], ...]:

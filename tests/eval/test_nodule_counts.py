@@ -22,8 +22,8 @@ def test_nodule_pairs_counts_both_rules_calls():
     assert "found_vae_rule" not in pairs.summary(older)
 
 
-def test_embedded_quality_counts_the_refitted_rules_calls_by_report():
-    quality = load_benchmark("embedded_quality")
+def test_nodule_calls_are_counted_by_whether_the_report_names_one():
+    common = load_benchmark("common")
     rows = [
         {"truth": {"nodule": True}, "nodule_vae_rule": True},
         {"truth": {"nodule": True}, "nodule_vae_rule": False},
@@ -31,4 +31,4 @@ def test_embedded_quality_counts_the_refitted_rules_calls_by_report():
         {"truth": {"nodule": False}, "nodule_vae_rule": False},
         {"truth": {"nodule": False}, "nodule_vae_rule": False},
     ]
-    assert quality.nodule_calls(rows, "nodule_vae_rule") == {"found": [1, 2], "false": [1, 3]}
+    assert common.nodule_calls(rows, "nodule_vae_rule") == {"found": [1, 2], "false": [1, 3]}
