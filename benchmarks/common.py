@@ -150,9 +150,9 @@ def through_vae(pipe, volume):
     return z, Volume(decoded_hu(pipe, z), volume.spacing)
 
 
-def vae_reader_params(pipe, n: int = 200) -> dict:
-    """The attribute reader's parameters with its nodule rule fitted on ``n`` calibration phantoms
-    (the seeds the shipped reader was calibrated on) through the pipeline's slice VAE.
+def vae_nodule_rule(pipe, n: int = 200) -> dict:
+    """The attribute reader's nodule rule fitted on ``n`` calibration phantoms (the seeds the shipped
+    reader was calibrated on) through the pipeline's slice VAE, for ``attribute_scores(nodule_rules=)``.
 
     The shipped rule was fitted on the phantoms themselves; on their reconstructions it calls a
     nodule in about one in five volumes without one (the VAE's blur makes vessels look like
@@ -160,7 +160,7 @@ def vae_reader_params(pipe, n: int = 200) -> dict:
     The refitted rule reads generated volumes in the domain they are decoded into. About 80 s on 2
     cores for 200."""
     from ctflow.data.phantom import render_phantom, sample_spec
-    from ctflow.eval.attributes import calibrate_nodule_rule, reader_params
+    from ctflow.eval.attributes import calibrate_nodule_rule
     from ctflow.eval.train_features import CALIBRATION_SEEDS
 
     def cases():
@@ -169,9 +169,9 @@ def vae_reader_params(pipe, n: int = 200) -> dict:
             yield through_vae(pipe, r.volume)[1], r.ground_truth
 
     start = time.perf_counter()
-    params = reader_params(calibrate_nodule_rule(cases()))
+    rule = calibrate_nodule_rule(cases())
     print(f"nodule rule fitted through the VAE on {n} phantoms in {time.perf_counter() - start:.0f} s")
-    return params
+    return rule
 
 
 def nodule_calls(rows: list[dict], key: str) -> dict:

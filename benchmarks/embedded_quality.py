@@ -12,7 +12,7 @@ slice count, so the model itself decides where to stop (EOS). Measures:
   generator can score through this VAE (the reader's fluid band is 37 HU wide and
   the tiny VAE's error is larger, so effusions fade in reconstruction);
 * the nodule call again with the reader's nodule rule fitted through this VAE
-  (``common.vae_reader_params``; rows' ``nodule_vae_rule``), on generated volumes and
+  (``common.vae_nodule_rule``; rows' ``nodule_vae_rule``), on generated volumes and
   reconstructions: the shipped rule calls a nodule in about a fifth of nodule-free
   reconstructions, so its nodule counts cannot tell models apart;
 * continuity across chunk seams, slice-to-slice change (flicker) relative to the
@@ -55,7 +55,7 @@ from common import (  # noqa: E402
     result_name,
     rms,
     through_vae,
-    vae_reader_params,
+    vae_nodule_rule,
     write_result,
 )
 
@@ -113,11 +113,17 @@ def main() -> dict:
     k = pipe.chunk_slices
     patch_slices = pipe.transformer.config.patch_size[0]
     try:
-        from ctflow.eval.attributes import attribute_accuracy, attributes_from_report, read_attributes
+        from ctflow.eval.attributes import (
+            attribute_accuracy,
+            attribute_scores,
+            attributes_from_report,
+            attributes_from_scores,
+        )
         from ctflow.eval.metrics import continuity
     except ImportError:  # the evaluation package is optional for this measurement
-        read_attributes = None
-    vae_params = vae_reader_params(pipe) if read_attributes is not None else None
+        attribute_scores = None
+    # the nodule rule fitted through this VAE, scored beside the shipped one in the same read
+    rules = {"vae_rule": vae_nodule_rule(pipe)} if attribute_scores is not None else None
     rows, previews, seconds = [], [], 0.0  # seconds: generation only (not the reader or the VAE ceiling)
     chunks = record_chunks(pipe)
     for i, (spec, phantom, _truth, text) in enumerate(heldout_reports(args.first_seed, args.n)):
@@ -141,14 +147,17 @@ def main() -> dict:
                 last_over_second([c for c in torch.split(z_real, k, dim=1) if c.shape[1] == k]), 3
             ),
         }
-        if read_attributes is not None:
-            row["pred"] = read_attributes(vol)
+        if attribute_scores is not None:
+            scores = attribute_scores(vol, nodule_rules=rules)
+            real_scores = attribute_scores(real, nodule_rules=rules)
+            row["pred"] = attributes_from_scores(scores)
             row["truth"] = attributes_from_report(text)
             row["continuity"] = continuity(vol, chunk=k)
-            row["pred_reconstruction"] = read_attributes(real)
-            # the nodule call of the rule fitted through this VAE (vae_reader_params)
-            row["nodule_vae_rule"] = read_attributes(vol, params=vae_params)["nodule"]
-            row["reconstruction_nodule_vae_rule"] = read_attributes(real, params=vae_params)["nodule"]
+            row["pred_reconstruction"] = attributes_from_scores(real_scores)
+            row["nodule_vae_rule"] = attributes_from_scores(scores, "nodule_score_vae_rule")["nodule"]
+            row["reconstruction_nodule_vae_rule"] = attributes_from_scores(
+                real_scores, "nodule_score_vae_rule"
+            )["nodule"]
             row["reconstruction_within_diff"] = continuity(real, chunk=k)["within_diff"]
             # patch seams: continuity's chunk-seam measure at the transformer's temporal patch size
             row["patch_seam_ratio"] = continuity(vol, chunk=patch_slices)["ratio"]
@@ -180,7 +189,7 @@ def main() -> dict:
         ),
         "rows": rows,
     }
-    if read_attributes is not None:
+    if attribute_scores is not None:
         result["attribute_accuracy"] = attribute_accuracy(
             [r["pred"] for r in rows], [r["truth"] for r in rows]
         )

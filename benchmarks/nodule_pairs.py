@@ -11,7 +11,7 @@ The attribute reader scores each volume's most nodule-like spot in the lungs (``
 the score under the clear one: positive when the nodule follows the words, about 0 when the model
 ignores them. ``found`` counts nodule reports whose volume the reader calls a nodule, ``false``
 clear reports whose volume it calls one anyway; ``found_vae_rule`` and ``false_vae_rule`` count the
-calls of the reader's nodule rule fitted through this VAE (``common.vae_reader_params``), which
+calls of the reader's nodule rule fitted through this VAE (``common.vae_nodule_rule``), which
 calls fewer nodules where there are none. The two phantoms through the VAE give what a
 generator can reach. Paired and from one-finding reports, this reads the nodule more directly than
 ``embedded_quality.py``'s 14 reported nodules among other findings.
@@ -38,7 +38,7 @@ from common import (  # noqa: E402
     rendered_case,
     result_name,
     through_vae,
-    vae_reader_params,
+    vae_nodule_rule,
     write_result,
 )
 
@@ -58,16 +58,16 @@ def pair(seed: int, i: int):
     return with_nodule, rendered_case(dataclasses.replace(spec, findings=[]))
 
 
-def read(volume, vae_params: dict | None = None) -> dict:
-    """The reader's nodule score (None: no lungs found) and call; with ``vae_params`` also the call of
-    the nodule rule fitted through the VAE (``nodule_vae_rule``)."""
+def read(volume, vae_rule: dict | None = None) -> dict:
+    """The reader's nodule score (None: no lungs found) and call; with ``vae_rule`` also the call of
+    the nodule rule fitted through the VAE (``nodule_vae_rule``), from the same read."""
     from ctflow.eval.attributes import attribute_scores, attributes_from_scores
 
-    scores = attribute_scores(volume)
+    scores = attribute_scores(volume, nodule_rules=None if vae_rule is None else {"vae_rule": vae_rule})
     score = round(float(scores["nodule_score"]), 3) if "nodule_score" in scores else None
     out = {"score": score, "nodule": attributes_from_scores(scores)["nodule"]}
-    if vae_params is not None:
-        out["nodule_vae_rule"] = attributes_from_scores(attribute_scores(volume, params=vae_params))["nodule"]
+    if vae_rule is not None:
+        out["nodule_vae_rule"] = attributes_from_scores(scores, "nodule_score_vae_rule")["nodule"]
     return out
 
 
@@ -98,7 +98,7 @@ def summary(rows: list[dict]) -> dict:
 
 def main() -> dict:
     args, pipe = generation_setup(24, __doc__.splitlines()[0], first_seed=SEED0)
-    vae_params = vae_reader_params(pipe)
+    vae_rule = vae_nodule_rule(pipe)
     rows = {"generated": [], "real": []}
     seeds = []
     for seed in itertools.count(args.first_seed):
@@ -110,8 +110,8 @@ def main() -> dict:
         gen, real = {}, {}
         for key, (render, report) in zip(("nodule", "clear"), cases, strict=True):
             out = generate(pipe, args, report, len(seeds))
-            gen[key] = read(out.volumes[0], vae_params)
-            real[key] = read(through_vae(pipe, render.volume)[1], vae_params)
+            gen[key] = read(out.volumes[0], vae_rule)
+            real[key] = read(through_vae(pipe, render.volume)[1], vae_rule)
         print(f"{len(seeds)}: seed {seed} generated {gen}  through VAE {real}", flush=True)
         seeds.append(seed)
         rows["generated"].append(gen)

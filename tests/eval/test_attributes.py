@@ -198,6 +198,7 @@ def test_a_nodule_rule_is_fitted_on_given_volumes_and_swapped_into_the_reader(ph
     from ctflow.eval.attributes import (
         NODULE_RULE_KEYS,
         attribute_scores,
+        attributes_from_scores,
         calibrate_nodule_rule,
         reader_params,
     )
@@ -213,23 +214,32 @@ def test_a_nodule_rule_is_fitted_on_given_volumes_and_swapped_into_the_reader(ph
     assert sum(c == t for c, t in zip(calls, truth, strict=True)) >= max(sum(truth), len(truth) - sum(truth))
     assert any(c and t for c, t in zip(calls, truth, strict=True))
     # swapped in, only the nodule score changes
-    never = reader_params({**rule, "nodule_threshold": np.array([1e6], np.float32)})
+    never_rule = {**rule, "nodule_threshold": np.array([1e6], np.float32)}
+    never = reader_params(never_rule)
     vol = cases[int(np.argmax(calls))][0]
     a, b = attribute_scores(vol, params=params), attribute_scores(vol, params=never)
     assert a["nodule_score"] > 0 > b["nodule_score"]
     assert {k: v for k, v in a.items() if k != "nodule_score"} == {
         k: v for k, v in b.items() if k != "nodule_score"
     }
+    # scored beside the shipped rule in one read: the same scores as swapped in
+    both = attribute_scores(vol, nodule_rules={"refit": rule, "never": never_rule})
+    assert both["nodule_score_refit"] == a["nodule_score"] and both["nodule_score_never"] == b["nodule_score"]
+    assert {k: v for k, v in both.items() if not k.startswith("nodule_score_")} == attribute_scores(vol)
+    assert attributes_from_scores(both, "nodule_score_refit")["nodule"]
+    assert not attributes_from_scores(both, "nodule_score_never")["nodule"]
 
 
 def test_a_nodule_rule_needs_volumes_with_and_without_nodules_and_all_its_parts(phantoms):
-    from ctflow.eval.attributes import calibrate_nodule_rule, reader_params
+    from ctflow.eval.attributes import attribute_scores, calibrate_nodule_rule, reader_params
 
     clear = [(vol, gt) for _, vol, gt in phantoms if not attributes_from_ground_truth(gt)["nodule"]][:3]
     with pytest.raises(CTFlowError, match="with and without a visible nodule"):
         calibrate_nodule_rule(clear)
     with pytest.raises(CTFlowError, match="nodule rule holds"):
         reader_params({"nodule_weight": np.zeros(3)})
+    with pytest.raises(CTFlowError, match="nodule rule holds"):
+        attribute_scores(clear[0][0], nodule_rules={"partial": {"nodule_weight": np.zeros(3)}})
 
 
 def test_nodule_samples_find_the_nodule_of_a_volume_the_reader_resamples():

@@ -40,8 +40,9 @@ The atlases and the nodule rule's coefficients are calibrated on phantoms by
 :func:`calibrate_reader` (run by ``python -m ctflow.eval.train_features``) and
 shipped in ``ctflow/eval/weights/attribute_reader.safetensors``. Volumes blurred
 like a slice VAE's reconstructions show vessels the shipped nodule rule takes for
-nodules; :func:`calibrate_nodule_rule` fits the rule again on such volumes and
-:func:`reader_params` swaps it in (``benchmarks/common.vae_reader_params``).
+nodules; :func:`calibrate_nodule_rule` fits the rule again on such volumes,
+:func:`reader_params` swaps it in and :func:`attribute_scores` scores it beside the
+shipped rule in one read (``benchmarks/common.vae_nodule_rule``).
 
 :func:`attributes_from_ground_truth` and :func:`attributes_from_report` give the
 same keys from a phantom's ground truth and from report text, and
@@ -502,10 +503,26 @@ def _nodule_exclusion(eff: np.ndarray, lab: np.ndarray, ml: np.ndarray) -> np.nd
     return ndi.binary_dilation(eff | (ml >= CONSOLIDATION_ML)[lab], iterations=1)
 
 
-def attribute_scores(volume, spacing=None, params: dict | None = None) -> dict[str, float]:
-    """The continuous measurements behind :func:`read_attributes` (thresholds not applied)."""
+def _nodule_score(feats: np.ndarray, rule: dict) -> float:
+    """The most nodule-like candidate's score under a nodule rule, less its threshold (>= 0: nodule)."""
+    if not len(feats):
+        return -10.0
+    z = (feats - rule["nodule_mean"]) / rule["nodule_std"]
+    return float((z @ rule["nodule_weight"] + rule["nodule_bias"][0]).max()) - float(
+        rule["nodule_threshold"][0]
+    )
+
+
+def attribute_scores(
+    volume, spacing=None, params: dict | None = None, nodule_rules: dict[str, dict] | None = None
+) -> dict[str, float]:
+    """The continuous measurements behind :func:`read_attributes` (thresholds not applied).
+
+    ``nodule_rules`` ({name: rule}, :func:`calibrate_nodule_rule`) score the same nodule candidates
+    under other rules too, as ``nodule_score_{name}``, without reading the volume again."""
     vol = _as_volume(volume, spacing)
     params = params if params is not None else _load_params(str(WEIGHTS_PATH))
+    rules = {name: _checked_rule(rule) for name, rule in (nodule_rules or {}).items()}
     scan = _Scan(vol)
     if not scan.has_lungs:
         return {"lung_volume_ml": float(scan.lung.sum() * scan.voxel_ml), "has_lungs": 0.0}
@@ -514,12 +531,6 @@ def attribute_scores(volume, spacing=None, params: dict | None = None) -> dict[s
     lab, ml, cardio = _consolidation(scan, eff, params)
     cons_ml = float(ml.max())
     _, feats = nodule_candidates(scan, _nodule_exclusion(eff, lab, ml))
-    if len(feats):
-        z = (feats - params["nodule_mean"]) / params["nodule_std"]
-        nodule = float((z @ params["nodule_weight"] + params["nodule_bias"][0]).max())
-        nodule -= float(params["nodule_threshold"][0])
-    else:
-        nodule = -10.0
     return {
         "has_lungs": 1.0,
         "lung_volume_ml": float(scan.lung.sum() * scan.voxel_ml),
@@ -528,12 +539,14 @@ def attribute_scores(volume, spacing=None, params: dict | None = None) -> dict[s
         "effusion_left_ml": left_ml,
         "cardio_ratio": cardio,
         "consolidation_ml": cons_ml,
-        "nodule_score": nodule,  # > 0: nodule
+        "nodule_score": _nodule_score(feats, params),  # > 0: nodule
+        **{f"nodule_score_{name}": _nodule_score(feats, rule) for name, rule in rules.items()},
     }
 
 
-def attributes_from_scores(scores: dict[str, float]) -> dict:
-    """Apply the decision thresholds to :func:`attribute_scores` output."""
+def attributes_from_scores(scores: dict[str, float], nodule_score: str = "nodule_score") -> dict:
+    """Apply the decision thresholds to :func:`attribute_scores` output; ``nodule_score`` names the
+    score the nodule call is read from (``nodule_score_{name}`` for another rule's)."""
     if not scores.get("has_lungs"):
         return {
             "effusion": "none",
@@ -549,7 +562,7 @@ def attributes_from_scores(scores: dict[str, float]) -> dict:
     return {
         "effusion": effusion,
         "cardiomegaly": bool(scores["cardio_ratio"] >= CARDIO_RATIO),
-        "nodule": bool(scores["nodule_score"] >= 0.0),
+        "nodule": bool(scores[nodule_score] >= 0.0),
         "emphysema": bool(scores["lung_median_hu"] < EMPHYSEMA_MEDIAN_HU),
         "consolidation": bool(scores["consolidation_ml"] >= CONSOLIDATION_ML),
         "lung_volume_ml": round(float(scores["lung_volume_ml"]), 1),
@@ -570,11 +583,14 @@ def read_attributes(volume, spacing=None, params: dict | None = None) -> dict:
 def reader_params(nodule_rule: dict | None = None) -> dict[str, np.ndarray]:
     """The shipped reader parameters, with another nodule rule (:func:`calibrate_nodule_rule`) if given."""
     params = dict(_load_params(str(WEIGHTS_PATH)))
-    if nodule_rule is not None:
-        if set(nodule_rule) != set(NODULE_RULE_KEYS):
-            raise CTFlowError(f"a nodule rule holds {', '.join(NODULE_RULE_KEYS)}; got {sorted(nodule_rule)}")
-        params.update({k: np.asarray(v, np.float32) for k, v in nodule_rule.items()})
-    return params
+    return params if nodule_rule is None else {**params, **_checked_rule(nodule_rule)}
+
+
+def _checked_rule(rule: dict) -> dict[str, np.ndarray]:
+    """A nodule rule's arrays as float32, once it holds exactly NODULE_RULE_KEYS."""
+    if set(rule) != set(NODULE_RULE_KEYS):
+        raise CTFlowError(f"a nodule rule holds {', '.join(NODULE_RULE_KEYS)}; got {sorted(rule)}")
+    return {k: np.asarray(v, np.float32) for k, v in rule.items()}
 
 
 # ----------------------------------------------------------------------------- other sources
@@ -713,7 +729,7 @@ def calibrate_nodule_rule(cases, log=None) -> dict[str, np.ndarray]:
     (volume, ground truth) pairs, for example phantoms through a slice VAE, whose blur makes vessels
     read as nodules under the phantom-calibrated rule. Candidates are found as
     :func:`attribute_scores` finds them (outside the effusion and consolidations). Use the result with
-    :func:`reader_params`."""
+    :func:`reader_params` or as one of :func:`attribute_scores`' ``nodule_rules``."""
     params, samples = _load_params(str(WEIGHTS_PATH)), []
     for n, (volume, truth) in enumerate(cases):
         volume = _as_volume(volume)
