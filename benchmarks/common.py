@@ -150,7 +150,10 @@ def through_vae(pipe, volume):
     return z, Volume(decoded_hu(pipe, z), volume.spacing)
 
 
-def vae_nodule_rule(pipe, n: int = 200) -> dict:
+RULE_CACHE = Path(__file__).resolve().parent / ".cache"  # git-ignored
+
+
+def vae_nodule_rule(pipe, n: int = 200, cache: Path | None = RULE_CACHE) -> dict:
     """The attribute reader's nodule rule fitted on ``n`` calibration phantoms (the seeds the shipped
     reader was calibrated on) through the pipeline's slice VAE, for ``attribute_scores(nodule_rules=)``.
 
@@ -158,20 +161,51 @@ def vae_nodule_rule(pipe, n: int = 200) -> dict:
     nodule in about one in five volumes without one (the VAE's blur makes vessels look like
     nodules), as many as a generator draws, so a count of nodules in generated volumes tells little.
     The refitted rule reads generated volumes in the domain they are decoded into. About 80 s on 2
-    cores for 200."""
+    cores for 200; the rule is kept in ``cache`` (None: not kept) under a key of the VAE's weights,
+    ``n`` and the source of the reader and the phantoms, so a rerun on the same VAE reads it back."""
     from ctflow.data.phantom import render_phantom, sample_spec
     from ctflow.eval.attributes import calibrate_nodule_rule
     from ctflow.eval.train_features import CALIBRATION_SEEDS
 
+    seeds = list(CALIBRATION_SEEDS)[:n]
+    path = None if cache is None else Path(cache) / f"vae_nodule_rule_{_rule_key(pipe.vae, seeds)}.json"
+    if path is not None and path.exists():
+        print(f"nodule rule fitted through the VAE read from {path}")
+        return {k: np.asarray(v, np.float32) for k, v in json.loads(path.read_text()).items()}
+
     def cases():
-        for seed in list(CALIBRATION_SEEDS)[:n]:
+        for seed in seeds:
             r = render_phantom(sample_spec(seed, size=64, slice_range=(40, 120)))
             yield through_vae(pipe, r.volume)[1], r.ground_truth
 
     start = time.perf_counter()
     rule = calibrate_nodule_rule(cases())
     print(f"nodule rule fitted through the VAE on {n} phantoms in {time.perf_counter() - start:.0f} s")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({k: np.asarray(v).tolist() for k, v in rule.items()}))
+        os.replace(tmp, path)
     return rule
+
+
+def _rule_key(vae, seeds) -> str:
+    # what the fitted rule depends on: the VAE's weights, the seeds, the reader's code and weights and
+    # the phantoms' code
+    import hashlib
+
+    import ctflow.data.phantom
+    import ctflow.data.reports
+    import ctflow.eval.attributes as attributes
+
+    h = hashlib.sha256(str(list(seeds)).encode())
+    for module in (attributes, ctflow.data.phantom, ctflow.data.reports):
+        h.update(Path(module.__file__).read_bytes())
+    h.update(attributes.WEIGHTS_PATH.read_bytes())
+    for name, tensor in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def nodule_calls(rows: list[dict], key: str) -> dict:

@@ -32,3 +32,34 @@ def test_nodule_calls_are_counted_by_whether_the_report_names_one():
         {"truth": {"nodule": False}, "nodule_vae_rule": False},
     ]
     assert common.nodule_calls(rows, "nodule_vae_rule") == {"found": [1, 2], "false": [1, 3]}
+
+
+def test_vae_nodule_rule_is_kept_per_vae_and_read_back(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    import ctflow.eval.attributes as attributes
+    from tests.tiny_pipeline import tiny_pipeline
+
+    common = load_benchmark("common")
+    fits = []
+
+    def fake_fit(cases):
+        volumes = list(cases)
+        fits.append(len(volumes))
+        return {k: np.full(3, 0.1 * len(fits), np.float32) for k in attributes.NODULE_RULE_KEYS}
+
+    monkeypatch.setattr(attributes, "calibrate_nodule_rule", fake_fit)
+    pipe = tiny_pipeline()
+    first = common.vae_nodule_rule(pipe, n=2, cache=tmp_path)
+    again = common.vae_nodule_rule(pipe, n=2, cache=tmp_path)
+    assert fits == [2] and len(list(tmp_path.glob("vae_nodule_rule_*.json"))) == 1
+    assert set(again) == set(attributes.NODULE_RULE_KEYS)
+    assert all(again[k].dtype == np.float32 and np.array_equal(again[k], first[k]) for k in first)
+    common.vae_nodule_rule(pipe, n=1, cache=tmp_path)  # other seeds: fitted again
+    with torch.no_grad():
+        next(pipe.vae.parameters()).add_(1.0)  # another VAE: fitted again
+    changed = common.vae_nodule_rule(pipe, n=2, cache=tmp_path)
+    assert fits == [2, 1, 2] and not np.array_equal(changed["nodule_bias"], first["nodule_bias"])
+    common.vae_nodule_rule(pipe, n=1, cache=None)  # not kept
+    assert fits == [2, 1, 2, 1] and len(list(tmp_path.glob("*.json"))) == 3
