@@ -51,7 +51,7 @@ from common import (  # noqa: E402
     vae_nodule_rule,
     write_result,
 )
-from nodule_pairs import SEED0, pair, read  # noqa: E402
+from nodule_pairs import SEED0, pairs, read  # noqa: E402
 
 
 def torch_no_grad(fn):
@@ -232,12 +232,7 @@ def main() -> dict:
     k = pipe.chunk_slices
     bases = layer_bases(pipe.transformer)
     rows, seeds = [], []
-    for seed in itertools.count(args.first_seed):
-        if len(seeds) == args.n:
-            break
-        cases = pair(seed, len(seeds))
-        if cases is None:
-            continue
+    for i, seed, cases in pairs(args.first_seed, args.n):
         (nod, nod_report), (clear, clear_report) = cases
         chunks = nodule_chunks(nod.ground_truth, k)
         z = {"nodule": pipe.vae.encode_volume(nod.volume), "clear": pipe.vae.encode_volume(clear.volume)}
@@ -262,7 +257,7 @@ def main() -> dict:
                 out = regenerate(pipe, z[start], chunks, cond, uncond, args.guidance, t, sigmas, noises)
                 level[f"{start}_{report}"] = read(Volume(decoded_hu(pipe, out), spacing), rule)
                 edited[start, report] = out
-            pairs = {
+            compared = {
                 "kept_nodule_report": (edited["nodule", "nodule"], edited["clear", "nodule"]),
                 "kept_clear_report": (edited["nodule", "clear"], edited["clear", "clear"]),
                 "added_by_report": (edited["clear", "nodule"], edited["clear", "clear"]),
@@ -270,12 +265,12 @@ def main() -> dict:
             row["retention"][f"{t:g}"] = {
                 **{
                     name: retention(a, b, z["nodule"], z["clear"], chunks, k)
-                    for name, (a, b) in pairs.items()
+                    for name, (a, b) in compared.items()
                 },
                 "chunk_error": chunk_error(edited["nodule", "nodule"], z["nodule"], chunks, k),
             }
         calls = {t: {v: x["nodule_vae_rule"] for v, x in lv.items()} for t, lv in row["levels"].items()}
-        print(f"{len(seeds)}: seed {seed} chunks {chunks} calls {calls}", flush=True)
+        print(f"{i}: seed {seed} chunks {chunks} calls {calls}", flush=True)
         print(f"   retention {row['retention']}", flush=True)
         rows.append(row)
         seeds.append(seed)

@@ -58,6 +58,18 @@ def pair(seed: int, i: int):
     return with_nodule, rendered_case(dataclasses.replace(spec, findings=[]))
 
 
+def pairs(first_seed: int, n: int):
+    """The first ``n`` seeds from ``first_seed`` whose nodule was placed: (index, seed, cases of :func:`pair`)."""
+    i = 0
+    for seed in itertools.count(first_seed):
+        if i == n:
+            return
+        cases = pair(seed, i)
+        if cases is not None:
+            yield i, seed, cases
+            i += 1
+
+
 def read(volume, vae_rule: dict | None = None) -> dict:
     """The reader's nodule score (None: no lungs found) and call; with ``vae_rule`` also the call of
     the nodule rule fitted through the VAE (``nodule_vae_rule``), from the same read."""
@@ -101,18 +113,13 @@ def main() -> dict:
     vae_rule = vae_nodule_rule(pipe)
     rows = {"generated": [], "real": []}
     seeds = []
-    for seed in itertools.count(args.first_seed):
-        if len(seeds) == args.n:
-            break
-        cases = pair(seed, len(seeds))
-        if cases is None:
-            continue
+    for i, seed, cases in pairs(args.first_seed, args.n):
         gen, real = {}, {}
         for key, (render, report) in zip(("nodule", "clear"), cases, strict=True):
-            out = generate(pipe, args, report, len(seeds))
+            out = generate(pipe, args, report, i)
             gen[key] = read(out.volumes[0], vae_rule)
             real[key] = read(through_vae(pipe, render.volume)[1], vae_rule)
-        print(f"{len(seeds)}: seed {seed} generated {gen}  through VAE {real}", flush=True)
+        print(f"{i}: seed {seed} generated {gen}  through VAE {real}", flush=True)
         seeds.append(seed)
         rows["generated"].append(gen)
         rows["real"].append(real)

@@ -22,6 +22,22 @@ def test_nodule_pairs_counts_both_rules_calls():
     assert "found_vae_rule" not in pairs.summary(older)
 
 
+def test_nodule_pairs_skips_seeds_without_a_placed_nodule_and_numbers_the_rest(monkeypatch):
+    pairs = load_benchmark("nodule_pairs")
+    placed = {10: "a", 12: "b", 13: "c", 15: "d"}  # seeds 11 and 14 place no nodule
+    calls = []
+
+    def pair(seed, i):
+        calls.append((seed, i))
+        return placed.get(seed)
+
+    monkeypatch.setattr(pairs, "pair", pair)
+    assert list(pairs.pairs(10, 3)) == [(0, 10, "a"), (1, 12, "b"), (2, 13, "c")]
+    # a skipped seed is tried with the next pair's index (its lobe and size follow the index)
+    assert calls == [(10, 0), (11, 1), (12, 1), (13, 2)]
+    assert list(pairs.pairs(10, 0)) == []
+
+
 def test_nodule_calls_are_counted_by_whether_the_report_names_one():
     common = load_benchmark("common")
     rows = [
