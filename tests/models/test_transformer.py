@@ -339,8 +339,34 @@ def test_sample_prediction_returns_the_velocity_of_the_predicted_clean_chunk():
     t = torch.tensor([0.5, MIN_T]).view(-1, 1, 1, 1, 1)
     torch.testing.assert_close(run(sample, **inputs), (inputs["hidden_states"] - x0_hat) / t)
     assert sample.config.prediction == "sample"
-    with pytest.raises(CTFlowError, match="prediction must be 'velocity' or 'sample'"):
+    with pytest.raises(CTFlowError, match="prediction must be 'velocity', 'sample' or 'skip'"):
         make_model(prediction="epsilon")
+
+
+def test_skip_prediction_keeps_the_input_at_low_noise_and_is_sample_prediction_at_pure_noise():
+    """prediction="skip": x0 = c_skip x_t + c_out F, c_skip = (1-t)/D^2, c_out = t/D, D^2 = (1-t)^2 + t^2;
+    the velocity is (x_t - x0) / t, finite at t = 0, and at t = 1 the same as "sample"."""
+    velocity = make_model("full", "concat")
+    skip = make_model("full", "concat", prediction="skip")
+    sample = make_model("full", "concat", prediction="sample")
+    skip.load_state_dict(velocity.state_dict())
+    sample.load_state_dict(velocity.state_dict())
+    inputs = make_inputs()
+    x_t = inputs["hidden_states"]
+    inputs["timestep"] = torch.tensor([0.3, 0.8])
+    f = run(velocity, **inputs)  # the raw network output
+    t = inputs["timestep"].view(-1, 1, 1, 1, 1)
+    d2 = (1 - t) ** 2 + t**2
+    x0 = (1 - t) / d2 * x_t + t / d2.sqrt() * f
+    torch.testing.assert_close(run(skip, **inputs), (x_t - x0) / t)
+    inputs["timestep"] = torch.tensor([1.0, 1.0])
+    torch.testing.assert_close(run(skip, **inputs), run(sample, **inputs))
+    inputs["timestep"] = torch.tensor([0.0, 1e-4])  # at t -> 0 the clean chunk is the input itself
+    v = run(skip, **inputs)
+    assert torch.isfinite(v).all()
+    x0_near = x_t[1] - 1e-4 * v[1]
+    assert (x0_near - x_t[1]).abs().max() < 1e-3
+    assert skip.config.prediction == "skip"
 
 
 def test_text_statistics_standardise_report_features_and_are_saved(tmp_path):
