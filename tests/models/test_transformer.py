@@ -343,11 +343,13 @@ def test_sample_prediction_returns_the_velocity_of_the_predicted_clean_chunk():
         make_model(prediction="epsilon")
 
 
-def test_skip_prediction_keeps_the_input_at_low_noise_and_is_sample_prediction_at_pure_noise():
-    """prediction="skip": x0 = c_skip x_t + c_out F, c_skip = (1-t)/D^2, c_out = t/D, D^2 = (1-t)^2 + t^2;
-    the velocity is (x_t - x0) / t, finite at t = 0, and at t = 1 the same as "sample"."""
+@pytest.mark.parametrize("sigma", [1.0, 0.1])
+def test_skip_prediction_keeps_the_input_at_low_noise_and_is_sample_prediction_at_pure_noise(sigma):
+    """prediction="skip": x0 = c_skip x_t + c_out F, c_skip = (1-t) s^2/D^2, c_out = t/D,
+    D^2 = (1-t)^2 s^2 + t^2 (s = sigma_data); the velocity is (x_t - x0) / t, finite at t = 0, and at
+    t = 1 the same as "sample"."""
     velocity = make_model("full", "concat")
-    skip = make_model("full", "concat", prediction="skip")
+    skip = make_model("full", "concat", prediction="skip", sigma_data=sigma)
     sample = make_model("full", "concat", prediction="sample")
     skip.load_state_dict(velocity.state_dict())
     sample.load_state_dict(velocity.state_dict())
@@ -356,17 +358,19 @@ def test_skip_prediction_keeps_the_input_at_low_noise_and_is_sample_prediction_a
     inputs["timestep"] = torch.tensor([0.3, 0.8])
     f = run(velocity, **inputs)  # the raw network output
     t = inputs["timestep"].view(-1, 1, 1, 1, 1)
-    d2 = (1 - t) ** 2 + t**2
-    x0 = (1 - t) / d2 * x_t + t / d2.sqrt() * f
+    d2 = (1 - t) ** 2 * sigma**2 + t**2
+    x0 = (1 - t) * sigma**2 / d2 * x_t + t / d2.sqrt() * f
     torch.testing.assert_close(run(skip, **inputs), (x_t - x0) / t)
     inputs["timestep"] = torch.tensor([1.0, 1.0])
     torch.testing.assert_close(run(skip, **inputs), run(sample, **inputs))
-    inputs["timestep"] = torch.tensor([0.0, 1e-4])  # at t -> 0 the clean chunk is the input itself
+    inputs["timestep"] = torch.tensor([0.0, 1e-6])  # at t -> 0 the clean chunk is the input itself
     v = run(skip, **inputs)
     assert torch.isfinite(v).all()
-    x0_near = x_t[1] - 1e-4 * v[1]
+    x0_near = x_t[1] - 1e-6 * v[1]
     assert (x0_near - x_t[1]).abs().max() < 1e-3
-    assert skip.config.prediction == "skip"
+    assert skip.config.prediction == "skip" and skip.config.sigma_data == sigma
+    with pytest.raises(CTFlowError, match="sigma_data must be a number > 0"):
+        make_model(prediction="skip", sigma_data=0.0)
 
 
 def test_text_statistics_standardise_report_features_and_are_saved(tmp_path):

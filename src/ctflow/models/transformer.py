@@ -36,14 +36,16 @@ Two parametrisations (``prediction``); :meth:`CTFlowTransformer.forward` returns
   bottleneck and its samples keep a noise texture; x-prediction only outputs the low-dimensional
   clean data.
 * ``"skip"``: x-prediction with a skip connection from the input (EDM's preconditioning, Karras et al.
-  2022, for x_t = (1 - t) x0 + t noise with unit-variance latents): x0 = c_skip(t) x_t + c_out(t) F with
-  c_skip = (1 - t) / D^2, c_out = t / D, D^2 = (1 - t)^2 + t^2. At t = 1 it is ``"sample"``; towards
-  t = 0 the input passes through and the network only writes a correction of size c_out, so detail the
-  bottleneck cannot carry (a nodule of a few latent pixels) is kept rather than redrawn. The velocity
-  (x_t - x0) / t = -(1 - 2t) / D^2 x_t - F / D needs no clamp at t = 0. Measured on the phantom recipe:
-  it keeps a shown nodule (97% of it from t = 0.05, x-prediction 41%), but towards t = 0 the noise passes
-  through too and F must cancel it, through the same bottleneck as v-prediction: generated lungs fill
-  with a noise texture (docs/experiments.md, "A skip connection").
+  2022, for x_t = (1 - t) x0 + t noise): x0 = c_skip(t) x_t + c_out(t) F with
+  c_skip = (1 - t) s^2 / D^2, c_out = t / D, D^2 = (1 - t)^2 s^2 + t^2, s = ``sigma_data`` (1: the
+  latents' own standard deviation). At t = 1 it is ``"sample"``; towards t = 0 the input passes through
+  and F only writes a correction of size c_out, so detail the bottleneck cannot carry (a nodule of a few
+  latent pixels) is kept rather than redrawn. The skip takes over below about t = s / (1 + s): a
+  smaller s treats what is to be kept as a signal of that size and lets less noise through. The
+  velocity (x_t - x0) / t = (t - (1 - t) s^2) / D^2 x_t - F / D needs no clamp at t = 0. Measured on
+  the phantom recipe with s = 1: it keeps a shown nodule (97% of it from t = 0.05, x-prediction 41%),
+  but the noise passes through too and F must cancel it, through the same bottleneck as v-prediction:
+  generated lungs fill with a noise texture (docs/experiments.md, "A skip connection").
 
 With ``target_depth`` the model also reads the slice count of the meta line as a number: the slices
 still to come from the chunk's first slice on are embedded like a timestep and added to the adaLN
@@ -417,10 +419,11 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def skip_velocity(x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def skip_velocity(x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """The velocity (x_t - x0) / t of ``prediction="skip"``'s clean chunk x0 = c_skip x_t + c_out out."""
-    d2 = (1 - t) ** 2 + t**2
-    return -(1 - 2 * t) / d2 * x_t - out / d2.sqrt()
+    s2 = sigma**2
+    d2 = (1 - t) ** 2 * s2 + t**2
+    return (t - (1 - t) * s2) / d2 * x_t - out / d2.sqrt()
 
 
 class CTFlowTransformer(ModelMixin, ConfigMixin):
@@ -453,6 +456,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         finding_maps: bool = False,
         text_pool: int = 1,
         text_resampler: int = 0,
+        sigma_data: float = 1.0,
     ):
         super().__init__()
         patch_size = tuple(patch_size)
@@ -465,6 +469,10 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             raise CTFlowError(f"num_findings must be a whole number >= 0 (0: off), got {num_findings!r}")
         if not isinstance(text_pool, int) or text_pool < 1:
             raise CTFlowError(f"text_pool must be a whole number >= 1 (1: off), got {text_pool!r}")
+        if not (math.isfinite(float(sigma_data)) and float(sigma_data) > 0):
+            raise CTFlowError(
+                f"sigma_data must be a number > 0 (1: the latents' standard deviation), got {sigma_data!r}"
+            )
         if not isinstance(text_resampler, int) or text_resampler < 0:
             raise CTFlowError(f"text_resampler must be a whole number >= 0 (0: off), got {text_resampler!r}")
         if text_resampler and text_pool > 1:
@@ -741,7 +749,8 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         if self.config.prediction == "sample":  # the network gave x0: turn it into the velocity
             out = (hidden_states.to(out.dtype) - out) / t.clamp_min(MIN_T).view(-1, 1, 1, 1, 1).to(out.dtype)
         elif self.config.prediction == "skip":  # x0 = c_skip x_t + c_out F: its velocity, exactly
-            out = skip_velocity(hidden_states.to(out.dtype), out, t.view(-1, 1, 1, 1, 1).to(out.dtype))
+            t = t.view(-1, 1, 1, 1, 1).to(out.dtype)
+            out = skip_velocity(hidden_states.to(out.dtype), out, t, float(self.config.sigma_data))
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
