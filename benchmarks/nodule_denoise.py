@@ -134,17 +134,22 @@ def regenerate(pipe, z, chunks, cond, uncond, guidance, t, sigmas, noises):
     return out
 
 
+def chunk_slices(chunks, k, depth) -> list[int]:
+    """The slice indices of the k-slice ``chunks`` of a volume ``depth`` slices deep."""
+    return [s for i in chunks for s in range(i * k, min((i + 1) * k, depth))]
+
+
 def retention(a, b, zn, zc, chunks, k) -> float:
     """How much of the nodule's latent difference ``zn - zc`` lies in ``a - b``, over the nodule
     chunks: <a - b, zn - zc> / |zn - zc|² (1: all of it, 0: none)."""
-    idx = [s for i in chunks for s in range(i * k, min((i + 1) * k, zn.shape[1]))]
+    idx = chunk_slices(chunks, k, zn.shape[1])
     d = (zn - zc)[:, idx]
     return round(float(((a - b)[:, idx] * d).sum() / d.pow(2).sum().clamp_min(1e-12)), 4)
 
 
 def chunk_error(a, z, chunks, k) -> float:
     """|a - z|² / |z|² over the nodule chunks: how far the regenerated chunks are from the VAE's."""
-    idx = [s for i in chunks for s in range(i * k, min((i + 1) * k, z.shape[1]))]
+    idx = chunk_slices(chunks, k, z.shape[1])
     return round(float((a - z)[:, idx].pow(2).sum() / z[:, idx].pow(2).sum()), 4)
 
 
