@@ -38,14 +38,18 @@ Two parametrisations (``prediction``); :meth:`CTFlowTransformer.forward` returns
 * ``"skip"``: x-prediction with a skip connection from the input (EDM's preconditioning, Karras et al.
   2022, for x_t = (1 - t) x0 + t noise): x0 = c_skip(t) x_t + c_out(t) F with
   c_skip = (1 - t) s^2 / D^2, c_out = t / D, D^2 = (1 - t)^2 s^2 + t^2, s = ``sigma_data`` (1: the
-  latents' own standard deviation). At t = 1 it is ``"sample"``; towards t = 0 the input passes through
-  and F only writes a correction of size c_out, so detail the bottleneck cannot carry (a nodule of a few
-  latent pixels) is kept rather than redrawn. The skip takes over below about t = s / (1 + s): a
-  smaller s treats what is to be kept as a signal of that size and lets less noise through. The
-  velocity (x_t - x0) / t = (t - (1 - t) s^2) / D^2 x_t - F / D needs no clamp at t = 0. Measured on
-  the phantom recipe with s = 1: it keeps a shown nodule (97% of it from t = 0.05, x-prediction 41%),
-  but the noise passes through too and F must cancel it, through the same bottleneck as v-prediction:
-  generated lungs fill with a noise texture (docs/experiments.md, "A skip connection").
+  latents' own standard deviation). c_out is EDM's t s / D divided by s, so F keeps the scale of a
+  clean chunk at every s (EDM's F has unit variance). At t = 1 it is ``"sample"``; towards t = 0 the
+  input passes through and F only writes a correction of size c_out, so detail the bottleneck cannot
+  carry (a nodule of a few latent pixels) is kept rather than redrawn. The skip takes over below about
+  t = s / (1 + s): a smaller s treats what is to be kept as a signal of that size and lets less noise
+  through. The velocity (x_t - x0) / t = (t - (1 - t) s^2) / D^2 x_t - F / D needs no clamp at t = 0.
+  Measured on the phantom recipe: with s = 1 it keeps a shown nodule (97% of it from t = 0.05,
+  x-prediction 41%), but the noise passes through too and F must cancel it, through the same bottleneck
+  as v-prediction: generated lungs fill with a noise texture (docs/experiments.md, "A skip
+  connection"). With s = 0.1 it keeps 87%, the noise stays out, and over two training seeds the model
+  reads the report's findings and effusion side better than x-prediction's runs ("A smaller
+  sigma_data").
 
 With ``target_depth`` the model also reads the slice count of the meta line as a number: the slices
 still to come from the chunk's first slice on are embedded like a timestep and added to the adaLN
