@@ -36,18 +36,19 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, one_of
 
 NUM_TRAIN_TIMESTEPS = 1000
 TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text")
 LOSS_SPACES = ("velocity", "sample")
+TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
 SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 
 
 def make_scheduler(name: str = "euler", shift: float = 1.0):
     """A diffusers flow-matching scheduler ("euler" or "heun") set up for this convention."""
     if name not in SCHEDULERS:
-        raise CTFlowError(f"unknown sampler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+        raise CTFlowError(f"unknown sampler {name!r}; choose {one_of(SCHEDULERS)}")
     return SCHEDULERS[name](num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
 
 
@@ -72,7 +73,7 @@ def sample_time(
     elif distribution == "uniform":
         t = torch.rand(batch, generator=generator, device=rand_device)
     else:
-        raise CTFlowError(f"unknown time distribution {distribution!r}; choose 'logit_normal' or 'uniform'")
+        raise CTFlowError(f"unknown time distribution {distribution!r}; choose {one_of(TIME_DISTRIBUTIONS)}")
     return t if device is None else t.to(device)
 
 
@@ -103,7 +104,7 @@ def flow_matching_loss(
     logs: ``loss``, ``loss_per_sample`` [B] (unweighted velocity MSE) and ``t`` [B].
     """
     if loss_space not in LOSS_SPACES:
-        raise CTFlowError(f"unknown loss space {loss_space!r}; choose one of: {', '.join(LOSS_SPACES)}")
+        raise CTFlowError(f"unknown loss space {loss_space!r}; choose {one_of(LOSS_SPACES)}")
     if t is None:
         t = sample_time(x0.shape[0], generator, distribution, device=x0.device, mean=time_mean)
     if noise is None:

@@ -343,6 +343,18 @@ def test_sample_prediction_returns_the_velocity_of_the_predicted_clean_chunk():
         make_model(prediction="epsilon")
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"attention": "local"}, "attention must be 'full' or 'factorized', not 'local'$"),
+        ({"context": "cross"}, "context must be 'concat', 'tokens' or 'none', not 'cross'$"),
+    ],
+)
+def test_unknown_attention_or_context_is_refused_naming_the_choices(option, message):
+    with pytest.raises(CTFlowError, match=message):
+        make_model(**option)
+
+
 @pytest.mark.parametrize("sigma", [1.0, 0.1])
 def test_skip_prediction_keeps_the_input_at_low_noise_and_is_sample_prediction_at_pure_noise(sigma):
     """prediction="skip": x0 = c_skip x_t + c_out F, c_skip = (1-t) s^2/D^2, c_out = t/D,

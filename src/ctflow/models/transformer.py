@@ -118,7 +118,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, one_of
 
 TRANSFORMER_PRESETS: dict[str, dict] = {
     "ctflow-0.5b": {
@@ -150,6 +150,8 @@ FREQUENCY_EMBEDDING_SIZE = 256
 MAX_TARGET_SLICES = 4096  # target_depth: slice counts above this read as this
 MIN_T = 0.05  # x-prediction divides by t; clamped so the velocity stays finite near t = 0
 PREDICTIONS = ("velocity", "sample", "skip")  # what the network's output is read as (module docstring)
+ATTENTIONS = ("full", "factorized")
+CONTEXTS = ("concat", "tokens", "none")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -466,7 +468,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         patch_size = tuple(patch_size)
         _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads, attention, context)
         if prediction not in PREDICTIONS:
-            raise CTFlowError(f"prediction must be 'velocity', 'sample' or 'skip', not {prediction!r}")
+            raise CTFlowError(f"prediction must be {one_of(PREDICTIONS)}, not {prediction!r}")
         if not 0.0 <= float(context_residual) <= 1.0:
             raise CTFlowError(f"context_residual must be between 0 and 1 (true: 1), got {context_residual!r}")
         if not isinstance(num_findings, int) or num_findings < 0:
@@ -869,10 +871,10 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
 
 
 def _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads, attention, context) -> None:
-    if attention not in ("full", "factorized"):
-        raise CTFlowError(f"attention must be 'full' or 'factorized', not {attention!r}")
-    if context not in ("concat", "tokens", "none"):
-        raise CTFlowError(f"context must be 'concat', 'tokens' or 'none', not {context!r}")
+    if attention not in ATTENTIONS:
+        raise CTFlowError(f"attention must be {one_of(ATTENTIONS)}, not {attention!r}")
+    if context not in CONTEXTS:
+        raise CTFlowError(f"context must be {one_of(CONTEXTS)}, not {context!r}")
     if (
         len(patch_size) != 3
         or chunk_slices % patch_size[0]

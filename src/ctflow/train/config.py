@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ctflow.data.hu import HU_WINDOW, check_window
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, one_of
 
 
 @dataclass
@@ -141,9 +141,7 @@ class FlowTrainConfig:
         from ctflow.flow import LOSS_SPACES
 
         if self.loss_space not in LOSS_SPACES:
-            raise CTFlowError(
-                f"config key loss_space must be {' or '.join(map(repr, LOSS_SPACES))}, got {self.loss_space!r}"
-            )
+            raise CTFlowError(f"config key loss_space must be {one_of(LOSS_SPACES)}, got {self.loss_space!r}")
         if self.finding_controls > 0 and self.finding_boost <= 0:
             raise CTFlowError(
                 "config key finding_controls replaces some finding_boost samples, which is 0;"
