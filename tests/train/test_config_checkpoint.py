@@ -127,6 +127,16 @@ def test_loss_space_is_checked_when_the_config_loads(tmp_path):
         load_config(tmp_path / "b.yaml", FlowTrainConfig)
 
 
+def test_time_distribution_is_checked_when_the_config_loads(tmp_path):
+    (tmp_path / "a.yaml").write_text("time_distribution: uniform\n")
+    assert load_config(tmp_path / "a.yaml", FlowTrainConfig).time_distribution == "uniform"
+    (tmp_path / "b.yaml").write_text("time_distribution: beta\n")
+    with pytest.raises(
+        CTFlowError, match="time_distribution must be 'logit_normal' or 'uniform', got 'beta'"
+    ):
+        load_config(tmp_path / "b.yaml", FlowTrainConfig)
+
+
 def _model_and_opt():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

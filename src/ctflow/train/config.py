@@ -138,10 +138,15 @@ class FlowTrainConfig:
             raise CTFlowError(
                 f"config key finding_share_power must be above 0 and at most 1, got {self.finding_share_power}"
             )
-        from ctflow.flow import LOSS_SPACES
+        from ctflow.flow import LOSS_SPACES, TIME_DISTRIBUTIONS
 
         if self.loss_space not in LOSS_SPACES:
             raise CTFlowError(f"config key loss_space must be {one_of(LOSS_SPACES)}, got {self.loss_space!r}")
+        if self.time_distribution not in TIME_DISTRIBUTIONS:
+            raise CTFlowError(
+                f"config key time_distribution must be {one_of(TIME_DISTRIBUTIONS)},"
+                f" got {self.time_distribution!r}"
+            )
         if self.finding_controls > 0 and self.finding_boost <= 0:
             raise CTFlowError(
                 "config key finding_controls replaces some finding_boost samples, which is 0;"
