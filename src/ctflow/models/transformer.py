@@ -48,8 +48,8 @@ Two parametrisations (``prediction``); :meth:`CTFlowTransformer.forward` returns
   x-prediction 41%), but the noise passes through too and F must cancel it, through the same bottleneck
   as v-prediction: generated lungs fill with a noise texture (docs/experiments.md, "A skip
   connection"). With s = 0.1 it keeps 87%, the noise stays out, and over two training seeds the model
-  reads the report's findings and effusion side better than x-prediction's runs ("A smaller
-  sigma_data").
+  reads the report's findings and effusion side better than x-prediction's runs, nodules no better ("A
+  smaller sigma_data").
 
 With ``target_depth`` the model also reads the slice count of the meta line as a number: the slices
 still to come from the chunk's first slice on are embedded like a timestep and added to the adaLN
