@@ -32,7 +32,7 @@ import torch
 
 from ctflow import __version__
 from ctflow.data.volume import Volume, canonical_affine
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, one_of
 from ctflow.files import atomic_dir
 from ctflow.models.text import DEFAULT_TEXT_ENCODER, ReportEncoder, TextEmbedding, parse_meta, with_meta
 
@@ -143,7 +143,7 @@ class CTFlowPipeline:
         by_class = {cls.__name__: cls for cls in SCHEDULERS.values()}
         if scheduler_name not in by_class:
             raise CTFlowError(
-                f"{folder} asks for scheduler {scheduler_name}; ctflow supports {', '.join(by_class)}"
+                f"{folder} asks for scheduler {scheduler_name}; ctflow supports {one_of(by_class)}"
             )
         scheduler = by_class[scheduler_name].from_pretrained(folder / "scheduler", local_files_only=True)
         if transformer.config.text_dim != text_encoder.config.hidden_size:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ctflow.data.labels import CTRATE_LABELS
 from ctflow.data.volume import Volume, canonical_affine
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, one_of
 
 LOBES: tuple[str, ...] = ("right upper", "right middle", "right lower", "left upper", "left lower")
 EFFUSION_SIDES: tuple[str, ...] = ("left", "right", "bilateral")
@@ -141,18 +141,16 @@ class PhantomSpec:
 
 def _check_finding(f: Any) -> None:
     if not isinstance(f, dict) or f.get("type") not in FINDING_TYPES:
-        raise CTFlowError(
-            f"unknown phantom finding {f!r}; the type must be one of {', '.join(FINDING_TYPES)}"
-        )
+        raise CTFlowError(f"unknown phantom finding {f!r}; the type must be {one_of(FINDING_TYPES)}")
     t = f["type"]
     if t in ("nodule", "consolidation") and f.get("lobe") not in LOBES:
-        raise CTFlowError(f"{t} lobe must be one of {', '.join(LOBES)}; got {f.get('lobe')!r}")
+        raise CTFlowError(f"{t} lobe must be {one_of(LOBES)}; got {f.get('lobe')!r}")
     if t == "nodule":
         size = float(f.get("size_mm", 10.0))
         if not 2.0 <= size <= 60.0:
             raise CTFlowError(f"nodule size_mm must be 2..60 mm; got {size}")
     if t == "effusion" and f.get("side") not in EFFUSION_SIDES:
-        raise CTFlowError(f"effusion side must be one of {', '.join(EFFUSION_SIDES)}; got {f.get('side')!r}")
+        raise CTFlowError(f"effusion side must be {one_of(EFFUSION_SIDES)}; got {f.get('side')!r}")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -246,7 +244,7 @@ def clear_twin(spec: PhantomSpec, finding: str = "effusion") -> PhantomSpec | No
     place in the list, so the findings listed after the removed one (a nodule comes first) may lie
     elsewhere or be shaped differently in the twin."""
     if finding not in FINDING_TYPES:
-        raise CTFlowError(f"unknown finding {finding!r}; use one of {', '.join(FINDING_TYPES)}")
+        raise CTFlowError(f"unknown finding {finding!r}; use {one_of(FINDING_TYPES)}")
     if not any(f["type"] == finding for f in spec.findings):
         return None
     return replace(spec, findings=[dict(f) for f in spec.findings if f["type"] != finding])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctflow.data.hu import normalize_hu
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, one_of
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FEATURES_FILE = "features.safetensors"
@@ -96,7 +96,7 @@ def plane_slices(volume, plane: str, n: int = 16, margin: float = 0.1) -> torch.
     Coronal and sagittal slices are ``(S, W)`` / ``(S, H)`` images stretched to 64 x 64.
     """
     if plane not in PLANES:
-        raise CTFlowError(f"plane must be one of {', '.join(PLANES)}; got {plane!r}")
+        raise CTFlowError(f"plane must be {one_of(PLANES)}; got {plane!r}")
     arr = _hu_array(volume)
     axis = PLANES.index(plane)
     length = arr.shape[axis]

@@ -11,7 +11,7 @@ import math
 
 from torch import nn
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, one_of
 
 NORMS = ("batch", "group", "none")
 
@@ -37,7 +37,7 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 1, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
         super().__init__()
         if norm not in NORMS:
-            raise CTFlowError(f"unknown discriminator norm {norm!r}; choose one of {', '.join(NORMS)}")
+            raise CTFlowError(f"unknown discriminator norm {norm!r}; choose {one_of(NORMS)}")
         if n_layers < 1 or ndf < 1 or in_channels < 1:
             raise CTFlowError(
                 f"discriminator needs n_layers, ndf, in_channels >= 1; got {n_layers}, {ndf}, {in_channels}"

@@ -891,9 +891,7 @@ def _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads,
 def preset_config(name: str, **overrides) -> dict:
     """The full constructor arguments of a preset, with overrides applied."""
     if name not in TRANSFORMER_PRESETS:
-        raise CTFlowError(
-            f"unknown transformer preset {name!r}; choose one of: {', '.join(TRANSFORMER_PRESETS)}"
-        )
+        raise CTFlowError(f"unknown transformer preset {name!r}; choose {one_of(TRANSFORMER_PRESETS)}")
     return full_config({**TRANSFORMER_PRESETS[name], **overrides})
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, one_of
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -102,7 +102,7 @@ def _autoencoder_cls():
 
 def _preset_config(preset: str) -> dict[str, Any]:
     if preset not in VAE_PRESETS:
-        raise CTFlowError(f"unknown VAE preset {preset!r}; choose one of {', '.join(VAE_PRESETS)}")
+        raise CTFlowError(f"unknown VAE preset {preset!r}; choose {one_of(VAE_PRESETS)}")
     return copy.deepcopy(VAE_PRESETS[preset])
 
 

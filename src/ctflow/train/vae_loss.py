@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, one_of
 from ctflow.models.discriminator import PatchDiscriminator
 
 
@@ -83,7 +83,7 @@ class AVAELoss(nn.Module):
     ):
         super().__init__()
         if disc_loss not in DISC_LOSSES:
-            raise CTFlowError(f"unknown disc_loss {disc_loss!r}; choose one of {', '.join(DISC_LOSSES)}")
+            raise CTFlowError(f"unknown disc_loss {disc_loss!r}; choose {one_of(DISC_LOSSES)}")
         if min(l1_weight, l2_weight, kl_weight, disc_weight, disc_factor) < 0 or l1_weight + l2_weight <= 0:
             raise CTFlowError("loss weights must be >= 0, with l1_weight + l2_weight > 0")
         if discriminator is None:
