@@ -5,7 +5,7 @@ report).
     python benchmarks/pairs_table.py [RESULT ...]   (default: laterality, then nodule_pairs: the embedded model)
 
 A result is a name in ``benchmarks/results`` without ``.json``. A column may pool results with ``+``
-(``exp_installed_laterality_n24+exp_installed_laterality_seed63000``): one model's pairs from two
+(``exp_skip01amd_laterality_n24+exp_skip01amd_laterality_seed63000``): one model's pairs from two
 seed sets counted together, as the README's "both sets" figures are. A column name ending in
 ``:vae`` counts the same phantoms through the VAE instead (the results' ``real_through_vae``): what
 a generator can reach. All columns must come from one of the two probes.
