@@ -52,3 +52,31 @@ def test_run_log_leaves_out_the_first_window(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = bench.run_log(tmp_path)
     assert out["sec_per_step"] == pytest.approx(0.3) and out["data_share"] == pytest.approx(0.1)
+
+
+def test_ddp_comparison_takes_turns_and_reports_medians(tmp_path, monkeypatch):
+    bench = load_benchmark("train_throughput")
+    order, seconds = [], {"one": iter([0.5, 0.3, 0.32]), "ddp": iter([0.31, 0.33, 0.34])}
+
+    def fake(name):
+        def launch(cache, config, work):
+            order.append((name, work.name))
+            return {"sec_per_step": next(seconds[name]), "data_share": 0.0}
+
+        return launch
+
+    monkeypatch.setattr(bench, "run", fake("one"))
+    monkeypatch.setattr(bench, "ddp_run", fake("ddp"))
+    out = bench.ddp_against_one(tmp_path / "cache", None, tmp_path / "ddp.yaml", tmp_path, rounds=3)
+    # each round's first launch swapped, each run in its own folder
+    assert order == [
+        ("one", "one0"),
+        ("ddp", "ddp0"),
+        ("ddp", "ddp1"),
+        ("one", "one1"),
+        ("one", "one2"),
+        ("ddp", "ddp2"),
+    ]
+    # the median, not the first pair (0.5 against 0.31 would read 0.62x)
+    assert out["one_process_sec_per_step"] == 0.32 and out["ddp_sec_per_step"] == 0.33
+    assert out["rounds"] == {"one_process": [0.5, 0.3, 0.32], "ddp": [0.31, 0.33, 0.34]}
