@@ -111,7 +111,9 @@ def nodule_chunks(truth: dict, k: int) -> list[int]:
 def regenerate(pipe, z, chunks, cond, uncond, guidance, t, sigmas, noises):
     """``z`` [C,S,h,w] with ``chunks`` noised to ``t`` by ``noises`` (one [C,k,h,w] each) and
     integrated back to 0 by the pipeline's transformer, in order, each after the (edited) chunk
-    before it."""
+    before it. Its own Euler loop over ``sigmas`` rather than ``ctflow.flow.sample_chunk``: that starts
+    from fresh noise at the scheduler's levels, and diffusers' Heun scheduler takes no custom levels;
+    teaching the library sampler both would cost it more than these lines save."""
     import torch
 
     from ctflow.flow import context_cache_for, guided_velocity, text_cache_for
