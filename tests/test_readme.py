@@ -70,3 +70,107 @@ def test_named_result_files_exist(doc):
     assert len(names) > 3  # the pattern still matches how the text names results
     missing = sorted(n for n in names if not fnmatch.filter(RESULTS, n if "*" in n or "." in n else n + "*"))
     assert not missing, f"{doc} names results that benchmarks/results does not hold: {missing}"
+
+
+def code(text: str) -> list[str]:
+    """The doc's code: each line of its fenced blocks (backslash continuations joined, comments cut)
+    and each inline code span (line breaks inside it read as spaces)."""
+    fence = re.compile(r"^```[a-z]*\n(.*?)^```", flags=re.M | re.S)
+    lines = [
+        re.split(r"\s#\s", line)[0]
+        for block in fence.findall(text)
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines()
+    ]
+    return lines + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", fence.sub("", text))]
+
+
+COMMAND = re.compile(
+    r"(?:^|[\s;(])(ctflow|-m ctflow\.cli|(?:\S*python )?-m ctflow\.train\.default"
+    r"|(?:\S*python )?benchmarks/(\w+)\.py|make)(?=\s|$)"
+)
+
+
+def command_problems(text: str) -> tuple[list[str], int]:
+    """Commands in the doc's code that would fail as written: an unknown ``ctflow`` command or option,
+    an option a benchmark script or the recipe (``python -m ctflow.train.default``) does not define,
+    a make target the Makefile lacks. Also how many commands were checked."""
+    import typer
+
+    from ctflow.cli import app
+
+    cli, makefile = typer.main.get_command(app), (ROOT / "Makefile").read_text()
+    problems, checked = [], 0
+    for line in code(text):
+        for m in COMMAND.finditer(line):
+            rest = line[m.end() :]
+            following = COMMAND.search(rest)  # a second command on the line is checked on its own
+            rest = rest[: following.start()] if following else rest
+            words, options = rest.split(), set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest))
+            head = m.group(1)
+            if not words and head in ("ctflow", "make"):
+                continue  # the tool's name in a sentence
+            checked += 1
+            if head == "make":
+                if not re.search(rf"^{re.escape(words[0])}:", makefile, flags=re.M):
+                    problems.append(f"no make target {words[0]!r}: {line.strip()}")
+                continue
+            if head in ("ctflow", "-m ctflow.cli"):
+                command = cli.commands.get(words[0])
+                if command is not None and hasattr(command, "commands"):  # a group: convert ctclip
+                    command = command.commands.get(words[1]) if len(words) > 1 else None
+                if command is None:
+                    problems.append(f"no such ctflow command: {line.strip()}")
+                    continue
+                known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+                unknown = options - known
+            else:
+                script = ROOT / (
+                    "src/ctflow/train/default.py" if m.group(2) is None else f"benchmarks/{m.group(2)}.py"
+                )
+                if not script.is_file():
+                    problems.append(f"no such script: {line.strip()}")
+                    continue
+                source = script.read_text() + (ROOT / "benchmarks/common.py").read_text()  # shared options
+                unknown = {o for o in options if f'"{o}"' not in source}
+            if unknown:
+                problems.append(f"unknown options {sorted(unknown)}: {line.strip()}")
+    return problems, checked
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_commands_in_the_docs_run_as_written(doc):
+    problems, checked = command_problems(DOCS[doc])
+    assert checked > 20  # the pattern still finds how the docs quote commands
+    assert not problems, f"{doc}: " + "\n".join(problems)
+
+
+def test_command_checker_catches_unknown_commands_options_scripts_and_targets():
+    doc = """Run `ctflow generate "r" --out a.nii.gz --slicez 9` or
+```bash
+ctflow convert ctclip x.pt --out d --tokeniser t   # a comment --not-an-option
+ctflow frobnicate --out x
+python benchmarks/laterality.py --n 24 --frist-seed 3
+python benchmarks/nowhere.py
+python -m ctflow.train.default --work runs/x \\
+    --flow-config c.yaml --no-such-flag
+make tset
+```
+and `make demo`, `ctflow generate --report-file r.txt --out x.nii.gz --overwrite` are fine."""
+    problems, checked = command_problems(doc)
+    assert checked == 9
+    wanted = ["--slicez", "--tokeniser", "frobnicate", "--frist-seed", "nowhere", "--no-such-flag", "tset"]
+    assert len(problems) == len(wanted)
+    assert all(sum(w in p for p in problems) == 1 for w in wanted), problems
+
+
+def test_the_library_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python block, run as it stands, writes the volume it promises."""
+    from ctflow.data.nifti import read_nifti
+
+    blocks = re.findall(r"^```python\n(.*?)^```", DOCS["README.md"], flags=re.M | re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["out"].end_reasons[0] == "num_slices"
+    assert read_nifti(tmp_path / "ct.nii.gz").array.shape[0] == 80
