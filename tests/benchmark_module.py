@@ -12,3 +12,9 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """A benchmark's printed markdown table as {first cell: the rest of the row split on ' | '} (the
+    last cell keeps its closing ' |'), for asserting its cells."""
+    return {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in text.splitlines()}

@@ -1,6 +1,6 @@
 import json
 
-from tests.benchmark_module import load_benchmark
+from tests.benchmark_module import load_benchmark, table_rows
 
 
 def row(effusion: str, nodule: bool, pred_effusion: str, pred_nodule: bool, vae_nodule: bool = False) -> dict:
@@ -25,10 +25,7 @@ def test_a_plus_column_counts_the_reports_of_both_results_together(tmp_path, mon
     b = [row("right", False, "left", False), row("none", True, "none", True)]  # wrong side; nodule found
     for name, rows in (("a", a), ("b", b)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows}))
-    lines = {
-        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
-        for line in table.table(["a", "b", "a+b"]).splitlines()
-    }
+    lines = table_rows(table.table(["a", "b", "a+b"]))
     assert lines["effusion found"] == ["1/1", "0/1", "1/2 |"]
     assert lines["effusion found, any side"] == ["1/1", "1/1", "2/2 |"]
     assert lines["nodule found"] == ["0/1", "1/1", "1/2 |"]
@@ -42,10 +39,7 @@ def test_a_vae_column_counts_the_reconstructions_of_the_same_reports(tmp_path, m
     # nodule called where none was reported
     rows = [row("left", False, "right", False, vae_nodule=True)]
     (tmp_path / "a.json").write_text(json.dumps({"rows": rows}))
-    lines = {
-        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
-        for line in table.table(["a", "a:vae"]).splitlines()
-    }
+    lines = table_rows(table.table(["a", "a:vae"]))
     assert lines["effusion found"] == ["0/1", "1/1 |"]
     assert lines["false nodule"] == ["0", "1 |"]
 
@@ -64,9 +58,7 @@ def test_false_consolidations_are_split_by_whether_the_report_names_an_effusion(
     rows[3]["pred"].update(dense)
     rows.append({**row("left", False, "left", False), "truth": {**rows[0]["truth"], "consolidation": True}})
     (tmp_path / "a.json").write_text(json.dumps({"rows": rows}))
-    lines = {
-        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.table(["a"]).splitlines()
-    }
+    lines = table_rows(table.table(["a"]))
     assert lines["false consolidation where the report names an effusion"] == ["1/2 |"]
     assert lines["false consolidation where the report names no effusion"] == ["1/2 |"]
     assert lines["false consolidation"] == ["2 |"]
@@ -86,10 +78,7 @@ def test_the_refitted_nodule_rule_rows_count_its_calls_and_mark_older_results(tm
         r["nodule_vae_rule"], r["reconstruction_nodule_vae_rule"] = gen, rec
     (tmp_path / "new.json").write_text(json.dumps({"rows": rows}))
     (tmp_path / "old.json").write_text(json.dumps({"rows": [row("none", True, "none", True)]}))
-    lines = {
-        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
-        for line in table.table(["new", "new:vae", "old"]).splitlines()
-    }
+    lines = table_rows(table.table(["new", "new:vae", "old"]))
     assert lines["nodule found"] == ["1/1", "0/1", "1/1 |"]  # the shipped rule's calls
     assert lines["false nodule"] == ["1", "0", "0 |"]
     assert lines["nodule found, rule fitted through the VAE"] == ["0/1", "1/1", "– |"]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tests.benchmark_module import load_benchmark
+from tests.benchmark_module import load_benchmark, table_rows
 
 
 def laterality(drawn: int, named: int, following: int) -> dict:
@@ -20,16 +20,12 @@ def write(folder, name, generated, real=None):
     (folder / f"{name}.json").write_text(json.dumps({"generated": generated, "real_through_vae": real}))
 
 
-def rows(text: str) -> dict:
-    return {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in text.splitlines()}
-
-
 def test_a_plus_column_sums_the_counts_of_both_seed_sets(tmp_path, monkeypatch):
     table = load_benchmark("pairs_table")
     monkeypatch.setattr(table, "RESULTS", tmp_path)
     write(tmp_path, "a", laterality(26, 25, 19), laterality(43, 42, 24))
     write(tmp_path, "b", laterality(26, 24, 22))
-    lines = rows(table.table(["a", "b", "a+b", "a:vae"]))
+    lines = table_rows(table.table(["a", "b", "a+b", "a:vae"]))
     assert lines["volumes with fluid"] == ["26/48", "26/48", "52/96", "43/48 |"]
     assert lines["fluid on the named side alone"] == ["25/48", "24/48", "49/96", "42/48 |"]
     assert lines["pairs whose fluid follows the side"] == ["19/24", "22/24", "41/48", "24/24 |"]
@@ -42,7 +38,7 @@ def test_nodule_pairs_count_found_minus_false_and_mark_results_without_the_refit
     monkeypatch.setattr(table, "RESULTS", tmp_path)
     write(tmp_path, "new", nodules(3, 2))
     write(tmp_path, "old", nodules(6, 4, vae_rule=False))
-    lines = rows(table.table(["new", "new+old", "old"]))
+    lines = table_rows(table.table(["new", "new+old", "old"]))
     assert lines["nodule found under the nodule report"] == ["3/24", "9/48", "6/24 |"]
     assert lines["found minus false"] == ["1", "3", "2 |"]
     # pooling an older result leaves the refitted rule's count out rather than undercounting it
