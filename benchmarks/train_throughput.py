@@ -171,7 +171,7 @@ def ddp_against_one(cache: Path, config: FlowTrainConfig, ddp_config: Path, work
                 log = run(cache, config, work / f"one{r}")
             times[name].append(log["sec_per_step"])
     medians = {f"{name}_sec_per_step": round(statistics.median(t), 4) for name, t in times.items()}
-    return {**medians, "rounds": {name: t for name, t in times.items()}}
+    return {**medians, "rounds": times}
 
 
 def compile_blocks(model) -> None:

@@ -72,16 +72,18 @@ def test_named_result_files_exist(doc):
     assert not missing, f"{doc} names results that benchmarks/results does not hold: {missing}"
 
 
+FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```", flags=re.M | re.S)  # (language, body) of a fenced block
+
+
 def code(text: str) -> list[str]:
     """The doc's code: each line of its fenced blocks (backslash continuations joined, comments cut)
     and each inline code span (line breaks inside it read as spaces)."""
-    fence = re.compile(r"^```[a-z]*\n(.*?)^```", flags=re.M | re.S)
     lines = [
         re.split(r"\s#\s", line)[0]
-        for block in fence.findall(text)
+        for _, block in FENCE.findall(text)
         for line in re.sub(r"\\\n\s*", " ", block).splitlines()
     ]
-    return lines + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", fence.sub("", text))]
+    return lines + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", FENCE.sub("", text))]
 
 
 COMMAND = re.compile(
@@ -167,7 +169,7 @@ def test_the_library_example_runs_as_written(tmp_path, monkeypatch):
     """The README's Python block, run as it stands, writes the volume it promises."""
     from ctflow.data.nifti import read_nifti
 
-    blocks = re.findall(r"^```python\n(.*?)^```", DOCS["README.md"], flags=re.M | re.S)
+    blocks = [body for language, body in FENCE.findall(DOCS["README.md"]) if language == "python"]
     assert len(blocks) == 1
     monkeypatch.chdir(tmp_path)
     namespace = {}
