@@ -267,7 +267,7 @@ DEFAULT_GUIDANCE = 2.0  # the pipeline's and the CLI's default
 
 def result_name(stem: str, guidance: float) -> str:
     """``stem`` at the default guidance, ``{stem}_guidance{G}`` otherwise, so a guidance sweep leaves
-    the default's result (which the README and the model card quote) alone."""
+    the default's result (which docs/results.md and the model card quote) alone."""
     return stem if guidance == DEFAULT_GUIDANCE else f"{stem}_guidance{guidance:g}"
 
 

@@ -6,7 +6,7 @@ report).
 
 A result is a name in ``benchmarks/results`` without ``.json``. A column may pool results with ``+``
 (``exp_skip01amd_laterality_n24+exp_skip01amd_laterality_seed63000``): one model's pairs from two
-seed sets counted together, as the README's "both sets" figures are. A column name ending in
+seed sets counted together, as docs/results.md's "both sets" figures are. A column name ending in
 ``:vae`` counts the same phantoms through the VAE instead (the results' ``real_through_vae``): what
 a generator can reach. All columns must come from one of the two probes.
 

@@ -1,4 +1,4 @@
-"""PNG plots of the benchmark results for the README (no plotting library: Pillow, which imageio needs).
+"""PNG plots of the benchmark results for docs/results.md (no plotting library: Pillow, which imageio needs).
 
 Reads ``benchmarks/results/generation.json`` (``--parts depth``) and ``ablation.json`` and writes
 ``benchmarks/results/depth.png`` (peak RSS and time per slice vs depth, AR chunks vs whole volume)

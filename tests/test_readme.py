@@ -1,4 +1,5 @@
-"""The README's and the experiment notebook's numbers point at files in the repo, and their tables render."""
+"""The README's and docs/'s numbers point at files in the repo, their commands run as written, their
+links resolve and their tables render."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/experiments.md")}
+DOC_NAMES = ["README.md"] + sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))
+DOCS = {name: (ROOT / name).read_text() for name in DOC_NAMES}
 RESULTS = sorted(p.name for p in (ROOT / "benchmarks" / "results").iterdir())
+FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```", flags=re.M | re.S)  # (language, body) of a fenced block
 
 
 def tables(text: str) -> list[list[str]]:
@@ -43,36 +46,81 @@ def test_table_checker_catches_a_short_separator():
     assert {cells(r) for r in tables("| a | b | c |\n|---|---|\n| 1 | 2 | 3 |\n")[0]} == {2, 3}
 
 
-@pytest.mark.parametrize("doc", DOCS)
-@pytest.mark.parametrize(
-    "kind", ["configs/*.yaml", "benchmarks/*.py", "benchmarks/results/*.json", "examples/*"]
-)
-def test_named_files_exist(doc, kind):
+KINDS = ["configs/*.yaml", "benchmarks/*.py", "benchmarks/results/*.json", "examples/*"]
+
+
+def named_files(text: str, kind: str) -> set[str]:
     folder, pattern = kind.rsplit("/", 1)
-    names = set(re.findall(re.escape(folder) + r"/([A-Za-z0-9_.-]+)", DOCS[doc]))
-    names = {n.rstrip(".") for n in names if fnmatch.fnmatch(n.rstrip("."), pattern)}
-    if doc == "docs/experiments.md" and kind == "examples/*":
-        return  # the notebook quotes benchmark reports, not the examples
-    assert names, f"{doc} names no {kind}"
-    missing = sorted(n for n in names if not (ROOT / folder / n).is_file())
+    names = {n.rstrip(".") for n in re.findall(re.escape(folder) + r"/([A-Za-z0-9_.-]+)", text)}
+    return {n for n in names if fnmatch.fnmatch(n, pattern)}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_named_files_exist(doc, kind):
+    folder = kind.rsplit("/", 1)[0]
+    missing = sorted(n for n in named_files(DOCS[doc], kind) if not (ROOT / folder / n).is_file())
     assert not missing, f"{doc} names {kind} files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_docs_still_name_files_the_way_the_checks_read(kind):
+    assert named_files(DOCS["README.md"], kind), f"the README names no {kind}: has the pattern gone stale?"
+
+
+RESULT_NAME = re.compile(
+    r"`((?:exp_|embedded_|text_use|laterality|free_text|effusion_probe)[A-Za-z0-9_.*]*)`"
+)
 
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_named_result_files_exist(doc):
     """Results named by file name alone (`exp_x.json`, or a glob such as `exp_x_*`) match a stored file."""
-    names = set(
-        re.findall(
-            r"`((?:exp_|embedded_|text_use|laterality|free_text|effusion_probe)[A-Za-z0-9_.*]*)`", DOCS[doc]
-        )
-    )
-    names = {n for n in names if not n.endswith(".py")}
-    assert len(names) > 3  # the pattern still matches how the text names results
+    names = {n for n in RESULT_NAME.findall(DOCS[doc]) if not n.endswith(".py")}
     missing = sorted(n for n in names if not fnmatch.filter(RESULTS, n if "*" in n or "." in n else n + "*"))
     assert not missing, f"{doc} names results that benchmarks/results does not hold: {missing}"
 
 
-FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```", flags=re.M | re.S)  # (language, body) of a fenced block
+def test_result_names_are_still_found():
+    """The pattern still matches how the docs name results."""
+    assert len(RESULT_NAME.findall(DOCS["docs/results.md"])) > 3
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def link_problems(doc: str, text: str) -> list[str]:
+    """Relative links and images in a doc (``[x](path#anchor)``) whose file or heading does not exist."""
+    here = (ROOT / doc).parent
+    problems = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", text)):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (here / path).resolve()
+        if path and not file.is_file():
+            problems.append(f"no file for {target}")
+        elif anchor and (not path or file.suffix == ".md"):
+            headings = re.findall(r"^#+ (.+)$", FENCE.sub("", file.read_text() if path else text), flags=re.M)
+            if anchor not in {slug(h) for h in headings}:
+                problems.append(f"no heading for {target}")
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_links_resolve(doc):
+    problems = link_problems(doc, DOCS[doc])
+    assert not problems, f"{doc}: " + "; ".join(problems)
+
+
+def test_link_checker_catches_missing_files_and_headings():
+    text = """# A heading, with: punctuation!\n[ok](#a-heading-with-punctuation) [file](docs/model.md)
+[bad](#no-such-heading) ![img](nowhere.png) [deep](docs/results.md#not-there) [web](https://x.org/a)"""
+    problems = link_problems("README.md", text)
+    assert len(problems) == 3
+    assert all(any(w in p for p in problems) for w in ("#no-such-heading", "nowhere.png", "#not-there"))
 
 
 def code(text: str) -> list[str]:
@@ -141,9 +189,15 @@ def command_problems(text: str) -> tuple[list[str], int]:
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_commands_in_the_docs_run_as_written(doc):
-    problems, checked = command_problems(DOCS[doc])
-    assert checked > 20  # the pattern still finds how the docs quote commands
+    problems, _ = command_problems(DOCS[doc])
     assert not problems, f"{doc}: " + "\n".join(problems)
+
+
+def test_the_command_pattern_still_finds_the_docs_commands():
+    checked = {
+        doc: command_problems(DOCS[doc])[1] for doc in ("README.md", "docs/results.md", "docs/experiments.md")
+    }
+    assert all(n > 20 for n in checked.values()), checked
 
 
 def test_command_checker_catches_unknown_commands_options_scripts_and_targets():

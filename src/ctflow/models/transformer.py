@@ -55,7 +55,7 @@ With ``target_depth`` the model also reads the slice count of the meta line as a
 still to come from the chunk's first slice on are embedded like a timestep and added to the adaLN
 conditioning (a learned null vector when the report has no meta line or training dropped it). The
 published model reads the count only as text; a small text encoder reads numbers poorly, and this
-makes the end-of-scan chunk land where the report asks (README, "The model").
+makes the end-of-scan chunk land where the report asks (docs/model.md).
 
 With ``num_findings`` the model also reads a vector of finding flags parsed from the report
 (:func:`ctflow.data.reports.finding_vector`: effusion left/right, cardiomegaly, nodule, emphysema,

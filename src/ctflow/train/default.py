@@ -419,7 +419,7 @@ def main(argv=None) -> None:
     built_on = timings["machine"]
     print(
         f"machine: {built_on['cpu']}, {built_on['cpu_count']} cores, fp32 matmul {built_on['matmul_gflops_fp32']}"
-        ' GFLOP/s (README, "Training time": how long the recipe took on which machine)',
+        ' GFLOP/s (docs/results.md, "Training time": how long the recipe took on which machine)',
         flush=True,
     )
     data, vae_run, latents, flow_run, finetune_run, model = (
