@@ -5,7 +5,10 @@
   step (goal >= 1.6x);
 * report-cache speedup: the embedded pipeline generating 64 slices (20 steps,
   guidance on) with the report's per-block keys/values computed once per
-  chunk vs projected again at every forward (same seed, same volume);
+  chunk vs projected again at every forward (same seed, same volume): how
+  many projections, their time, and the medians of five alternating runs;
+* bfloat16 weights against float32 (`CTFlowPipeline.to(dtype=...)`): the embedded
+  pipeline, 64 slices, same seed: time and how far the volume moves;
 * forward-pass share: fraction of `pipe(...)` time spent inside the
   transformer's forward (goal >= 85%: the loop adds little overhead);
 * time vs number of ODE steps (should be ~linear);
@@ -96,35 +99,92 @@ class WithoutTextCache:
         return self._model(*args, **kwargs)
 
 
+def take_turns(runs: dict, turns: int = 5) -> dict[str, float]:
+    """Median seconds of each run (name -> function), after one warm-up each, the runs taking turns
+    in alternating order so that load on the machine hits them alike."""
+    import statistics
+
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for turn in range(turns):
+        for name in list(runs)[:: 1 if turn % 2 else -1]:
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def text_cache_speedup() -> dict:
+    """The report's per-block keys/values projected once per chunk vs at every forward: how often and
+    how long they are projected, and the whole generation's time (64 slices, 20 steps, guidance)."""
     from ctflow.pipeline import CTFlowPipeline
 
     pipe = CTFlowPipeline.from_pretrained()
     cached = pipe.transformer
-    volumes = {}
+    project = cached.compute_text_cache
+    projections = {"calls": 0, "seconds": 0.0}
 
-    def generate(model, name):
-        pipe.transformer = model
+    def counted(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = project(*args, **kwargs)
+        projections["calls"] += 1
+        projections["seconds"] += time.perf_counter() - t0
+        return out
+
+    cached.compute_text_cache = counted
+    models = {"cached": cached, "every_forward": WithoutTextCache(cached)}
+    volumes, spent = {}, {}
+
+    def generate(name):
+        pipe.transformer = models[name]
+        projections.update(calls=0, seconds=0.0)
         out = pipe(REPORT, num_slices=64, num_inference_steps=20, generator=torch.Generator().manual_seed(0))
-        volumes[name] = out.volumes[0].array
+        volumes[name], spent[name] = out.volumes[0].array, dict(projections)
 
-    generate(cached, "cached"), generate(WithoutTextCache(cached), "every_forward")  # warm up
-    times = {"cached": [], "every_forward": []}
-    for turn in range(3):  # taking turns, so load on the machine hits both alike
-        for name in ("cached", "every_forward")[:: 1 if turn % 2 else -1]:
-            t0 = time.perf_counter()
-            generate(cached if name == "cached" else WithoutTextCache(cached), name)
-            times[name].append(time.perf_counter() - t0)
-    pipe.transformer = cached
-    best = {name: min(t) for name, t in times.items()}
+    median = take_turns({name: (lambda n=name: generate(n)) for name in models})
+    pipe.transformer, cached.compute_text_cache = cached, project
     diff = float(abs(volumes["cached"] - volumes["every_forward"]).max())
     return {
         "num_slices": 64,
         "steps": 20,
-        "cached_s": round(best["cached"], 3),
-        "every_forward_s": round(best["every_forward"], 3),
-        "speedup": round(best["every_forward"] / best["cached"], 3),
+        "cached_s": round(median["cached"], 3),
+        "every_forward_s": round(median["every_forward"], 3),
+        "speedup": round(median["every_forward"] / median["cached"], 3),
+        "projections": {name: s["calls"] for name, s in spent.items()},
+        "projection_s": {name: round(s["seconds"], 3) for name, s in spent.items()},
         "max_abs_hu_difference": round(diff, 4),
+    }
+
+
+def bfloat16_against_float32() -> dict:
+    """The embedded pipeline with its weights in bfloat16 vs float32: 64 slices, 20 steps, same seed."""
+    import numpy as np
+
+    from ctflow.pipeline import CTFlowPipeline
+
+    pipes = {
+        "float32": CTFlowPipeline.from_pretrained(),
+        "bfloat16": CTFlowPipeline.from_pretrained().to(dtype=torch.bfloat16),
+    }
+    volumes = {}
+
+    def generate(name):
+        out = pipes[name](
+            REPORT, num_slices=64, num_inference_steps=20, generator=torch.Generator().manual_seed(0)
+        )
+        volumes[name] = out.volumes[0].array
+
+    median = take_turns({name: (lambda n=name: generate(n)) for name in pipes})
+    a, b = volumes["float32"], volumes["bfloat16"]
+    return {
+        "num_slices": 64,
+        "steps": 20,
+        "float32_s": round(median["float32"], 3),
+        "bfloat16_s": round(median["bfloat16"], 3),
+        "time_ratio": round(median["bfloat16"] / median["float32"], 3),
+        "mean_abs_hu_difference": round(float(np.abs(a - b).mean()), 2),
+        "correlation": round(float(np.corrcoef(a.ravel(), b.ravel())[0, 1]), 5),
     }
 
 
@@ -234,7 +294,9 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--parts", default="cache,text_cache,pipeline,depth", help="comma-separated subset to (re)measure"
+        "--parts",
+        default="cache,text_cache,dtype,pipeline,depth",
+        help="comma-separated subset to (re)measure",
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -242,6 +304,7 @@ if __name__ == "__main__":
     parts = {
         "cache": cache_speedup,
         "text_cache": text_cache_speedup,
+        "dtype": bfloat16_against_float32,
         "pipeline": forward_share_and_steps,
         "depth": lambda: memory_and_time_vs_depth(threads=args.threads),
     }
@@ -257,6 +320,7 @@ if __name__ == "__main__":
             {
                 "cache_speedup": result["cache"]["speedup"],
                 "text_cache_speedup": result["text_cache"]["speedup"],
+                "bfloat16_time_ratio": result["dtype"]["time_ratio"],
                 "forward_share": result["pipeline"]["forward_share_20_steps"],
             }
         )

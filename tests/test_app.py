@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 pytest.importorskip("gradio", reason="the web app needs the 'app' extra: pip install -e '.[app]'")
 pytest.importorskip("gradio_client")
@@ -68,6 +69,7 @@ class FakePipe:
     """Returns a flat volume once released; records how many calls ran at once."""
 
     name, weights_hash = "fake", None
+    device, dtype = torch.device("cpu"), torch.float32
     config = {"slice_spacing": 2.0, "pixel_spacing": 1.5}
 
     def __init__(self, delay=0.0):

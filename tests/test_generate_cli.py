@@ -105,6 +105,10 @@ def test_report_file_and_no_overwrite(model, tmp_path, run_cli):
         ((REPORT, "--slices", "-4"), "--slices"),
         ((), "exactly one"),
         ((REPORT, "--report-file", "x.txt"), "exactly one"),
+        ((REPORT, "--device", "gpu"), "--device"),
+        ((REPORT, "--device", "cuda"), "no CUDA GPU"),  # the CPU build of torch these tests run on
+        ((REPORT, "--device", "xla"), "cpu, cuda or mps"),
+        ((REPORT, "--dtype", "half"), "--dtype"),
     ],
 )
 def test_bad_generate_arguments(model, tmp_path, run_cli, args, word):
@@ -190,3 +194,35 @@ def test_prompts_are_split_across_two_processes_without_gaps_or_duplicates(model
     assert len(ranks) == 5
     assert {line.split("(rank ")[1][0] for line in ranks} == {"0", "1"}
     assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == [f"case{i}.json" for i in range(5)]
+
+
+def test_generate_in_bfloat16_records_device_and_dtype(model, tmp_path, run_cli):
+    args = (REPORT, "--slices", 6, "--seed", 3)
+    assert _gen(run_cli, model, *args, "--out", tmp_path / "a.nii.gz").code == 0
+    r = _gen(run_cli, model, *args, "--out", tmp_path / "b.nii.gz", "--dtype", "bfloat16", "--device", "cpu")
+    assert r.code == 0, r.err
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert (a["device"], a["dtype"]) == ("cpu", "float32")
+    assert (b["device"], b["dtype"]) == ("cpu", "bfloat16")
+    assert read_volume(tmp_path / "b.nii.gz").array.shape == read_volume(tmp_path / "a.nii.gz").array.shape
+
+
+def test_plain_cuda_means_this_process_gpu(monkeypatch):
+    """Under torchrun each process takes the GPU of its LOCAL_RANK; a GPU index past the visible ones
+    is refused (CUDA faked: these machines have none)."""
+    import torch
+
+    from ctflow.errors import CTFlowError
+    from ctflow.generate import resolve_device, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(CTFlowError, match="only 2 CUDA GPUs"):
+        resolve_device("cuda:2")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("bfloat16") == torch.bfloat16

@@ -269,3 +269,59 @@ def test_finding_guidance_adds_the_report_with_unknown_flags_to_each_forward(mon
 
 def test_a_model_without_finding_flags_is_not_given_them(pipe):
     assert "findings" not in pipe.text_condition([REPORT])
+
+
+def test_to_casts_the_models_and_keeps_the_volume(pipe):
+    """bfloat16 weights: the ODE stays float32, the volume comes back float32 on the CPU, close to the
+    float32 one from the same seed; ``to`` returns the pipeline and the end-of-scan latent follows."""
+    pipe32 = tiny_pipeline()
+    kwargs = dict(num_slices=8, num_inference_steps=3, generator=None)
+    a = pipe32(REPORT, **{**kwargs, "generator": torch.Generator().manual_seed(0)}).volumes[0].array
+    eos32 = pipe32.eos_latent()
+    assert pipe32.to(dtype=torch.bfloat16) is pipe32
+    assert pipe32.dtype == torch.bfloat16 and pipe32.device == torch.device("cpu")
+    assert pipe32.eos_latent().dtype == torch.bfloat16 and torch.allclose(
+        pipe32.eos_latent().float(), eos32, atol=0.1
+    )
+    b = pipe32(REPORT, **{**kwargs, "generator": torch.Generator().manual_seed(0)}).volumes[0].array
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+    assert not np.array_equal(a, b)  # the cast happened
+
+
+def test_generation_makes_its_tensors_on_the_model_device(pipe):
+    """Every tensor the pipeline and the sampler create names the device it goes to, so generation
+    on a GPU needs no copies from the CPU (checked on the CPU: no GPU here)."""
+    import sys
+
+    from torch.overrides import TorchFunctionMode
+
+    factories = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.arange, torch.empty, torch.randn}
+    watched = ("ctflow/pipeline.py", "ctflow/flow.py")
+    undevised = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if func in factories and caller.endswith(watched) and "device" not in kwargs:
+                undevised.append(f"{caller.rsplit('/', 1)[-1]}:{sys._getframe(1).f_lineno} {func.__name__}")
+            return func(*args, **kwargs)
+
+    with Watch():
+        out = pipe(REPORT, num_slices=12, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.volumes[0].num_slices == 12
+    assert not undevised, undevised
+
+
+def test_the_device_check_catches_a_tensor_made_without_a_device(pipe, monkeypatch):
+    """The check above fails when the pipeline makes a tensor without naming its device (a stand-in for
+    ``eos_latent_slices`` compiled as if it were pipeline.py's)."""
+    import ctflow.pipeline as module
+
+    source = "def eos_latent_slices(latents, eos, max_mse):\n    return torch.zeros(latents.shape[1], dtype=torch.bool)\n"
+    namespace = {"torch": torch}
+    exec(compile(source, module.__file__, "exec"), namespace)
+    monkeypatch.setattr(module, "eos_latent_slices", namespace["eos_latent_slices"])
+    with pytest.raises(AssertionError, match="pipeline.py:2 zeros"):
+        test_generation_makes_its_tensors_on_the_model_device(pipe)

@@ -292,10 +292,27 @@ def generate(
     model: Annotated[
         Path | None, typer.Option("--model", help="Model folder (default: embedded model).")
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", help="cpu, cuda, cuda:N or mps (plain cuda under torchrun: LOCAL_RANK's GPU)."
+        ),
+    ] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="Model weights: float32, bfloat16 or float16 (the ODE stays float32)."),
+    ] = "float32",
     overwrite: Overwrite = False,
 ):
     """Generate a synthetic CT volume from a radiology report."""
-    from ctflow.generate import GenerationSettings, generate_one, generate_prompts, read_report_file
+    from ctflow.generate import (
+        GenerationSettings,
+        generate_one,
+        generate_prompts,
+        read_report_file,
+        resolve_device,
+        resolve_dtype,
+    )
     from ctflow.pipeline import CTFlowPipeline
 
     sources = [x is not None for x in (report, report_file, prompts)]
@@ -309,6 +326,7 @@ def generate(
         slices, max_slices, steps, guidance, seed, dicom, overwrite, finding_guidance=finding_guidance
     )
     settings.check()
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     if report_file is not None:
         report = read_report_file(report_file)
     if report is not None and not report.strip():
@@ -317,7 +335,7 @@ def generate(
         from ctflow.generate import read_prompts
 
         read_prompts(prompts)  # validate before loading the model
-        pipe = CTFlowPipeline.from_pretrained(model)
+        pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
         generate_prompts(pipe, prompts, out, settings, log=console.print)
         return
     from ctflow.files import check_output
@@ -325,7 +343,7 @@ def generate(
 
     for p in [*output_paths(out).values(), *([dicom] if dicom else [])]:
         check_output(p, overwrite)
-    pipe = CTFlowPipeline.from_pretrained(model)
+    pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
     with _progress() as bar:
         task = bar.add_task("generate", total=None)
 

@@ -16,6 +16,9 @@ Every finished chunk is decoded straight into the output, so the transformer's
 working set does not grow with depth. Generation ends when the model produces
 white end-of-scan (EOS) slices (detected on the latent, or on the decoded slice), when the requested slice count is reached, or
 at ``max_slices``.
+
+``pipe.to(device, dtype)`` moves and casts the models; the ODE stays in float32 and every tensor
+generation makes is created on the transformer's device.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ def eos_latent_slices(latents: torch.Tensor, eos: torch.Tensor, max_mse: float |
     from the data (a fraction of the smallest distance between real slices and the EOS latent).
     """
     if max_mse is None:
-        return torch.zeros(latents.shape[1], dtype=torch.bool)
-    return ((latents - eos[:, None]) ** 2).mean(dim=(0, 2, 3)) < max_mse
+        return torch.zeros(latents.shape[1], dtype=torch.bool, device=latents.device)
+    return ((latents.float() - eos[:, None].float()) ** 2).mean(dim=(0, 2, 3)) < max_mse
 
 
 def weights_hash(folder: str | Path) -> str:
@@ -185,6 +188,33 @@ class CTFlowPipeline:
             (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
         return Path(folder)
 
+    # ----------------------------------------------------------------- device
+    @property
+    def device(self) -> torch.device:
+        """Where the transformer's weights are; generation runs there."""
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> CTFlowPipeline:
+        """Move the VAE, the report encoder and the transformer to ``device`` and/or cast their weights
+        to ``dtype``, in place (like a diffusers pipeline's ``to``); returns the pipeline.
+
+        The ODE is integrated in float32 whatever ``dtype`` is, noise is drawn from the ``generator``
+        on its own device (CPU by default, so a seed gives the same noise on every device), and the
+        volumes come back in CPU memory. Casting is in place: weights cast to bfloat16 and back have
+        lost their low bits, so load the model again for float32.
+        """
+        for module in (self.vae.vae, self.text.model, self.transformer):
+            # torch's own ``to``: diffusers' override warns about fp32-only modules, and ours have none
+            torch.nn.Module.to(module, device=device, dtype=dtype)
+        self._eos_latent = None
+        return self
+
     # ----------------------------------------------------------------- generation
     @property
     def chunk_slices(self) -> int:
@@ -194,7 +224,7 @@ class CTFlowPipeline:
         """Latent of a white slice [C,h,w]: what the model emits to end a scan."""
         if self._eos_latent is None:
             size = self.config["image_size"]
-            self._eos_latent = self.vae.encode_slices(torch.ones(1, 1, size, size))[0]
+            self._eos_latent = self.vae.encode_slices(torch.ones(1, 1, size, size, device=self.device))[0]
         return self._eos_latent
 
     def check_inputs(
@@ -224,11 +254,11 @@ class CTFlowPipeline:
             "encoder_hidden_states": emb.tokens,
             "encoder_attention_mask": emb.mask,
             "pooled_text": emb.pooled,
-            "num_slices": torch.tensor([self.depth_target(t) for t in texts]),
+            "num_slices": torch.tensor([self.depth_target(t) for t in texts], device=self.device),
         }
         flags = [self.finding_flags(t) for t in texts]
         if flags[0] is not None:
-            cond["findings"] = torch.tensor([list(f.values()) for f in flags])
+            cond["findings"] = torch.tensor([list(f.values()) for f in flags], device=self.device)
         return cond
 
     def finding_flags(self, text: str) -> dict[str, float] | None:
@@ -272,7 +302,7 @@ class CTFlowPipeline:
         limit = num_slices or max_slices
         cond = self.text_condition(texts)
         uncond = null_condition(cond) if guidance_scale > 1.0 else None
-        b, k = len(texts), self.chunk_slices
+        b, k, device = len(texts), self.chunk_slices, self.device
         c, h, w = self.eos_latent().shape
         outputs: list[list[np.ndarray]] = [[] for _ in range(b)]
         counts = [0] * b
@@ -280,9 +310,9 @@ class CTFlowPipeline:
         active = list(range(b))
         context = None  # [B_active,C,K,h,w] latents of the previous chunk
         for chunk in range(math.ceil(limit / k)):
-            sub = torch.tensor(active)
+            sub = torch.tensor(active, device=device)
             sub_cond = {key: v[sub] for key, v in cond.items()}
-            sub_cond["chunk_index"] = torch.full((len(active),), chunk, dtype=torch.long)
+            sub_cond["chunk_index"] = torch.full((len(active),), chunk, dtype=torch.long, device=device)
             sub_cond["context"] = context
             x0 = sample_chunk(
                 self.transformer,
@@ -300,12 +330,15 @@ class CTFlowPipeline:
             )
             still = []
             for row, item in enumerate(active):
-                slices = self.vae.decode_volume(x0[row])  # [K,H,W] in [-1,1]
+                slices = self.vae.decode_volume(x0[row])  # [K,H,W] in [-1,1], CPU
                 keep = k
-                is_eos = eos_slices(slices) | eos_latent_slices(
-                    x0[row], self.eos_latent(), self.config["eos_latent_mse"]
+                is_eos = (
+                    eos_slices(slices)
+                    | eos_latent_slices(x0[row], self.eos_latent(), self.config["eos_latent_mse"]).cpu()
                 )
-                is_eos &= counts[item] + torch.arange(k) >= MIN_SCAN_SLICES  # no scan ends that early
+                is_eos &= (
+                    counts[item] + torch.arange(k, device=is_eos.device) >= MIN_SCAN_SLICES
+                )  # no scan ends that early
                 white = torch.nonzero(is_eos).flatten()
                 if len(white):
                     keep, ends[item] = int(white[0]), END_EOS
@@ -318,7 +351,7 @@ class CTFlowPipeline:
                     still.append(row)
             if not still:
                 break
-            context = x0[torch.tensor(still)]
+            context = x0[torch.tensor(still, device=device)]
             active = [active[r] for r in still]
         volumes = [self._to_volume(np.concatenate(o, axis=0), t) for o, t in zip(outputs, texts, strict=True)]
         return CTFlowOutput(volumes, [e or END_LIMIT for e in ends], texts)
