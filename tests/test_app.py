@@ -259,6 +259,8 @@ def test_parse_inputs():
 
 def test_cli_app_errors(run_cli, monkeypatch):
     assert_clean_error(run_cli("app", "--port", "70000"), "port")
+    assert_clean_error(run_cli("app", "--device", "cuda"), "no CUDA GPU")
+    assert_clean_error(run_cli("app", "--dtype", "half"), "--dtype")
     import importlib.util
 
     real = importlib.util.find_spec

@@ -474,13 +474,15 @@ def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None)
     return demo
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, model=None, share: bool = False):
-    """Load the model once and serve the app until interrupted."""
+def launch(
+    host: str = "127.0.0.1", port: int = 7860, model=None, share: bool = False, device=None, dtype=None
+):
+    """Load the model once (on ``device``, its weights in ``dtype``) and serve the app until interrupted."""
     if not 1 <= int(port) <= 65535:
         raise CTFlowError(f"--port must be between 1 and 65535, got {port}")
     from ctflow.pipeline import CTFlowPipeline
 
-    pipe = CTFlowPipeline.from_pretrained(model)
+    pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
     demo = build_app(pipe)
     try:
         demo.launch(server_name=host, server_port=int(port), share=share, **LAUNCH_OPTIONS)

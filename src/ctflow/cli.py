@@ -30,6 +30,13 @@ app.add_typer(convert_app, name="convert")
 console = Console(stderr=True, soft_wrap=True)
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+Device = Annotated[
+    str,
+    typer.Option("--device", help="cpu, cuda, cuda:N or mps (plain cuda under torchrun: LOCAL_RANK's GPU)."),
+]
+Dtype = Annotated[
+    str, typer.Option("--dtype", help="Model weights: float32, bfloat16 or float16 (the ODE stays float32).")
+]
 
 
 def _progress(transient: bool = False):
@@ -292,16 +299,8 @@ def generate(
     model: Annotated[
         Path | None, typer.Option("--model", help="Model folder (default: embedded model).")
     ] = None,
-    device: Annotated[
-        str,
-        typer.Option(
-            "--device", help="cpu, cuda, cuda:N or mps (plain cuda under torchrun: LOCAL_RANK's GPU)."
-        ),
-    ] = "cpu",
-    dtype: Annotated[
-        str,
-        typer.Option("--dtype", help="Model weights: float32, bfloat16 or float16 (the ODE stays float32)."),
-    ] = "float32",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     overwrite: Overwrite = False,
 ):
     """Generate a synthetic CT volume from a radiology report."""
@@ -396,15 +395,19 @@ def web_app(
     model: Annotated[
         Path | None, typer.Option("--model", help="Model folder (default: embedded model).")
     ] = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
 ):
     """Start the web app: type a report, watch the volume appear, download the NIfTI."""
     import importlib.util
+
+    from ctflow.generate import resolve_device, resolve_dtype
 
     if importlib.util.find_spec("gradio") is None:
         raise CTFlowError("the web app needs the 'app' extra: pip install 'ctflow[app]'")
     from ctflow.app import launch
 
-    launch(host, port, model=model)
+    launch(host, port, model=model, device=resolve_device(device), dtype=resolve_dtype(dtype))
 
 
 def main(argv: list[str] | None = None) -> int:
