@@ -6,6 +6,7 @@ import torch
 
 from ctflow.errors import CTFlowError
 from ctflow.pipeline import END_COUNT, END_EOS, END_LIMIT, CTFlowPipeline, eos_slices
+from tests.device_watch import tensors_made_without_a_device
 from tests.tiny_pipeline import tiny_pipeline
 
 REPORT = "Findings: Heart size is enlarged. Left pleural effusion. Impressions: Cardiomegaly."
@@ -292,23 +293,7 @@ def test_to_casts_the_models_and_keeps_the_volume(pipe):
 def test_generation_makes_its_tensors_on_the_model_device(pipe):
     """Every tensor the pipeline and the sampler create names the device it goes to, so generation
     on a GPU needs no copies from the CPU (checked on the CPU: no GPU here)."""
-    import sys
-
-    from torch.overrides import TorchFunctionMode
-
-    factories = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.arange, torch.empty, torch.randn}
-    watched = ("ctflow/pipeline.py", "ctflow/flow.py")
-    undevised = []
-
-    class Watch(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
-            if func in factories and caller.endswith(watched) and "device" not in kwargs:
-                undevised.append(f"{caller.rsplit('/', 1)[-1]}:{sys._getframe(1).f_lineno} {func.__name__}")
-            return func(*args, **kwargs)
-
-    with Watch():
+    with tensors_made_without_a_device("ctflow/pipeline.py", "ctflow/flow.py") as undevised:
         out = pipe(REPORT, num_slices=12, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.volumes[0].num_slices == 12
     assert not undevised, undevised

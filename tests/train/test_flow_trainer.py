@@ -14,7 +14,9 @@ from ctflow.train.config import FlowTrainConfig, LateConfig, OptimConfig
 from ctflow.train.flow_trainer import (
     ChunkSampler,
     Draw,
+    build_transformer,
     chunk_at,
+    chunk_loss,
     finding_onsets,
     same_depth,
     train_flow,
@@ -578,3 +580,60 @@ def test_the_benchmarks_synthetic_cache_feeds_the_shipped_config(tmp_path):
     batch = sampler.batch(4, g)
     assert batch["findings"].shape == (4, model.config.num_findings) and batch["weight"].min() >= 1
     assert torch.isfinite(chunk_loss(model, batch, g, config, one_pass=True))
+
+
+def test_a_batch_is_drawn_on_the_cpu_and_moved_to_the_device(tmp_path):
+    """The same draws whatever the device; every tensor then lands on it ("meta" stands in for a GPU)."""
+    cache = LatentCache(make_fake_cache(tmp_path / "c"))
+    sampler = ChunkSampler(cache, 4, _config(context_noise=0.05))
+    cpu = sampler.batch(4, torch.Generator().manual_seed(0))
+    moved = sampler.batch(4, torch.Generator().manual_seed(0), device="meta")
+    assert moved.keys() == cpu.keys()
+    for key in cpu:
+        assert moved[key].device.type == "meta" and moved[key].shape == cpu[key].shape, key
+
+
+def test_the_loss_makes_its_tensors_on_the_batch_device(tmp_path):
+    """Times, noise and the guidance dropout are drawn on the batch's device (checked on the CPU)."""
+    from tests.device_watch import tensors_made_without_a_device
+
+    cache = LatentCache(make_fake_cache(tmp_path / "c"))
+    for context in ("concat", "tokens"):
+        cfg = _config(transformer={**TINY_TRANSFORMER, "context": context}, cfg_dropout=0.5)
+        model = build_transformer(cfg, cache)
+        batch = ChunkSampler(cache, model.config.chunk_slices, cfg).batch(4, torch.Generator().manual_seed(0))
+        with tensors_made_without_a_device("ctflow/flow.py", "ctflow/train/flow_trainer.py") as undevised:
+            loss = chunk_loss(
+                model, batch, torch.Generator().manual_seed(1), cfg, one_pass=context != "tokens"
+            )
+        assert torch.isfinite(loss) and not undevised, (context, undevised)
+
+
+def test_training_puts_batches_and_the_ema_on_the_accelerator_device(tmp_path, monkeypatch):
+    from ctflow.train.utils import EMA
+
+    devices = {"batch": [], "ema": []}
+    batch, to = ChunkSampler.batch, EMA.to
+
+    def spy_batch(self, *args, device=None, **kwargs):
+        devices["batch"].append(device)
+        return batch(self, *args, device=device, **kwargs)
+
+    def spy_to(self, device):
+        devices["ema"].append(device)
+        return to(self, device)
+
+    monkeypatch.setattr(ChunkSampler, "batch", spy_batch)
+    monkeypatch.setattr(EMA, "to", spy_to)
+    train_flow(make_fake_cache(tmp_path / "c"), _config(steps=2), tmp_path / "run", progress=False)
+    assert devices["batch"] == [torch.device("cpu")] * 2 and devices["ema"] == [torch.device("cpu")]
+
+
+def test_the_ema_follows_the_model_to_its_device():
+    from ctflow.train.utils import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.9).to("meta")
+    model.to("meta")
+    ema.update(model)  # would fail with the shadow left on the CPU
+    assert all(v.device.type == "meta" for v in ema.state_dict().values())

@@ -230,11 +230,16 @@ class ChunkSampler:
         return row
 
     def batch(
-        self, batch_size: int, g: torch.Generator, config: FlowTrainConfig | None = None
+        self,
+        batch_size: int,
+        g: torch.Generator,
+        config: FlowTrainConfig | None = None,
+        device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
         """``batch_size`` rows (:meth:`row`) collated: report tokens padded to the longest with an
         attention mask, and each row's previous chunk noised (``context_noise``; a first chunk has none:
-        its context stays zero)."""
+        its context stays zero). Drawn on the CPU (the same batch on every device), then moved to
+        ``device``."""
         from ctflow.flow import context_noise
 
         cfg = config or self.cfg
@@ -255,6 +260,8 @@ class ChunkSampler:
                 else torch.full((batch_size,), lo)
             )
             out["context"] = context_noise(out["context"], std.masked_fill(out["first"], 0.0), g)
+        if device is not None:
+            out = {key: value.to(device, non_blocking=True) for key, value in out.items()}
         return out
 
 
@@ -376,6 +383,7 @@ def train_flow(
             step = info["step"]
             scheduler.last_epoch = step  # the rates themselves come back with the optimizer's param_groups
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)  # the shadow weights live beside the model's (a GPU's, under accelerate)
     model.train()
     rank, main = accelerator.process_index, accelerator.is_main_process
     if main:
@@ -389,7 +397,7 @@ def train_flow(
         t0 = time.perf_counter()
         g = step_generator(config.seed, step, rank)
         stage = config.at_step(step)  # the late stage's sampling from late.from_step on
-        batch = sampler.batch(config.batch_size, g, stage)
+        batch = sampler.batch(config.batch_size, g, stage, device=accelerator.device)
         t1 = time.perf_counter()
         with accelerator.autocast():
             loss = chunk_loss(model, batch, g, stage, one_pass)

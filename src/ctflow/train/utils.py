@@ -50,6 +50,11 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.shadow = {k: v.clone() for k, v in state.items()}
 
+    def to(self, device: torch.device | str) -> EMA:
+        """Move the shadow weights to ``device`` (where the model trains); returns the EMA."""
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
+
     def copy_to(self, model: torch.nn.Module) -> None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
