@@ -205,24 +205,3 @@ def test_generate_in_bfloat16_records_device_and_dtype(model, tmp_path, run_cli)
     assert (a["device"], a["dtype"]) == ("cpu", "float32")
     assert (b["device"], b["dtype"]) == ("cpu", "bfloat16")
     assert read_volume(tmp_path / "b.nii.gz").array.shape == read_volume(tmp_path / "a.nii.gz").array.shape
-
-
-def test_plain_cuda_means_this_process_gpu(monkeypatch):
-    """Under torchrun each process takes the GPU of its LOCAL_RANK; a GPU index past the visible ones
-    is refused (CUDA faked: these machines have none)."""
-    import torch
-
-    from ctflow.errors import CTFlowError
-    from ctflow.generate import resolve_device, resolve_dtype
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert resolve_device("cuda") == torch.device("cuda", 0)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert resolve_device("cuda") == torch.device("cuda", 1)
-    assert resolve_device("cuda:0") == torch.device("cuda", 0)
-    with pytest.raises(CTFlowError, match="only 2 CUDA GPUs"):
-        resolve_device("cuda:2")
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_dtype("bfloat16") == torch.bfloat16

@@ -201,19 +201,24 @@ def encode(
             " reads them)."
         ),
     ] = False,
+    device: Device = "cpu",
     overwrite: Overwrite = False,
 ):
     """Encode a data set into the latent cache that `ctflow train` reads."""
     if report_variants < 0:
         raise CTFlowError(f"--report-variants must be 0 or more, got {report_variants}")
     from ctflow.data.ctrate import CTRateDataset
+    from ctflow.device import resolve_device
     from ctflow.models.text import ReportEncoder
     from ctflow.models.vae import SliceVAE
     from ctflow.train.latents import encode_dataset
 
+    device = resolve_device(device)
     ds = CTRateDataset.open(data, split)
     model = SliceVAE.load(vae).eval()
+    model.vae.to(device)
     text = ReportEncoder.from_pretrained(text_encoder)
+    text.model.to(device)
     size = int(model.vae.config.sample_size)
     with _progress() as bar:
         task = bar.add_task("encode", total=len(ds))
@@ -242,13 +247,16 @@ def train_vae_cmd(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")
     ] = False,
+    device: Device = "cpu",
 ):
     """Train the slice autoencoder with the A-VAE objective."""
+    from ctflow.device import resolve_device
     from ctflow.train.config import VAETrainConfig, load_config
     from ctflow.train.vae_trainer import train_vae
 
+    device = resolve_device(device)
     cfg = load_config(config, VAETrainConfig) if config else VAETrainConfig()
-    train_vae(data, cfg, out, resume=resume, progress=True)
+    train_vae(data, cfg, out, resume=resume, progress=True, device=device)
     console.print(f"wrote {out / 'vae'}")
 
 
@@ -304,14 +312,8 @@ def generate(
     overwrite: Overwrite = False,
 ):
     """Generate a synthetic CT volume from a radiology report."""
-    from ctflow.generate import (
-        GenerationSettings,
-        generate_one,
-        generate_prompts,
-        read_report_file,
-        resolve_device,
-        resolve_dtype,
-    )
+    from ctflow.device import resolve_device, resolve_dtype
+    from ctflow.generate import GenerationSettings, generate_one, generate_prompts, read_report_file
     from ctflow.pipeline import CTFlowPipeline
 
     sources = [x is not None for x in (report, report_file, prompts)]
@@ -401,7 +403,7 @@ def web_app(
     """Start the web app: type a report, watch the volume appear, download the NIfTI."""
     import importlib.util
 
-    from ctflow.generate import resolve_device, resolve_dtype
+    from ctflow.device import resolve_device, resolve_dtype
 
     if importlib.util.find_spec("gradio") is None:
         raise CTFlowError("the web app needs the 'app' extra: pip install 'ctflow[app]'")

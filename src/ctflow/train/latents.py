@@ -154,7 +154,7 @@ def encode_dataset(
                 " encode without --finding-masks"
             )
     out.mkdir(parents=True, exist_ok=True)
-    eos = vae.encode_slices(torch.ones(1, 1, image_size, image_size))[0]  # [C,h,w]
+    eos = vae.encode_slices(torch.ones(1, 1, image_size, image_size))[0].float().cpu()  # [C,h,w]
     with atomic_path(out / "eos.safetensors", overwrite=True) as tmp:
         save_file({"eos": eos.contiguous()}, tmp)
     n = len(dataset)
@@ -219,8 +219,8 @@ def encode_dataset(
                 progress(1)
         # the shard's reports, encoded together (grouped by length)
         for (name, key), (tokens, pooled) in zip(texts, text.encode_each(list(texts.values())), strict=True):
-            tensors[f"{name}.tokens{key}"] = tokens.to(torch.float16).contiguous()
-            tensors[f"{name}.pooled{key}"] = pooled.contiguous()
+            tensors[f"{name}.tokens{key}"] = tokens.to("cpu", torch.float16).contiguous()
+            tensors[f"{name}.pooled{key}"] = pooled.float().cpu().contiguous()
         with atomic_path(shard.with_suffix(".safetensors"), overwrite=True) as tmp:
             save_file(tensors or {"_empty": torch.zeros(1)}, tmp)
         write_text_atomic(shard.with_suffix(".json"), json.dumps(rows, indent=1), overwrite=True)

@@ -69,8 +69,12 @@ def train_vae(
     stop_at: int | None = None,
     progress: bool = True,
     slices: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> Path:
-    """Train and write ``out/vae`` (a diffusers folder), ``out/checkpoints`` and ``out/log.jsonl``."""
+    """Train and write ``out/vae`` (a diffusers folder), ``out/checkpoints`` and ``out/log.jsonl``.
+
+    The VAE and the discriminator train on ``device`` (None: the CPU); the slices stay in CPU memory
+    and each batch is drawn there (the same draws on every device) and moved."""
     from ctflow.models.vae import SliceVAE
     from ctflow.train.vae_loss import AVAELoss
 
@@ -91,6 +95,8 @@ def train_vae(
         disc_layers=2,
         disc_norm="group",
     )
+    vae.to(device)  # before the optimizers: their state then lives beside the weights
+    loss_fn.to(device)
     o = config.optim
     opt_g = torch.optim.AdamW(vae.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
@@ -109,7 +115,7 @@ def train_vae(
     vae.train()
     while step < end:
         g = step_generator(config.seed, step)
-        x = sample_batch(slices, config.batch_size, g)
+        x = sample_batch(slices, config.batch_size, g).to(device)
         recon, posterior = vae(x, sample=True, generator=g)
         loss, logs = loss_fn.generator_loss(x, recon, posterior, global_step=step, last_layer=vae.last_layer)
         opt_g.zero_grad(set_to_none=True)
