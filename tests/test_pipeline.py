@@ -310,3 +310,13 @@ def test_the_device_check_catches_a_tensor_made_without_a_device(pipe, monkeypat
     monkeypatch.setattr(module, "eos_latent_slices", namespace["eos_latent_slices"])
     with pytest.raises(AssertionError, match="pipeline.py:2 zeros"):
         test_generation_makes_its_tensors_on_the_model_device(pipe)
+
+
+def test_expected_chunks_follow_the_request_the_meta_line_then_the_model(pipe, monkeypatch):
+    k = pipe.chunk_slices
+    assert pipe.expected_chunks(REPORT, num_slices=3 * k + 1) == 4
+    assert pipe.expected_chunks(f"Volume: {2 * k} slices, 1.5 mm spacing. {REPORT}") == 2
+    monkeypatch.setitem(pipe.config, "typical_slices", 5 * k)
+    assert pipe.expected_chunks(REPORT) == 5
+    monkeypatch.setitem(pipe.config, "typical_slices", None)
+    assert pipe.expected_chunks(REPORT) == -(-pipe.config["default_max_slices"] // k)

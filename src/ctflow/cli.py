@@ -347,11 +347,19 @@ def generate(
     pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
     with _progress() as bar:
         task = bar.add_task("generate", total=None)
+        expected = pipe.expected_chunks(report, slices)
 
-        def on_step(chunk, step, total):
-            bar.update(task, description=f"chunk {chunk + 1} step", completed=step + 1, total=total)
+        def on_step(chunk, step, steps):  # the bar and its ETA cover the whole volume, not one chunk
+            chunks = max(expected, chunk + 1)
+            bar.update(
+                task,
+                description=f"chunk {chunk + 1}/{chunks}",
+                completed=chunk * steps + step + 1,
+                total=chunks * steps,
+            )
 
         sidecar = generate_one(pipe, report, out, settings, progress=on_step)
+        bar.update(task, completed=bar.tasks[0].total)  # the model may end the scan before the expected chunk
     console.print(
         f"wrote {out} ({sidecar['num_slices']} slices, ended by {sidecar['end_reason']}, {sidecar['seconds']:.1f} s)"
     )

@@ -356,6 +356,18 @@ class CTFlowPipeline:
         volumes = [self._to_volume(np.concatenate(o, axis=0), t) for o, t in zip(outputs, texts, strict=True)]
         return CTFlowOutput(volumes, [e or END_LIMIT for e in ends], texts)
 
+    def expected_chunks(self, report: str, num_slices: int | None = None) -> int:
+        """How many chunks generating ``report`` will probably take, for a progress bar: the requested
+        count, else the report's meta line, else the model's ``typical_slices``, else its default limit
+        (the model may end the scan sooner or later)."""
+        slices = (
+            num_slices
+            or parse_meta(report)[0]
+            or int(self.config.get("typical_slices") or 0)
+            or self.config["default_max_slices"]
+        )
+        return max(1, math.ceil(slices / self.chunk_slices))
+
     def depth_target(self, text: str) -> int:
         """The slice count a ``target_depth`` transformer aims for: the meta line's, else the model's
         ``typical_slices`` (the training median; the model ends the scan near it), else 0 (unknown)."""
