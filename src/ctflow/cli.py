@@ -247,6 +247,12 @@ def train_vae_cmd(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")
     ] = False,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init", help="Start from these weights: a diffusers VAE folder or FLUX's ae.safetensors."
+        ),
+    ] = None,
     device: Device = "cpu",
 ):
     """Train the slice autoencoder with the A-VAE objective."""
@@ -256,6 +262,12 @@ def train_vae_cmd(
 
     device = resolve_device(device)
     cfg = load_config(config, VAETrainConfig) if config else VAETrainConfig()
+    if init is not None:
+        if not init.exists():
+            raise CTFlowError(
+                f"--init {init} not found; pass a diffusers VAE folder or an ae.safetensors file"
+            )
+        cfg.init = str(init)
     train_vae(data, cfg, out, resume=resume, progress=True, device=device)
     console.print(f"wrote {out / 'vae'}")
 

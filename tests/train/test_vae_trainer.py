@@ -101,3 +101,37 @@ def test_a_named_device_trains_the_same_weights(phantoms, tmp_path):
     train_vae(phantoms, _config(), tmp_path / "b", progress=False, device=torch.device("cpu"))
     a, b = (SliceVAE.load(tmp_path / n / "vae").state_dict() for n in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _generator_weights(folder):
+    from ctflow.models.vae import SliceVAE
+
+    return SliceVAE.load(folder).state_dict()
+
+
+def test_training_starts_from_init_weights_a_folder_or_a_flux_file(phantoms, tmp_path, run_cli):
+    """With the learning rate at 0 the trained VAE is the one it started from: a diffusers folder, or
+    the same weights in FLUX's original single-file layout (read with the preset's layout)."""
+    from safetensors.torch import save_file
+
+    from ctflow.models.vae import SliceVAE, diffusers_to_flux_state_dict
+    from ctflow.train.config import OptimConfig
+
+    flux = {"block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4}
+    start = SliceVAE.from_preset("flux", **flux)
+    start.save(tmp_path / "start")
+    save_file(diffusers_to_flux_state_dict(start.vae.state_dict()), tmp_path / "ae.safetensors")
+    frozen = dict(preset="flux", vae=flux, optim=OptimConfig(lr=0.0, warmup_steps=0))
+    want = start.state_dict()
+    for name, init in (("folder", tmp_path / "start"), ("file", tmp_path / "ae.safetensors")):
+        train_vae(phantoms, _config(**frozen, init=str(init)), tmp_path / name, progress=False)
+        got = _generator_weights(tmp_path / name / "vae")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    # a random start is not that one, and the CLI takes --init
+    train_vae(phantoms, _config(**frozen), tmp_path / "random", progress=False)
+    assert not torch.equal(
+        _generator_weights(tmp_path / "random" / "vae")["vae.encoder.conv_in.weight"],
+        want["vae.encoder.conv_in.weight"],
+    )
+    r = run_cli("train-vae", "--data", phantoms, "--out", tmp_path / "cli", "--init", tmp_path / "missing")
+    assert r.code != 0 and "--init" in r.err and not (tmp_path / "cli").exists()

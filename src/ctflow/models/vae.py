@@ -100,7 +100,8 @@ def _autoencoder_cls():
     return AutoencoderKL
 
 
-def _preset_config(preset: str) -> dict[str, Any]:
+def preset_config(preset: str) -> dict[str, Any]:
+    """A copy of the ``AutoencoderKL`` config of a preset (``VAE_PRESETS``)."""
     if preset not in VAE_PRESETS:
         raise CTFlowError(f"unknown VAE preset {preset!r}; choose {one_of(VAE_PRESETS)}")
     return copy.deepcopy(VAE_PRESETS[preset])
@@ -108,7 +109,7 @@ def _preset_config(preset: str) -> dict[str, Any]:
 
 def build_vae(preset: str = "tiny", **overrides) -> AutoencoderKL:
     """A randomly initialised ``AutoencoderKL`` from a preset, with config ``overrides``."""
-    config = _preset_config(preset)
+    config = preset_config(preset)
     config.update(overrides)
     try:
         return _autoencoder_cls()(**config)
@@ -541,7 +542,7 @@ def flux_to_diffusers_state_dict(
 
     Raises ``CTFlowError`` on a missing or unexpected key or a wrong shape.
     """
-    config = _preset_config("flux") if config is None else config
+    config = preset_config("flux") if config is None else config
     prefix = _strip_prefix(state_dict)
     state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     names, shapes, alt = _flux_layout(config)
@@ -615,7 +616,7 @@ def load_vae(
     if config is not None:
         config = _load_config_arg(config)
     else:
-        config = _preset_config(preset or "flux")
+        config = preset_config(preset or "flux")
     shapes = _safetensors_shapes(path)
     prefix = _strip_prefix(shapes)
     shapes = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}

@@ -165,6 +165,9 @@ class VAETrainConfig:
 
     preset: str = "tiny"
     vae: dict[str, Any] = field(default_factory=dict)  # overrides of the preset
+    # start from these weights instead of a random preset: a diffusers VAE folder, or FLUX's original
+    # ae.safetensors (read with ``preset``'s layout); the A-VAE fine-tune of the paper starts from FLUX's
+    init: str | None = None
     image_size: int = 64
     hu_window: tuple[float, ...] = HU_WINDOW  # HU knots -> [-1, 1] (ctflow.data.hu.normalize_hu)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, ema_decay=0.0))

@@ -84,13 +84,19 @@ def train_vae(
     torch.manual_seed(config.seed)
     if slices is None:
         slices = load_slices(data, config.image_size, window=config.hu_window)
-    vae = SliceVAE.from_preset(config.preset, **config.vae)
+    if config.init:  # fine-tune given weights (the paper's A-VAE starts from FLUX's)
+        from ctflow.models.vae import load_vae, preset_config
+
+        # a folder brings its own config; a single FLUX file is read with the preset's layout
+        vae = SliceVAE(load_vae(config.init, config={**preset_config(config.preset), **config.vae}))
+    else:
+        vae = SliceVAE.from_preset(config.preset, **config.vae)
     vae.set_hu_window(config.hu_window)
     loss_fn = AVAELoss(
         disc_start=config.disc_start,
         disc_weight=config.disc_weight,
         kl_weight=config.kl_weight,
-        disc_in_channels=vae.image_channels,
+        disc_in_channels=1,  # it judges grayscale slices: SliceVAE averages an RGB (FLUX) output
         disc_ndf=32,
         disc_layers=2,
         disc_norm="group",
