@@ -637,3 +637,31 @@ def test_the_ema_follows_the_model_to_its_device():
     model.to("meta")
     ema.update(model)  # would fail with the shadow left on the CPU
     assert all(v.device.type == "meta" for v in ema.state_dict().values())
+
+
+def test_the_full_size_recipe_runs_at_tiny_width(tmp_path):
+    """configs/ctrate-512.yaml as it stands (tokens context, 16-slice chunks, patch 2x2x2, bf16 mixed
+    precision, gradient checkpointing, EMA 0.9999) with only the transformer's width, depth and text
+    width shrunk to the fake cache: two steps train, checkpoint and write a loadable transformer."""
+    import dataclasses
+
+    from ctflow.models.transformer import CTFlowTransformer
+    from ctflow.train.config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "ctrate-512.yaml", FlowTrainConfig)
+    assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing
+    small = {**cfg.transformer, "hidden_size": 32, "depth": 2, "num_heads": 2, "text_dim": 16}
+    cfg = dataclasses.replace(
+        cfg,
+        transformer=small,
+        steps=2,
+        batch_size=2,
+        log_every=1,
+        checkpoint_every=2,
+        optim=dataclasses.replace(cfg.optim, warmup_steps=1),
+    )
+    run = train_flow(make_fake_cache(tmp_path / "c"), cfg, tmp_path / "run", progress=False)
+    model = CTFlowTransformer.from_pretrained(run / "transformer")
+    assert model.config.context == "tokens" and model.config.chunk_slices == 16
+    losses = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
