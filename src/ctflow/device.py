@@ -35,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
         if not torch.backends.mps.is_available():
             raise CTFlowError(f"--device {name}: this machine has no Apple GPU; use --device cpu")
     elif device.type != "cpu":
-        raise CTFlowError(f"--device {name!r}: ctflow generates on cpu, cuda or mps")
+        raise CTFlowError(f"--device {name!r}: ctflow runs on cpu, cuda or mps")
     return device
 
 
