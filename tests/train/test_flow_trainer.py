@@ -639,7 +639,18 @@ def test_the_ema_follows_the_model_to_its_device():
     assert all(v.device.type == "meta" for v in ema.state_dict().values())
 
 
-def test_the_full_size_recipe_runs_at_tiny_width(tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator (here: no mixed
+    precision); a run with another precision needs it reset, before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_full_size_recipe_runs_at_tiny_width(tmp_path, fresh_accelerate_state):
     """configs/ctrate-512.yaml as it stands (tokens context, 16-slice chunks, patch 2x2x2, bf16 mixed
     precision, gradient checkpointing, EMA 0.9999) with only the transformer's width, depth and text
     width shrunk to the fake cache: two steps train, checkpoint and write a loadable transformer."""
