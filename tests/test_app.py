@@ -80,6 +80,9 @@ class FakePipe:
     def finding_flags(self, text):  # a model that reads no finding flags
         return None
 
+    def expected_chunks(self, report, num_slices=None):
+        return 1
+
     def __call__(self, report, num_slices=None, callback=None, **_):
         with self._lock:
             self.active += 1

@@ -270,6 +270,7 @@ class GenerationService:
         except CTFlowError as e:
             raise gr.Error(str(e), print_exception=False) from None
         job = Job(self, report, settings).start()
+        expected = self.pipe.expected_chunks(report, settings.num_slices)  # for the progress bar
         chunks: list[np.ndarray] = []
         limit = settings.num_slices
         last_status, shown = 0.0, 0
@@ -303,8 +304,9 @@ class GenerationService:
                 if final is not None:
                     break
                 if step is not None:
-                    chunk, k, total = step
-                    progress((k + 1, total), desc=f"chunk {chunk + 1}", unit="steps")
+                    chunk, k, total = step  # the bar covers the whole volume, as the CLI's does
+                    n = max(expected, chunk + 1)
+                    progress((chunk * total + k + 1, n * total), desc=f"chunk {chunk + 1}/{n}", unit="steps")
                 if new_chunk and (volume := partial_volume(self.pipe, chunks, limit)) is not None:
                     shown = volume.num_slices
                     text = f"Generating… {shown} slices so far" + (f" of {limit}" if limit else "")
