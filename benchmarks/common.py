@@ -71,6 +71,11 @@ def generation_setup(n: int, description: str, add_arguments=None, first_seed: i
         " above 1 spends more of the steps at high noise",
     )
     p.add_argument(
+        "--dtype",
+        default="float32",
+        help="the models' weights: float32, bfloat16 or float16 (CTFlowPipeline.to; the ODE stays float32)",
+    )
+    p.add_argument(
         "--result", default=None, help="name of the JSON/PNG written to benchmarks/results (experiments)"
     )
     if first_seed is not None:
@@ -84,6 +89,10 @@ def generation_setup(n: int, description: str, add_arguments=None, first_seed: i
         )
     torch.set_num_threads(2)
     pipe = CTFlowPipeline.from_pretrained(args.model)
+    if args.dtype != "float32":
+        from ctflow.device import resolve_dtype
+
+        pipe.to(dtype=resolve_dtype(args.dtype))
     if args.shift is not None:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
     return args, pipe
@@ -111,6 +120,7 @@ def generation_settings(args) -> dict:
         "guidance": args.guidance,
         "finding_guidance": args.finding_guidance,
         "shift": args.shift,
+        **({"dtype": args.dtype} if args.dtype != "float32" else {}),
         "model": args.model or "embedded",
     }
 

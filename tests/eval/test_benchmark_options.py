@@ -28,3 +28,17 @@ def test_shift_replaces_the_models_sampler_schedule_and_is_recorded(tmp_path, mo
     # the same 10 steps from t = 1 to 0, spent nearer the noise end with shift 3
     assert schedules[None][0] == schedules[3.0][0] == 1.0
     assert torch.all(schedules[3.0][1:-1] > schedules[None][1:-1])
+
+
+def test_dtype_casts_the_pipeline_and_is_recorded(tmp_path, monkeypatch):
+    common = load_benchmark("common")
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    threads = torch.get_num_threads()
+    try:
+        for dtype, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            monkeypatch.setattr(sys, "argv", ["bench", "--model", str(tmp_path / "model"), "--dtype", dtype])
+            args, pipe = common.generation_setup(4, "test")
+            assert pipe.dtype == want and next(pipe.vae.parameters()).dtype == want
+            assert common.generation_settings(args).get("dtype") == (None if dtype == "float32" else dtype)
+    finally:
+        torch.set_num_threads(threads)
