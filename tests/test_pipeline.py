@@ -291,12 +291,17 @@ def test_to_casts_the_models_and_keeps_the_volume(pipe):
 
 
 def test_generation_makes_its_tensors_on_the_model_device(pipe):
-    """Every tensor the pipeline and the sampler create names the device it goes to, so generation
-    on a GPU needs no copies from the CPU (checked on the CPU: no GPU here)."""
-    with tensors_made_without_a_device("ctflow/pipeline.py", "ctflow/flow.py") as undevised:
-        out = pipe(REPORT, num_slices=12, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
-    assert out.volumes[0].num_slices == 12
-    assert not undevised, undevised
+    """Every tensor the pipeline, the sampler and the models create names the device it goes to, so
+    generation on a GPU needs no copies from the CPU (checked on the CPU: no GPU here); with tokens
+    context, and with concat context and finding flags."""
+    watched = ("ctflow/pipeline.py", "ctflow/flow.py", "ctflow/models/transformer.py", "ctflow/models/vae.py")
+    for model in (pipe, tiny_pipeline(context="concat", num_findings=6)):
+        with tensors_made_without_a_device(*watched, "ctflow/models/text.py") as undevised:
+            out = model(
+                REPORT, num_slices=12, num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+            )
+        assert out.volumes[0].num_slices == 12
+        assert not undevised, undevised
 
 
 def test_the_device_check_catches_a_tensor_made_without_a_device(pipe, monkeypatch):

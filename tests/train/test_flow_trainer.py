@@ -602,7 +602,8 @@ def test_the_loss_makes_its_tensors_on_the_batch_device(tmp_path):
         cfg = _config(transformer={**TINY_TRANSFORMER, "context": context}, cfg_dropout=0.5)
         model = build_transformer(cfg, cache)
         batch = ChunkSampler(cache, model.config.chunk_slices, cfg).batch(4, torch.Generator().manual_seed(0))
-        with tensors_made_without_a_device("ctflow/flow.py", "ctflow/train/flow_trainer.py") as undevised:
+        watched = ("ctflow/flow.py", "ctflow/train/flow_trainer.py", "ctflow/models/transformer.py")
+        with tensors_made_without_a_device(*watched) as undevised:
             loss = chunk_loss(
                 model, batch, torch.Generator().manual_seed(1), cfg, one_pass=context != "tokens"
             )

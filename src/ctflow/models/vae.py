@@ -313,7 +313,7 @@ class SliceVAE(nn.Module):
         batch_size = _check_batch_size(batch_size)
         num_slices, height, width = array.shape
         channels, h, w = self.latent_shape(height, width)
-        latents = torch.empty((channels, num_slices, h, w), dtype=torch.float32)
+        latents = torch.empty((channels, num_slices, h, w), dtype=torch.float32, device="cpu")  # the output
         with _progress_bar(progress, "encoding slices", num_slices) as advance:
             for start in range(0, num_slices, batch_size):
                 chunk = _as_float_tensor(array[start : start + batch_size])  # [B, H, W]
@@ -347,7 +347,7 @@ class SliceVAE(nn.Module):
         f = self.downsample_factor
         shape = (num_slices, h * f, w * f)
         if out is None:
-            buf = torch.empty(shape, dtype=torch.float32)
+            buf = torch.empty(shape, dtype=torch.float32, device="cpu")  # the output stays in CPU memory
         else:
             buf = torch.from_numpy(out) if isinstance(out, np.ndarray) else out  # shares memory
             if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != shape:
