@@ -94,11 +94,15 @@ class FakePipe:
             time.sleep(self.delay)
             if callback:
                 callback(0, 0, 1)
-            n = num_slices or 4
-            volume = Volume(
-                np.full((n, 16, 16), -1000.0, np.float32), (2.0, 1.5, 1.5), None, {"synthetic": True}
-            )
-            return CTFlowOutput([volume], ["num_slices"], [report])
+            reports = [report] if isinstance(report, str) else list(report)  # as the pipeline takes them
+            counts = num_slices if isinstance(num_slices, list) else [num_slices] * len(reports)
+            volumes = [
+                Volume(
+                    np.full((n or 4, 16, 16), -1000.0, np.float32), (2.0, 1.5, 1.5), None, {"synthetic": True}
+                )
+                for n in counts
+            ]
+            return CTFlowOutput(volumes, ["num_slices"] * len(reports), reports)
         finally:
             with self._lock:
                 self.active -= 1

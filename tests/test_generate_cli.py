@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ctflow.data.io import read_volume
@@ -205,3 +206,58 @@ def test_generate_in_bfloat16_records_device_and_dtype(model, tmp_path, run_cli)
     assert (a["device"], a["dtype"]) == ("cpu", "float32")
     assert (b["device"], b["dtype"]) == ("cpu", "bfloat16")
     assert read_volume(tmp_path / "b.nii.gz").array.shape == read_volume(tmp_path / "a.nii.gz").array.shape
+
+
+def test_batch_size_generates_prompt_rows_together_as_each_would_alone(model, tmp_path, run_cli, monkeypatch):
+    """--batch-size 2 makes one pipeline call per two rows, each row with its own seed and slice count,
+    and gives the volumes --batch-size 1 gives, up to rounding."""
+    from ctflow.pipeline import CTFlowPipeline
+
+    csv = tmp_path / "p.csv"
+    csv.write_text(
+        "name,report,slices,seed\na,Findings: Left pleural effusion.,6,4\nb,Findings: Emphysema.,9,7\n"
+        "c,Findings: Heart size is enlarged.,5,\n"
+    )
+    calls = []
+    original = CTFlowPipeline.__call__
+
+    def spy(self, report, *args, **kwargs):
+        calls.append(len(report) if isinstance(report, list) else 1)
+        return original(self, report, *args, **kwargs)
+
+    monkeypatch.setattr(CTFlowPipeline, "__call__", spy)
+    for size in (1, 2):
+        calls.clear()
+        args = ("--prompts", csv, "--out", tmp_path / f"b{size}", "--batch-size", size, "--seed", 10)
+        assert _gen(run_cli, model, *args).code == 0
+        assert calls == ([1, 1, 1] if size == 1 else [2, 1])
+    for name, slices, seed in (("a", 6, 4), ("b", 9, 7), ("c", 5, 12)):
+        one, two = (json.loads((tmp_path / f"b{s}" / f"{name}.json").read_text()) for s in (1, 2))
+        assert one["seed"] == two["seed"] == seed and one["num_slices"] == two["num_slices"] == slices
+        a, b = (read_volume(tmp_path / f"b{s}" / f"{name}.nii.gz").array for s in (1, 2))
+        assert np.abs(a.astype(float) - b.astype(float)).max() <= 2  # HU, written as whole numbers
+    sidecars = {n: json.loads((tmp_path / "b2" / f"{n}.json").read_text()) for n in "abc"}
+    assert sidecars["a"]["generated_with"] == sidecars["b"]["generated_with"] == 2
+    assert "generated_with" not in sidecars["c"] and "generated_with" not in one
+
+
+def test_the_pipeline_takes_a_slice_count_and_a_generator_per_report():
+    import torch
+
+    from ctflow.errors import CTFlowError
+
+    pipe = tiny_pipeline()
+    reports = ["Findings: Left pleural effusion.", "Findings: Emphysema."]
+    out = pipe(
+        reports,
+        num_slices=[5, 11],
+        num_inference_steps=2,
+        generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)],
+    )
+    assert [v.num_slices for v in out.volumes] == [5, 11] and out.end_reasons == ["num_slices"] * 2
+    alone = pipe(reports[1], num_slices=11, num_inference_steps=2, generator=torch.Generator().manual_seed(2))
+    assert np.abs(alone.volumes[0].array - out.volumes[1].array).max() < 0.05
+    with pytest.raises(CTFlowError, match="one each"):
+        pipe(reports, num_slices=[5], num_inference_steps=1)
+    with pytest.raises(CTFlowError, match="one each"):
+        pipe(reports, num_inference_steps=1, generator=[torch.Generator()])

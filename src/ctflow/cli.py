@@ -315,7 +315,10 @@ def generate(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (recorded in the sidecar).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Reports generated together.")] = 1,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", help="With --prompts: rows generated together, in one pipeline call."),
+    ] = 1,
     model: Annotated[
         Path | None, typer.Option("--model", help="Model folder (default: embedded model).")
     ] = None,
@@ -349,7 +352,7 @@ def generate(
 
         read_prompts(prompts)  # validate before loading the model
         pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
-        generate_prompts(pipe, prompts, out, settings, log=console.print)
+        generate_prompts(pipe, prompts, out, settings, log=console.print, batch_size=batch_size)
         return
     from ctflow.files import check_output
     from ctflow.generate import output_paths

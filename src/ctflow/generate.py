@@ -70,56 +70,72 @@ def read_report_file(path: Path) -> str:
 
 def generate_one(pipe, report: str, out: Path, settings: GenerationSettings, progress=None) -> dict:
     """Generate one volume and write its files; returns the sidecar dict."""
+    return generate_batch(pipe, [report], [out], [settings], progress)[0]
+
+
+def generate_batch(
+    pipe, reports: list[str], outs: list[Path], settings: list[GenerationSettings], progress=None
+) -> list[dict]:
+    """Generate one volume per report in one pipeline call, each with its own seed and slice count
+    (the other settings shared), and write each one's files; returns the sidecars. Each volume is
+    the one its seed gives alone, up to rounding (one generator per report)."""
     from ctflow.data.dicom import write_dicom_series
     from ctflow.data.nifti import write_nifti
     from ctflow.data.preview import write_preview
 
-    paths = output_paths(out)
-    for p in [*paths.values(), *([settings.dicom] if settings.dicom else [])]:
-        check_output(p, settings.overwrite)
-    seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
-    generator = torch.Generator().manual_seed(seed)
+    first = settings[0]
+    shared = ("max_slices", "steps", "guidance", "finding_guidance", "overwrite")
+    if any(getattr(s, key) != getattr(first, key) for s in settings for key in shared):
+        raise CTFlowError(f"volumes generated together must share {', '.join(shared)}")
+    paths = [output_paths(out) for out in outs]
+    for s, files in zip(settings, paths, strict=True):
+        for p in [*files.values(), *([s.dicom] if s.dicom else [])]:
+            check_output(p, s.overwrite)
+    seeds = [s.seed if s.seed is not None else secrets.randbelow(2**31) for s in settings]
     start = time.perf_counter()
     result = pipe(
-        report,
-        num_slices=settings.num_slices,
-        max_slices=settings.max_slices,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        finding_guidance=settings.finding_guidance,
-        generator=generator,
+        reports,
+        num_slices=[s.num_slices for s in settings],
+        max_slices=first.max_slices,
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance,
+        finding_guidance=first.finding_guidance,
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
         callback=progress,
     )
     seconds = time.perf_counter() - start
-    volume, end = result.volumes[0], result.end_reasons[0]
-    write_nifti(volume, paths["nifti"], overwrite=settings.overwrite, synthetic=True)
-    if settings.dicom:
-        write_dicom_series(volume, settings.dicom, overwrite=settings.overwrite)
-    write_preview(volume, paths["preview"], overwrite=settings.overwrite)
-    sidecar = {
-        "report": report,
-        "conditioning_text": result.reports[0],
-        "seed": seed,
-        "steps": settings.steps,
-        "guidance": settings.guidance,
-        **({"finding_guidance": settings.finding_guidance} if settings.finding_guidance is not None else {}),
-        "requested_slices": settings.num_slices,
-        "num_slices": volume.num_slices,
-        "spacing_mm": list(volume.spacing),
-        "end_reason": end,
-        **({"finding_flags": flags} if (flags := pipe.finding_flags(result.reports[0])) else {}),
-        "model": pipe.name,
-        "model_weights_sha256": pipe.weights_hash,
-        "device": str(pipe.device),
-        "dtype": str(pipe.dtype).removeprefix("torch."),
-        "ctflow_version": __version__,
-        "synthetic": True,
-        "seconds": round(seconds, 3),
-        "files": {k: str(v) for k, v in paths.items()}
-        | ({"dicom": str(settings.dicom)} if settings.dicom else {}),
-    }
-    write_text_atomic(paths["sidecar"], json.dumps(sidecar, indent=1), overwrite=settings.overwrite)
-    return sidecar
+    sidecars = []
+    for i, (report, s, files) in enumerate(zip(reports, settings, paths, strict=True)):
+        volume, end = result.volumes[i], result.end_reasons[i]
+        write_nifti(volume, files["nifti"], overwrite=s.overwrite, synthetic=True)
+        if s.dicom:
+            write_dicom_series(volume, s.dicom, overwrite=s.overwrite)
+        write_preview(volume, files["preview"], overwrite=s.overwrite)
+        sidecar = {
+            "report": report,
+            "conditioning_text": result.reports[i],
+            "seed": seeds[i],
+            "steps": s.steps,
+            "guidance": s.guidance,
+            **({"finding_guidance": s.finding_guidance} if s.finding_guidance is not None else {}),
+            "requested_slices": s.num_slices,
+            "num_slices": volume.num_slices,
+            "spacing_mm": list(volume.spacing),
+            "end_reason": end,
+            **({"finding_flags": flags} if (flags := pipe.finding_flags(result.reports[i])) else {}),
+            "model": pipe.name,
+            "model_weights_sha256": pipe.weights_hash,
+            "device": str(pipe.device),
+            "dtype": str(pipe.dtype).removeprefix("torch."),
+            "ctflow_version": __version__,
+            "synthetic": True,
+            "seconds": round(seconds, 3),
+            **({"generated_with": len(reports)} if len(reports) > 1 else {}),  # volumes in the same call
+            "files": {k: str(v) for k, v in files.items()} | ({"dicom": str(s.dicom)} if s.dicom else {}),
+        }
+        write_text_atomic(files["sidecar"], json.dumps(sidecar, indent=1), overwrite=s.overwrite)
+        sidecars.append(sidecar)
+    return sidecars
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -161,12 +177,13 @@ def process_rank() -> tuple[int, int]:
 
 
 def generate_prompts(
-    pipe, prompts: Path, out_dir: Path, settings: GenerationSettings, log=print
+    pipe, prompts: Path, out_dir: Path, settings: GenerationSettings, log=print, batch_size: int = 1
 ) -> list[str]:
-    """Generate every row of a prompts CSV into ``out_dir``; skip finished ones; this process's share only."""
+    """Generate every row of a prompts CSV into ``out_dir``, ``batch_size`` rows per pipeline call;
+    skip finished ones; this process's share only."""
     rows = read_prompts(prompts)
     rank, world = process_rank()
-    done = []
+    todo = []
     for row in rows[rank::world]:
         out = out_dir / f"{row['name']}.nii.gz"
         if output_paths(out)["sidecar"].exists() and not settings.overwrite:
@@ -180,7 +197,14 @@ def generate_prompts(
             dicom=None,
         )
         s.check()
-        generate_one(pipe, row["report"], out, s)
-        done.append(row["name"])
-        log(f"wrote {out} (rank {rank}/{world})")
+        todo.append((row, out, s))
+    done = []
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        generate_batch(
+            pipe, [r["report"] for r, _, _ in batch], [o for _, o, _ in batch], [s for _, _, s in batch]
+        )
+        for row, out, _ in batch:
+            done.append(row["name"])
+            log(f"wrote {out} (rank {rank}/{world})")
     return done

@@ -70,6 +70,11 @@ def eos_latent_slices(latents: torch.Tensor, eos: torch.Tensor, max_mse: float |
     return ((latents.float() - eos[:, None].float()) ** 2).mean(dim=(0, 2, 3)) < max_mse
 
 
+def _as_list(num_slices, reports: list[str]) -> list[int | None]:
+    """``num_slices`` as one count (or None) per report."""
+    return list(num_slices) if isinstance(num_slices, list | tuple) else [num_slices] * len(reports)
+
+
 def weights_hash(folder: str | Path) -> str:
     """SHA-256 over every safetensors file of a model folder (sorted by path), first 16 hex digits."""
     h = hashlib.sha256()
@@ -230,10 +235,17 @@ class CTFlowPipeline:
     def check_inputs(
         self, reports, num_slices, max_slices, num_inference_steps, guidance_scale, finding_guidance=None
     ):
+        """``num_slices``: one count (or None) for every report, or a list of them, one per report."""
         if not reports or any(not isinstance(r, str) or not r.strip() for r in reports):
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
-        if num_slices is not None and not 1 <= num_slices <= max_slices:
-            raise CTFlowError(f"num_slices must be between 1 and max_slices={max_slices}, got {num_slices}")
+        counts = num_slices if isinstance(num_slices, list | tuple) else [num_slices]
+        if isinstance(num_slices, list | tuple) and len(num_slices) != len(reports):
+            raise CTFlowError(
+                f"num_slices has {len(num_slices)} counts for {len(reports)} reports; give one each"
+            )
+        for n in counts:
+            if n is not None and not 1 <= n <= max_slices:
+                raise CTFlowError(f"num_slices must be between 1 and max_slices={max_slices}, got {n}")
         if not 1 <= max_slices <= MAX_SLICES:
             raise CTFlowError(f"max_slices must be between 1 and {MAX_SLICES}, got {max_slices}")
         if num_inference_steps < 1:
@@ -274,17 +286,20 @@ class CTFlowPipeline:
     def __call__(
         self,
         report: str | list[str],
-        num_slices: int | None = None,
+        num_slices: int | list[int | None] | None = None,
         max_slices: int | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 2.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         slice_spacing: float | None = None,
         callback: Callable[[int, int, int], None] | None = None,
         finding_guidance: float | None = None,
     ) -> CTFlowOutput:
         """Generate one volume per report.
 
+        ``num_slices`` is one count for every report or a list, one per report (None: the model ends
+        the scan). ``generator`` is one for the batch or a list, one per report: each report's noise
+        then comes from its own generator, as if it were generated alone with it.
         ``finding_guidance`` (transformers that read finding flags; None: ``guidance_scale``) guides
         the flags apart from the text (:mod:`ctflow.flow`). callback(chunk_index, step, total_steps)
         is called after every ODE step.
@@ -292,14 +307,21 @@ class CTFlowPipeline:
         from ctflow.flow import null_condition, sample_chunk
 
         reports = [report] if isinstance(report, str) else list(report)
-        max_slices = max_slices or self.config["default_max_slices"]
-        if num_slices is not None:
-            max_slices = max(max_slices, num_slices)
+        requested = _as_list(num_slices, reports)  # per report
+        cap = max_slices or self.config["default_max_slices"]  # where the model's own scans stop
         self.check_inputs(
-            reports, num_slices, max_slices, num_inference_steps, guidance_scale, finding_guidance
+            reports,
+            num_slices,
+            max([cap, *[n or 0 for n in requested]]),
+            num_inference_steps,
+            guidance_scale,
+            finding_guidance,
         )
-        texts = [with_meta(r, num_slices, slice_spacing or self.config["slice_spacing"]) for r in reports]
-        limit = num_slices or max_slices
+        if isinstance(generator, list) and len(generator) != len(reports):
+            raise CTFlowError(f"{len(generator)} generators for {len(reports)} reports; give one each")
+        spacing = slice_spacing or self.config["slice_spacing"]
+        texts = [with_meta(r, n, spacing) for r, n in zip(reports, requested, strict=True)]
+        limits = [n or cap for n in requested]
         cond = self.text_condition(texts)
         uncond = null_condition(cond) if guidance_scale > 1.0 else None
         b, k, device = len(texts), self.chunk_slices, self.device
@@ -309,7 +331,7 @@ class CTFlowPipeline:
         ends: list[str | None] = [None] * b
         active = list(range(b))
         context = None  # [B_active,C,K,h,w] latents of the previous chunk
-        for chunk in range(math.ceil(limit / k)):
+        for chunk in range(math.ceil(max(limits) / k)):
             sub = torch.tensor(active, device=device)
             sub_cond = {key: v[sub] for key, v in cond.items()}
             sub_cond["chunk_index"] = torch.full((len(active),), chunk, dtype=torch.long, device=device)
@@ -321,7 +343,7 @@ class CTFlowPipeline:
                 sub_cond,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                generator=generator,
+                generator=[generator[i] for i in active] if isinstance(generator, list) else generator,
                 uncond=None if uncond is None else {key: v[sub] for key, v in uncond.items()},
                 callback=None
                 if callback is None
@@ -342,11 +364,11 @@ class CTFlowPipeline:
                 white = torch.nonzero(is_eos).flatten()
                 if len(white):
                     keep, ends[item] = int(white[0]), END_EOS
-                keep = min(keep, limit - counts[item])
+                keep = min(keep, limits[item] - counts[item])
                 outputs[item].append(slices[:keep].numpy())
                 counts[item] += keep
-                if ends[item] is None and counts[item] >= limit:
-                    ends[item] = END_COUNT if num_slices is not None else END_LIMIT
+                if ends[item] is None and counts[item] >= limits[item]:
+                    ends[item] = END_COUNT if requested[item] is not None else END_LIMIT
                 if ends[item] is None:
                     still.append(row)
             if not still:
