@@ -9,6 +9,8 @@
   many projections, their time, and the medians of five alternating runs;
 * bfloat16 weights against float32 (`CTFlowPipeline.to(dtype=...)`): the embedded
   pipeline, 64 slices, same seed: time and how far the volume moves;
+* four reports in one pipeline call (a generator each) vs one call each: time
+  and how far the volumes move;
 * forward-pass share: fraction of `pipe(...)` time spent inside the
   transformer's forward (goal >= 85%: the loop adds little overhead);
 * time vs number of ODE steps (should be ~linear);
@@ -188,6 +190,38 @@ def bfloat16_against_float32() -> dict:
     }
 
 
+def batch_against_one_at_a_time(n: int = 4) -> dict:
+    """``n`` reports in one pipeline call (a generator each) vs one call per report: 64 slices,
+    20 steps, the embedded pipeline; time and how far the volumes move."""
+    import numpy as np
+
+    from ctflow.pipeline import CTFlowPipeline
+
+    pipe = CTFlowPipeline.from_pretrained()
+    seeds, volumes = list(range(n)), {}
+
+    def one_at_a_time():
+        volumes["alone"] = [
+            pipe(REPORT, num_slices=64, generator=torch.Generator().manual_seed(s)).volumes[0].array
+            for s in seeds
+        ]
+
+    def together():
+        out = pipe([REPORT] * n, num_slices=64, generator=[torch.Generator().manual_seed(s) for s in seeds])
+        volumes["together"] = [v.array for v in out.volumes]
+
+    median = take_turns({"one_at_a_time": one_at_a_time, "together": together}, turns=3)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(volumes["alone"], volumes["together"], strict=True))
+    return {
+        "reports": n,
+        "num_slices": 64,
+        "one_at_a_time_s": round(median["one_at_a_time"], 3),
+        "together_s": round(median["together"], 3),
+        "time_ratio": round(median["together"] / median["one_at_a_time"], 3),
+        "max_abs_hu_difference": round(diff, 3),
+    }
+
+
 def forward_share_and_steps() -> dict:
     from ctflow.pipeline import CTFlowPipeline
 
@@ -295,7 +329,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--parts",
-        default="cache,text_cache,dtype,pipeline,depth",
+        default="cache,text_cache,dtype,batch,pipeline,depth",
         help="comma-separated subset to (re)measure",
     )
     parser.add_argument("--threads", type=int, default=2)
@@ -305,6 +339,7 @@ if __name__ == "__main__":
         "cache": cache_speedup,
         "text_cache": text_cache_speedup,
         "dtype": bfloat16_against_float32,
+        "batch": batch_against_one_at_a_time,
         "pipeline": forward_share_and_steps,
         "depth": lambda: memory_and_time_vs_depth(threads=args.threads),
     }
