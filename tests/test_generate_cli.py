@@ -261,3 +261,13 @@ def test_the_pipeline_takes_a_slice_count_and_a_generator_per_report():
         pipe(reports, num_slices=[5], num_inference_steps=1)
     with pytest.raises(CTFlowError, match="one each"):
         pipe(reports, num_inference_steps=1, generator=[torch.Generator()])
+
+
+def test_prompts_with_dicom_write_a_series_per_row(model, tmp_path, run_cli):
+    csv = _prompts(tmp_path / "p.csv", n=2)
+    args = ("--prompts", csv, "--out", tmp_path / "out", "--dicom", tmp_path / "dcm")
+    assert _gen(run_cli, model, *args).code == 0
+    for i in range(2):
+        assert read_volume(tmp_path / "dcm" / f"case{i}").num_slices == 4 + i
+        side = json.loads((tmp_path / "out" / f"case{i}.json").read_text())
+        assert side["files"]["dicom"] == str(tmp_path / "dcm" / f"case{i}")

@@ -300,7 +300,12 @@ def generate(
         Path | None, typer.Option("--report-file", help="Read the report from a file.")
     ] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="CSV with a 'report' column.")] = None,
-    dicom: Annotated[Path | None, typer.Option("--dicom", help="Also write a DICOM series folder.")] = None,
+    dicom: Annotated[
+        Path | None,
+        typer.Option(
+            "--dicom", help="Also write a DICOM series folder (with --prompts: one per row inside it)."
+        ),
+    ] = None,
     slices: Annotated[int | None, typer.Option("--slices", help="Number of slices to generate.")] = None,
     max_slices: Annotated[
         int | None, typer.Option("--max-slices", help="Upper limit when the model decides.")

@@ -180,7 +180,8 @@ def generate_prompts(
     pipe, prompts: Path, out_dir: Path, settings: GenerationSettings, log=print, batch_size: int = 1
 ) -> list[str]:
     """Generate every row of a prompts CSV into ``out_dir``, ``batch_size`` rows per pipeline call;
-    skip finished ones; this process's share only."""
+    skip finished ones; this process's share only. With ``settings.dicom`` each row also writes a
+    DICOM series into ``settings.dicom / name``."""
     rows = read_prompts(prompts)
     rank, world = process_rank()
     todo = []
@@ -194,7 +195,7 @@ def generate_prompts(
             overwrite=True,  # a half-finished row (no sidecar yet) is redone
             num_slices=row["slices"] if row["slices"] is not None else settings.num_slices,
             seed=row["seed"] if row["seed"] is not None else (settings.seed or 0) + row["index"],
-            dicom=None,
+            dicom=settings.dicom / row["name"] if settings.dicom else None,  # a series folder per row
         )
         s.check()
         todo.append((row, out, s))
