@@ -257,6 +257,12 @@ def test_the_pipeline_takes_a_slice_count_and_a_generator_per_report():
     assert [v.num_slices for v in out.volumes] == [5, 11] and out.end_reasons == ["num_slices"] * 2
     alone = pipe(reports[1], num_slices=11, num_inference_steps=2, generator=torch.Generator().manual_seed(2))
     assert np.abs(alone.volumes[0].array - out.volumes[1].array).max() < 0.05
+    mixed = pipe(reports, num_slices=[5, None], max_slices=16, num_inference_steps=1)
+    assert mixed.volumes[0].num_slices == 5 and mixed.end_reasons[0] == "num_slices"
+    assert mixed.volumes[1].num_slices <= 16 and mixed.end_reasons[1] in ("eos", "max_slices")
+    assert (
+        mixed.reports[0].startswith("Volume: 5 slices") and mixed.reports[1] == reports[1]
+    )  # no count asked
     with pytest.raises(CTFlowError, match="one each"):
         pipe(reports, num_slices=[5], num_inference_steps=1)
     with pytest.raises(CTFlowError, match="one each"):
