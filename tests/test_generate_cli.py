@@ -277,3 +277,20 @@ def test_prompts_with_dicom_write_a_series_per_row(model, tmp_path, run_cli):
         assert read_volume(tmp_path / "dcm" / f"case{i}").num_slices == 4 + i
         side = json.loads((tmp_path / "out" / f"case{i}.json").read_text())
         assert side["files"]["dicom"] == str(tmp_path / "dcm" / f"case{i}")
+
+
+def test_prompts_report_progress_after_each_pipeline_call(tmp_path):
+    from ctflow.generate import GenerationSettings, generate_prompts
+
+    csv = _prompts(tmp_path / "p.csv", n=3)
+    seen = []
+    done = generate_prompts(
+        tiny_pipeline(),
+        csv,
+        tmp_path / "out",
+        GenerationSettings(steps=1),
+        log=lambda _: None,
+        batch_size=2,
+        progress=lambda done, todo: seen.append((done, todo)),
+    )
+    assert done == ["case0", "case1", "case2"] and seen == [(2, 3), (3, 3)]

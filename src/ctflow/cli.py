@@ -357,7 +357,17 @@ def generate(
 
         read_prompts(prompts)  # validate before loading the model
         pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
-        generate_prompts(pipe, prompts, out, settings, log=console.print, batch_size=batch_size)
+        with _progress() as bar:
+            task = bar.add_task("prompts", total=None)
+            generate_prompts(
+                pipe,
+                prompts,
+                out,
+                settings,
+                log=console.print,
+                batch_size=batch_size,
+                progress=lambda done, todo: bar.update(task, completed=done, total=todo),
+            )
         return
     from ctflow.files import check_output
     from ctflow.generate import output_paths

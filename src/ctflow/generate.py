@@ -177,11 +177,18 @@ def process_rank() -> tuple[int, int]:
 
 
 def generate_prompts(
-    pipe, prompts: Path, out_dir: Path, settings: GenerationSettings, log=print, batch_size: int = 1
+    pipe,
+    prompts: Path,
+    out_dir: Path,
+    settings: GenerationSettings,
+    log=print,
+    batch_size: int = 1,
+    progress=None,
 ) -> list[str]:
     """Generate every row of a prompts CSV into ``out_dir``, ``batch_size`` rows per pipeline call;
     skip finished ones; this process's share only. With ``settings.dicom`` each row also writes a
-    DICOM series into ``settings.dicom / name``."""
+    DICOM series into ``settings.dicom / name``. ``progress(rows_done, rows_to_do)`` is called after
+    each pipeline call."""
     rows = read_prompts(prompts)
     rank, world = process_rank()
     todo = []
@@ -208,4 +215,6 @@ def generate_prompts(
         for row, out, _ in batch:
             done.append(row["name"])
             log(f"wrote {out} (rank {rank}/{world})")
+        if progress is not None:
+            progress(len(done), len(todo))
     return done
