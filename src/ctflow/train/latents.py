@@ -209,6 +209,11 @@ def encode_dataset(
                     **({"finding_mask": True} if finding_masks else {}),
                     "num_slices": int(sample.volume.num_slices),
                     "spacing": list(sample.volume.spacing),
+                    # in-plane spacing of the slices as encoded, after the resize to image_size
+                    "pixel_spacing": [
+                        float(sample.volume.spacing[1]) * sample.volume.array.shape[1] / image_size,
+                        float(sample.volume.spacing[2]) * sample.volume.array.shape[2] / image_size,
+                    ],
                     "labels": sample.labels,
                     **(
                         {"finding_slices": sample.finding_slices} if sample.finding_slices is not None else {}

