@@ -238,10 +238,10 @@ class CTFlowPipeline:
         """``num_slices``: one count (or None) for every report, or a list of them, one per report."""
         if not reports or any(not isinstance(r, str) or not r.strip() for r in reports):
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
-        counts = num_slices if isinstance(num_slices, list | tuple) else [num_slices]
-        if isinstance(num_slices, list | tuple) and len(num_slices) != len(reports):
+        counts = _as_list(num_slices, reports)
+        if len(counts) != len(reports):
             raise CTFlowError(
-                f"num_slices has {len(num_slices)} counts for {len(reports)} reports; give one each"
+                f"num_slices has {len(counts)} counts for {len(reports)} reports; give one each"
             )
         for n in counts:
             if n is not None and not 1 <= n <= max_slices:
@@ -382,12 +382,7 @@ class CTFlowPipeline:
         """How many chunks generating ``report`` will probably take, for a progress bar: the requested
         count, else the report's meta line, else the model's ``typical_slices``, else its default limit
         (the model may end the scan sooner or later)."""
-        slices = (
-            num_slices
-            or parse_meta(report)[0]
-            or int(self.config.get("typical_slices") or 0)
-            or self.config["default_max_slices"]
-        )
+        slices = num_slices or self.depth_target(report) or self.config["default_max_slices"]
         return max(1, math.ceil(slices / self.chunk_slices))
 
     def depth_target(self, text: str) -> int:

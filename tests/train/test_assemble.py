@@ -28,6 +28,7 @@ def test_the_cache_sets_the_pipeline_settings(parts):
     # the fake cache: 32 px slices, spacing (2, 1, 1) mm, 5, 8, ..., 20 slices
     assert s["image_size"] == 32 and s["pixel_spacing"] == 1.0 and s["slice_spacing"] == 2.0
     assert s["typical_slices"] == 12 and s["default_max_slices"] == 26 and s["eos_latent_mse"] > 0
+    assert s["training_volumes"] == 6
 
 
 def test_assemble_writes_a_model_that_generates(parts, tmp_path, run_cli):

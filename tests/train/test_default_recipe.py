@@ -276,6 +276,7 @@ def test_the_recipe_trains_the_vae_on_the_phantoms_alone_and_fine_tunes_from_the
     assert "--side-twins --clear-twins" in ctflow["training_data"]
     assert ctflow["slice_spacing"] == 2.5 and ctflow["default_max_slices"] == 160  # the recipe's own
     assert ctflow["name"] == "ctflow-phantom-tiny" and ctflow["eos_latent_mse"] > 0
+    assert ctflow["training_volumes"] == len(depths)  # the phantoms and their twins, all encoded
     timings = json.loads((work / "timings.json").read_text())
     stages = ["phantoms", "train-vae", "encode", "train", "finetune", "assemble", "total"]
     assert list(timings) == ["machine", *stages]  # the machine first: times are read against it

@@ -32,7 +32,8 @@ def eos_threshold(latents: str | Path, fraction: float = EOS_FRACTION) -> float:
 def cache_settings(latents: str | Path) -> dict:
     """The pipeline settings a latent cache implies: slice size, mean in-plane pixel spacing of the
     slices as encoded (after the resize to the slice size), median slice spacing, median slice count,
-    a default limit a third above the longest scan, and the latent EOS threshold."""
+    a default limit a third above the longest scan, the latent EOS threshold and how many volumes the
+    cache holds (recorded as ``training_volumes``)."""
     index_path = Path(latents) / "index.json"
     if not index_path.is_file():
         raise CTFlowError(f"{latents} is not a finished latent cache (no index.json); run ctflow encode")
@@ -50,6 +51,7 @@ def cache_settings(latents: str | Path) -> dict:
         "default_max_slices": int(max(counts) * 4 / 3),
         "typical_slices": int(statistics.median(counts)),
         "eos_latent_mse": eos_threshold(latents),
+        "training_volumes": len(volumes),
         "latent_shape": list(index["latent_shape"]),
         "text_dim": int(index["text_dim"]),
     }

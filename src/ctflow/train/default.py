@@ -458,7 +458,6 @@ def main(argv=None) -> None:
             slice_spacing=2.5,
             default_max_slices=160,
             training_data=phantoms_command(args.n, vae_cfg.image_size, args.side_twins, args.clear_twins),
-            training_volumes=len(json.loads((latents / "index.json").read_text())["volumes"]),
             flow_stages=[
                 {"config": path.name, "steps": cfg.steps}
                 for path, cfg in ((args.flow_config, flow_cfg), (args.finetune_config, finetune_cfg))
