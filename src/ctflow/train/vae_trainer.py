@@ -104,8 +104,14 @@ def train_vae(
     vae.to(device)  # before the optimizers: their state then lives beside the weights
     loss_fn.to(device)
     o = config.optim
-    opt_g = torch.optim.AdamW(vae.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
+    # fused, as in the flow trainer: one kernel, not a Python loop over 164 tensors (tiny preset:
+    # 1.5 ms against 5.5 ms a step, ~6 s of the recipe's 1500 steps); the same update up to rounding
+    opt_g = torch.optim.AdamW(
+        vae.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=True
+    )
+    opt_d = torch.optim.AdamW(
+        loss_fn.discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9), fused=True
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(o.warmup_steps, config.steps, o.min_lr_ratio))
     ckpt_dir, step = out / "checkpoints", 0
     modules, optims = {"vae": vae, "disc": loss_fn.discriminator}, {"opt_g": opt_g, "opt_d": opt_d}
