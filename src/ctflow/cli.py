@@ -207,6 +207,8 @@ def encode(
     """Encode a data set into the latent cache that `ctflow train` reads."""
     if report_variants < 0:
         raise CTFlowError(f"--report-variants must be 0 or more, got {report_variants}")
+    if shard_size < 1:
+        raise CTFlowError(f"--shard-size must be 1 or more volumes, got {shard_size}")
     from ctflow.data.ctrate import CTRateDataset
     from ctflow.device import resolve_device
     from ctflow.models.text import ReportEncoder
@@ -222,7 +224,7 @@ def encode(
     size = int(model.vae.config.sample_size)
     with _progress() as bar:
         task = bar.add_task("encode", total=len(ds))
-        encode_dataset(
+        cache = encode_dataset(
             ds,
             model,
             text,
@@ -236,7 +238,8 @@ def encode(
         )
     for problem in ds.problems:
         console.print(f"skipped {problem}")
-    console.print(f"encoded {len(ds) - len(ds.problems)} volumes into {out}")
+    encoded = json.loads((cache / "index.json").read_text())["num_volumes"]
+    console.print(f"encoded {encoded} volumes into {out}")
 
 
 @app.command("train-vae")

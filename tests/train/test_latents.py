@@ -15,6 +15,7 @@ from ctflow.train.latents import (
     LatentCache,
     encode_dataset,
     latent_mask,
+    prepare_slices,
     shortened_reports,
     strip_meta,
 )
@@ -104,16 +105,50 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
         encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64)
     (tmp_path / "lat" / "index.json").unlink()  # as if killed before the end: finished shards are kept
     stamp = (tmp_path / "lat" / "shard_00000.safetensors").stat().st_mtime_ns
-    with pytest.raises(CTFlowError, match="report variants; pass --overwrite"):
+    # a resume with other settings would mix shards: refused, naming the setting
+    with pytest.raises(CTFlowError, match=r"number of report variants \(2 there, 0 now\); pass --overwrite"):
         encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
+    with pytest.raises(CTFlowError, match=r"shard size \(1 there, 2 now\)"):
+        encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=2, report_variants=2)
     r = run_cli(
         "encode", "--data", tmp_path / "ph", "--vae", DEFAULT_MODEL / "vae", "--out", tmp_path / "lat"
     )
     assert r.code != 0 and "--overwrite" in r.err  # the CLI: the same refusal
     args = ("--vae", DEFAULT_MODEL / "vae", "--out", tmp_path / "lat", "--shard-size", 1, "--report-variants")
-    assert run_cli("encode", "--data", tmp_path / "ph", *args, 2).code == 0
+    r = run_cli("encode", "--data", tmp_path / "ph", *args, 2)
+    assert r.code == 0 and "encoded 2 volumes" in r.err  # (status lines go to stderr)
     assert (tmp_path / "lat" / "shard_00000.safetensors").stat().st_mtime_ns == stamp
     assert len(LatentCache(tmp_path / "lat")) == 2
+
+
+def test_encode_overwrite_encodes_again_with_the_new_vae_and_settings(tmp_path, run_cli):
+    assert (
+        run_cli(
+            "phantoms", "--n", 2, "--out", tmp_path / "ph", "--size", 64, "--min-slices", 8, "--max-slices", 9
+        ).code
+        == 0
+    )
+    ds = CTRateDataset.open(tmp_path / "ph")
+    vae, text = SliceVAE.load(DEFAULT_MODEL / "vae"), ReportEncoder.from_pretrained()
+    lat = tmp_path / "lat"
+    encode_dataset(ds, vae, text, lat, image_size=64, shard_size=1, report_variants=1)
+    retrained = SliceVAE.load(DEFAULT_MODEL / "vae")
+    with torch.no_grad():  # a VAE retrained: other weights, so other latents
+        for p in retrained.vae.encoder.parameters():
+            p.mul_(1.05)
+    with pytest.raises(CTFlowError, match="--overwrite"):  # a finished cache is never replaced silently
+        encode_dataset(ds, retrained, text, lat, image_size=64, shard_size=2)
+    (lat / "index.json").unlink()  # an unfinished one is not resumed with another VAE either
+    with pytest.raises(CTFlowError, match=r"different VAE \(weights sha256\)"):
+        encode_dataset(ds, retrained, text, lat, image_size=64, shard_size=2)
+    encode_dataset(ds, retrained, text, lat, image_size=64, shard_size=2, overwrite=True)
+    cache = LatentCache(lat)
+    # one shard of two volumes, not the old two shards: no stale shard stays to be trained on
+    assert sorted(p.name for p in lat.glob("shard_*")) == ["shard_00000.json", "shard_00000.safetensors"]
+    assert len(cache) == 2 and cache.report_variants == 0 and "short_reports" not in cache.rows[0][1]
+    x = prepare_slices(ds.load(0).volume.hu(), 64, retrained.hu_window)
+    torch.testing.assert_close(cache[0].latents, retrained.encode_volume(x).half().float())
+    torch.testing.assert_close(cache.eos, retrained.encode_slices(torch.ones(1, 1, 64, 64))[0].float())
 
 
 def test_latent_mask_is_the_share_of_each_latent_pixel_a_finding_covers():
@@ -141,7 +176,9 @@ def test_encode_stores_finding_masks_on_the_latent_grid(tmp_path, run_cli):
         torch.testing.assert_close(m, latent_mask(ds.finding_mask(i), 64, 16), atol=1e-3, rtol=0)
     assert not LatentCache(make_fake_cache(tmp_path / "plain")).finding_masks
     (tmp_path / "lat" / "index.json").unlink()  # resuming must not mix shards with and without masks
-    with pytest.raises(CTFlowError, match="encoded with finding masks; pass --overwrite"):
+    with pytest.raises(
+        CTFlowError, match=r"different finding-mask setting \(True there, False now\); pass --overwrite"
+    ):
         encode_dataset(
             ds, SliceVAE.load(DEFAULT_MODEL / "vae"), ReportEncoder.from_pretrained(), tmp_path / "lat", 64, 1
         )

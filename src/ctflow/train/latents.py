@@ -14,13 +14,17 @@ report embeddings in safetensors shards::
     LATENTS/shard_00000.json          per volume: name, report, num_slices, spacing, labels and, where
                                       the data set has them, finding_slices (``CTRateSample``)
     LATENTS/eos.safetensors           the EOS slice latent (a white slice) [C,h,w]
+    LATENTS/encoding.json             written first: what the shards are encoded with (VAE and report
+                                      encoder weights, slice size, shard size, data set, variants)
     LATENTS/index.json                written last: settings and all volumes
 
-Shards are written atomically; a rerun skips finished shards (resumable).
+Shards are written atomically; a rerun with the same settings skips finished shards (resumable), a
+rerun with other settings is refused, and ``--overwrite`` removes the old cache before starting again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import zlib
@@ -119,6 +123,51 @@ def report_keys(report_variants: int) -> list[str]:
     return ["", *map(short_key, range(report_variants))]
 
 
+def module_fingerprint(module: torch.nn.Module, config: dict | None = None) -> str:
+    """SHA-256 over a module's parameter and buffer names, shapes, dtypes and values (and ``config``,
+    such as a VAE's latent scaling and HU window): two encoders with the same fingerprint encode alike."""
+    h = hashlib.sha256(json.dumps(config or {}, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def encoding_settings(dataset, vae, text, image_size, shard_size, report_variants, finding_masks) -> dict:
+    """What a cache's shards depend on; a resume must match it entry for entry."""
+    names = "\n".join(r.name for r in dataset.records)
+    return {
+        "data set": f"{dataset.root} ({dataset.split}, {len(dataset)} volumes, names sha256"
+        f" {hashlib.sha256(names.encode()).hexdigest()[:16]})",
+        "VAE (weights sha256)": module_fingerprint(vae, dict(vae.vae.config))[:16],
+        "report encoder (weights sha256)": module_fingerprint(text.model)[:16],
+        "slice size": image_size,
+        "shard size": shard_size,
+        "number of report variants": report_variants,
+        "finding-mask setting": finding_masks,
+    }
+
+
+def check_resumable(out: Path, settings: dict) -> None:
+    """Refuse to add shards to an unfinished cache begun with other settings."""
+    if not any(out.glob("shard_*.json")):
+        return
+    stamp = out / "encoding.json"
+    if not stamp.is_file():
+        raise CTFlowError(
+            f"{out} holds shards of an unfinished cache that records no settings; pass --overwrite to"
+            " start it again"
+        )
+    begun = json.loads(stamp.read_text())
+    for key, value in settings.items():
+        if begun.get(key) != value:
+            raise CTFlowError(
+                f"{out} holds an unfinished cache encoded with a different {key} ({begun.get(key)} there,"
+                f" {value} now); pass --overwrite to start it again"
+            )
+
+
 def encode_dataset(
     dataset,
     vae,
@@ -142,6 +191,8 @@ def encode_dataset(
     """
     if report_variants < 0:
         raise CTFlowError(f"report_variants must be 0 or more, got {report_variants}")
+    if shard_size < 1:
+        raise CTFlowError(f"shard size must be 1 or more volumes, got {shard_size}")
     out = Path(out)
     if (out / "index.json").exists() and not overwrite:
         raise CTFlowError(f"{out} already holds a finished latent cache; pass --overwrite to redo it")
@@ -154,6 +205,13 @@ def encode_dataset(
                 " encode without --finding-masks"
             )
     out.mkdir(parents=True, exist_ok=True)
+    settings = encoding_settings(dataset, vae, text, image_size, shard_size, report_variants, finding_masks)
+    if overwrite:  # the index first: a folder without it never reads as a finished cache
+        for stale in [out / "index.json", out / "encoding.json", *out.glob("shard_*")]:
+            stale.unlink(missing_ok=True)
+    else:
+        check_resumable(out, settings)
+    write_text_atomic(out / "encoding.json", json.dumps(settings, indent=1), overwrite=True)
     eos = vae.encode_slices(torch.ones(1, 1, image_size, image_size))[0].float().cpu()  # [C,h,w]
     with atomic_path(out / "eos.safetensors", overwrite=True) as tmp:
         save_file({"eos": eos.contiguous()}, tmp)
@@ -163,16 +221,12 @@ def encode_dataset(
         shard = out / f"shard_{start // shard_size:05d}"
         if shard.with_suffix(".json").exists() and shard.with_suffix(".safetensors").exists():
             rows = json.loads(shard.with_suffix(".json").read_text())
-            if any(len(r.get("short_reports", [])) != report_variants for r in rows):
-                raise CTFlowError(
-                    f"{shard.name} was encoded with another number of report variants; pass --overwrite"
-                    " to encode the cache again"
-                )
-            if any(bool(r.get("finding_mask")) != finding_masks for r in rows):
-                raise CTFlowError(
-                    f"{shard.name} was encoded {'without' if finding_masks else 'with'} finding masks; pass"
-                    " --overwrite to encode the cache again"
-                )
+            encoded = {r["name"] for r in rows}
+            dataset.problems += [  # keep the index's list of skipped volumes whole across a resume
+                f"{r.name}: could not be read when its shard was encoded (an earlier run said why)"
+                for r in dataset.records[start : start + shard_size]
+                if r.name not in encoded
+            ]
             volumes += rows
             if progress:
                 progress(min(shard_size, n - start))
