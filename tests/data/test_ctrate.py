@@ -67,6 +67,49 @@ def test_volume_relpath_follows_ctrate_folders():
         volume_relpath("scan.nii.gz")
 
 
+def test_reader_takes_the_ctrate_download_layout_and_its_validation_names(tmp_path):
+    """The download keeps everything under dataset/, the volumes in <split>_fixed/, and names the
+    validation tables validation_*.csv but the labels valid_predicted_labels.csv."""
+    import nibabel as nib
+
+    root, tables = tmp_path, tmp_path / "dataset"
+    names = ["valid_1_a_1.nii.gz", "valid_2_a_1.nii.gz"]
+    hu = np.full((5, 8, 8), -1000, np.int16)
+    hu[:, 2:6, 2:6] = 40
+    for i, name in enumerate(names):
+        path = tables / "valid_fixed" / name[:7] / name[:9] / name
+        path.parent.mkdir(parents=True)
+        img = nib.Nifti1Image((hu + 1024).astype(np.int16), np.diag([-0.75, -0.75, 1.5, 1]))
+        if i == 1:  # this file scales itself: its header's intercept, not the metadata's, makes it HU
+            img.header.set_slope_inter(1, -1024)
+        nib.save(img, path)
+    stale = tables / "valid" / "valid_1" / "valid_1_a" / names[0]  # the unfixed copy: not read
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"not a volume")
+    _write_csv(
+        tables / "radiology_text_reports" / "validation_reports.csv",
+        ["VolumeName", "Findings_EN", "Impressions_EN"],
+        [{"VolumeName": n, "Findings_EN": "Clear lungs.", "Impressions_EN": "Normal."} for n in names],
+    )
+    meta = {"XYSpacing": "[0.75, 0.75]", "ZSpacing": "1.5", "RescaleSlope": "1", "RescaleIntercept": "-1024"}
+    _write_csv(
+        tables / "metadata" / "validation_metadata.csv",
+        ["VolumeName", *meta],
+        [{"VolumeName": n, **meta} for n in names],
+    )
+    labels = [{"VolumeName": n, **dict.fromkeys(CTRATE_LABELS, int(i == 1))} for i, n in enumerate(names)]
+    _write_csv(tables / "multi_abnormality_labels" / "valid_predicted_labels.csv", list(labels[0]), labels)
+    for split in ("valid", "validation"):
+        ds = CTRateDataset.open(root, split)
+        assert len(ds) == 2 and ds.problems == []
+        for i in range(2):
+            s = ds.load(i)
+            assert "valid_fixed" in str(s.record.path)
+            assert s.volume.hu().min() == -1000 and s.volume.hu().max() == 40
+            assert s.labels["Emphysema"] == i
+    assert len(CTRateDataset.open(tables, "valid")) == 2  # the dataset/ folder itself works as the root
+
+
 def test_reader_applies_metadata_rescale_and_spacing(tmp_path):
     _fixture(tmp_path)
     ds = CTRateDataset.open(tmp_path)

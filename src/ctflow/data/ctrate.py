@@ -9,11 +9,18 @@
                                                                  RescaleIntercept, ...
     ROOT/multi_abnormality_labels/<split>_predicted_labels.csv   VolumeName + 18 binary labels (optional)
 
+That is what ``ctflow phantoms`` writes. The download from the CT-RATE repository keeps all four folders
+under ``ROOT/dataset/``, holds volumes in ``<split>_fixed/`` (header-corrected; read before
+``<split>/`` where both exist), and names the validation split's tables ``validation_reports.csv`` and
+``validation_metadata.csv`` but ``valid_predicted_labels.csv`` and its volumes ``valid_*``: the reader
+takes either layout and either name (``split="valid"`` or ``"validation"``).
+
 CT-RATE stores raw scanner values: HU = raw * RescaleSlope + RescaleIntercept
-from the metadata CSV, and the metadata's spacing is authoritative. Phantom data
-sets (``ctflow phantoms``) are written in exactly this layout, so one reader
-serves both. Rows that are missing or malformed are reported by volume name
-(``dataset.problems``) and skipped, never crashed on mid-epoch.
+from the metadata CSV (unless the NIfTI header scales them itself: then its
+scl_slope/scl_inter, already applied on reading, win), and the metadata's
+spacing is authoritative. One reader serves CT-RATE and the phantoms. Rows that
+are missing or malformed are reported by volume name (``dataset.problems``) and
+skipped, never crashed on mid-epoch.
 """
 
 from __future__ import annotations
@@ -47,6 +54,31 @@ def volume_relpath(name: str) -> Path:
         raise CTFlowError(f"volume name {name!r} is not in CT-RATE form <split>_<patient>_<study>_<n>.nii.gz")
     patient = f"{m['split']}_{m['patient']}"
     return Path("dataset", m["split"], patient, f"{patient}_{m['study']}", name)
+
+
+# the names each split's tables go by in the CT-RATE download (validation_reports.csv, but
+# valid_predicted_labels.csv and valid_* volumes)
+SPLIT_NAMES = {"valid": ("valid", "validation"), "validation": ("validation", "valid")}
+
+
+def tables_folder(root: Path) -> Path:
+    """Where a data set's CSV folders are: ``ROOT`` (``ctflow phantoms``) or ``ROOT/dataset`` (the
+    CT-RATE download)."""
+    nested = root / "dataset"
+    if not (root / "radiology_text_reports").is_dir() and (nested / "radiology_text_reports").is_dir():
+        return nested
+    return root
+
+
+def table_path(folder: Path, split: str, stem: str) -> Path:
+    """``folder/<split>_<stem>.csv`` under whichever name of the split exists (the first if none)."""
+    paths = [folder / f"{name}_{stem}.csv" for name in SPLIT_NAMES.get(split, (split,))]
+    return next((p for p in paths if p.is_file()), paths[0])
+
+
+def volume_folders(root: Path, split: str) -> list[Path]:
+    """The folders that may hold a split's patient folders, in the order they are searched."""
+    return [base / name for base in (root / "dataset", root) for name in (f"{split}_fixed", split)]
 
 
 def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
@@ -111,6 +143,7 @@ class CTRateDataset:
     split: str = "train"
     records: list[CTRateRecord] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    _volume_folder: dict[str, Path] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, root: str | Path, split: str = "train", check_files: bool = True) -> CTRateDataset:
@@ -118,12 +151,13 @@ class CTRateDataset:
         if not root.is_dir():
             raise CTFlowError(f"data set folder {root} not found")
         ds = cls(root=root, split=split)
-        reports = read_csv(root / "radiology_text_reports" / f"{split}_reports.csv", REPORT_COLUMNS)
+        tables = tables_folder(root)
+        reports = read_csv(table_path(tables / "radiology_text_reports", split, "reports"), REPORT_COLUMNS)
         meta = {
             r["VolumeName"]: r
-            for r in read_csv(root / "metadata" / f"{split}_metadata.csv", METADATA_COLUMNS)
+            for r in read_csv(table_path(tables / "metadata", split, "metadata"), METADATA_COLUMNS)
         }
-        label_path = root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
+        label_path = table_path(tables / "multi_abnormality_labels", split, "predicted_labels")
         labels = (
             {r["VolumeName"]: r for r in read_csv(label_path, ("VolumeName",))}
             if label_path.exists()
@@ -146,7 +180,7 @@ class CTRateDataset:
             raise ValueError("empty Findings_EN and Impressions_EN")
         if meta is None:
             raise ValueError("no row in the metadata CSV")
-        path = self.root / volume_relpath(name)
+        path = self.volume_path(name)
         if check_files and not path.is_file():
             raise ValueError(f"volume file {path} missing")
         z = float(meta["ZSpacing"])
@@ -171,6 +205,15 @@ class CTRateDataset:
             rec.labels = {k: int(float(lab[k])) for k in CTRATE_LABELS if k in lab and lab[k] != ""}
         return rec
 
+    def volume_path(self, name: str) -> Path:
+        """Where volume ``name`` is: under the first of :func:`volume_folders` that exists."""
+        relpath = volume_relpath(name)  # dataset/<split>/<patient>/<study>/<name>
+        split = relpath.parts[1]
+        if split not in self._volume_folder:
+            found = [f for f in volume_folders(self.root, split) if f.is_dir()]
+            self._volume_folder[split] = found[0] if found else self.root / "dataset" / split
+        return self._volume_folder[split].joinpath(*relpath.parts[2:])
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -180,7 +223,9 @@ class CTRateDataset:
 
         rec = self.records[i]
         vol = read_nifti(rec.path)
-        hu = vol.array.astype(np.float32) * rec.slope + rec.intercept
+        hu = vol.array.astype(np.float32)
+        if vol.metadata.get("header_scaling") is None:  # else the header's own scaling made them HU
+            hu = hu * rec.slope + rec.intercept
         spacing = (rec.z_spacing, rec.xy_spacing, rec.xy_spacing)
         affine = vol.affine.copy()
         for axis, sp in enumerate(spacing):  # metadata spacing is authoritative

@@ -51,6 +51,12 @@ def _float32_to_decimal(values: np.ndarray) -> np.ndarray:
     return np.array(flat, dtype=np.float64).reshape(values.shape)
 
 
+def _header_scaling(img: nib.Nifti1Image) -> list[float] | None:
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    return None if (slope, inter) == (1.0, 0.0) else [slope, inter]
+
+
 def _scaled_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     """Voxel values with scl_slope/inter applied: int16 when exactly integer and in range, else float32."""
     proxy = img.dataobj
@@ -187,6 +193,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         "descrip": descrip,
         "synthetic": "SYNTHETIC" in descrip.upper(),
         "original_axcodes": original,
+        # the header's scl_slope/scl_inter where they scale the values (already applied), else None
+        "header_scaling": _header_scaling(img),
     }
     return Volume(array=data, spacing=spacing, affine=affine, metadata=metadata)
 

@@ -76,7 +76,9 @@ def _read_attributes(volume) -> dict:
 
 
 def _splits(root: Path) -> list[str]:
-    reports = root / "radiology_text_reports"
+    from ctflow.data.ctrate import tables_folder
+
+    reports = tables_folder(root) / "radiology_text_reports"
     if not reports.is_dir():
         raise CTFlowError(
             f"{root} is not a data set in the CT-RATE layout (no radiology_text_reports/ folder);"
