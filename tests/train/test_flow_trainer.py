@@ -328,16 +328,21 @@ def test_unfinished_cache_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_keeps_replicas_identical_and_only_rank0_writes(tmp_path):
+@pytest.mark.parametrize("context", ["concat", "tokens"])
+def test_two_process_torchrun_keeps_replicas_identical_and_only_rank0_writes(tmp_path, context):
+    """With context "tokens", first chunks and later ones take different parameters (start_context,
+    context_embedder): a process whose batch holds only one kind leaves the other's unused, which DDP
+    must be told of (batches of 2 per process make that likely within 6 steps)."""
     cache = make_fake_cache(tmp_path / "c")
     script = tmp_path / "run.py"
+    config = f"_config(steps=6, checkpoint_every=3, batch_size=2, transformer={{**TINY_TRANSFORMER, 'context': {context!r}}})"
     script.write_text(
         "import sys, torch\n"
         "torch.set_num_threads(1)\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
-        "from tests.train.test_flow_trainer import _config\n"
+        "from tests.train.test_flow_trainer import _config, TINY_TRANSFORMER\n"
         "from ctflow.train.flow_trainer import train_flow\n"
-        f"train_flow({str(cache)!r}, _config(steps=6, checkpoint_every=3), {str(tmp_path / 'run')!r}, progress=False)\n"
+        f"train_flow({str(cache)!r}, {config}, {str(tmp_path / 'run')!r}, progress=False)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(

@@ -270,7 +270,14 @@ def _collate(values: list):
     return torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
 
 
-def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig, one_pass: bool = False):
+def chunk_loss(
+    model,
+    batch: dict,
+    g: torch.Generator,
+    config: FlowTrainConfig,
+    one_pass: bool = False,
+    every_parameter: bool = False,
+):
     """Flow-matching loss over a batch mixing first chunks (no context) and later chunks.
 
     A fraction ``config.cfg_dropout`` of rows gets the null report (classifier-free guidance).
@@ -279,6 +286,11 @@ def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig, 
     models that is what they see without one, so the loss is the same (up to rounding) as the two
     passes a ``tokens`` model needs (its start has no context tokens at all), in 0.92-0.97x the time
     (two runs of ``benchmarks/train_throughput.py``).
+
+    ``every_parameter`` (training under DDP): a batch of first chunks only, or later chunks only, leaves
+    a ``tokens`` model's other context parameters (``start_context`` or ``context_embedder``) out of the
+    loss, and DDP's reducer, which waits for every parameter's gradient, fails at the next step; they
+    take part with weight 0 instead (cheaper than ``find_unused_parameters``, which walks the graph).
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -317,6 +329,8 @@ def chunk_loss(model, batch: dict, g: torch.Generator, config: FlowTrainConfig, 
             weight=None if weight is None else weight[rows],
         )
         total = total + loss * rows.sum() / x0.shape[0]
+    if every_parameter and len(groups) < 2:
+        total = total + 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
     return total
 
 
@@ -350,12 +364,18 @@ def train_flow(
 
     ``stop_at`` ends the run early at that step (as if interrupted) after checkpointing.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not resume:
         raise CTFlowError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    # a "tokens" model's two passes (first chunks, later chunks) are two forward calls, and a process
+    # whose batch holds one kind makes one: DDP must not broadcast buffers in each (a collective the
+    # other process would not join; the run hung). The buffers are fixed at build time, the same on all.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp]
+    )
     cache = LatentCache(latents)
     torch.manual_seed(config.seed)  # same initial weights on every process and every run
     model = build_transformer(config, cache)
@@ -400,7 +420,7 @@ def train_flow(
         batch = sampler.batch(config.batch_size, g, stage, device=accelerator.device)
         t1 = time.perf_counter()
         with accelerator.autocast():
-            loss = chunk_loss(model, batch, g, stage, one_pass)
+            loss = chunk_loss(model, batch, g, stage, one_pass, every_parameter=accelerator.num_processes > 1)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
