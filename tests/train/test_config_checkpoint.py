@@ -112,6 +112,25 @@ def test_a_config_can_start_from_a_base_file(tmp_path):
         load_config(tmp_path / "orphan.yaml", FlowTrainConfig)
 
 
+def test_optim_values_are_checked_and_a_vae_optim_section_keeps_the_vae_defaults(tmp_path):
+    for bad, rule in [
+        ("lr: -0.1", "optim.lr must be 0 or more"),
+        ("grad_clip: -1", "optim.grad_clip must be 0 or more"),
+        ("ema_decay: 1.0", "optim.ema_decay must be in"),
+        ("betas: [0.9, 1.5]", "optim.betas"),
+    ]:
+        (tmp_path / "c.yaml").write_text(f"optim:\n  {bad}\n")
+        with pytest.raises(CTFlowError, match=rule):
+            load_config(tmp_path / "c.yaml", FlowTrainConfig)
+    # optim: {lr} in a VAE config keeps the VAE's warm-up and ema_decay 0, not the flow defaults
+    (tmp_path / "v.yaml").write_text("optim:\n  lr: 0.0005\n")
+    optim = load_config(tmp_path / "v.yaml", VAETrainConfig).optim
+    assert (optim.lr, optim.warmup_steps, optim.ema_decay) == (0.0005, 50, 0.0)
+    (tmp_path / "e.yaml").write_text("optim:\n  ema_decay: 0.99\n")
+    with pytest.raises(CTFlowError, match="VAE trainer keeps no EMA"):  # it would be silently ignored
+        load_config(tmp_path / "e.yaml", VAETrainConfig)
+
+
 def test_config_values_are_read():
     cfg = FlowTrainConfig()
     assert cfg.start_boost == 0.5 and cfg.optim.betas == (0.9, 0.99)

@@ -313,6 +313,21 @@ def test_training_reduces_the_loss(tmp_path):
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_grad_clip_zero_turns_clipping_off_and_still_trains(tmp_path):
+    """grad_clip 0 means "no clipping", as in the VAE trainer; clipping to norm 0 zeroed every gradient."""
+    from ctflow.train.flow_trainer import build_transformer
+
+    cache = make_fake_cache(tmp_path / "c")
+    cfg = _config(steps=3, log_every=1, optim=OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=0, ema_decay=0))
+    train_flow(cache, cfg, tmp_path / "run", progress=False)
+    torch.manual_seed(cfg.seed)  # the trainer's initial weights
+    start = build_transformer(cfg, LatentCache(cache)).state_dict()
+    end = load_file(tmp_path / "run/transformer/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(start[k], end[k]) for k in end)
+    log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines() if "loss" in x]
+    assert all(r["grad_norm"] > 0 for r in log)
+
+
 def test_existing_run_folder_needs_resume(tmp_path):
     cache = make_fake_cache(tmp_path / "c")
     (tmp_path / "run").mkdir()

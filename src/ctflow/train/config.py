@@ -28,8 +28,28 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
     ema_decay: float = 0.999
+
+    def __post_init__(self):
+        checks = {
+            "lr": self.lr >= 0,
+            "weight_decay": self.weight_decay >= 0,
+            "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "warmup_steps": self.warmup_steps >= 0,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "grad_clip": self.grad_clip >= 0,
+            "ema_decay": 0 <= self.ema_decay < 1,
+        }
+        rules = {
+            "betas": "two numbers in [0, 1)",
+            "min_lr_ratio": "between 0 and 1",
+            "ema_decay": "in [0, 1)",
+        }
+        for key, ok in checks.items():
+            if not ok:
+                rule = rules.get(key, "0 or more")
+                raise CTFlowError(f"config key optim.{key} must be {rule}, got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -184,13 +204,28 @@ class VAETrainConfig:
 
     def __post_init__(self):
         self.hu_window = check_window(self.hu_window)
+        if self.optim.ema_decay:
+            raise CTFlowError(
+                f"config key optim.ema_decay is {self.optim.ema_decay}, but the VAE trainer keeps no EMA"
+                " weights; set it to 0"
+            )
 
 
-def _build(cls, data: Any, where: str):
+def _field_default(cls, name: str):
+    """The default value of dataclass ``cls``'s field ``name`` (None if it has none)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls, data: Any, where: str, default=None):
+    """``cls`` from ``data``; a nested section keeps its parent's defaults for the keys it leaves out
+    (a VAE config's ``optim: {lr: ...}`` keeps the VAE's warm-up and ema_decay 0, not OptimConfig's)."""
     if not dataclasses.is_dataclass(cls):
         return data
     if data is None:
-        return cls()
+        return cls() if default is None else default
     if not isinstance(data, dict):
         raise CTFlowError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -204,7 +239,7 @@ def _build(cls, data: Any, where: str):
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{where}{key}.")
+            kwargs[key] = _build(hint, value, f"{where}{key}.", _field_default(cls, key))
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             kwargs[key] = tuple(value)
         else:
@@ -214,7 +249,7 @@ def _build(cls, data: Any, where: str):
             if base is not None and not isinstance(value, base) and not isinstance(hint, types.UnionType):
                 raise CTFlowError(f"config key {where}{key} must be {base.__name__}, got {value!r}")
             kwargs[key] = value
-    return cls(**kwargs)
+    return cls(**kwargs) if default is None else dataclasses.replace(default, **kwargs)
 
 
 def config_from_dict(data: dict, cls):

@@ -422,7 +422,8 @@ def train_flow(
         with accelerator.autocast():
             loss = chunk_loss(model, batch, g, stage, one_pass, every_parameter=accelerator.num_processes > 1)
         accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+        # grad_clip 0 turns clipping off (as in the VAE trainer); the norm is still measured and logged
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip or float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
