@@ -110,10 +110,12 @@ def test_report_file_and_no_overwrite(model, tmp_path, run_cli):
         ((REPORT, "--device", "cuda"), "no CUDA GPU"),  # the CPU build of torch these tests run on
         ((REPORT, "--device", "xla"), "cpu, cuda or mps"),
         ((REPORT, "--dtype", "half"), "--dtype"),
+        ((REPORT, "--seed", str(2**64)), "--seed"),
+        ((REPORT, "--dicom", "ct.dcm"), "DICOM series is written as a folder"),  # refused before generating
     ],
 )
 def test_bad_generate_arguments(model, tmp_path, run_cli, args, word):
-    args = tuple(str(tmp_path / a) if a == "MISSING" else a for a in args)
+    args = tuple(str(tmp_path / a) if a in ("MISSING", "ct.dcm") else a for a in args)
     assert_clean_error(_gen(run_cli, model, *args, "--out", tmp_path / "o.nii.gz"), word)
     assert not any(tmp_path.iterdir())
 

@@ -85,6 +85,32 @@ def test_generation_stops_at_the_requested_slice_count(pipe, monkeypatch):
     assert out.reports[0].startswith("Volume: 6 slices, 2 mm spacing.")
 
 
+def test_white_slices_past_the_requested_count_are_not_the_end_reason(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=(2, 3))  # white from slice 4 + 4 + 3 = 11
+    out = pipe(REPORT, num_slices=10, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.volumes[0].num_slices == 10 and out.end_reasons == [END_COUNT]
+
+
+def test_the_requested_count_and_spacing_win_over_the_reports_meta_line(pipe, monkeypatch):
+    depths = _record_forward(pipe, monkeypatch, "num_slices")
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    run = {"num_inference_steps": 1, "guidance_scale": 1.0}
+    out = pipe("Volume: 12 slices, 3 mm spacing. " + REPORT, num_slices=8, **run)
+    # the model is told the 8 slices it is asked for, once, at the report's own spacing
+    assert depths[0] == [8] and out.reports[0] == "Volume: 8 slices, 3 mm spacing. " + REPORT
+    assert out.volumes[0].num_slices == 8 and out.volumes[0].spacing[0] == 3.0
+    # a spacing given to the call wins over the report's, with or without a slice count
+    assert (
+        pipe("Volume: 12 slices, 3 mm spacing. " + REPORT, num_slices=8, slice_spacing=5.0, **run)
+        .reports[0]
+        .startswith("Volume: 8 slices, 5 mm spacing.")
+    )
+    assert pipe(REPORT, max_slices=8, slice_spacing=5.0, **run).volumes[0].spacing[0] == 5.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(CTFlowError, match="slice_spacing"):
+            pipe(REPORT, max_slices=8, slice_spacing=bad, **run)
+
+
 def test_decoded_slices_become_hu_with_the_vaes_window(pipe, monkeypatch):
     _scripted_decoder(pipe, monkeypatch, white_from=None)  # every decoded value is -0.6
     run = {"num_slices": 4, "num_inference_steps": 1, "generator": torch.Generator().manual_seed(0)}

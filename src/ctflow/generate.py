@@ -45,6 +45,12 @@ class GenerationSettings:
         for option, scale in (("--guidance", self.guidance), ("--finding-guidance", self.finding_guidance)):
             if scale is not None and not 0 <= scale <= 100:
                 raise CTFlowError(f"{option} must be between 0 and 100, got {scale}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise CTFlowError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
+        if self.dicom is not None:  # before generating, not after the NIfTI is written
+            from ctflow.data.dicom import check_series_folder
+
+            check_series_folder(self.dicom)
 
 
 def output_paths(out: Path) -> dict[str, Path]:

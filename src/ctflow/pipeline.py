@@ -319,8 +319,13 @@ class CTFlowPipeline:
         )
         if isinstance(generator, list) and len(generator) != len(reports):
             raise CTFlowError(f"{len(generator)} generators for {len(reports)} reports; give one each")
-        spacing = slice_spacing or self.config["slice_spacing"]
-        texts = [with_meta(r, n, spacing) for r, n in zip(reports, requested, strict=True)]
+        if slice_spacing is not None and not (math.isfinite(slice_spacing) and 0 < slice_spacing <= 100):
+            raise CTFlowError(
+                f"slice_spacing must be a number of mm above 0 and at most 100, got {slice_spacing}"
+            )
+        # per report: the given spacing, else the report's meta line's, else the model's
+        spacings = [slice_spacing or parse_meta(r)[1] or self.config["slice_spacing"] for r in reports]
+        texts = [with_meta(r, n, sp) for r, n, sp in zip(reports, requested, spacings, strict=True)]
         limits = [n or cap for n in requested]
         cond = self.text_condition(texts)
         uncond = null_condition(cond) if guidance_scale > 1.0 else None
@@ -362,7 +367,7 @@ class CTFlowPipeline:
                     counts[item] + torch.arange(k, device=is_eos.device) >= MIN_SCAN_SLICES
                 )  # no scan ends that early
                 white = torch.nonzero(is_eos).flatten()
-                if len(white):
+                if len(white) and int(white[0]) <= limits[item] - counts[item]:  # not past the limit
                     keep, ends[item] = int(white[0]), END_EOS
                 keep = min(keep, limits[item] - counts[item])
                 outputs[item].append(slices[:keep].numpy())
@@ -375,7 +380,10 @@ class CTFlowPipeline:
                 break
             context = x0[torch.tensor(still, device=device)]
             active = [active[r] for r in still]
-        volumes = [self._to_volume(np.concatenate(o, axis=0), t) for o, t in zip(outputs, texts, strict=True)]
+        volumes = [
+            self._to_volume(np.concatenate(o, axis=0), t, sp)
+            for o, t, sp in zip(outputs, texts, spacings, strict=True)
+        ]
         return CTFlowOutput(volumes, [e or END_LIMIT for e in ends], texts)
 
     def expected_chunks(self, report: str, num_slices: int | None = None) -> int:
@@ -390,8 +398,7 @@ class CTFlowPipeline:
         ``typical_slices`` (the training median; the model ends the scan near it), else 0 (unknown)."""
         return parse_meta(text)[0] or int(self.config.get("typical_slices") or 0)
 
-    def _to_volume(self, slices: np.ndarray, text: str) -> Volume:
-        spacing_z = parse_meta(text)[1] or self.config["slice_spacing"]
+    def _to_volume(self, slices: np.ndarray, text: str, spacing_z: float) -> Volume:
         px = float(self.config["pixel_spacing"])
         spacing = (float(spacing_z), px, px)
         hu = self.vae.denormalize(slices.astype(np.float32))

@@ -19,10 +19,20 @@ def test_format_report_without_meta_has_no_meta_line():
     assert parse_meta(format_report("x", "y")) == (None, None)
 
 
-def test_with_meta_adds_line_once():
+def test_with_meta_adds_one_line_and_the_requested_count_wins():
     text = with_meta("Findings: clear.", 80, 1.5)
-    assert parse_meta(text) == (80, 1.5)
-    assert with_meta(text, 40) == text
+    assert text == "Volume: 80 slices, 1.5 mm spacing. Findings: clear."
+    assert with_meta(text, 80, 1.5) == text  # added once
+    # a report that already asks for 80 slices, generated at 40: the model is told 40, once
+    assert with_meta(text, 40, 1.5) == "Volume: 40 slices, 1.5 mm spacing. Findings: clear."
+    assert with_meta(text, None) == text
+
+
+def test_a_malformed_meta_spacing_is_not_a_meta_line():
+    # "2.5." once matched the spacing and crashed float(); such a line is now plain report text
+    assert parse_meta("Volume: 80 slices, 2.5. mm spacing. Findings: x") == (None, None)
+    assert parse_meta("Volume: 80 slices, 2.5 mm spacing. Findings: x") == (80, 2.5)
+    assert parse_meta("Volume: 80 slices. Findings: x") == (80, None)
 
 
 def test_default_encoder_loads_offline_and_returns_tokens_mask_pooled(encoder):

@@ -262,6 +262,16 @@ def _to_stored(array: np.ndarray) -> tuple[np.ndarray, float, float]:
     return np.clip(stored, _INT16.min, _INT16.max).astype(np.int16), slope, intercept
 
 
+def check_series_folder(folder: str | Path) -> Path:
+    """Refuse a series folder named like a file (``ct.dcm``): a series is a folder of slices."""
+    folder = Path(folder)
+    if folder.suffix.lower() in (".dcm", ".nii", ".gz"):
+        raise CTFlowError(
+            f"a DICOM series is written as a folder of slices; give {folder} without an extension"
+        )
+    return folder
+
+
 def write_dicom_series(
     volume: Volume,
     folder: str | os.PathLike,
@@ -278,11 +288,7 @@ def write_dicom_series(
     ``SYNTHETIC`` in its SeriesDescription, even if ``series_description`` lacks
     it. Refuses to replace an existing folder unless ``overwrite``.
     """
-    folder = Path(folder)
-    if folder.suffix.lower() in (".dcm", ".nii", ".gz"):
-        raise CTFlowError(
-            f"a DICOM series is written as a folder of slices; give {folder} without an extension"
-        )
+    folder = check_series_folder(folder)
     array = np.asarray(volume.array)
     if array.ndim != 3:
         raise CTFlowError(f"cannot write a {array.ndim}D array as a DICOM series; expected (S, H, W)")

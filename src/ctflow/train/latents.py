@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from ctflow.data.ctrate import sidecar_path
 from ctflow.errors import CTFlowError
 from ctflow.files import atomic_path, write_text_atomic
-from ctflow.models.text import META_PATTERN, ReportEncoder
+from ctflow.models.text import META_PATTERN, ReportEncoder, strip_meta
 
 
 def prepare_slices(hu: np.ndarray, size: int, window=None) -> torch.Tensor:
@@ -67,12 +67,6 @@ def latent_mask(mask: np.ndarray, image_size: int, latent_size: int) -> torch.Te
     if x.shape[-2:] != (image_size, image_size):
         x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="area")
     return torch.nn.functional.adaptive_avg_pool2d(x, latent_size)[:, 0]
-
-
-def strip_meta(report: str) -> str:
-    """The report without its leading ``Volume: N slices...`` line."""
-    m = META_PATTERN.match(report.strip())
-    return report.strip()[m.end() :].strip() if m else report
 
 
 SENTENCE_BREAK = re.compile(r"(?<=[.;])\s+(?=[A-Z0-9])")
