@@ -102,7 +102,7 @@ class FakePipe:
                 )
                 for n in counts
             ]
-            return CTFlowOutput(volumes, ["num_slices"] * len(reports), reports)
+            return CTFlowOutput(volumes, ["num_slices"] * len(reports), reports, [0] * len(reports))
         finally:
             with self._lock:
                 self.active -= 1
@@ -135,7 +135,10 @@ def test_bad_input_is_a_clear_error_not_a_crash(tiny_app, tmp_path):
     with pytest.raises(AppError, match="seed must be"):
         c.predict(REPORT, 4, 2, 2.0, -5, api_name="/generate")
     preview, nifti, status = c.predict(REPORT, 4, 1, 1.0, None, api_name="/generate")  # still serving
-    assert read_volume(nifti).num_slices == 4 and "SYNTHETIC" in status
+    assert read_volume(nifti).num_slices == 4 and "SYNTHETIC" in status and "report cut" not in status
+    # a report longer than the encoder reads is generated, and the status line says so
+    _, _, status = c.predict(REPORT + " The lungs are clear." * 80, 4, 1, 1.0, 0, api_name="/generate")
+    assert "report cut: its last" in status and "tokens were not read" in status
 
 
 def test_eight_concurrent_clients_get_their_own_results(tiny_app, tmp_path):

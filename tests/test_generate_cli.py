@@ -51,6 +51,18 @@ def test_generate_writes_nifti_preview_and_sidecar(model, tmp_path, run_cli):
     assert side["model"] == "tiny-test" and len(side["model_weights_sha256"]) == 16
     assert side["ctflow_version"] and side["seconds"] > 0
     assert "finding_flags" not in side  # this model does not read them
+    assert side["report_tokens_truncated"] == 0
+
+
+def test_the_sidecar_says_how_much_of_a_long_report_the_model_did_not_read(model, tmp_path, run_cli):
+    long = REPORT + " The lungs are clear." * 80
+    r = _gen(run_cli, model, long, "--out", tmp_path / "ct.nii.gz", "--slices", 4)
+    assert r.code == 0, r.err
+    side = json.loads((tmp_path / "ct.json").read_text())
+    from ctflow.models.text import ReportEncoder
+
+    cut = ReportEncoder.from_pretrained().truncated_tokens([side["conditioning_text"]])[0]
+    assert side["report_tokens_truncated"] == cut > 100
 
 
 def test_the_sidecar_records_the_finding_flags_a_findings_model_read(tmp_path):

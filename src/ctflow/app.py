@@ -328,7 +328,13 @@ class GenerationService:
             files = sidecar["files"]
             status = (
                 f"{sidecar['num_slices']} slices · {END_REASONS.get(sidecar['end_reason'], sidecar['end_reason'])}"
-                f" · {sidecar['seconds']:.1f} s · seed {sidecar['seed']} · {DISCLAIMER}"
+                f" · {sidecar['seconds']:.1f} s · seed {sidecar['seed']}"
+                + (
+                    f" · report cut: its last {cut} tokens were not read"
+                    if (cut := sidecar.get("report_tokens_truncated"))
+                    else ""
+                )
+                + f" · {DISCLAIMER}"
             )
             result = {
                 "num_slices": sidecar["num_slices"],

@@ -128,6 +128,8 @@ def generate_batch(
             "num_slices": volume.num_slices,
             "spacing_mm": list(volume.spacing),
             "end_reason": end,
+            # tokens of the conditioning text past the report encoder's limit: the model never read them
+            "report_tokens_truncated": result.truncated_tokens[i],
             **({"finding_flags": flags} if (flags := pipe.finding_flags(result.reports[i])) else {}),
             "model": pipe.name,
             "model_weights_sha256": pipe.weights_hash,

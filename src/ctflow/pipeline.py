@@ -52,6 +52,8 @@ class CTFlowOutput:
     volumes: list[Volume]
     end_reasons: list[str]  # "eos" | "num_slices" | "max_slices" per volume
     reports: list[str] = field(default_factory=list)  # the conditioning text actually used
+    # per volume: tokens of its conditioning text past the report encoder's limit, not read
+    truncated_tokens: list[int] = field(default_factory=list)
 
 
 def eos_slices(decoded: torch.Tensor, threshold: float = EOS_THRESHOLD) -> torch.Tensor:
@@ -384,7 +386,7 @@ class CTFlowPipeline:
             self._to_volume(np.concatenate(o, axis=0), t, sp)
             for o, t, sp in zip(outputs, texts, spacings, strict=True)
         ]
-        return CTFlowOutput(volumes, [e or END_LIMIT for e in ends], texts)
+        return CTFlowOutput(volumes, [e or END_LIMIT for e in ends], texts, self.text.truncated_tokens(texts))
 
     def expected_chunks(self, report: str, num_slices: int | None = None) -> int:
         """How many chunks generating ``report`` will probably take, for a progress bar: the requested

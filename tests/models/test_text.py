@@ -61,6 +61,8 @@ def test_long_report_is_truncated_with_a_warning_saying_by_how_much(encoder):
     with pytest.warns(UserWarning, match=r"truncated by \d+ tokens"):
         emb = encoder(["word " * 400])
     assert emb.tokens.shape[1] == encoder.max_length
+    # "word " * 400 is 400 tokens plus [CLS] and [SEP]
+    assert encoder.truncated_tokens(["word " * 400, "Normal."]) == [402 - encoder.max_length, 0]
 
 
 def test_encode_each_gives_what_encoding_each_report_alone_gives_in_the_given_order(encoder):

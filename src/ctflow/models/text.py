@@ -136,16 +136,19 @@ class ReportEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    def truncated_tokens(self, reports: list[str]) -> list[int]:
+        """How many of each report's tokens lie past the encoder's limit (``max_length``) and are not read."""
+        full = self.tokenizer(list(reports), add_special_tokens=True)["input_ids"]
+        return [max(0, len(ids) - self.max_length) for ids in full]
+
     @torch.no_grad()
     def forward(self, reports: list[str] | str) -> TextEmbedding:
         if isinstance(reports, str):
             reports = [reports]
-        full = self.tokenizer(list(reports), add_special_tokens=True)["input_ids"]
-        for text, ids in zip(reports, full, strict=True):
-            if len(ids) > self.max_length:
+        for text, cut in zip(reports, self.truncated_tokens(reports), strict=True):
+            if cut:
                 warnings.warn(
-                    f"report truncated by {len(ids) - self.max_length} tokens to the encoder limit of "
-                    f"{self.max_length}: '{text[:40]}...'",
+                    f"report truncated by {cut} tokens to the encoder limit of {self.max_length}: '{text[:40]}...'",
                     stacklevel=2,
                 )
         batch = self.tokenizer(
