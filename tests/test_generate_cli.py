@@ -165,13 +165,43 @@ def test_prompts_csv_is_resumable(model, tmp_path, run_cli):
     done = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
     assert done == ["case0.json", "case1.json", "case2.json"]
     assert read_volume(tmp_path / "out/case2.nii.gz").num_slices == 6
+    assert not list((tmp_path / "out").glob(".*"))  # no row left marked as under way
     stamp = (tmp_path / "out/case1.json").stat().st_mtime_ns
-    (tmp_path / "out/case2.json").unlink()  # as if killed before the last sidecar
+    # the prompts file changed under a finished row: refused, not silently kept as "finished"
+    csv.write_text(csv.read_text().replace("case 1.", "case one."))
+    assert_clean_error(_gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out"), "--overwrite")
+    assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp
+
+
+def test_prompts_redo_a_row_stopped_half_way_and_never_replace_other_files(
+    model, tmp_path, run_cli, monkeypatch
+):
+    import ctflow.data.preview
+
+    csv = _prompts(tmp_path / "p.csv", n=3)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/case1.png").write_bytes(b"someone else's picture")
     r = _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out")
-    assert r.code == 0 and "skip case1" in r.err
-    assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp and (
-        tmp_path / "out/case2.json"
-    ).exists()
+    assert_clean_error(r, "case1.png already exists; pass --overwrite")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case1.png"]  # nothing generated
+    (tmp_path / "out/case1.png").unlink()
+    real = ctflow.data.preview.write_preview
+
+    def stopped_at_case2(volume, path, **kw):
+        if "case2" in str(path):
+            raise KeyboardInterrupt  # killed after case2's NIfTI, before its preview and sidecar
+        return real(volume, path, **kw)
+
+    monkeypatch.setattr(ctflow.data.preview, "write_preview", stopped_at_case2)
+    assert _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out").code != 0  # (Ctrl-C: Aborted)
+    assert (tmp_path / "out/case2.nii.gz").exists() and not (tmp_path / "out/case2.json").exists()
+    stamp = (tmp_path / "out/case1.json").stat().st_mtime_ns
+    monkeypatch.setattr(ctflow.data.preview, "write_preview", real)
+    r = _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out")
+    assert r.code == 0 and "skip case1" in r.err and "wrote" in r.err
+    assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp  # finished rows kept
+    assert json.loads((tmp_path / "out/case2.json").read_text())["report"] == "Findings: case 2."
+    assert not list((tmp_path / "out").glob(".*"))
 
 
 def test_prompts_csv_without_report_column(model, tmp_path, run_cli):

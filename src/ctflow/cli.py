@@ -327,7 +327,14 @@ def generate(
     report_file: Annotated[
         Path | None, typer.Option("--report-file", help="Read the report from a file.")
     ] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="CSV with a 'report' column.")] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="CSV with a 'report' column (optional: name, slices, seed). Resumable: finished rows are"
+            " skipped, rows a stopped run left half-written are redone; other existing files need --overwrite.",
+        ),
+    ] = None,
     dicom: Annotated[
         Path | None,
         typer.Option(

@@ -179,6 +179,34 @@ def read_prompts(path: Path) -> list[dict]:
     return out
 
 
+def _pending(out: Path) -> Path:
+    """The marker of a prompt row under way (``.<name>.pending`` beside its NIfTI)."""
+    return out.with_name(f".{output_paths(out)['sidecar'].stem}.pending")
+
+
+def _finished(row: dict, out: Path, dicom: Path | None, prompts: Path) -> bool:
+    """Whether a prompt row's outputs are finished (skip it), or under way from an earlier run that was
+    stopped (redo it); refuse files this row did not finish writing, and a finished row whose report
+    the prompts file has since changed: replacing either needs --overwrite."""
+    sidecar = output_paths(out)["sidecar"]
+    if sidecar.exists() and not _pending(out).exists():
+        try:
+            report = json.loads(sidecar.read_text()).get("report")
+        except (ValueError, AttributeError):
+            report = None
+        if report != row["report"]:
+            raise CTFlowError(
+                f"{sidecar} is not the output of {prompts}'s row {row['name']!r} (another report); pass"
+                " --overwrite to generate it again"
+            )
+        return True
+    if not _pending(out).exists():
+        for path in [*output_paths(out).values(), *([dicom] if dicom else [])]:
+            if path.exists():
+                raise CTFlowError(f"{path} already exists; pass --overwrite to replace it")
+    return False
+
+
 def process_rank() -> tuple[int, int]:
     """(rank, world size) under accelerate launch / torchrun; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -202,25 +230,29 @@ def generate_prompts(
     todo = []
     for row in rows[rank::world]:
         out = out_dir / f"{row['name']}.nii.gz"
-        if output_paths(out)["sidecar"].exists() and not settings.overwrite:
-            log(f"skip {row['name']} (finished)")
-            continue
         s = replace(
             settings,
-            overwrite=True,  # a half-finished row (no sidecar yet) is redone
+            overwrite=True,  # checked below: only this run's own unfinished files are replaced
             num_slices=row["slices"] if row["slices"] is not None else settings.num_slices,
             seed=row["seed"] if row["seed"] is not None else (settings.seed or 0) + row["index"],
             dicom=settings.dicom / row["name"] if settings.dicom else None,  # a series folder per row
         )
         s.check()
+        if not settings.overwrite and _finished(row, out, s.dicom, prompts):
+            log(f"skip {row['name']} (finished)")
+            continue
         todo.append((row, out, s))
     done = []
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
+        for _, out, _ in batch:  # rows under way: a rerun after a kill redoes them
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _pending(out).touch()
         generate_batch(
             pipe, [r["report"] for r, _, _ in batch], [o for _, o, _ in batch], [s for _, _, s in batch]
         )
         for row, out, _ in batch:
+            _pending(out).unlink()
             done.append(row["name"])
             log(f"wrote {out} (rank {rank}/{world})")
         if progress is not None:
