@@ -166,6 +166,8 @@ def test_batched_generation_returns_one_volume_per_report(pipe):
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"max_slices": 100000}, "max_slices"),
+        ({"max_slices": 0}, "max_slices must be between 1"),  # not "the default limit"
+        ({"num_slices": 3000}, "num_slices must be between 1 and 2048, got 3000"),  # names the right one
     ],
 )
 def test_bad_arguments_are_refused(pipe, kwargs, match):

@@ -246,8 +246,8 @@ class CTFlowPipeline:
                 f"num_slices has {len(counts)} counts for {len(reports)} reports; give one each"
             )
         for n in counts:
-            if n is not None and not 1 <= n <= max_slices:
-                raise CTFlowError(f"num_slices must be between 1 and max_slices={max_slices}, got {n}")
+            if n is not None and not 1 <= n <= min(max_slices, MAX_SLICES):
+                raise CTFlowError(f"num_slices must be between 1 and {min(max_slices, MAX_SLICES)}, got {n}")
         if not 1 <= max_slices <= MAX_SLICES:
             raise CTFlowError(f"max_slices must be between 1 and {MAX_SLICES}, got {max_slices}")
         if num_inference_steps < 1:
@@ -310,7 +310,10 @@ class CTFlowPipeline:
 
         reports = [report] if isinstance(report, str) else list(report)
         requested = _as_list(num_slices, reports)  # per report
-        cap = max_slices or self.config["default_max_slices"]  # where the model's own scans stop
+        # where the model's own scans stop
+        cap = max_slices if max_slices is not None else self.config["default_max_slices"]
+        if not 1 <= cap <= MAX_SLICES:
+            raise CTFlowError(f"max_slices must be between 1 and {MAX_SLICES}, got {cap}")
         self.check_inputs(
             reports,
             num_slices,
