@@ -51,7 +51,7 @@ def test_generate_writes_nifti_preview_and_sidecar(model, tmp_path, run_cli):
     assert side["model"] == "tiny-test" and len(side["model_weights_sha256"]) == 16
     assert side["ctflow_version"] and side["seconds"] > 0
     assert "finding_flags" not in side  # this model does not read them
-    assert side["report_tokens_truncated"] == 0
+    assert side["report_tokens_truncated"] == 0 and side["chunk_slices"] == 4  # the tiny model's chunk
 
 
 def test_the_sidecar_says_how_much_of_a_long_report_the_model_did_not_read(model, tmp_path, run_cli):

@@ -437,12 +437,23 @@ def evaluate(
         Path, typer.Option("--fake", help="Folder of generated .nii.gz files with JSON sidecars.")
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for results.json and report.md.")],
+    train: Annotated[
+        Path | None,
+        typer.Option(
+            "--train",
+            help="The model's training set (CT-RATE layout), for the memorisation audit; without it the"
+            " audit compares against --real.",
+        ),
+    ] = None,
     overwrite: Overwrite = False,
 ):
     """Score generated volumes: FID (3 planes), FVD, CLIP score, attributes, continuity, memorization."""
     from ctflow.eval.evaluate import evaluate_command
 
-    evaluate_command(real, fake, out, overwrite=overwrite, log=console.print)
+    # paths and volume names are text, not rich markup ("runs/[v2]" lost its "[v2]")
+    evaluate_command(
+        real, fake, out, overwrite=overwrite, log=lambda text: console.print(text, markup=False), train=train
+    )
 
 
 @convert_app.command("ctclip")

@@ -128,6 +128,7 @@ def generate_batch(
             "num_slices": volume.num_slices,
             "spacing_mm": list(volume.spacing),
             "end_reason": end,
+            "chunk_slices": pipe.chunk_slices,  # `ctflow evaluate` judges slice counts and seams by it
             # tokens of the conditioning text past the report encoder's limit: the model never read them
             "report_tokens_truncated": result.truncated_tokens[i],
             **({"finding_flags": flags} if (flags := pipe.finding_flags(result.reports[i])) else {}),

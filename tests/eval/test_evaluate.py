@@ -106,3 +106,47 @@ def test_evaluate_names_bad_inputs(sets, tmp_path):
     (orphan / "x.json").write_text("{not json")
     with pytest.raises(CTFlowError, match="cannot read sidecar"):
         evaluate(real, orphan, tmp_path / "o6")
+
+
+def test_evaluate_reads_the_models_chunk_and_audits_copies_against_the_training_set(sets, tmp_path, run_cli):
+    """A 16-slice-chunk model's seams and slice counts are judged at 16, not 8; a copy of a training
+    volume is flagged when --train names the training set; paths print as text, not rich markup."""
+    import shutil
+
+    import numpy as np
+
+    from ctflow.data.nifti import read_nifti
+    from ctflow.data.volume import Volume
+    from ctflow.eval.metrics import continuity
+
+    _, real, _ = sets
+    fake = tmp_path / "[v2]"
+    fake.mkdir()
+    train_volume = next((real / "dataset").rglob("*.nii.gz"))
+    shutil.copy(train_volume, fake / "copy.nii.gz")
+    n = read_nifti(train_volume).num_slices
+    (fake / "copy.json").write_text(
+        json.dumps({"report": "Findings: clear.", "requested_slices": n + 12, "chunk_slices": 16})
+    )
+    vol, gt = make_phantom(sample_spec(33_200, size=64, slice_range=(96, 96)))
+    hu = vol.hu().copy()
+    for start in range(16, 96, 32):  # every other 16-slice chunk brighter and shifted: seams at 16, 32, ...
+        hu[start : start + 16] = np.roll(hu[start : start + 16], 2, axis=2) + 60
+    write_nifti(Volume(hu, vol.spacing, vol.affine), fake / "seams.nii.gz", synthetic=True)
+    (fake / "seams.json").write_text(
+        json.dumps({"report": "Findings: clear.", "requested_slices": 96, "chunk_slices": 16})
+    )
+    r = run_cli("evaluate", "--real", real, "--fake", fake, "--out", tmp_path / "out", "--train", real)
+    assert r.code == 0, r.err
+    assert "[v2]" in r.err + r.out
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["slice_count"]["within_chunk"] == 1.0  # 12 slices off is within one 16-slice chunk
+    assert res["continuity"]["chunk"] == 16
+    seams = next(v for v in res["per_volume"] if v["name"] == "seams")
+    assert seams["continuity"] == pytest.approx(continuity(hu, 16)["ratio"], rel=1e-4)
+    assert seams["continuity"] > 1.5 * continuity(hu, 8)["ratio"] > 0  # the 8-slice view halves the seams
+    mem = res["memorization"]
+    assert mem["against"] == "train" and [f["generated"] for f in mem["flagged"]] == ["copy"]
+    assert res["fid_slices"] == {"real": 64, "generated": 32}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "against the training set" in md and "rough: 32 slices a plane" in md

@@ -15,10 +15,14 @@
 Computed: FID on three planes, FVD, CLIP score of the generated volumes against
 their prompts (and of the real volumes against their reports, as a reference),
 attribute accuracy (the phantom attribute reader on each generated volume vs the
-findings its prompt asks for), slice-count accuracy (within one 8-slice chunk
-of the requested count: sidecar ``requested_slices`` or the prompt's
-``Volume: N slices`` meta line), continuity (chunk seams) and a memorisation
-audit against the real set.
+findings its prompt asks for), slice-count accuracy (within one chunk of the
+requested count: sidecar ``requested_slices`` or the prompt's ``Volume: N slices``
+meta line; the chunk is the sidecar's ``chunk_slices``, 8 when it has none),
+continuity (chunk seams, at the same chunk boundaries in the real volumes) and a
+memorisation audit: against ``train_dir``, the model's training set, when given
+(a held-out real set cannot hold a copy of a training volume), else the real set.
+The FID's sample counts go into the results: under 128 slices a plane (the feature
+width) the covariance is rank-deficient and the figure rough.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class _Item:
     attributes: dict | None = None
     continuity: float | None = None
     sidecar: dict = field(default_factory=dict)
+    chunk: int = CHUNK_SLICES  # the generating model's chunk (sidecar chunk_slices)
 
 
 def _reduce(hu: np.ndarray) -> np.ndarray:
@@ -90,8 +95,9 @@ def _splits(root: Path) -> list[str]:
     return splits
 
 
-def load_real(real_dir: str | Path, log=None) -> list[_Item]:
-    """Every readable volume of the real data set (all splits), reduced, with its report."""
+def load_real(real_dir: str | Path, log=None, chunk: int = CHUNK_SLICES, measure: bool = True) -> list[_Item]:
+    """Every readable volume of the real data set (all splits), reduced, with its report; ``measure``:
+    with its attributes and its continuity at ``chunk``-slice boundaries too."""
     from ctflow.data.ctrate import CTRateDataset
     from ctflow.eval.metrics import continuity
 
@@ -109,8 +115,9 @@ def load_real(real_dir: str | Path, log=None) -> list[_Item]:
                     hu=_reduce(hu),
                     report=sample.report,
                     num_slices=sample.volume.num_slices,
-                    attributes=_read_attributes(sample.volume),
-                    continuity=continuity(hu)["ratio"],
+                    attributes=_read_attributes(sample.volume) if measure else None,
+                    continuity=continuity(hu, chunk)["ratio"] if measure else None,
+                    chunk=chunk,
                 )
             )
         if log is not None and ds.problems:
@@ -151,6 +158,11 @@ def load_fake(fake_dir: str | Path) -> list[_Item]:
         report = meta.get("report") if isinstance(meta, dict) else None
         if not isinstance(report, str) or not report.strip():
             raise CTFlowError(f"sidecar {side.name} has no 'report' text")
+        chunk = meta.get("chunk_slices", CHUNK_SLICES)
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise CTFlowError(
+                f"sidecar {side.name}: chunk_slices must be a whole number above 0, got {chunk!r}"
+            )
         vol = read_nifti(path)
         hu = vol.hu()
         items.append(
@@ -160,8 +172,9 @@ def load_fake(fake_dir: str | Path) -> list[_Item]:
                 report=report,
                 num_slices=vol.num_slices,
                 attributes=_read_attributes(vol),
-                continuity=continuity(hu, CHUNK_SLICES)["ratio"],
+                continuity=continuity(hu, chunk)["ratio"],
                 sidecar=meta,
+                chunk=chunk,
             )
         )
     return items
@@ -191,8 +204,9 @@ def _mean(values) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def score(real: list[_Item], fake: list[_Item]) -> dict:
-    """All metrics for loaded sets (see the module docstring)."""
+def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None) -> dict:
+    """All metrics for loaded sets (see the module docstring); the memorisation audit is against
+    ``train`` when given, else ``real``."""
     from ctflow.eval.attributes import ATTRIBUTE_KEYS, attribute_accuracy, attributes_from_report
     from ctflow.eval.features import load_features
     from ctflow.eval.metrics import clip_score, fid_planes, fvd, memorization
@@ -202,6 +216,8 @@ def score(real: list[_Item], fake: list[_Item]) -> dict:
     results: dict = {"n_real": len(real), "n_generated": len(fake)}
     results["fid"] = fid_planes(rv, fv, model=model)
     results["fid_mean"] = float(np.mean(list(results["fid"].values())))
+    per_volume = 16  # fid_planes' slices per volume and plane
+    results["fid_slices"] = {"real": per_volume * len(real), "generated": per_volume * len(fake)}
     results["fvd"] = fvd(rv, fv, model=model) if len(real) >= 2 and len(fake) >= 2 else None
     results["clip_score"] = {
         "generated": clip_score(fv, [i.report for i in fake], model=model),
@@ -222,11 +238,13 @@ def score(real: list[_Item], fake: list[_Item]) -> dict:
     for item in fake:
         req = requested_slices(item)
         if req is not None:
-            counts.append({"name": item.name, "requested": req, "generated": item.num_slices})
+            counts.append(
+                {"name": item.name, "requested": req, "generated": item.num_slices, "chunk": item.chunk}
+            )
     results["slice_count"] = {
         "n": len(counts),
         "within_chunk": (
-            float(np.mean([abs(c["generated"] - c["requested"]) <= CHUNK_SLICES for c in counts]))
+            float(np.mean([abs(c["generated"] - c["requested"]) <= c["chunk"] for c in counts]))
             if counts
             else None
         ),
@@ -237,9 +255,10 @@ def score(real: list[_Item], fake: list[_Item]) -> dict:
     results["continuity"] = {
         "generated": _mean(i.continuity for i in fake),
         "real": _mean(i.continuity for i in real),
-        "chunk": CHUNK_SLICES,
+        "chunk": _chunk_of(fake),
     }
-    mem = memorization(fv, rv, model=model)
+    against = train if train is not None else real
+    mem = memorization(fv, [i.hu for i in against], model=model)
     results["memorization"] = {
         k: mem[k]
         for k in (
@@ -251,8 +270,9 @@ def score(real: list[_Item], fake: list[_Item]) -> dict:
             "flagged",
         )
     }
+    results["memorization"]["against"] = "train" if train is not None else "real"
     results["memorization"]["flagged"] = [
-        {"generated": fake[i].name, "nearest_real": real[mem["nearest_correlation_index"][i]].name,
+        {"generated": fake[i].name, "nearest": against[mem["nearest_correlation_index"][i]].name,
          "correlation": mem["nearest_correlation"][i]}
         for i in mem["flagged"]
     ]  # fmt: skip
@@ -264,12 +284,18 @@ def score(real: list[_Item], fake: list[_Item]) -> dict:
             "continuity": _finite(item.continuity),
             "attributes": {k: item.attributes[k] for k in ATTRIBUTE_KEYS},
             "prompt_attributes": targets[n],
-            "nearest_real": real[mem["nearest_correlation_index"][n]].name,
+            "nearest": against[mem["nearest_correlation_index"][n]].name,
             "nearest_correlation": mem["nearest_correlation"][n],
         }
         for n, item in enumerate(fake)
     ]
     return results
+
+
+def _chunk_of(items: list[_Item]) -> int:
+    """The chunk size most of the generated volumes were made with."""
+    chunks = [i.chunk for i in items]
+    return max(set(chunks), key=chunks.count) if chunks else CHUNK_SLICES
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -286,19 +312,29 @@ def markdown_report(results: dict) -> str:
 
     fid = results["fid"]
     att = results["attribute_accuracy"]
+    fewest = min(results["fid_slices"].values())
+    fid_note = "lower is better" + (
+        f"; rough: {fewest} slices a plane, fewer than the 128 features" if fewest < 128 else ""
+    )
+    mem = results["memorization"]
+    against = (
+        "the training set"
+        if mem["against"] == "train"
+        else "the real set (pass --train for the training set)"
+    )
     rows = [
-        ("FID axial", fid["axial"], "lower is better"),
-        ("FID coronal", fid["coronal"], "lower is better"),
-        ("FID sagittal", fid["sagittal"], "lower is better"),
+        ("FID axial", fid["axial"], fid_note),
+        ("FID coronal", fid["coronal"], fid_note),
+        ("FID sagittal", fid["sagittal"], fid_note),
         ("FVD", results["fvd"], "lower is better"),
         ("CLIP score (generated vs prompt)", results["clip_score"]["generated"], "higher is better, 0-100"),
         ("CLIP score (real vs report)", results["clip_score"]["real"], "reference"),
         ("Attribute accuracy (mean)", att["generated_mean"], f"reader on real data: {_fmt(att['real_mean'])}"),
         *[(f"Attribute: {k}", att["generated"][k], f"real: {_fmt(att['real'][k])}") for k in ATTRIBUTE_KEYS],
-        ("Slice count within 8", results["slice_count"]["within_chunk"], f"{results['slice_count']['n']} with a request"),
+        (f"Slice count within one chunk ({results['continuity']['chunk']})", results["slice_count"]["within_chunk"], f"{results['slice_count']['n']} with a request"),
         ("Continuity (chunk seams)", results["continuity"]["generated"], f"~1 is seamless; real: {_fmt(results['continuity']['real'])}"),
-        ("Memorisation: flagged fraction", results["memorization"]["fraction_flagged"], f"detail correlation >= {results['memorization']['threshold']}"),
-        ("Memorisation: max correlation", results["memorization"]["max_correlation"], "nearest real volume"),
+        ("Memorisation: flagged fraction", mem["fraction_flagged"], f"detail correlation >= {mem['threshold']}, against {against}"),
+        ("Memorisation: max correlation", mem["max_correlation"], "nearest volume"),
     ]  # fmt: skip
     lines = [
         "# ctflow evaluation",
@@ -311,19 +347,19 @@ def markdown_report(results: dict) -> str:
         *[f"| {name} | {_fmt(value)} | {note} |" for name, value, note in rows],
         "",
     ]
-    flagged = results["memorization"]["flagged"]
+    flagged = mem["flagged"]
     if flagged:
-        lines += ["Possible copies of real volumes:", ""]
+        lines += [f"Possible copies of volumes of {against.split(' (')[0]}:", ""]
         lines += [
-            f"- `{f['generated']}` ~ `{f['nearest_real']}` (correlation {f['correlation']:.3f})"
-            for f in flagged
+            f"- `{f['generated']}` ~ `{f['nearest']}` (correlation {f['correlation']:.3f})" for f in flagged
         ]
         lines.append("")
     return "\n".join(lines)
 
 
-def evaluate(real_dir, fake_dir, out_dir, overwrite: bool = False, log=None) -> dict:
-    """Score ``fake_dir`` against ``real_dir``; write ``results.json`` and ``report.md`` into ``out_dir``."""
+def evaluate(real_dir, fake_dir, out_dir, overwrite: bool = False, log=None, train_dir=None) -> dict:
+    """Score ``fake_dir`` against ``real_dir``; write ``results.json`` and ``report.md`` into ``out_dir``.
+    ``train_dir``: the model's training set, for the memorisation audit (else it uses ``real_dir``)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CTFlowError(f"output {out} exists and is not a folder")
@@ -331,8 +367,14 @@ def evaluate(real_dir, fake_dir, out_dir, overwrite: bool = False, log=None) -> 
         check_output(out / name, overwrite)  # refuse before any work is done
     start = time.perf_counter()
     fake = load_fake(fake_dir)
-    real = load_real(real_dir, log=log)
-    results = {"real_dir": str(real_dir), "fake_dir": str(fake_dir), **score(real, fake)}
+    real = load_real(real_dir, log=log, chunk=_chunk_of(fake))
+    train = load_real(train_dir, log=log, measure=False) if train_dir is not None else None
+    results = {
+        "real_dir": str(real_dir),
+        "fake_dir": str(fake_dir),
+        **({"train_dir": str(train_dir)} if train_dir is not None else {}),
+        **score(real, fake, train),
+    }
     results["seconds"] = round(time.perf_counter() - start, 2)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=1) + "\n", overwrite=overwrite)
@@ -340,9 +382,10 @@ def evaluate(real_dir, fake_dir, out_dir, overwrite: bool = False, log=None) -> 
     return results
 
 
-def evaluate_command(real, fake, out, overwrite: bool = False, log=print) -> dict:
-    """CLI entry (``ctflow evaluate --real --fake --out [--overwrite]``): run, print the table, return results."""
-    results = evaluate(real, fake, out, overwrite=overwrite, log=log)
+def evaluate_command(real, fake, out, overwrite: bool = False, log=print, train=None) -> dict:
+    """CLI entry (``ctflow evaluate --real --fake --out [--train] [--overwrite]``): run, print the table,
+    return results."""
+    results = evaluate(real, fake, out, overwrite=overwrite, log=log, train_dir=train)
     log(markdown_report(results))
     log(f"wrote {Path(out) / RESULTS_FILE} and {Path(out) / REPORT_FILE}")
     return results

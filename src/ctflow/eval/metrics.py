@@ -50,7 +50,9 @@ def _check_sets(real, fake, what: str, minimum: int = 1) -> tuple[list, list]:
 
 
 def _frechet(module, real_batches, fake_batches) -> float:
-    fid = FrechetInceptionDistance(feature=module, normalize=True, reset_real_features=True)
+    # normalize=False: our modules take float slices in [0, 1] as they are (with a custom feature module
+    # torchmetrics >= 1.x skips its uint8 conversion either way; older ones would have applied it)
+    fid = FrechetInceptionDistance(feature=module, normalize=False, reset_real_features=True)
     for x in real_batches:
         fid.update(x, real=True)
     for x in fake_batches:
