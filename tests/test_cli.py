@@ -32,11 +32,15 @@ def test_preview_writes_png_and_gif(nifti, tmp_path, run_cli):
     assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.gif").stat().st_size > 0
 
 
-def test_info_prints_geometry_and_synthetic_flag(nifti, run_cli):
+def test_info_prints_geometry_and_synthetic_flag(nifti, run_cli, tmp_path):
     r = run_cli("info", nifti)
     facts = json.loads(r.out)
     assert r.code == 0 and facts["shape"] == [8, 16, 16] and facts["spacing_mm"] == [2.0, 1.0, 1.0]
-    assert facts["orientation"] == "IPL" and facts["synthetic"] is False and facts["hu_max"] == 40
+    # the file's own voxel order (write_nifti stores (W, H, S)), not the layout every volume is read into
+    assert facts["orientation"] == "LPI" and facts["synthetic"] is False and facts["hu_max"] == 40
+    raw = tmp_path / "ras.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), raw)
+    assert json.loads(run_cli("info", raw).out)["orientation"] == "RAS"
 
 
 def test_phantoms_command_writes_ctrate_layout(tmp_path, run_cli):

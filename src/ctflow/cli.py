@@ -169,7 +169,8 @@ def info(volume: Annotated[Path, typer.Argument(help="NIfTI file or DICOM series
         "path": str(volume),
         "shape": list(vol.shape),
         "spacing_mm": [round(v, 4) for v in vol.spacing],
-        "orientation": "".join(nib.aff2axcodes(vol.affine)),
+        # as read (ctflow reorients every volume to one layout); the file's own where it has one
+        "orientation": "".join(vol.metadata.get("original_axcodes") or nib.aff2axcodes(vol.affine)),
         "hu_min": float(hu.min()),
         "hu_max": float(hu.max()),
         "hu_mean": round(float(hu.mean()), 2),

@@ -205,6 +205,16 @@ def test_uint8_and_float64_inputs(tmp_path):
     assert vol.array.dtype == np.float32 and np.all(vol.array == 0.25)
 
 
+def test_int64_volumes_are_written_in_the_narrowest_type_that_holds_them(tmp_path):
+    # np.full with an int fill is int64, which nibabel refuses to store
+    for fill, stored in ((-1000, np.int16), (100_000, np.int32)):
+        path = write_nifti(Volume(np.full((4, 8, 8), fill), (1.0, 1.0, 1.0)), tmp_path / f"{fill}.nii.gz")
+        assert nib.load(path).get_data_dtype() == stored and np.all(read_nifti(path).array == fill)
+    with pytest.raises(CTFlowError, match="do not fit 32-bit integers"):
+        write_nifti(Volume(np.full((2, 2, 2), 2**40), (1.0, 1.0, 1.0)), tmp_path / "big.nii.gz")
+    assert not (tmp_path / "big.nii.gz").exists()
+
+
 # --- refusals --------------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from ctflow.data.orientation import reorient_to_canonical, spacing_from_affine
+from ctflow.data.orientation import axcodes, reorient_to_canonical, spacing_from_affine
 from ctflow.data.volume import Volume
 from ctflow.errors import CTFlowError
 from ctflow.files import atomic_dir
@@ -219,11 +219,13 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     data = _rescale(np.stack(planes), slopes, intercepts)
     del planes
 
+    original = "".join(axcodes(affine))  # (slice, row, column) as the series is ordered
     array, affine = reorient_to_canonical(data, affine, source=str(folder))
     description = str(getattr(ds0, "SeriesDescription", "") or "")
     metadata = {
         "source": str(folder),
         "format": "dicom",
+        "original_axcodes": original,
         "series_description": description,
         "series_instance_uid": str(getattr(ds0, "SeriesInstanceUID", "")),
         "patient_id": str(getattr(ds0, "PatientID", "")),

@@ -214,6 +214,16 @@ def _disk_array(volume: Volume) -> np.ndarray:
         array = array.astype(np.float32)
     elif array.dtype.kind not in "iuf":
         raise CTFlowError(f"cannot write voxels of type {array.dtype} to NIfTI; convert to int16 or float32")
+    elif array.dtype.kind in "iu" and array.dtype.itemsize == 8:  # nibabel refuses 64-bit integers
+        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        narrow = next(
+            (t for t in (np.int16, np.int32) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), None
+        )
+        if narrow is None:
+            raise CTFlowError(
+                f"voxel values {lo}..{hi} do not fit 32-bit integers; store HU as int16 or float32"
+            )
+        array = array.astype(narrow)
     if array.dtype.kind == "f":
         bad = array.size - int(np.count_nonzero(np.isfinite(array)))
         if bad:
