@@ -293,7 +293,14 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
     train_flow(cache, _config(), tmp_path / "full", progress=False)
     train_flow(cache, _config(), tmp_path / "split", progress=False, stop_at=10)
     assert not (tmp_path / "split" / "transformer").exists()
+    with open(tmp_path / "split/log.jsonl", "a") as f:  # logged after the checkpoint, then killed mid-line
+        f.write(json.dumps({"step": 15, "loss": 9.9}) + '\n{"step": 1')
     train_flow(cache, _config(), tmp_path / "split", progress=False, resume=True)
+    logs = [
+        map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines()) for run in ("full", "split")
+    ]
+    steps = [[r["step"] for r in log if "loss" in r] for log in logs]
+    assert steps[0] == steps[1] == [5, 10, 15, 20]  # each step logged once, as in the uninterrupted run
     a = load_file(tmp_path / "full/transformer/diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "split/transformer/diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys()
@@ -311,6 +318,32 @@ def test_training_reduces_the_loss(tmp_path):
         json.loads(x)["loss"] for x in (tmp_path / "run/log.jsonl").read_text().splitlines() if "loss" in x
     ]
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_resume_keeps_the_fp16_loss_scale(tmp_path, monkeypatch):
+    """Under fp16 a GradScaler skips steps whose scaled gradients overflow; a resumed run must go on from
+    the scale it had reached, or it skips other steps. (accelerate makes no scaler on a CPU, so one
+    stands in that doubles every step from 2**40: this model's gradients overflow from about 2**62
+    on, some steps after the split, so a run that restarted from 2**40 would skip none of them.)"""
+    import accelerate
+
+    original = accelerate.Accelerator.__init__
+
+    def with_scaler(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=1)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", with_scaler)
+    cache = make_fake_cache(tmp_path / "c")
+    cfg = _config(steps=40, checkpoint_every=20)
+    train_flow(cache, cfg, tmp_path / "full", progress=False)
+    train_flow(cache, cfg, tmp_path / "split", progress=False, stop_at=20)
+    saved = json.loads((tmp_path / "split/checkpoints/step_0000020/state.json").read_text())
+    assert saved["grad_scaler"]["scale"] >= 2.0**55  # it grew, so a fresh scaler would differ
+    train_flow(cache, cfg, tmp_path / "split", progress=False, resume=True)
+    a = load_file(tmp_path / "full/transformer/diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "split/transformer/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_grad_clip_zero_turns_clipping_off_and_still_trains(tmp_path):

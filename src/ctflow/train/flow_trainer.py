@@ -27,7 +27,7 @@ from ctflow.errors import CTFlowError
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
 from ctflow.train.config import FlowTrainConfig
 from ctflow.train.latents import LatentCache, short_key
-from ctflow.train.utils import EMA, StepBar, append_jsonl, lr_lambda, step_generator
+from ctflow.train.utils import EMA, StepBar, append_jsonl, lr_lambda, step_generator, trim_log
 
 
 def num_chunks(slices: int, k: int) -> int:
@@ -238,8 +238,8 @@ class ChunkSampler:
     ) -> dict[str, torch.Tensor]:
         """``batch_size`` rows (:meth:`row`) collated: report tokens padded to the longest with an
         attention mask, and each row's previous chunk noised (``context_noise``; a first chunk has none:
-        its context stays zero). Drawn on the CPU (the same batch on every device), then moved to
-        ``device``."""
+        its context stays zero). Drawn on the CPU (so a generator gives the same batch whatever device
+        trains on it), then moved to ``device``."""
         from ctflow.flow import context_noise
 
         cfg = config or self.cfg
@@ -402,6 +402,8 @@ def train_flow(
             info = restore(found[-1], {"model": model, "ema": ema}, {"optimizer": optimizer})
             step = info["step"]
             scheduler.last_epoch = step  # the rates themselves come back with the optimizer's param_groups
+            if accelerator.scaler is not None and "grad_scaler" in info:  # fp16: the loss scale it reached
+                accelerator.scaler.load_state_dict(info["grad_scaler"])
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)  # the shadow weights live beside the model's (a GPU's, under accelerate)
     model.train()
@@ -410,6 +412,8 @@ def train_flow(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     log_path = out / "log.jsonl"
+    if main and resume:  # steps after the checkpoint are trained (and logged) again
+        trim_log(log_path, step)
     end = min(config.steps, stop_at) if stop_at is not None else config.steps
     bar = StepBar(progress and main, "train", end, step)
     data_time = compute_time = 0.0
@@ -451,7 +455,11 @@ def train_flow(
                     step,
                     {"model": accelerator.unwrap_model(model), "ema": ema},
                     {"optimizer": optimizer},
-                    {"config": asdict(config)},
+                    {
+                        "config": asdict(config),
+                        # fp16's loss scale: a resumed run skips the same overflowing steps
+                        **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler else {}),
+                    },
                     keep=config.keep_checkpoints,
                 )
     bar.close()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ctflow.files import write_text_atomic
+
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warmup to 1, then cosine decay to ``min_ratio``."""
@@ -106,6 +108,22 @@ def machine() -> dict:
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop a training log's records past ``step`` (a resume from that step's checkpoint writes them
+    again); unreadable lines (a write cut by a kill) go too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept), overwrite=True)
 
 
 class StepBar:

@@ -19,7 +19,7 @@ import torch
 from ctflow.errors import CTFlowError
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
 from ctflow.train.config import VAETrainConfig
-from ctflow.train.utils import StepBar, append_jsonl, lr_lambda, step_generator
+from ctflow.train.utils import StepBar, append_jsonl, lr_lambda, step_generator, trim_log
 
 WHITE_FRACTION = 0.02  # share of training slices that are all-white EOS slices
 
@@ -120,6 +120,7 @@ def train_vae(
         if found := list_checkpoints(ckpt_dir):
             step = restore(found[-1], modules, optims)["step"]
             sched.last_epoch = step
+        trim_log(out / "log.jsonl", step)  # steps after the checkpoint are trained (and logged) again
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     end = min(config.steps, stop_at) if stop_at is not None else config.steps
