@@ -204,6 +204,15 @@ def test_prompts_redo_a_row_stopped_half_way_and_never_replace_other_files(
     assert not list((tmp_path / "out").glob(".*"))
 
 
+def test_prompts_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(tmp_path):
+    from ctflow.generate import read_prompts
+
+    (tmp_path / "p.csv").write_bytes(
+        b"\xef\xbb\xbfreport,slices\nFindings: clear.,8\n"
+    )  # Excel's "CSV UTF-8"
+    assert [(r["report"], r["slices"]) for r in read_prompts(tmp_path / "p.csv")] == [("Findings: clear.", 8)]
+
+
 def test_prompts_csv_without_report_column(model, tmp_path, run_cli):
     (tmp_path / "p.csv").write_text("text\nhello\n")
     assert_clean_error(

@@ -152,7 +152,7 @@ def read_prompts(path: Path) -> list[dict]:
     if not path.is_file():
         raise CTFlowError(f"prompts file {path} not found")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             columns = reader.fieldnames or []

@@ -110,6 +110,14 @@ def test_reader_takes_the_ctrate_download_layout_and_its_validation_names(tmp_pa
     assert len(CTRateDataset.open(tables, "valid")) == 2  # the dataset/ folder itself works as the root
 
 
+def test_tables_with_a_byte_order_mark_are_read(tmp_path):
+    _fixture(tmp_path)
+    for path in tmp_path.rglob("*.csv"):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ds = CTRateDataset.open(tmp_path)
+    assert len(ds) == 3 and ds.problems == []
+
+
 def test_reader_applies_metadata_rescale_and_spacing(tmp_path):
     _fixture(tmp_path)
     ds = CTRateDataset.open(tmp_path)

@@ -156,6 +156,17 @@ def test_time_distribution_is_checked_when_the_config_loads(tmp_path):
         load_config(tmp_path / "b.yaml", FlowTrainConfig)
 
 
+def test_restore_keeps_the_runs_own_optimizer_settings_and_the_saved_rate(tmp_path):
+    model, opt = _model_and_opt()
+    opt.param_groups[0]["lr"] = 0.05  # where a schedule had reached
+    save_checkpoint(tmp_path, 1, {"model": model}, {"opt": opt}, {})
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.3, betas=(0.8, 0.95))
+    restore(list_checkpoints(tmp_path)[-1], {"model": model}, {"opt": fresh})
+    group = fresh.param_groups[0]
+    assert (group["weight_decay"], group["betas"]) == (0.3, (0.8, 0.95))  # a fine-tune's own settings
+    assert group["lr"] == 0.05 and fresh.state_dict()["state"]  # the saved rate and moments
+
+
 def _model_and_opt():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

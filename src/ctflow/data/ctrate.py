@@ -86,7 +86,7 @@ def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     if not path.is_file():
         raise CTFlowError(f"{path} not found; expected the CT-RATE layout (see `ctflow phantoms --help`)")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             rows = list(reader)

@@ -100,12 +100,19 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
 
 
 def restore(path, modules: dict, optimizers: dict) -> dict:
-    """Load a checkpoint into modules/optimizers in place; return its info."""
+    """Load a checkpoint into modules/optimizers in place; return its info. The optimizers keep the
+    hyperparameters they were built with (the run's config: a fine-tune resuming from an earlier
+    stage's checkpoint takes its own weight decay and betas); their state comes back, and the learning
+    rate, which is where the schedule had reached."""
     groups, info = load_checkpoint(path)
     for prefix, module in modules.items():
         module.load_state_dict(groups[prefix])
     for prefix, opt in optimizers.items():
+        keep = ("params", "lr", "initial_lr")
+        settings = [{k: v for k, v in g.items() if k not in keep} for g in opt.param_groups]
         load_optimizer_tensors(opt, groups.get(prefix, {}), info["optimizers"][prefix])
+        for group, own in zip(opt.param_groups, settings, strict=True):
+            group.update(own)
     return info
 
 
