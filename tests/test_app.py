@@ -68,7 +68,7 @@ def client(url, folder) -> Client:
 class FakePipe:
     """Returns a flat volume once released; records how many calls ran at once."""
 
-    name, weights_hash = "fake", None
+    name, weights_hash, chunk_slices = "fake", None, 4
     device, dtype = torch.device("cpu"), torch.float32
     config = {"slice_spacing": 2.0, "pixel_spacing": 1.5}
 
