@@ -139,10 +139,7 @@ class CTFlowPipeline:
         if config.get("text_encoder_source") == DEFAULT_TEXT_ENCODER:
             text_encoder, tokenizer = load_text_encoder(None)
         else:
-            text_encoder, tokenizer = load_text_encoder(folder / "text_encoder")
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+            text_encoder, tokenizer = load_text_encoder(folder / "text_encoder", folder / "tokenizer")
         try:
             transformer = CTFlowTransformer.from_pretrained(
                 folder / "transformer", use_safetensors=True, local_files_only=True

@@ -50,3 +50,24 @@ def test_convert_ctclip_refuses_pickled_objects(tmp_path, run_cli):
         run_cli("convert", "ctclip", tmp_path / "e.pt", "--out", tmp_path / "o"), "weights-only"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_a_converted_text_tower_without_its_tokenizer_is_refused_when_loaded(tmp_path):
+    """Without vocab files transformers builds a 5-token tokenizer that reads every word as [UNK]."""
+    import pytest
+
+    from ctflow.errors import CTFlowError
+    from ctflow.models.text import load_text_encoder
+
+    _fake_ctclip(tmp_path / "ctclip.pt")
+    out = convert_ctclip(tmp_path / "ctclip.pt", tmp_path / "text", num_attention_heads=1)
+    with pytest.raises(CTFlowError, match="holds no tokenizer"):
+        load_text_encoder(out)
+    (out / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")  # a pointer
+    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefgh"]))
+    with pytest.raises(CTFlowError, match=f"cannot load text encoder from {out}"):
+        load_text_encoder(out)
+    convert_ctclip(tmp_path / "ctclip.pt", tmp_path / "text2", num_attention_heads=1)
+    (tmp_path / "text2" / "vocab.txt").write_text((out / "vocab.txt").read_text())  # 13 tokens, model 100
+    with pytest.raises(CTFlowError, match="knows 13 tokens, the model 100"):
+        load_text_encoder(tmp_path / "text2")

@@ -97,25 +97,53 @@ class TextEmbedding:
         )
 
 
-def load_text_encoder(path: str | Path | None = None):
-    """Load ``(model, tokenizer)`` from a local transformers folder (safetensors only)."""
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "*.model",
+)  # fast, WordPiece, BPE, SentencePiece
+
+
+def load_text_encoder(path: str | Path | None = None, tokenizer_path: str | Path | None = None):
+    """Load ``(model, tokenizer)`` from a local transformers folder (safetensors only, no code from
+    the folder); the tokenizer from ``tokenizer_path`` when it lives apart (a pipeline's tokenizer/)."""
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     path = Path(path) if path is not None else default_text_encoder_path()
+    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else path
     if not path.is_dir():
         raise CTFlowError(f"text encoder folder {path} not found; pass a local transformers folder")
     if not any(path.glob("*.safetensors")):
         raise CTFlowError(
             f"no .safetensors weights in {path}; only safetensors are loaded (convert pickles first)"
         )
+    # without its vocabulary transformers builds a 5-token tokenizer that reads every word as [UNK]
+    if not any(next(tokenizer_path.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        raise CTFlowError(
+            f"{tokenizer_path} holds no tokenizer (tokenizer.json or vocab.txt); copy the model's tokenizer"
+            " files into it (`ctflow convert ctclip --tokenizer DIR` does)"
+        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise CTFlowError(f"cannot load text encoder from {path}: {str(e).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path, local_files_only=True, trust_remote_code=False
+        )
+        model = AutoModel.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, SafetensorError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CTFlowError(f"cannot load text encoder from {path}: {first}") from None
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab and len(tokenizer) < vocab // 2:
+        raise CTFlowError(
+            f"the tokenizer in {tokenizer_path} knows {len(tokenizer)} tokens, the model {vocab}; they do"
+            " not belong together"
+        )
     return model.eval().requires_grad_(False), tokenizer
 
 
