@@ -104,7 +104,7 @@ def main() -> dict:
         z, recon = through_vae(pipe, vol)
         recon_hu, fluid = recon.hu(), labels == LABEL_IDS["effusion"]
         cond = pipe.text_condition([text_eff, text_none])
-        uncond = null_condition(cond) if args.guidance > 1.0 else None
+        uncond = null_condition(cond) if args.guidance != 1.0 else None
         for place, c in (("onset", onset), ("continuation", middle)):
             chunk = slice(c * k, (c + 1) * k)
             cond_c = {**cond, "chunk_index": torch.full((2,), c)}

@@ -260,7 +260,7 @@ def main() -> dict:
             edited = {}
             for start, report in VARIANTS:
                 cond = conds[report]
-                uncond = null_condition(cond) if args.guidance > 1 else None
+                uncond = null_condition(cond) if args.guidance != 1 else None
                 out = regenerate(pipe, z[start], chunks, cond, uncond, args.guidance, t, sigmas, noises)
                 level[f"{start}_{report}"] = read(Volume(decoded_hu(pipe, out), spacing), rule)
                 edited[start, report] = out

@@ -172,13 +172,15 @@ def test_euler_with_the_oracle_velocity_recovers_x0(steps):
     assert model.batches == [2] * steps
 
 
-def test_heun_with_the_oracle_velocity_ends_near_x0():
+def test_heun_with_the_oracle_velocity_recovers_x0_and_reports_each_interval_once():
     x0 = torch.randn(SHAPE)
     model = FakeModel(oracle(x0))
-    out = sample_chunk(model, make_scheduler("heun"), SHAPE, make_cond(), 5)
-    # Heun's last sigma is its sigma_min (1e-3), so the sample keeps that much noise
-    torch.testing.assert_close(out, x0, atol=1e-2, rtol=0)
-    assert len(model.batches) == 2 * 5 - 1
+    steps = []
+    out = sample_chunk(model, make_scheduler("heun"), SHAPE, make_cond(), 5, callback=steps.append)
+    # the schedule ends at sigma 0 (a plain Euler step), so the oracle lands on x0
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
+    assert len(model.batches) == 2 * 5 - 1  # two evaluations per interval but the last
+    assert steps == [0, 1, 2, 3, 4]  # progress reads i / 5, not up to 9 / 5
 
 
 def test_unknown_sampler_raises():
@@ -203,6 +205,10 @@ def test_cfg_runs_cond_and_uncond_in_one_batched_forward():
     v_c, v_u = model.velocity(x, t, cond), model.velocity(x, t, uncond)
     torch.testing.assert_close(v, v_u + 3.0 * (v_c - v_u))
     assert model.batches == [4]
+    # below 1 too: 0 is the unconditional velocity, 0.5 halfway (both were taken as 1)
+    torch.testing.assert_close(guided_velocity(model, x, t, cond, uncond, 0.0, ("cache", 4)), v_u)
+    torch.testing.assert_close(guided_velocity(model, x, t, cond, uncond, 0.5, ("cache", 4)), (v_u + v_c) / 2)
+    torch.testing.assert_close(guided_velocity(model, x, t, cond, uncond, 1.0, ("cache", 2)), v_c)
 
 
 def flag_velocity(x, t, cond):

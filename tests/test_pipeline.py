@@ -353,3 +353,12 @@ def test_expected_chunks_follow_the_request_the_meta_line_then_the_model(pipe, m
     assert pipe.expected_chunks(REPORT) == 5
     monkeypatch.setitem(pipe.config, "typical_slices", None)
     assert pipe.expected_chunks(REPORT) == -(-pipe.config["default_max_slices"] // k)
+
+
+def test_a_guidance_scale_below_one_is_applied_not_taken_as_one(pipe):
+    def run(scale):
+        return pipe(REPORT, num_slices=4, num_inference_steps=2, guidance_scale=scale,
+                    generator=torch.Generator().manual_seed(3)).volumes[0].hu()  # fmt: skip
+
+    one = run(1.0)
+    assert not np.array_equal(run(0.5), one) and not np.array_equal(run(0.0), one)

@@ -347,7 +347,13 @@ def generate(
         int | None, typer.Option("--max-slices", help="Upper limit when the model decides.")
     ] = None,
     steps: Annotated[int, typer.Option("--steps", help="ODE steps per chunk.")] = 20,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 2.0,
+    guidance: Annotated[
+        float,
+        typer.Option(
+            "--guidance",
+            help="Classifier-free guidance scale: 1 none, above 1 stronger, 0 ignores the report.",
+        ),
+    ] = 2.0,
     finding_guidance: Annotated[
         float | None,
         typer.Option(

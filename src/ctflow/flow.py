@@ -13,7 +13,8 @@ A condition ``cond`` is a dict of the transformer's keyword arguments: ``encoder
 [B,L,text_dim], ``encoder_attention_mask`` [B,L] (1 keep, 0 pad), ``pooled_text`` [B,text_dim],
 ``chunk_index`` [B] long and ``context`` [B,C,S,h,w] (the previous chunk) or None for the first chunk;
 optionally ``num_slices`` [B] (the meta line's slice count) and ``findings`` [B,F] (the report's finding
-flags, -1 where unknown), which the null condition treats as part of the report.
+flags, -1 where unknown). The null condition blanks the report and its flags (part of the report) and
+keeps the slice count and the context, so guidance pushes on what the report says, not on the depth.
 
 Guidance: classifier-free guidance moves the velocity away from the null condition's by
 ``guidance_scale``. With a ``finding_scale`` (transformers that read finding flags) it is split in two,
@@ -193,12 +194,13 @@ def guidance_terms(
     """The conditions one guided velocity needs, with weights: v = v_last + sum_i w_i (v_i - v_last).
 
     ``[(cond, 1)]`` unguided; ``[(cond, g), (uncond, 0)]`` for classifier-free guidance (``uncond``
-    given and ``guidance_scale`` > 1); with a ``finding_scale`` f other than the text's scale and
+    given and ``guidance_scale`` other than 1: 0 is the unconditional velocity, between 0 and 1 a
+    blend, above 1 guidance); with a ``finding_scale`` f other than the text's scale and
     ``cond`` holding finding flags, the same report with unknown flags comes between them:
     ``[(cond, f), (flagless, g - f), (uncond, 0)]``, or ``[(cond, f), (flagless, 0)]`` unguided (see
     the module docstring).
     """
-    g = guidance_scale if uncond is not None and guidance_scale > 1.0 else 1.0
+    g = guidance_scale if uncond is not None else 1.0
     f = finding_scale if finding_scale is not None and cond.get("findings") is not None else g
     if f == g:  # plain guidance, or none
         return [(cond, g), (uncond, 0.0)] if g != 1.0 else [(cond, 1.0)]
@@ -268,7 +270,7 @@ def guided_velocity(
 ) -> torch.Tensor:
     """Classifier-free guided velocity v_u + g * (v_c - v_u) from ONE forward over [cond; uncond].
 
-    With ``guidance_scale <= 1`` or no ``uncond`` it is the conditional velocity (one forward of batch B).
+    With ``guidance_scale`` 1 or no ``uncond`` it is the conditional velocity (one forward of batch B).
     A ``finding_scale`` adds the report with unknown flags to the batch (:func:`guidance_terms`).
     ``context_cache`` and ``text_cache`` must come from :func:`context_cache_for` and
     :func:`text_cache_for` with the same arguments.
@@ -306,8 +308,8 @@ def sample_chunk(
     """Generate one chunk x0 [B,C,S,h,w] from noise, integrating t: 1 -> 0 with ``scheduler``.
 
     The report's keys/values and the context cache are computed once and reused at every step.
-    ``callback(i)`` runs after step i of ``len(scheduler.timesteps)`` (Heun evaluates the model twice
-    per interval).
+    ``callback(i)`` runs after step i of ``num_inference_steps`` (Heun's two model evaluations of an
+    interval count as one step, so progress reads i / num_inference_steps for either sampler).
     """
     if shape[0] != cond["pooled_text"].shape[0]:
         raise CTFlowError(
@@ -318,10 +320,12 @@ def sample_chunk(
     scheduler.set_timesteps(num_inference_steps, device=device)
     text = text_cache_for(model, cond, uncond, guidance_scale, finding_scale)
     cache = context_cache_for(model, cond, uncond, guidance_scale, finding_scale, text)
+    done, evaluations = 0, len(scheduler.timesteps)  # Heun: 2 * num_inference_steps - 1
     for i, timestep in enumerate(scheduler.timesteps):
         t = scheduler.sigmas[i].to(device=device, dtype=torch.float32).expand(shape[0])
         v = guided_velocity(model, x, t, cond, uncond, guidance_scale, cache, finding_scale, text)
         x = scheduler.step(v.float(), timestep, x, return_dict=False)[0]
-        if callback is not None:
-            callback(i)
+        while callback is not None and done < (i + 1) * num_inference_steps // evaluations:
+            callback(done)
+            done += 1
     return x

@@ -330,7 +330,7 @@ class CTFlowPipeline:
         texts = [with_meta(r, n, sp) for r, n, sp in zip(reports, requested, spacings, strict=True)]
         limits = [n or cap for n in requested]
         cond = self.text_condition(texts)
-        uncond = null_condition(cond) if guidance_scale > 1.0 else None
+        uncond = null_condition(cond) if guidance_scale != 1.0 else None
         b, k, device = len(texts), self.chunk_slices, self.device
         c, h, w = self.eos_latent().shape
         outputs: list[list[np.ndarray]] = [[] for _ in range(b)]
