@@ -207,6 +207,8 @@ def test_existing_output_needs_overwrite(nifti, tmp_path, run_cli):
 
 def test_phantoms_bad_count_and_existing_folder(tmp_path, run_cli):
     assert_clean_error(run_cli("phantoms", "--n", 0, "--out", tmp_path / "ph"), "--n")
+    assert_clean_error(run_cli("phantoms", "--n", 1, "--seed", -3, "--out", tmp_path / "ph"), "--seed")
+    assert not (tmp_path / "ph").exists()
     (tmp_path / "ph").mkdir()
     assert_clean_error(run_cli("phantoms", "--n", 1, "--out", tmp_path / "ph"), "--overwrite")
 

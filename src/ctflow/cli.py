@@ -113,6 +113,8 @@ def phantoms(
         )
     if not split.isalpha() or not split.islower():
         raise CTFlowError(f"--split must be lower-case letters like 'train' or 'valid', got {split!r}")
+    if seed < 0:
+        raise CTFlowError(f"--seed must be 0 or more, got {seed}")
     specs = [sample_spec(seed + i, size=size, slice_range=(min_slices, max_slices)) for i in range(n)]
     originals = list(specs)  # a twin keeps its original's seed, so the report is worded the same
     twin_kinds = (

@@ -201,3 +201,10 @@ def test_antialias_blur_matches_scipy():
     for axis in range(3):
         expected = ndimage.gaussian_filter1d(x, 1.5, axis=axis, mode="nearest")
         np.testing.assert_allclose(_gaussian_along(x, 1.5, axis), expected, atol=1e-5)
+
+
+def test_infinite_hu_clip_to_the_window_ends():
+    for window in ((-1000, 1000), (-1000, -150, 150, 1000)):  # (they were NaN)
+        assert normalize_hu(np.array([np.inf, -np.inf]), window).tolist() == pytest.approx([1.0, -1.0])
+        ends = normalize_hu(torch.tensor([float("inf"), float("-inf")]), window).tolist()
+        assert ends == pytest.approx([1.0, -1.0])

@@ -465,3 +465,11 @@ def test_speed_sanity():
     t = time.perf_counter()
     make_phantom(spec)
     assert time.perf_counter() - t < 1.5
+
+
+def test_a_given_effusion_depth_is_the_depth_recorded_whatever_the_body_scale():
+    for scale in (0.9, 1.0, 1.2):
+        spec = _spec(body_scale=scale, findings=[{"type": "effusion", "side": "left", "depth_mm": 55}])
+        assert make_phantom(spec)[1]["findings"][0]["depth_mm"] == 55.0, scale
+    with pytest.raises(CTFlowError, match="depth_mm must be 10..120"):
+        _spec(findings=[{"type": "effusion", "side": "left", "depth_mm": 500}]).validate()

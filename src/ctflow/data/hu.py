@@ -73,7 +73,8 @@ def normalize_hu(x, window=HU_WINDOW):
     if kind == "number":
         return float(normalize_hu(np.array([x]), knots)[0])
     step = 2.0 / (len(knots) - 1)
-    y = x * 0.0 - 1.0  # same kind, dtype and device as x
+    # same kind, dtype and device as x (x * 0.0 would be NaN at +-inf, which clip to the window's ends)
+    y = (sys.modules["torch"].zeros_like(x) if kind == "torch" else np.zeros_like(x)) - 1.0
     for a, b in zip(knots[:-1], knots[1:], strict=True):
         y = y + ((x - a) * (step / (b - a))).clip(0.0, step)
     return y

@@ -151,6 +151,8 @@ def _check_finding(f: Any) -> None:
             raise CTFlowError(f"nodule size_mm must be 2..60 mm; got {size}")
     if t == "effusion" and f.get("side") not in EFFUSION_SIDES:
         raise CTFlowError(f"effusion side must be {one_of(EFFUSION_SIDES)}; got {f.get('side')!r}")
+    if t == "effusion" and "depth_mm" in f and not 10.0 <= float(f["depth_mm"]) <= 120.0:
+        raise CTFlowError(f"effusion depth_mm must be 10..120 mm; got {f['depth_mm']}")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -1192,7 +1194,10 @@ class _Renderer:
         for i, f in enumerate(spec.findings):
             if f["type"] != "effusion":
                 continue
-            depth = float(f.get("depth_mm", rngs[i].uniform(45.0, 70.0)))
+            drawn = rngs[i].uniform(45.0, 70.0)  # drawn either way: the finding's stream stays the same
+            # the fluid is drawn in body-scaled units (the ground truth multiplies by body_scale): a given
+            # depth in mm is divided by it, so the ground truth records the depth asked for
+            depth = float(f["depth_mm"]) / g.bs if "depth_mm" in f else drawn
             sides = {"right": (1,), "left": (2,), "bilateral": (1, 2)}[f["side"]]
             for sd in sides:
                 self._effusions.append({"code": sd, "depth": depth, "index": i})
