@@ -52,7 +52,7 @@ def test_model_card_names_steps_size_and_timings(tmp_path):
     (tmp_path / "timings.json").write_text(json.dumps({"phantoms": 24.0, "train": 629.0}))
     (tmp_path / "w.safetensors").write_bytes(b"0" * 2**20)
     card = write_model_card(tmp_path).read_text()
-    assert "# m" in card and "1.0 MB of safetensors" in card
+    assert "# m" in card and "1.0 MiB of safetensors" in card
     assert "| phantoms | train |" in card and "| 24.0 | 629.0 |" in card
     assert "EOS latent threshold (MSE): 0.5" in card
     assert "HU window [-1000, 1000]" in card  # no VAE config: the linear default

@@ -139,7 +139,7 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         return json.loads(path.read_text()) if path.exists() else None
 
     quality = result("embedded_quality")
-    size_mb = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
+    size_mib = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
     vae_config = folder / "vae" / "config.json"
     window = json.loads(vae_config.read_text()).get("_hu_window") if vae_config.exists() else None
     flow_config = folder / "transformer" / "config.json"
@@ -187,7 +187,7 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
         f"- depth target for reports without a slice count: {index['ctflow'].get('typical_slices')}"
         " slices (training median)",
-        f"- weights: {size_mb:.1f} MB of safetensors",
+        f"- weights: {size_mib:.1f} MiB of safetensors (the 25 MiB budget)",
         "",
         "## Reproduce",
         "`make train-default` (phantoms -> VAE -> latents -> transformer -> fine-tune -> this folder),"
