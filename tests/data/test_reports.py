@@ -181,6 +181,15 @@ def test_bad_ground_truth_raises():
             {"nodule", "consolidation"},
         ),
         ("No pleural effusion. No nodule. Pericardial effusion. Heart size is normal.", set()),
+        # a negation reaches to the end of its clause, not over the whole sentence
+        ("The heart is enlarged, without pericardial effusion.", {"cardiomegaly"}),
+        ("A 6 mm nodule in the right upper lobe without calcification.", {"nodule"}),
+        ("Left pleural effusion, no pneumothorax.", {"effusion_left"}),
+        ("Bilateral pleural and pericardial effusion.", {"effusion_left", "effusion_right"}),
+        # the side of the clause that names the effusion
+        ("Large right pleural effusion with mediastinal shift to the left.", {"effusion_right"}),
+        # findings reported gone are not named as present
+        ("Right pleural effusion has resolved. The pleural spaces are free of effusion.", set()),
     ],
 )
 def test_finding_vector_flags_the_findings_a_report_names(text, named):

@@ -253,27 +253,39 @@ def phantom_report(ground_truth: dict, seed: int | None = None) -> dict[str, str
 
 
 # ---------------------------------------------------------------- reading reports
-_NEGATION = re.compile(r"\b(no|not|without|absent|neither|nor)\b|n't", re.IGNORECASE)
+_NEGATION = re.compile(
+    r"\b(no|not|without|absent|neither|nor|resolved|free of|negative for|ruled out)\b|n't", re.IGNORECASE
+)
+# where a negation's reach ends: "The heart is enlarged, without pericardial effusion." negates the
+# effusion, not the heart; "A 6 mm nodule without calcification." keeps the nodule
+_CLAUSE_BREAK = re.compile(r"[,;]|\b(?:but|while|whereas)\b|(?=\bwith(?:out)?\b)", re.IGNORECASE)
 
 
 def _sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", text) if s.strip()]
 
 
-def _positive(sentence: str) -> bool:
-    return _NEGATION.search(sentence) is None
+def _clauses(text: str) -> list[str]:
+    """Lower-cased clauses of a report: sentences cut where a negation's reach ends."""
+    return [c.strip() for s in _sentences(text.lower()) for c in _CLAUSE_BREAK.split(s) if c and c.strip()]
+
+
+def _positive(clause: str) -> bool:
+    return _NEGATION.search(clause) is None
 
 
 def _pleural_effusion(low: str) -> bool:
-    # a lower-cased sentence that names a pleural effusion (not a pericardial one) without negating it
-    return "effusion" in low and "pericardial" not in low and _positive(low)
+    # a lower-cased clause that names a pleural effusion (not only a pericardial one) without negating it
+    return "effusion" in low and ("pleural" in low or "pericardial" not in low) and _positive(low)
 
 
 def attributes_from_report(text: str) -> dict:
     """The same keys parsed from report wording (``ctflow.data.reports`` phrasing and close variants).
 
-    A finding counts when a sentence names it without a negation ("No pleural
-    effusion was detected." is negative). Pericardial effusion is not pleural.
+    A finding counts when a clause names it without a negation ("No pleural effusion was detected."
+    is negative; "The heart is enlarged, without pericardial effusion." names an enlarged heart and
+    no effusion). Pericardial effusion is not pleural; a side is read from the clause that names the
+    effusion ("Right pleural effusion with mediastinal shift to the left." is right).
     """
     if not isinstance(text, str):
         raise CTFlowError(f"attributes_from_report needs report text; got {type(text).__name__}")
@@ -285,8 +297,7 @@ def attributes_from_report(text: str) -> dict:
         "consolidation": False,
     }
     right = left = False
-    for s in _sentences(text):
-        low = s.lower()
+    for low in _clauses(text):
         pos = _positive(low)
         if _pleural_effusion(low):
             if "bilateral" in low or "both sides" in low or ("left" in low and "right" in low):
@@ -317,6 +328,6 @@ def finding_vector(text: str) -> list[float]:
     side = a["effusion"]
     left = float(side in ("left", "bilateral"))
     right = float(side in ("right", "bilateral"))
-    if side == "none" and any(_pleural_effusion(s.lower()) for s in _sentences(text)):
+    if side == "none" and any(_pleural_effusion(c) for c in _clauses(text)):
         left = right = 0.5  # named, but no sentence that names it says a side (else side != "none")
     return [left, right, *(float(a[k]) for k in ("cardiomegaly", "nodule", "emphysema", "consolidation"))]
