@@ -472,13 +472,24 @@ def convert_ctclip(
     ],
     out: Annotated[Path, typer.Option("--out", help="Output transformers folder.")],
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder to copy in (CXR-BERT).")] = None,
+    num_attention_heads: Annotated[
+        int | None,
+        typer.Option("--num-attention-heads", help="Attention heads (default: width / 64, BERT's)."),
+    ] = None,
     overwrite: Overwrite = False,
 ):
     """Extract CT-CLIP's text tower into a transformers folder (safetensors)."""
     from ctflow.models.ctclip import convert_ctclip as convert
 
-    convert(checkpoint, out, tokenizer=tokenizer, overwrite=overwrite)
+    convert(
+        checkpoint, out, tokenizer=tokenizer, num_attention_heads=num_attention_heads, overwrite=overwrite
+    )
     console.print(f"wrote {out}")
+    if tokenizer is None:
+        console.print(
+            f"note: no tokenizer copied; put the text tower's tokenizer files (CXR-BERT's vocab.txt,"
+            f" tokenizer_config.json) into {out} before using it"
+        )
 
 
 @app.command("app")

@@ -71,3 +71,27 @@ def test_a_converted_text_tower_without_its_tokenizer_is_refused_when_loaded(tmp
     (tmp_path / "text2" / "vocab.txt").write_text((out / "vocab.txt").read_text())  # 13 tokens, model 100
     with pytest.raises(CTFlowError, match="knows 13 tokens, the model 100"):
         load_text_encoder(tmp_path / "text2")
+
+
+def test_convert_ctclip_refuses_towers_it_cannot_read_as_a_bert(tmp_path, run_cli):
+    import pytest
+
+    from ctflow.errors import CTFlowError
+
+    _fake_ctclip(tmp_path / "c.pt")  # 64 wide: one 64-wide head, read from the width
+    assert run_cli("convert", "ctclip", tmp_path / "c.pt", "--out", tmp_path / "a").code == 0
+    r = run_cli("convert", "ctclip", tmp_path / "c.pt", "--out", tmp_path / "b", "--num-attention-heads", 3)
+    assert_clean_error(r, "3 attention heads do not divide the width 64")
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state["text_transformer.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "extra.pt")
+    with pytest.raises(
+        CTFlowError, match="1 weights a BERT does not, e.g. encoder.layer.0.attention.self.rotary"
+    ):
+        convert_ctclip(tmp_path / "extra.pt", tmp_path / "o")
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state["text_transformer.encoder.layer.1.output.dense.bias"] = torch.zeros(65)
+    torch.save(state, tmp_path / "shape.pt")
+    with pytest.raises(CTFlowError, match=r"encoder.layer.1.output.dense.bias is \(65,\)"):
+        convert_ctclip(tmp_path / "shape.pt", tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -79,15 +79,33 @@ def convert_ctclip(
         raise CTFlowError(f"no '{PREFIX}*' keys in {checkpoint}; expected a CT-CLIP checkpoint")
     text = {k.removeprefix("bert."): v for k, v in text.items()}
     cfg = bert_config_from_state_dict(text)
+    hidden = cfg["hidden_size"]
     if num_attention_heads:
         cfg["num_attention_heads"] = num_attention_heads
+    elif hidden % 64:  # BERT's heads are 64 wide; another width cannot be read from the weights
+        raise CTFlowError(
+            f"cannot tell the attention heads of a {hidden}-wide text tower; pass --num-attention-heads"
+        )
+    if hidden % cfg["num_attention_heads"]:
+        raise CTFlowError(f"{cfg['num_attention_heads']} attention heads do not divide the width {hidden}")
     model = BertModel(BertConfig(**cfg), add_pooling_layer=any(k.startswith("pooler.") for k in text))
     expected = model.state_dict()
     text = {k: v for k, v in text.items() if k in expected or not k.endswith("position_ids")}
     missing = sorted(set(expected) - set(text) - {"embeddings.position_ids"})
     if missing:
         raise CTFlowError(f"text tower in {checkpoint} lacks {len(missing)} weights, e.g. {missing[0]}")
-    model.load_state_dict(text, strict=False)
+    unexpected = sorted(set(text) - set(expected))
+    if unexpected:  # weights a BERT does not have: not a tower this converter understands
+        raise CTFlowError(
+            f"text tower in {checkpoint} has {len(unexpected)} weights a BERT does not, e.g. {unexpected[0]}"
+        )
+    wrong = [k for k, v in text.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise CTFlowError(
+            f"text tower in {checkpoint}: {wrong[0]} is {tuple(text[wrong[0]].shape)}, a BERT of its size"
+            f" needs {tuple(expected[wrong[0]].shape)}"
+        )
+    model.load_state_dict(text, strict=False)  # (only position_ids, a buffer, may be absent)
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
