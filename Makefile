@@ -40,7 +40,7 @@ bench: $(STAMP)
 		echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 train-default: $(STAMP)
-	$(BIN)/python -m ctflow.train.default --work runs/default --install
+	$(BIN)/python -m ctflow.train.default --work runs/default --install --result make
 
 ablation: $(STAMP)
 	$(BIN)/python benchmarks/ablation.py --work runs/default --out runs/ablation

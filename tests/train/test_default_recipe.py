@@ -262,9 +262,9 @@ def test_the_recipe_trains_the_vae_on_the_phantoms_alone_and_fine_tunes_from_the
     work = tmp_path / "w"
     argv = ["--work", str(work), "--n", "6", "--vae-config", str(tmp_path / "vae.yaml")]
     argv += ["--threads", str(torch.get_num_threads())]  # the recipe sets the count; keep this process's
-    main(
-        [*argv, "--flow-config", str(tmp_path / "flow.yaml"), "--finetune-config", str(tmp_path / "ft.yaml")]
-    )
+    monkeypatch.setattr("ctflow.train.default.RESULTS", tmp_path / "results")
+    argv += ["--flow-config", str(tmp_path / "flow.yaml"), "--finetune-config", str(tmp_path / "ft.yaml")]
+    main([*argv, "--result", "t"])
     with open(work / "phantoms" / "metadata" / "train_metadata.csv") as f:
         depths = [int(row["NumberofSlices"]) for row in csv.DictReader(f)]
     assert len(depths) > 6  # the seeds hold one-sided effusions, so twins follow the 6 phantoms
@@ -282,6 +282,14 @@ def test_the_recipe_trains_the_vae_on_the_phantoms_alone_and_fine_tunes_from_the
     assert list(timings) == ["machine", *stages]  # the machine first: times are read against it
     assert timings["machine"]["cpu_count"] >= 1 and timings["machine"]["matmul_gflops_fp32"] > 0
     assert timings["total"] == round(sum(timings[k] for k in stages[:-1]), 1)
+    # --result: the same times, the machine and the command, where the README's figures come from
+    result = json.loads((tmp_path / "results" / "train_default_t.json").read_text())
+    assert result["seconds"] == {k: timings[k] for k in stages} and result["machine"] == timings["machine"]
+    assert (
+        result["command"].startswith("python -m ctflow.train.default --work")
+        and "--result t" in result["command"]
+    )
+    assert result["minutes"] == round(timings["total"] / 60, 1)
     weights = {
         run: load_file(work / run / "transformer" / "diffusion_pytorch_model.safetensors")
         for run in ("flow", "finetune", "model")

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ctflow.files import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
+RESULTS = ROOT / "benchmarks" / "results"  # --result NAME writes train_default_NAME.json here
 RESULTS = ROOT / "benchmarks" / "results"
 REPORT_VARIANTS = 4  # shortened versions of each report in the latent cache (short_reports trains on them)
 
@@ -354,6 +359,23 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     return path
 
 
+def write_result(name: str, timings: dict, argv: list[str]) -> Path:
+    """``benchmarks/results/train_default_NAME.json``: the command, its stage times (a stage done in an
+    earlier run of the same --work keeps that run's time) and the machine of the run's first stage."""
+    seconds = {k: v for k, v in timings.items() if isinstance(v, int | float)}
+    result = {
+        "command": " ".join(["python -m ctflow.train.default", *map(str, argv)]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": timings.get("machine"),
+        "seconds": seconds,
+        "minutes": round(seconds.get("total", 0.0) / 60, 1),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(
+        RESULTS / f"train_default_{name}.json", json.dumps(result, indent=1), overwrite=True
+    )
+
+
 def main(argv=None) -> None:
     from ctflow.cli import main as cli
     from ctflow.pipeline import DEFAULT_MODEL
@@ -387,6 +409,11 @@ def main(argv=None) -> None:
         type=lambda s: None if s == "none" else Path(s),
         default=CONFIGS / "tiny-phantom-finetune.yaml",
         help="second flow stage, resumed from the first's last checkpoint ('none': no fine-tune; experiments only)",
+    )
+    p.add_argument(
+        "--result",
+        metavar="NAME",
+        help="also record the stage times and the machine in benchmarks/results/train_default_NAME.json",
     )
     p.add_argument("--card", action="store_true", help="only rewrite the installed model card")
     p.add_argument(
@@ -470,6 +497,8 @@ def main(argv=None) -> None:
     timings["total"] = round(sum(v for v in timings.values() if isinstance(v, int | float)), 1)
     timings_path.write_text(json.dumps(timings, indent=1))
     print(json.dumps(timings, indent=1))
+    if args.result:
+        print(f"wrote {write_result(args.result, timings, argv if argv is not None else sys.argv[1:])}")
     if args.install:
         shutil.rmtree(DEFAULT_MODEL, ignore_errors=True)
         shutil.copytree(model, DEFAULT_MODEL)
