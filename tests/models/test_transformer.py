@@ -534,8 +534,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     plain = grads()
     model.enable_gradient_checkpointing()
+    calls, checkpoint = [], model._gradient_checkpointing_func
+    model._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
     for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(a, b)
+    assert (
+        len(calls) == 2 * model.config.depth
+    )  # every block of the chunk and the context stream ran checkpointed
+
+
+def test_patches_map_to_tokens_and_back_in_slice_row_column_order():
+    """Unequal patch sides on an unequal grid, so a swapped axis cannot pass unnoticed."""
+    from einops import rearrange
+
+    model = make_model(patch_size=(1, 2, 4), sample_size=8, chunk_slices=3)
+    s, h, w = model.grid
+    assert (s, h, w) == (3, 4, 2)
+    d = model.config.hidden_size
+    x = torch.randn(2, s * h * w, 1 * 2 * 4 * C)
+    want = rearrange(x, "b (s h w) (ps ph pw c) -> b c (s ps) (h ph) (w pw)", s=s, h=h, w=w, ps=1, ph=2, pw=4)
+    torch.testing.assert_close(model.unpatchify(x), want)
+    with torch.no_grad():  # a voxel at slice 2, row 5, column 6 lies in patch (2, 2, 1): token 2*8 + 2*2 + 1
+        delta = torch.zeros(1, C, 3, 8, 8)
+        delta[0, 0, 2, 5, 6] = 1.0
+        tokens = [
+            model._tokens(model.x_embedder(v), torch.zeros(1, d)) for v in (delta, torch.zeros_like(delta))
+        ]
+    changed = (tokens[0] - tokens[1]).abs().sum(-1)[0].nonzero().flatten().tolist()
+    assert changed == [21]
 
 
 def test_return_dict_false_gives_a_tuple():
