@@ -298,6 +298,18 @@ def test_original_flux_single_file_converts_to_identical_weights_and_outputs(sma
     save_file({f"first_stage_model.{k}": v for k, v in flux_sd.items()}, tmp_path / "full.safetensors")
     again = load_vae(tmp_path / "full.safetensors", config=tmp_path / "cfg")
     assert torch.equal(_outputs(again, x), _outputs(small_flux, x))
+    # a config folder's HU window comes along (from_config drops ctflow's underscore keys)
+    small_flux.save_config(tmp_path / "soft")  # then the window added by hand: the fixture stays as it is
+    config = json.loads((tmp_path / "soft" / "config.json").read_text())
+    (tmp_path / "soft" / "config.json").write_text(
+        json.dumps({**config, "_hu_window": [-1000, -150, 150, 1000]})
+    )
+    assert SliceVAE(load_vae(tmp_path / "ae.safetensors", config=tmp_path / "soft")).hu_window == (
+        -1000.0,
+        -150.0,
+        150.0,
+        1000.0,
+    )
 
 
 def test_flux_conversion_round_trips_and_accepts_linear_attention(small_flux):

@@ -628,6 +628,8 @@ def load_vae(
     state = flux_to_diffusers_state_dict(load_file(str(path)), config, source=str(path))
     model = _meta_model(config)  # no random init: the checkpoint's tensors are assigned
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    if config.get("_hu_window") is not None:  # ctflow's own key, which from_config leaves out
+        model.register_to_config(_hu_window=list(config["_hu_window"]))
     return model.eval()
 
 
