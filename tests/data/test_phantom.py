@@ -473,3 +473,10 @@ def test_a_given_effusion_depth_is_the_depth_recorded_whatever_the_body_scale():
         assert make_phantom(spec)[1]["findings"][0]["depth_mm"] == 55.0, scale
     with pytest.raises(CTFlowError, match="depth_mm must be 10..120"):
         _spec(findings=[{"type": "effusion", "side": "left", "depth_mm": 500}]).validate()
+
+
+def test_a_nodules_voxel_count_is_the_voxels_labelled_nodule():
+    spec = _spec(findings=[{"type": "nodule", "lobe": "right upper", "size_mm": 20}])
+    r = render_phantom(spec)
+    rec = next(f for f in r.ground_truth["findings"] if f["type"] == "nodule")
+    assert rec["visible"] and rec["voxels"] == int((r.labels == LABEL_IDS["nodule"]).sum())

@@ -1288,7 +1288,7 @@ class _Renderer:
             round(r * g.bs / g.dp, 2),
             round(r * g.bs / g.dp, 2),
         ]
-        rec["voxels"] = int(len(idx))
+        rec["voxels"] = int(len(np.unique(idx)))  # the six balls overlap: each voxel once
         s = int(round(v[0]))
         rec["visible"] = bool(in_z and 0 <= s < g.S and len(idx) > 0)
 
