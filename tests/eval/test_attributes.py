@@ -257,3 +257,10 @@ def test_nodule_samples_find_the_nodule_of_a_volume_the_reader_resamples():
     # the centre taken as if on the 64 px grid lands elsewhere: the candidates by the nodule are missed
     _, near_unscaled, _ = _nodule_samples(scan, r.ground_truth["findings"], (60, 64, 64))
     assert not near_unscaled[near].all()
+
+
+def test_calibration_refuses_phantom_sizes_it_cannot_stride_to_the_reader_grid():
+    from ctflow.eval.attributes import calibrate_reader
+
+    with pytest.raises(CTFlowError, match="multiple of 64 pixels wide, got 96"):
+        calibrate_reader([1], size=96)

@@ -757,6 +757,8 @@ def calibrate_reader(
     """
     from ctflow.data.phantom import render_phantom, sample_spec
 
+    if size % READER_SIZE:  # the label maps are strided down to the reader's grid
+        raise CTFlowError(f"calibration phantoms must be a multiple of {READER_SIZE} pixels wide, got {size}")
     counts, totals = np.zeros(ATLAS_SHAPE), np.zeros(ATLAS_SHAPE)
     counts_c, totals_c = np.zeros(ATLAS_SHAPE), np.zeros(ATLAS_SHAPE)
     samples = []
