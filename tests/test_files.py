@@ -35,3 +35,31 @@ def test_a_failed_write_leaves_nothing_and_an_existing_output_needs_overwrite(tm
     with atomic_path(tmp_path / "out.json", overwrite=True) as tmp:
         tmp.write_text("new")
     assert (tmp_path / "out.json").read_text() == "new"
+
+
+def test_an_output_that_appears_during_the_write_is_not_replaced(tmp_path):
+    """Two runs writing the same output: the check before the write and the rename are one step."""
+    with pytest.raises(CTFlowError, match="appeared while it was being written"):
+        with atomic_path(tmp_path / "ct.nii.gz") as tmp:
+            tmp.write_text("ours")
+            (tmp_path / "ct.nii.gz").write_text("theirs")
+    assert (tmp_path / "ct.nii.gz").read_text() == "theirs"
+    with pytest.raises(CTFlowError, match="appeared while it was being written"):
+        with atomic_dir(tmp_path / "series") as tmp:
+            (tmp / "a.dcm").write_text("ours")
+            (tmp_path / "series").mkdir()
+            (tmp_path / "series" / "b.dcm").write_text("theirs")
+    assert [p.name for p in (tmp_path / "series").iterdir()] == ["b.dcm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "series"]  # no temp left behind
+
+
+def test_a_write_the_system_refuses_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CTFlowError, match=r"cannot write .*file/sub/p.png: .*check the folder") as e:
+        with atomic_path(tmp_path / "file" / "sub" / "p.png") as tmp:
+            tmp.write_text("never")
+    assert "\n" not in str(e.value)
+    with pytest.raises(CTFlowError, match="No space left on device"):
+        with atomic_path(tmp_path / "out.bin") as tmp:
+            raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

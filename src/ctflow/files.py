@@ -49,38 +49,86 @@ def _suffixes(path: Path) -> str:
     return path.suffix
 
 
+def _cannot_write(path: Path, error: OSError) -> CTFlowError:
+    """A one-line error for a failed write (no permission, a full disk, a file where a folder goes)."""
+    return CTFlowError(f"cannot write {path}: {error.strerror or error}; check the folder and free space")
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it onto ``path`` on success.
 
     The temporary name keeps the extension so writers that infer the format
-    from it (nibabel, imageio) behave the same.
+    from it (nibabel, imageio) behave the same. Without ``overwrite`` a file that
+    appears at ``path`` while this one is written (another run) is not replaced.
     """
     path = check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffixes(path), dir=path.parent)
+    _make_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffixes(path), dir=path.parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            raise _cannot_write(path, e) from None
         if path.is_dir():
             raise CTFlowError(f"cannot write {path}: a folder of that name exists")
         _publish_mode(tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move a finished temporary file onto ``path``; without ``overwrite``, never onto an existing one."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if path exists: the check and the write are one step
+    except FileExistsError:
+        raise CTFlowError(
+            f"{path} appeared while it was being written (another run?); pass --overwrite to replace it"
+        ) from None
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise CTFlowError(
+                f"{path} already exists; pass --overwrite (overwrite=True) to replace it"
+            ) from None
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; move it onto ``path`` on success."""
     path = check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _make_parent(path)
     try:
-        yield tmp
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    try:
+        try:
+            yield tmp
+        except OSError as e:
+            raise _cannot_write(path, e) from None
         _publish_mode(tmp, directory=True)
         if path.exists():
+            if not overwrite:  # it appeared while this one was written (another run)
+                raise CTFlowError(
+                    f"{path} appeared while it was being written (another run?); pass --overwrite to replace it"
+                )
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             if path.is_dir():
