@@ -247,6 +247,27 @@ def test_generations_are_serialized_even_with_parallel_workers(tmp_path):
     assert pipe.calls == 4 and pipe.max_active == 1
 
 
+def test_a_failed_generation_is_one_line_and_leaves_no_job_folder(tmp_path):
+    class Failing(FakePipe):
+        def __call__(self, *args, **kwargs):
+            raise MemoryError()  # an exception with no message of its own
+
+    with served(build_app(Failing(), max_queue=2, concurrency=1, out_dir=tmp_path / "out")) as url:
+        with pytest.raises(AppError, match="generation failed: MemoryError"):
+            client(url, tmp_path).predict(REPORT, 3, 1, 1.0, 1, api_name="/generate")
+    assert not list((tmp_path / "out").glob("job-*/*"))  # its half-written files are not kept
+
+
+def test_streamed_previews_use_the_reports_slice_spacing():
+    from ctflow.app import partial_volume
+
+    pipe = tiny_pipeline()
+    chunks = [np.full((4, 16, 16), -0.5, np.float32)] * 2
+    plain = partial_volume(pipe, chunks, None, "Findings: clear.")
+    spaced = partial_volume(pipe, chunks, None, "Volume: 8 slices, 5 mm spacing. Findings: clear.")
+    assert plain.spacing[0] == pipe.config["slice_spacing"] and spaced.spacing[0] == 5.0
+
+
 # ----------------------------------------------------------------------------- inputs and CLI
 def test_parse_inputs():
     report, s = parse_inputs("  Findings: normal.  ", None, 20, 2.0, None)

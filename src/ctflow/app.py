@@ -161,8 +161,10 @@ def tap_decoded(pipe, sink):
             pass
 
 
-def partial_volume(pipe, chunks: list[np.ndarray], limit: int | None) -> Volume | None:
-    """The volume decoded so far, trimmed like the pipeline trims it (EOS slices, slice count)."""
+def partial_volume(pipe, chunks: list[np.ndarray], limit: int | None, report: str = "") -> Volume | None:
+    """The volume decoded so far, trimmed like the pipeline trims it (white EOS slices, slice count),
+    at the slice spacing the finished volume will have (the report's meta line's, else the model's).
+    The pipeline's latent end-of-scan test is not repeated here: such an end shows when it arrives."""
     from ctflow.pipeline import eos_slices
 
     kept = []
@@ -180,9 +182,11 @@ def partial_volume(pipe, chunks: list[np.ndarray], limit: int | None) -> Volume 
     slices = np.concatenate(kept, axis=0)[:limit]
     if len(slices) == 0:
         return None
+    from ctflow.models.text import parse_meta
+
     config = getattr(pipe, "config", {})
     px = float(config.get("pixel_spacing", 1.0))
-    spacing = (float(config.get("slice_spacing", 1.0)), px, px)
+    spacing = (float(parse_meta(report)[1] or config.get("slice_spacing", 1.0)), px, px)
     return Volume(pipe.vae.denormalize(slices.astype(np.float32)), spacing)
 
 
@@ -237,6 +241,7 @@ class Job:
         except BaseException as e:  # reported to the visitor as one line
             if not isinstance(e, CTFlowError):
                 log.exception("generation failed")
+            shutil.rmtree(self.folder, ignore_errors=True)  # nothing of a failed job is served
             self.events.put(("error", e))
 
 
@@ -282,6 +287,9 @@ class GenerationService:
                 except queue.Empty:
                     if not job.thread.is_alive() and job.events.empty():
                         raise gr.Error("generation stopped unexpectedly", print_exception=False) from None
+                    # hand control back while nothing happens (waiting for the lock, decoding, writing):
+                    # a visitor's cancel reaches this generator only when it yields
+                    yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
                     continue
                 while True:
                     try:
@@ -307,7 +315,7 @@ class GenerationService:
                     chunk, k, total = step  # the bar covers the whole volume, as the CLI's does
                     n = max(expected, chunk + 1)
                     progress((chunk * total + k + 1, n * total), desc=f"chunk {chunk + 1}/{n}", unit="steps")
-                if new_chunk and (volume := partial_volume(self.pipe, chunks, limit)) is not None:
+                if new_chunk and (volume := partial_volume(self.pipe, chunks, limit, report)) is not None:
                     shown = volume.num_slices
                     text = f"Generating… {shown} slices so far" + (f" of {limit}" if limit else "")
                     yield triplanar_image(volume), gr.skip(), f"{text} · {DISCLAIMER}", gr.skip()
@@ -320,7 +328,11 @@ class GenerationService:
                     last_status = time.monotonic()
             if final[0] == "error":
                 error = final[1]
-                message = str(error) if isinstance(error, CTFlowError) else f"generation failed: {error}"
+                message = (
+                    str(error)
+                    if isinstance(error, CTFlowError)
+                    else f"generation failed: {str(error) or type(error).__name__}"
+                )
                 raise gr.Error(message, print_exception=False)
             if final[0] == "cancelled":
                 raise gr.Error("generation was cancelled", print_exception=False)

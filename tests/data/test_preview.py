@@ -37,3 +37,25 @@ def test_preview_of_a_large_volume_is_not_enlarged(tmp_path):
     vol = Volume(np.zeros((200, 256, 256), np.float32), (1.0, 1.0, 1.0))
     write_preview(vol, tmp_path / "p.png")
     assert np.array_equal(iio.imread(tmp_path / "p.png"), triplanar_image(vol))
+
+
+def test_a_one_slice_volume_keeps_a_row_in_its_coronal_and_sagittal_planes():
+    from ctflow.data.preview import mid_planes
+
+    planes = mid_planes(Volume(np.full((1, 64, 64), 40.0, np.float32), (2.5, 5.8, 5.8)))
+    assert [p.shape[0] for p in planes[1:]] == [1, 1] and planes[1].max() == 40.0
+
+
+def test_planes_follow_the_radiological_convention():
+    """Axial and coronal: the patient's right on the viewer's left; coronal and sagittal: head at the
+    top; axial and sagittal: anterior at the top / on the left. Canonical volumes are (I, P, L):
+    slice 0 superior, row 0 anterior, column 0 the patient's right."""
+    from ctflow.data.preview import mid_planes
+
+    a = np.full((8, 16, 16), -1000.0, np.float32)
+    a[4, 0, 0] = 1000.0  # axial mid-plane: anterior, right
+    a[0, 8, 0] = 1000.0  # coronal mid-plane: superior, right
+    a[0, 0, 8] = 1000.0  # sagittal mid-plane: superior, anterior
+    axial, coronal, sagittal = mid_planes(Volume(a, (1.0, 1.0, 1.0)))
+    for plane in (axial, coronal, sagittal):
+        assert np.unravel_index(plane.argmax(), plane.shape) == (0, 0)

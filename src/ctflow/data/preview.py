@@ -33,9 +33,10 @@ def mid_planes(volume: Volume) -> list[np.ndarray]:
     axial = a[s // 2]
     coronal = a[:, h // 2, :]  # (S, W): superior at top
     sagittal = a[:, :, w // 2]  # (S, H): anterior on the left
-    out = [ndimage.zoom(axial, (dh / dw, 1.0), order=1)]
-    out.append(ndimage.zoom(coronal, (ds / dw, 1.0), order=1))
-    out.append(ndimage.zoom(sagittal, (ds / dh, 1.0), order=1))
+    # at least one row: a one-slice volume at 2.5 mm beside 5.8 mm pixels would round to none
+    out = [ndimage.zoom(axial, (max(dh / dw, 1 / h), 1.0), order=1)]
+    out.append(ndimage.zoom(coronal, (max(ds / dw, 1 / s), 1.0), order=1))
+    out.append(ndimage.zoom(sagittal, (max(ds / dh, 1 / s), 1.0), order=1))
     return out
 
 
