@@ -35,7 +35,7 @@ HERE = __import__("pathlib").Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import best_of, write_result  # noqa: E402
 
-from ctflow.flow import context_cache_for, guided_velocity, make_scheduler, sample_chunk  # noqa: E402
+from ctflow.flow import context_cache_for, guided_velocity, make_scheduler, sample_chunk, text_cache_for  # noqa: E402
 from ctflow.models.transformer import CTFlowTransformer  # noqa: E402
 
 REPORT = "Findings: Heart size is enlarged. Left-sided pleural effusion. Impressions: Cardiomegaly."
@@ -67,8 +67,11 @@ def cache_speedup(steps: int = 10) -> dict:
     def recomputed():  # the same loop, but every forward recomputes the context pass
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         sched.set_timesteps(steps)
+        text = text_cache_for(model, cond)  # once per chunk, as cached() has it: only the context differs
         for i, ts in enumerate(sched.timesteps):
-            v = guided_velocity(model, x, sched.sigmas[i].expand(1), cond, context_cache=None)
+            v = guided_velocity(
+                model, x, sched.sigmas[i].expand(1), cond, context_cache=None, text_cache=text
+            )
             x = sched.step(v, ts, x, return_dict=False)[0]
 
     cached(), recomputed()  # warm up
@@ -278,7 +281,8 @@ out = pipe("Findings: normal.", num_slices=depth, num_inference_steps=steps)
 seconds = time.perf_counter() - t0
 assert out.volumes[0].num_slices == depth
 peak = peak_rss_mb()
-print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "extra_peak_rss_mb": peak - base}))
+output = out.volumes[0].array.nbytes / 2**20
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "extra_peak_rss_mb": peak - base, "output_mb": output}))
 """
 DEPTHS = (64, 128, 256, 512)
 
@@ -306,6 +310,7 @@ def memory_and_time_vs_depth(steps: int = 4, threads: int = 2) -> dict:
                 "seconds_per_slice": round(r["seconds"] / depth, 5),
                 "peak_rss_mb": round(r["peak_rss_mb"], 1),
                 "extra_peak_rss_mb": round(r["extra_peak_rss_mb"], 1),
+                "output_mb": round(r["output_mb"], 2),
             }
             print(f"{mode} {depth}: {rows[depth]}", flush=True)
         out["modes"][mode] = rows
@@ -314,10 +319,20 @@ def memory_and_time_vs_depth(steps: int = 4, threads: int = 2) -> dict:
             out["modes"][mode + "_ratios_512_vs_64"] = {
                 "peak_rss": round(hi["peak_rss_mb"] / lo["peak_rss_mb"], 3),
                 "time_per_slice": round(hi["seconds_per_slice"] / lo["seconds_per_slice"], 3),
+                # the memory added from 64 to 512 slices, in copies of the added output volume: the
+                # volume itself must be held (1), assembled from its chunks (2); more is a working set
+                # that grows with depth
+                "added_memory_in_output_copies": round(
+                    (hi["extra_peak_rss_mb"] - lo["extra_peak_rss_mb"]) / (hi["output_mb"] - lo["output_mb"]),
+                    2,
+                ),
             }
     ar = out["modes"].get("ar_ratios_512_vs_64")
-    out["goal"] = "AR: peak RSS and time per slice at 512 / at 64 <= 1.2"
-    out["passed"] = bool(ar and ar["peak_rss"] <= 1.2 and ar["time_per_slice"] <= 1.2)
+    out["goal"] = (
+        "AR: time per slice at 512 / at 64 <= 1.2; the memory added from 64 to 512 slices <= 2.5 copies of"
+        " the added output (total peak RSS ratio kept for reference: a fixed ~570 MB dominates it)"
+    )
+    out["passed"] = bool(ar and ar["time_per_slice"] <= 1.2 and ar["added_memory_in_output_copies"] <= 2.5)
     return out
 
 
@@ -335,6 +350,11 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    import ctflow.pipeline
+
+    # no early end of scan: every timed run generates the slices it asks for, so the runs it compares
+    # do the same work (the depth part's subprocesses do the same)
+    ctflow.pipeline.MIN_SCAN_SLICES = 10**9
     parts = {
         "cache": cache_speedup,
         "text_cache": text_cache_speedup,
@@ -348,7 +368,7 @@ if __name__ == "__main__":
     result.pop("environment", None)
     result = {k: v for k, v in result.items() if k in parts}  # drop parts this script no longer has
     for name in args.parts.split(","):
-        result[name] = parts[name]()
+        result[name] = {**parts[name](), "threads": torch.get_num_threads()}  # parts may be rerun apart
     write_result("generation", result)
     print(
         json.dumps(

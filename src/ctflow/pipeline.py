@@ -372,7 +372,11 @@ class CTFlowPipeline:
                 if len(white) and int(white[0]) <= limits[item] - counts[item]:  # not past the limit
                     keep, ends[item] = int(white[0]), END_EOS
                 keep = min(keep, limits[item] - counts[item])
-                outputs[item].append(slices[:keep].numpy())
+                # in HU as each chunk is decoded: the volume is then assembled with one copy, not
+                # the several a window map over the whole volume makes (512 MB each at 512^3)
+                outputs[item].append(
+                    self.vae.denormalize(slices[:keep].numpy()).astype(np.float32, copy=False)
+                )
                 counts[item] += keep
                 if ends[item] is None and counts[item] >= limits[item]:
                     ends[item] = END_COUNT if requested[item] is not None else END_LIMIT
@@ -382,10 +386,10 @@ class CTFlowPipeline:
                 break
             context = x0[torch.tensor(still, device=device)]
             active = [active[r] for r in still]
-        volumes = [
-            self._to_volume(np.concatenate(o, axis=0), t, sp)
-            for o, t, sp in zip(outputs, texts, spacings, strict=True)
-        ]
+        volumes = []
+        for i, (t, sp) in enumerate(zip(texts, spacings, strict=True)):
+            hu, outputs[i] = np.concatenate(outputs[i], axis=0), None  # the chunks go as the volume comes
+            volumes.append(self._to_volume(hu, t, sp))
         return CTFlowOutput(volumes, [e or END_LIMIT for e in ends], texts, self.text.truncated_tokens(texts))
 
     def expected_chunks(self, report: str, num_slices: int | None = None) -> int:
@@ -400,9 +404,8 @@ class CTFlowPipeline:
         ``typical_slices`` (the training median; the model ends the scan near it), else 0 (unknown)."""
         return parse_meta(text)[0] or int(self.config.get("typical_slices") or 0)
 
-    def _to_volume(self, slices: np.ndarray, text: str, spacing_z: float) -> Volume:
+    def _to_volume(self, hu: np.ndarray, text: str, spacing_z: float) -> Volume:
         px = float(self.config["pixel_spacing"])
         spacing = (float(spacing_z), px, px)
-        hu = self.vae.denormalize(slices.astype(np.float32))
         meta = {"synthetic": True, "report": text, "model": self.name}
-        return Volume(hu.astype(np.float32), spacing, canonical_affine(spacing), meta)
+        return Volume(hu, spacing, canonical_affine(spacing), meta)
