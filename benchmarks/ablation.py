@@ -210,7 +210,8 @@ def score_variant(real_items, fake: Path) -> dict:
         "clip_score": r["clip_score"]["generated"],
         "clip_score_real": r["clip_score"]["real"],
         "attribute_accuracy": r["attribute_accuracy"]["generated_mean"],
-        "slice_count_within_chunk": r["slice_count"]["within_chunk"],
+        # 8 slices for every variant: a whole-volume variant's "chunk" is the whole volume
+        "slice_count_within_chunk": r["slice_count"]["within_8_slices"],
         "continuity": r["continuity"]["generated"],
         "continuity_real": r["continuity"]["real"],
     }

@@ -141,6 +141,7 @@ def test_evaluate_reads_the_models_chunk_and_audits_copies_against_the_training_
     assert "[v2]" in r.err + r.out
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["slice_count"]["within_chunk"] == 1.0  # 12 slices off is within one 16-slice chunk
+    assert res["slice_count"]["within_8_slices"] == 0.5  # but not within 8: the same yardstick for all
     assert res["continuity"]["chunk"] == 16
     seams = next(v for v in res["per_volume"] if v["name"] == "seams")
     assert seams["continuity"] == pytest.approx(continuity(hu, 16)["ratio"], rel=1e-4)

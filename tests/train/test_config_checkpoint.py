@@ -131,6 +131,15 @@ def test_optim_values_are_checked_and_a_vae_optim_section_keeps_the_vae_defaults
         load_config(tmp_path / "e.yaml", VAETrainConfig)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("meta_dropout", 1.5), ("cfg_dropout", -0.1), ("context_noise", -0.05), ("context_noise_max", 0.01)],
+)
+def test_sampling_values_out_of_range_are_refused(key, value):
+    with pytest.raises(CTFlowError, match=key):
+        FlowTrainConfig(**{key: value})  # (context_noise_max below the default noise 0.05)
+
+
 def test_config_values_are_read():
     cfg = FlowTrainConfig()
     assert cfg.start_boost == 0.5 and cfg.optim.betas == (0.9, 0.99)

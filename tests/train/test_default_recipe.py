@@ -35,6 +35,18 @@ def test_the_recipe_encodes_finding_masks_only_when_the_flow_config_weights_find
         tmp_path / "d", tmp_path / "v", tmp_path / "l", FlowTrainConfig(finding_weight=5.0)
     )
     assert weighted == [*args, "--finding-masks"]
+    # a late stage or the fine-tune that weights findings needs the masks as much: all train on one cache
+    from ctflow.train.config import LateConfig
+
+    late = FlowTrainConfig(steps=20, late=LateConfig(from_step=10, finding_weight=5.0))
+    assert "--finding-masks" in encode_args(tmp_path / "d", tmp_path / "v", tmp_path / "l", late)
+    finetune = FlowTrainConfig(finding_weight=10.0)
+    assert "--finding-masks" in encode_args(
+        tmp_path / "d", tmp_path / "v", tmp_path / "l", FlowTrainConfig(), finetune
+    )
+    assert "--finding-masks" not in encode_args(
+        tmp_path / "d", tmp_path / "v", tmp_path / "l", FlowTrainConfig(), None
+    )
 
 
 def test_the_recipe_writes_side_and_clear_twins_only_when_asked(tmp_path):

@@ -218,3 +218,8 @@ def test_a_cache_whose_index_disagrees_with_its_shards_is_refused_with_the_fix(t
     sampler = ChunkSampler(LatentCache(folder), 4, FlowTrainConfig())
     with pytest.raises(CTFlowError, match="re-encode"):
         sampler.batch(2, torch.Generator().manual_seed(0))
+    rows[0]["num_slices"] = 6  # as many chunks as 5 slices make, but not the count the model is given
+    (folder / "shard_00000.json").write_text(json.dumps(rows))
+    sampler = ChunkSampler(LatentCache(folder), 4, FlowTrainConfig())
+    with pytest.raises(CTFlowError, match="has 5 latent slices but its index says 6"):
+        sampler.batch(2, torch.Generator().manual_seed(0))

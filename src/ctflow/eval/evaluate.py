@@ -251,6 +251,12 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
         "mean_abs_error": float(np.mean([abs(c["generated"] - c["requested"]) for c in counts]))
         if counts
         else None,
+        # one tolerance for every model, for tables that compare models of different chunk sizes
+        f"within_{CHUNK_SLICES}_slices": (
+            float(np.mean([abs(c["generated"] - c["requested"]) <= CHUNK_SLICES for c in counts]))
+            if counts
+            else None
+        ),
     }
     results["continuity"] = {
         "generated": _mean(i.continuity for i in fake),

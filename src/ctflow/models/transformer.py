@@ -53,7 +53,8 @@ Two parametrisations (``prediction``); :meth:`CTFlowTransformer.forward` returns
 
 With ``target_depth`` the model also reads the slice count of the meta line as a number: the slices
 still to come from the chunk's first slice on are embedded like a timestep and added to the adaLN
-conditioning (a learned null vector when the report has no meta line or training dropped it). The
+conditioning (a learned null vector where training dropped the meta line; at generation a report
+without one gets the pipeline's ``typical_slices`` as its count, or the null vector if that is unset). The
 published model reads the count only as text; a small text encoder reads numbers poorly, and this
 makes the end-of-scan chunk land where the report asks (docs/model.md).
 

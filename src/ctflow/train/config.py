@@ -86,7 +86,8 @@ class FlowTrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     # StartBoost: probability that a training sample is the first chunk of its volume; 0 turns it
-    # off (chunks drawn uniformly, the first included)
+    # off (a volume drawn uniformly, then one of its chunks, the first included: a short scan's chunks
+    # come up more often than a long one's)
     start_boost: float = 0.5
     # FindingBoost: probability that a sample is a chunk where a localized finding begins (or the one
     # after), drawn from the volumes whose latent-cache rows carry finding_slices (phantom data sets).
@@ -149,9 +150,21 @@ class FlowTrainConfig:
                 self.at_step(self.late.from_step)
             except CTFlowError as e:
                 raise CTFlowError(f"late stage (from step {self.late.from_step}): {e}") from None
-        for name in ("start_boost", "finding_boost", "finding_controls", "short_reports", "finding_dropout"):
+        probabilities = (
+            "start_boost",
+            "finding_boost",
+            "finding_controls",
+            "short_reports",
+            "finding_dropout",
+        )
+        for name in (*probabilities, "meta_dropout", "cfg_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CTFlowError(f"config key {name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.context_noise < 0 or (self.context_noise_max and self.context_noise_max < self.context_noise):
+            raise CTFlowError(
+                f"config keys context_noise ({self.context_noise}) and context_noise_max"
+                f" ({self.context_noise_max}) must be 0 or more, the maximum (if set) not below the noise"
+            )
         if not (math.isfinite(self.finding_weight) and self.finding_weight >= 0):
             raise CTFlowError(f"config key finding_weight must be 0 or more, got {self.finding_weight}")
         if not 0 < self.finding_share_power <= 1:

@@ -84,12 +84,14 @@ def phantoms_command(n: int, size: int, side_twins: bool, clear_twins: bool = Fa
     return " ".join(["ctflow", "phantoms", "--n", str(n), *_phantom_options(size, side_twins, clear_twins)])
 
 
-def encode_args(data: Path, vae: Path, latents: Path, flow_config) -> list[str]:
+def encode_args(data: Path, vae: Path, latents: Path, *flow_configs) -> list[str]:
     """The recipe's `ctflow encode` command: shortened reports always (the shipped config trains on
-    them), finding masks when the flow config weights findings (``finding_weight``)."""
+    them), finding masks when any flow stage weights findings (``finding_weight``: a config, its late
+    stage, or the fine-tune), since every stage trains on this one cache."""
     args = ["encode", "--data", str(data), "--vae", str(vae), "--out", str(latents)]
     args += ["--report-variants", str(REPORT_VARIANTS)]
-    return args + (["--finding-masks"] if flow_config.finding_weight > 0 else [])
+    weighted = any(stage.finding_weight > 0 for cfg in flow_configs if cfg for stage in cfg.stages())
+    return args + (["--finding-masks"] if weighted else [])
 
 
 def flow_stages(config: dict) -> str:
@@ -458,7 +460,7 @@ def main(argv=None) -> None:
             train_vae(data, vae_cfg, vae_run, resume=vae_run.exists(), slices=slices)
     with stage("encode", timings, latents / "index.json") as todo:
         if todo:
-            assert cli(encode_args(data, vae_run / "vae", latents, flow_cfg)) == 0
+            assert cli(encode_args(data, vae_run / "vae", latents, flow_cfg, finetune_cfg)) == 0
     with stage("train", timings, flow_run / "transformer") as todo:
         if todo:
             if args.from_checkpoint and not finetune_cfg:

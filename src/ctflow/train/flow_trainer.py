@@ -3,8 +3,8 @@
 A readable loop in the nanoGPT manner. Each step draws a batch of chunks:
 with probability ``start_boost`` the first chunk of a volume (conditioned on
 the report and the start context), otherwise a later chunk (conditioned on the
-report and the previous chunk, lightly noised); ``start_boost = 0`` draws all
-chunks uniformly. Volumes end with white EOS
+report and the previous chunk, lightly noised); ``start_boost = 0`` draws a
+volume uniformly, then one of its chunks. Volumes end with white EOS
 slices, so the model learns where scans stop.
 
 Every random draw of step ``k`` comes from a generator seeded by
@@ -197,7 +197,7 @@ class ChunkSampler:
         cfg = config or self.cfg
         v, i, region = self.draw(g, cfg)
         latents = self.cache.tensor(v, "latents")  # only what this row uses is read from the shard
-        if num_chunks(latents.shape[1], self.k) != self.num_chunks[v]:
+        if latents.shape[1] != self.cache.num_slices(v):
             raise CTFlowError(
                 f"latent cache: {self.cache.rows[v][1]['name']} has {latents.shape[1]} latent slices but "
                 f"its index says {self.cache.num_slices(v)}; re-encode it with `ctflow encode --overwrite`"
