@@ -60,6 +60,7 @@ def main() -> dict:
         "volumes_with_lungs_over_1000_ml": sum(v >= LUNG_ML_FLOOR for v in lungs),
         "found": {
             "cardiomegaly": sum(bool(r["cardiomegaly"]) for r in rows),
+            # fluid on the left: a left or a bilateral read (stored results count it so)
             "left_effusion": sum(r["effusion"] in ("left", "bilateral") for r in rows),
             "nodule": sum(bool(r["nodule"]) for r in rows),
         },

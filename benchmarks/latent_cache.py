@@ -12,9 +12,10 @@ fresh process:
 Each process draws ``--batches`` batches of 16 chunks. Reported per mode and size: the process's
 anonymous memory after the batches (``RssAnon``: what it holds itself, what runs out first), its peak
 RSS (``VmHWM``, which also counts the pages of the memory-mapped shards it touched: page cache the
-kernel can drop) and seconds per batch. Goals: on-demand anonymous memory grows < 1.2x from the small
-to the large cache, and an on-demand batch costs < 2x an in-memory one (a full-size training step
-is seconds, a batch draw a tenth of one).
+kernel can drop) and seconds per batch. Goals: from the small to the large cache, on-demand anonymous
+memory grows by under a tenth of what the cache grows on disk (a ratio of totals would hide growth
+under the ~500 MB torch itself holds), and an on-demand batch costs < 2x an in-memory one (a
+full-size training step is seconds, a batch draw a tenth of one).
 
     python benchmarks/latent_cache.py [--sizes 64 256] [--batches 20]
 """
@@ -101,6 +102,15 @@ def main() -> dict:
         mode: round(results[f"{mode} {large}"]["anon_mb"] / results[f"{mode} {small}"]["anon_mb"], 3)
         for mode in ("on-demand", "in-memory")
     }
+    # anonymous memory added per MB the cache added on disk: ~0 when read on demand, ~1+ when held
+    added_share = {
+        mode: round(
+            (results[f"{mode} {large}"]["anon_mb"] - results[f"{mode} {small}"]["anon_mb"])
+            / (results[f"{mode} {large}"]["cache_mb"] - results[f"{mode} {small}"]["cache_mb"]),
+            3,
+        )
+        for mode in ("on-demand", "in-memory")
+    }
     time_ratio = (
         results[f"on-demand {large}"]["sec_per_batch"] / results[f"in-memory {large}"]["sec_per_batch"]
     )
@@ -110,9 +120,10 @@ def main() -> dict:
         "chunk_slices": 16,
         "by_mode_and_size": results,
         "anon_memory_growth": growth,
+        "anon_memory_added_per_cache_mb": added_share,
         "on_demand_vs_in_memory_batch_time": round(time_ratio, 3),
-        "goals": {"on_demand_anon_memory_growth": 1.2, "batch_time_ratio": 2.0},
-        "passed": growth["on-demand"] < 1.2 and time_ratio < 2.0,
+        "goals": {"on_demand_anon_memory_added_per_cache_mb": 0.1, "batch_time_ratio": 2.0},
+        "passed": added_share["on-demand"] < 0.1 and time_ratio < 2.0,
     }
     write_result("latent_cache", out)
     return out
