@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     decoded_hu,
+    generation_settings,
     generation_setup,
     rendered_case,
     result_name,
@@ -122,6 +123,7 @@ def main() -> dict:
                         args.guidance,
                         torch.Generator().manual_seed(i),
                         None if uncond is None else {key: v[pick] for key, v in uncond.items()},
+                        finding_scale=args.finding_guidance,
                     )
                 decoded.append(decoded_hu(pipe, x0[0]))
             mask = fluid[chunk]
@@ -156,9 +158,7 @@ def main() -> dict:
     result = {
         "n": used,
         "seeds": [SEED0, SEED0 + args.n - 1],
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "model": args.model or "embedded",
+        **generation_settings(args),
         "fluid_band_hu": list(FLUID_HU),
         "fluid_recall": {
             place: {key: round(float(np.mean(v)), 3) if v else None for key, v in s.items()}

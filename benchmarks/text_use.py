@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS,
     axial_strip,
+    generate,
+    generation_settings,
     generation_setup,
     rendered_case,
     result_name,
@@ -119,12 +121,7 @@ def main() -> dict:
                 effects[t]["report"].append(rms(x0_hat[1] - x0_hat[0]) / true)
                 effects[t]["null"].append(rms(x0_hat[0] - x0_null[0]) / true)
         for key, rep in (("normal", rep_n), ("findings", rep_f)):
-            out = pipe(
-                rep,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                generator=torch.Generator().manual_seed(i),
-            )
+            out = generate(pipe, args, rep, i)  # with every generation option the run was given
             gen[key].append(measures(out.volumes[0]))
             if i < 2:
                 strips.append(axial_strip(out.volumes[0]))
@@ -157,9 +154,7 @@ def main() -> dict:
         "null_effect": {str(t): round(float(np.mean(e["null"])), 4) for t, e in effects.items()},
         "generated_shift": shift(gen),
         "real_shift_through_vae": shift(real),
-        "guidance": args.guidance,
-        "steps": args.steps,
-        "model": args.model or "embedded",
+        **generation_settings(args),
         # the attribute reader calls fluid at -15..22 HU: what the VAE does to the effusion's HU
         "effusion_hu_p10_p50_p90": {
             k: [round(float(q), 1) for q in np.percentile(np.concatenate(v), [10, 50, 90])]
