@@ -151,3 +151,28 @@ def test_evaluate_reads_the_models_chunk_and_audits_copies_against_the_training_
     assert res["fid_slices"] == {"real": 64, "generated": 32}
     md = (tmp_path / "out" / "report.md").read_text()
     assert "against the training set" in md and "rough: 32 slices a plane" in md
+
+
+def test_the_clip_score_reads_the_text_the_model_was_given(sets, tmp_path, monkeypatch):
+    """A generated volume's sidecar holds the user's report and the conditioning text (with its meta
+    line, as real reports are formatted); the CLIP score compares like with like."""
+    import shutil
+
+    import ctflow.eval.metrics
+
+    _, real, fake = sets
+    copy = tmp_path / "fake"
+    shutil.copytree(fake, copy)
+    side = json.loads((copy / "gen_1.json").read_text())
+    side["conditioning_text"] = "Volume: 50 slices, 2.5 mm spacing. " + side["report"]
+    (copy / "gen_1.json").write_text(json.dumps(side))
+    seen = []
+    original = ctflow.eval.metrics.clip_score
+    monkeypatch.setattr(
+        ctflow.eval.metrics, "clip_score", lambda v, texts, **k: seen.append(texts) or original(v, texts, **k)
+    )
+    evaluate(real, copy, tmp_path / "out")
+    assert (
+        seen[0][1] == side["conditioning_text"]
+        and seen[0][0] == json.loads((copy / "gen_0.json").read_text())["report"]
+    )

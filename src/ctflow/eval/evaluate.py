@@ -13,7 +13,9 @@
   existing files are refused unless ``overwrite``).
 
 Computed: FID on three planes, FVD, CLIP score of the generated volumes against
-their prompts (and of the real volumes against their reports, as a reference),
+the text they were generated from (sidecar ``conditioning_text``: the prompt with its
+meta line, formatted as the real reports are; the prompt when absent), and of the
+real volumes against their reports as a reference,
 attribute accuracy (the phantom attribute reader on each generated volume vs the
 findings its prompt asks for), slice-count accuracy (within one chunk of the
 requested count: sidecar ``requested_slices`` or the prompt's ``Volume: N slices``
@@ -58,6 +60,13 @@ class _Item:
     continuity: float | None = None
     sidecar: dict = field(default_factory=dict)
     chunk: int = CHUNK_SLICES  # the generating model's chunk (sidecar chunk_slices)
+
+    @property
+    def conditioning_text(self) -> str:
+        """The report as the model read it (sidecar conditioning_text: with its meta line, as a real
+        volume's report is formatted), else the report; the CLIP score compares like with like."""
+        text = self.sidecar.get("conditioning_text")
+        return text if isinstance(text, str) and text.strip() else self.report
 
 
 def _reduce(hu: np.ndarray) -> np.ndarray:
@@ -220,8 +229,8 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
     results["fid_slices"] = {"real": per_volume * len(real), "generated": per_volume * len(fake)}
     results["fvd"] = fvd(rv, fv, model=model) if len(real) >= 2 and len(fake) >= 2 else None
     results["clip_score"] = {
-        "generated": clip_score(fv, [i.report for i in fake], model=model),
-        "real": clip_score(rv, [i.report for i in real], model=model),
+        "generated": clip_score(fv, [i.conditioning_text for i in fake], model=model),
+        "real": clip_score(rv, [i.conditioning_text for i in real], model=model),
     }
     targets = [attributes_from_report(i.report) for i in fake]
     acc = attribute_accuracy([i.attributes for i in fake], targets)
