@@ -380,7 +380,9 @@ class GenerationService:
 def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None) -> gr.Blocks:
     """The gradio page around ``pipe`` (default: the embedded model), queued and ready to launch.
 
-    Outputs go to ``out_dir`` (default: a temporary folder removed at exit).
+    Outputs go to ``out_dir`` (default: a temporary folder removed at exit). gradio serves files
+    only from the working folder and the system's temporary one: launch with
+    ``allowed_paths=[out_dir]`` when ``out_dir`` lies elsewhere.
     """
     if max_queue < 1:
         raise CTFlowError(f"max_queue must be at least 1, got {max_queue}")
