@@ -56,7 +56,8 @@ def test_generate_writes_nifti_preview_and_sidecar(model, tmp_path, run_cli):
 
 def test_the_sidecar_says_how_much_of_a_long_report_the_model_did_not_read(model, tmp_path, run_cli):
     long = REPORT + " The lungs are clear." * 80
-    r = _gen(run_cli, model, long, "--out", tmp_path / "ct.nii.gz", "--slices", 4)
+    with pytest.warns(UserWarning, match="report truncated by"):
+        r = _gen(run_cli, model, long, "--out", tmp_path / "ct.nii.gz", "--slices", 4)
     assert r.code == 0, r.err
     side = json.loads((tmp_path / "ct.json").read_text())
     from ctflow.models.text import ReportEncoder
