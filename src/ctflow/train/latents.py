@@ -124,7 +124,7 @@ def module_fingerprint(module: torch.nn.Module, config: dict | None = None) -> s
     for name, tensor in module.state_dict().items():
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # (0-d too)
     return h.hexdigest()
 
 
