@@ -188,6 +188,13 @@ def test_bad_ground_truth_raises():
         ("Bilateral pleural and pericardial effusion.", {"effusion_left", "effusion_right"}),
         # the side of the clause that names the effusion
         ("Large right pleural effusion with mediastinal shift to the left.", {"effusion_right"}),
+        # a side word goes with the finding named after it (else the one before)
+        (
+            "Bilateral lower lobe consolidation and a left pleural effusion.",
+            {"consolidation", "effusion_left"},
+        ),
+        ("Left pleural effusion and right lower lobe atelectasis.", {"effusion_left"}),
+        ("Left and right pleural effusions.", {"effusion_left", "effusion_right"}),
         # findings reported gone are not named as present
         ("Right pleural effusion has resolved. The pleural spaces are free of effusion.", set()),
     ],

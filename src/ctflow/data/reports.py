@@ -261,6 +261,30 @@ _NEGATION = re.compile(
 _CLAUSE_BREAK = re.compile(r"[,;]|\b(?:but|while|whereas)\b|(?=\bwith(?:out)?\b)", re.IGNORECASE)
 
 
+_SIDE_OR_FINDING = re.compile(
+    r"\b(?P<side>left|right|bilateral|both sides)\b|\b(?P<finding>effusions?|consolidations?|nodul\w*|emphysem\w*"
+    r"|cardiomegaly|atelectasis|opacit\w*|mass)\b"
+)
+
+
+def _effusion_sides(clause: str) -> str:
+    """The side words of a clause that go with its effusion: each side word belongs to the next finding
+    named after it, or to the last one before it when none follows ("Bilateral lower lobe consolidation
+    and a left pleural effusion." is left; "Pleural effusion is seen on the left side." is left)."""
+    found: list[tuple[str, str]] = []  # (kind, word) in order
+    for m in _SIDE_OR_FINDING.finditer(clause):
+        found.append(("side", m["side"]) if m["side"] else ("finding", m["finding"]))
+    words = []
+    for i, (kind, word) in enumerate(found):
+        if kind != "side":
+            continue
+        after = next((w for k, w in found[i + 1 :] if k == "finding"), None)
+        before = next((w for k, w in reversed(found[:i]) if k == "finding"), None)
+        if (after or before or "").startswith("effusion"):
+            words.append(word)
+    return " ".join(words)
+
+
 def _sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", text) if s.strip()]
 
@@ -285,7 +309,8 @@ def attributes_from_report(text: str) -> dict:
     A finding counts when a clause names it without a negation ("No pleural effusion was detected."
     is negative; "The heart is enlarged, without pericardial effusion." names an enlarged heart and
     no effusion). Pericardial effusion is not pleural; a side is read from the clause that names the
-    effusion ("Right pleural effusion with mediastinal shift to the left." is right).
+    effusion ("Right pleural effusion with mediastinal shift to the left." is right), from the side
+    words that go with it ("Bilateral lower lobe consolidation and a left pleural effusion." is left).
     """
     if not isinstance(text, str):
         raise CTFlowError(f"attributes_from_report needs report text; got {type(text).__name__}")
@@ -300,11 +325,12 @@ def attributes_from_report(text: str) -> dict:
     for low in _clauses(text):
         pos = _positive(low)
         if _pleural_effusion(low):
-            if "bilateral" in low or "both sides" in low or ("left" in low and "right" in low):
+            side = _effusion_sides(low)
+            if "bilateral" in side or "both sides" in side or ("left" in side and "right" in side):
                 right = left = True
-            elif "left" in low:
+            elif "left" in side:
                 left = True
-            elif "right" in low:
+            elif "right" in side:
                 right = True
         if pos and ("cardiomegaly" in low or ("heart" in low and "enlarged" in low)):
             out["cardiomegaly"] = True
