@@ -298,3 +298,35 @@ def test_cli_app_errors(run_cli, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gradio" else real(n, *a))
     assert_clean_error(run_cli("app"), "ctflow[app]")
+
+
+@pytest.mark.slow
+def test_the_served_app_removes_its_output_folder_when_stopped_with_sigterm(tmp_path):
+    """A service manager stops the app with SIGTERM; its temporary output folder (every volume made)
+    goes with it, as on Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctflow.cli", "app", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):  # serving once the port answers
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, "the app exited before serving"
+            time.sleep(0.1)
+        assert list(tmp_path.glob("ctflow-app-*"))  # its output folder exists while it serves
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(tmp_path.glob("ctflow-app-*"))

@@ -34,6 +34,8 @@ import math  # noqa: E402
 import queue  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -506,6 +508,10 @@ def launch(
 
     pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
     demo = build_app(pipe)
+    if threading.current_thread() is threading.main_thread():
+        # a service manager stops the app with SIGTERM: exit as on Ctrl-C, so the output folder (an
+        # atexit clean-up) goes too instead of staying in the temp folder with every volume made
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         demo.launch(server_name=host, server_port=int(port), share=share, **LAUNCH_OPTIONS)
     except OSError as e:
