@@ -414,9 +414,9 @@ def generate(
             )
         return
     from ctflow.files import check_output
-    from ctflow.generate import output_paths
+    from ctflow.generate import every_output
 
-    for p in [*output_paths(out).values(), *([dicom] if dicom else [])]:
+    for p in every_output(out, dicom):  # before the model loads
         check_output(p, overwrite)
     pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
     with _progress() as bar:

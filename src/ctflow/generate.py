@@ -62,6 +62,11 @@ def output_paths(out: Path) -> dict[str, Path]:
     return {"nifti": out, "preview": out.with_name(stem + ".png"), "sidecar": out.with_name(stem + ".json")}
 
 
+def every_output(out: Path, dicom: Path | None) -> list[Path]:
+    """Every path one generation writes: its files (:func:`output_paths`) and its DICOM series."""
+    return [*output_paths(out).values(), *([dicom] if dicom else [])]
+
+
 def read_report_file(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
@@ -94,8 +99,8 @@ def generate_batch(
     if any(getattr(s, key) != getattr(first, key) for s in settings for key in shared):
         raise CTFlowError(f"volumes generated together must share {', '.join(shared)}")
     paths = [output_paths(out) for out in outs]
-    for s, files in zip(settings, paths, strict=True):
-        for p in [*files.values(), *([s.dicom] if s.dicom else [])]:
+    for s, out in zip(settings, outs, strict=True):
+        for p in every_output(out, s.dicom):
             check_output(p, s.overwrite)
     seeds = [s.seed if s.seed is not None else secrets.randbelow(2**31) for s in settings]
     start = time.perf_counter()
@@ -189,8 +194,10 @@ def _finished(row: dict, out: Path, dicom: Path | None, prompts: Path) -> bool:
     """Whether a prompt row's outputs are finished (skip it), or under way from an earlier run that was
     stopped (redo it); refuse files this row did not finish writing, and a finished row whose report
     the prompts file has since changed: replacing either needs --overwrite."""
+    if _pending(out).exists():
+        return False
     sidecar = output_paths(out)["sidecar"]
-    if sidecar.exists() and not _pending(out).exists():
+    if sidecar.exists():
         try:
             report = json.loads(sidecar.read_text()).get("report")
         except (ValueError, AttributeError):
@@ -201,10 +208,8 @@ def _finished(row: dict, out: Path, dicom: Path | None, prompts: Path) -> bool:
                 " --overwrite to generate it again"
             )
         return True
-    if not _pending(out).exists():
-        for path in [*output_paths(out).values(), *([dicom] if dicom else [])]:
-            if path.exists():
-                raise CTFlowError(f"{path} already exists; pass --overwrite to replace it")
+    for path in every_output(out, dicom):
+        check_output(path)  # not ours to replace
     return False
 
 

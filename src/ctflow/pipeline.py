@@ -234,7 +234,8 @@ class CTFlowPipeline:
     def check_inputs(
         self, reports, num_slices, max_slices, num_inference_steps, guidance_scale, finding_guidance=None
     ):
-        """``num_slices``: one count (or None) for every report, or a list of them, one per report."""
+        """``num_slices``: one count (or None) for every report, or a list of them, one per report;
+        ``max_slices``: where the model's own scans stop (a requested count may go past it)."""
         if not reports or any(not isinstance(r, str) or not r.strip() for r in reports):
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
         counts = _as_list(num_slices, reports)
@@ -243,8 +244,8 @@ class CTFlowPipeline:
                 f"num_slices has {len(counts)} counts for {len(reports)} reports; give one each"
             )
         for n in counts:
-            if n is not None and not 1 <= n <= min(max_slices, MAX_SLICES):
-                raise CTFlowError(f"num_slices must be between 1 and {min(max_slices, MAX_SLICES)}, got {n}")
+            if n is not None and not 1 <= n <= MAX_SLICES:
+                raise CTFlowError(f"num_slices must be between 1 and {MAX_SLICES}, got {n}")
         if not 1 <= max_slices <= MAX_SLICES:
             raise CTFlowError(f"max_slices must be between 1 and {MAX_SLICES}, got {max_slices}")
         if num_inference_steps < 1:
@@ -309,16 +310,7 @@ class CTFlowPipeline:
         requested = _as_list(num_slices, reports)  # per report
         # where the model's own scans stop
         cap = max_slices if max_slices is not None else self.config["default_max_slices"]
-        if not 1 <= cap <= MAX_SLICES:
-            raise CTFlowError(f"max_slices must be between 1 and {MAX_SLICES}, got {cap}")
-        self.check_inputs(
-            reports,
-            num_slices,
-            max([cap, *[n or 0 for n in requested]]),
-            num_inference_steps,
-            guidance_scale,
-            finding_guidance,
-        )
+        self.check_inputs(reports, num_slices, cap, num_inference_steps, guidance_scale, finding_guidance)
         if isinstance(generator, list) and len(generator) != len(reports):
             raise CTFlowError(f"{len(generator)} generators for {len(reports)} reports; give one each")
         if slice_spacing is not None and not (math.isfinite(slice_spacing) and 0 < slice_spacing <= 100):
