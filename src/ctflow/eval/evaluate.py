@@ -218,15 +218,14 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
     ``train`` when given, else ``real``."""
     from ctflow.eval.attributes import ATTRIBUTE_KEYS, attribute_accuracy, attributes_from_report
     from ctflow.eval.features import load_features
-    from ctflow.eval.metrics import clip_score, fid_planes, fvd, memorization
+    from ctflow.eval.metrics import FID_SLICES, clip_score, fid_planes, fvd, memorization
 
     model = load_features()
     rv, fv = [i.hu for i in real], [i.hu for i in fake]
     results: dict = {"n_real": len(real), "n_generated": len(fake)}
     results["fid"] = fid_planes(rv, fv, model=model)
     results["fid_mean"] = float(np.mean(list(results["fid"].values())))
-    per_volume = 16  # fid_planes' slices per volume and plane
-    results["fid_slices"] = {"real": per_volume * len(real), "generated": per_volume * len(fake)}
+    results["fid_slices"] = {"real": FID_SLICES * len(real), "generated": FID_SLICES * len(fake)}
     results["fvd"] = fvd(rv, fv, model=model) if len(real) >= 2 and len(fake) >= 2 else None
     results["clip_score"] = {
         "generated": clip_score(fv, [i.conditioning_text for i in fake], model=model),
@@ -243,29 +242,18 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
         "real": real_acc,
         "real_mean": float(np.mean([real_acc[k] for k in ATTRIBUTE_KEYS])),
     }
-    counts = []
-    for item in fake:
-        req = requested_slices(item)
-        if req is not None:
-            counts.append(
-                {"name": item.name, "requested": req, "generated": item.num_slices, "chunk": item.chunk}
-            )
+    # (slices off, the model's chunk) for every generated volume whose prompt asked for a count
+    misses = [(abs(i.num_slices - req), i.chunk) for i in fake if (req := requested_slices(i)) is not None]
+
+    def share(values) -> float | None:
+        return float(np.mean(values)) if misses else None
+
     results["slice_count"] = {
-        "n": len(counts),
-        "within_chunk": (
-            float(np.mean([abs(c["generated"] - c["requested"]) <= c["chunk"] for c in counts]))
-            if counts
-            else None
-        ),
-        "mean_abs_error": float(np.mean([abs(c["generated"] - c["requested"]) for c in counts]))
-        if counts
-        else None,
+        "n": len(misses),
+        "within_chunk": share([off <= chunk for off, chunk in misses]),
+        "mean_abs_error": share([off for off, _ in misses]),
         # one tolerance for every model, for tables that compare models of different chunk sizes
-        f"within_{CHUNK_SLICES}_slices": (
-            float(np.mean([abs(c["generated"] - c["requested"]) <= CHUNK_SLICES for c in counts]))
-            if counts
-            else None
-        ),
+        f"within_{CHUNK_SLICES}_slices": share([off <= CHUNK_SLICES for off, _ in misses]),
     }
     results["continuity"] = {
         "generated": _mean(i.continuity for i in fake),
@@ -324,12 +312,15 @@ def _fmt(v, digits: int = 3) -> str:
 def markdown_report(results: dict) -> str:
     """The Markdown summary table written to ``report.md``."""
     from ctflow.eval.attributes import ATTRIBUTE_KEYS
+    from ctflow.eval.features import FEATURE_DIM
 
     fid = results["fid"]
     att = results["attribute_accuracy"]
     fewest = min(results["fid_slices"].values())
     fid_note = "lower is better" + (
-        f"; rough: {fewest} slices a plane, fewer than the 128 features" if fewest < 128 else ""
+        f"; rough: {fewest} slices a plane, fewer than the {FEATURE_DIM} features"
+        if fewest < FEATURE_DIM
+        else ""
     )
     mem = results["memorization"]
     against = (

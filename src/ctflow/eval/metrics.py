@@ -37,6 +37,7 @@ from ctflow.eval.features import (
 )
 
 CHUNK_SLICES = 8
+FID_SLICES = 16  # slices a volume gives each plane's FID
 COPY_CORRELATION = 0.8  # detail correlation at or above which a volume counts as a copy
 
 
@@ -62,7 +63,7 @@ def _frechet(module, real_batches, fake_batches) -> float:
 
 @torch.no_grad()
 def fid_planes(
-    real_volumes, fake_volumes, slices_per_volume: int = 16, model: Features | None = None
+    real_volumes, fake_volumes, slices_per_volume: int = FID_SLICES, model: Features | None = None
 ) -> dict[str, float]:
     """FID per plane: ``{"axial": .., "coronal": .., "sagittal": ..}`` (0 for identical sets)."""
     real, fake = _check_sets(real_volumes, fake_volumes, "FID")
