@@ -108,8 +108,8 @@ def restore(path, modules: dict, optimizers: dict) -> dict:
     for prefix, module in modules.items():
         module.load_state_dict(groups[prefix])
     for prefix, opt in optimizers.items():
-        keep = ("params", "lr", "initial_lr")
-        settings = [{k: v for k, v in g.items() if k not in keep} for g in opt.param_groups]
+        restored = ("params", "lr", "initial_lr")  # the rest of a group is the run's own
+        settings = [{k: v for k, v in g.items() if k not in restored} for g in opt.param_groups]
         load_optimizer_tensors(opt, groups.get(prefix, {}), info["optimizers"][prefix])
         for group, own in zip(opt.param_groups, settings, strict=True):
             group.update(own)

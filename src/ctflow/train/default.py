@@ -29,8 +29,9 @@ from ctflow.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
-RESULTS = ROOT / "benchmarks" / "results"  # --result NAME writes train_default_NAME.json here
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = (
+    ROOT / "benchmarks" / "results"
+)  # the model card reads it; --result NAME writes train_default_NAME.json
 REPORT_VARIANTS = 4  # shortened versions of each report in the latent cache (short_reports trains on them)
 
 
@@ -372,8 +373,7 @@ def write_result(name: str, timings: dict, argv: list[str]) -> Path:
         "seconds": seconds,
         "minutes": round(seconds.get("total", 0.0) / 60, 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(
+    return write_text_atomic(  # (makes the folder)
         RESULTS / f"train_default_{name}.json", json.dumps(result, indent=1), overwrite=True
     )
 
