@@ -199,6 +199,7 @@ def test_ui_helpers_scroll_axial_slices(tiny_app, tmp_path):
     assert slider["maximum"] == 6 and slider["value"] == 3
     assert image.shape == (32, 32) and image.dtype == np.uint8
     assert json.loads(Path(sidecar).read_text())["num_slices"] == 6
+    assert str(service.out_root) not in Path(sidecar).read_text()  # the download shows no server folder
     last = service.axial_slice(result, 99, "mediastinal")  # clamped to the last slice
     assert last.shape == (32, 32)
     assert service.axial_slice(None, 1, "lung") is None
@@ -263,10 +264,12 @@ def test_streamed_previews_use_the_reports_slice_spacing():
     from ctflow.app import partial_volume
 
     pipe = tiny_pipeline()
-    chunks = [np.full((4, 16, 16), -0.5, np.float32)] * 2
-    plain = partial_volume(pipe, chunks, None, "Findings: clear.")
-    spaced = partial_volume(pipe, chunks, None, "Volume: 8 slices, 5 mm spacing. Findings: clear.")
+    chunks = [np.full((4, 16, 16), -500.0, np.float32), np.full((2, 16, 16), 40.0, np.float32)]
+    plain = partial_volume(pipe, chunks, "Findings: clear.")
+    spaced = partial_volume(pipe, chunks, "Volume: 8 slices, 5 mm spacing. Findings: clear.")
     assert plain.spacing[0] == pipe.config["slice_spacing"] and spaced.spacing[0] == 5.0
+    assert plain.num_slices == 6 and plain.hu()[-1].max() == 40.0  # the pipeline's HU slices, joined
+    assert partial_volume(pipe, [np.zeros((0, 16, 16), np.float32)], "Findings: clear.") is None
 
 
 # ----------------------------------------------------------------------------- inputs and CLI

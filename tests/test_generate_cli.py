@@ -330,7 +330,14 @@ def test_prompts_with_dicom_write_a_series_per_row(model, tmp_path, run_cli):
     for i in range(2):
         assert read_volume(tmp_path / "dcm" / f"case{i}").num_slices == 4 + i
         side = json.loads((tmp_path / "out" / f"case{i}.json").read_text())
-        assert side["files"]["dicom"] == str(tmp_path / "dcm" / f"case{i}")
+        # the files as seen from the sidecar's folder: no absolute path of the writing machine
+        assert side["files"] == {
+            "nifti": f"case{i}.nii.gz",
+            "preview": f"case{i}.png",
+            "sidecar": f"case{i}.json",
+            "dicom": f"../dcm/case{i}",
+        }
+        assert str(tmp_path) not in (tmp_path / "out" / f"case{i}.json").read_text()
 
 
 def test_prompts_report_progress_after_each_pipeline_call(tmp_path):

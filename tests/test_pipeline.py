@@ -62,6 +62,37 @@ def test_generation_stops_at_eos_and_trims_white_slices(pipe, monkeypatch):
     assert out.volumes[0].hu().max() < 0  # no white slice kept
 
 
+def test_on_chunk_gives_each_volume_as_it_grows_trimmed_as_the_volume_is(pipe, monkeypatch):
+    """A viewer shown the on_chunk slices sees the final volume: here one scan ends by the latent
+    end-of-scan test alone (its decoded slices never turn white) and one by its slice count."""
+    import ctflow.pipeline as module
+
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    latent_tests = []
+
+    def latent_end(latents, eos, max_mse):  # the first report's third chunk is at the EOS latent from slice 1
+        latent_tests.append(None)
+        hit = torch.zeros(latents.shape[1], dtype=torch.bool)
+        if len(latent_tests) == 5:  # chunk 2 (calls 4, 5 are chunk 2's two reports), first report
+            hit[1:] = True
+        return hit
+
+    monkeypatch.setattr(module, "eos_latent_slices", latent_end)
+    shown: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    out = pipe(
+        [REPORT, REPORT],
+        num_slices=[None, 14],
+        max_slices=40,
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(0),
+        on_chunk=lambda item, slices: shown[item].append(slices.copy()),
+    )
+    assert out.end_reasons == [END_EOS, END_COUNT]
+    assert [len(c) for c in shown[0]] == [4, 4, 1] and [len(c) for c in shown[1]] == [4, 4, 4, 2]
+    for item in (0, 1):
+        assert np.array_equal(np.concatenate(shown[item]), out.volumes[item].hu())
+
+
 def test_white_slices_before_the_minimum_depth_are_not_the_end(pipe, monkeypatch):
     from ctflow.pipeline import MIN_SCAN_SLICES
 

@@ -8,9 +8,9 @@ works offline: analytics are off and nothing is fetched from the internet.
   (``max_queue`` waiting requests, ``concurrency`` workers) holds the rest and
   tells each visitor their place.
 * Streaming: generation runs in a worker thread. The pipeline's step callback
-  reports progress, and a tap on the VAE's ``decode_volume`` hands every
-  freshly decoded chunk of slices to the page, which redraws the tri-planar
-  preview of the volume so far after each chunk. A visitor who leaves cancels
+  reports progress, and its ``on_chunk`` callback hands the slices each decoded
+  chunk adds (already trimmed at the end of scan) to the page, which redraws
+  the tri-planar preview of the volume so far after each chunk. A visitor who leaves cancels
   their generation at the next step.
 * The finished volume is written by :func:`ctflow.generate.generate_one`
   (NIfTI marked SYNTHETIC, preview PNG, JSON sidecar) into a temporary folder;
@@ -39,7 +39,6 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -49,7 +48,7 @@ from ctflow.data.io import read_volume  # noqa: E402
 from ctflow.data.preview import LUNG_WINDOW, MEDIASTINAL_WINDOW, apply_window, triplanar_image  # noqa: E402
 from ctflow.data.volume import Volume  # noqa: E402
 from ctflow.errors import CTFlowError  # noqa: E402
-from ctflow.generate import GenerationSettings, generate_one  # noqa: E402
+from ctflow.generate import GenerationSettings, generate_one, output_paths  # noqa: E402
 
 log = logging.getLogger("ctflow.app")
 
@@ -134,62 +133,17 @@ def parse_inputs(report, slices, steps, guidance, seed) -> tuple[str, Generation
 
 
 # ------------------------------------------------------------------------- streaming
-@contextmanager
-def tap_decoded(pipe, sink):
-    """Call ``sink(slices)`` with every chunk the pipeline decodes ([K,H,W] in [-1,1]).
-
-    Wraps the VAE's ``decode_volume`` on the instance for the duration; only
-    used while holding the generation lock. Pipelines without a VAE stream
-    progress only.
-    """
-    vae = getattr(pipe, "vae", None)
-    original = getattr(vae, "decode_volume", None)
-    if original is None:
-        yield
-        return
-
-    def tapped(*args, **kwargs):
-        out = original(*args, **kwargs)
-        sink(out)
-        return out
-
-    vae.decode_volume = tapped
-    try:
-        yield
-    finally:
-        try:
-            del vae.decode_volume
-        except AttributeError:
-            pass
-
-
-def partial_volume(pipe, chunks: list[np.ndarray], limit: int | None, report: str = "") -> Volume | None:
-    """The volume decoded so far, trimmed like the pipeline trims it (white EOS slices, slice count),
-    at the slice spacing the finished volume will have (the report's meta line's, else the model's).
-    The pipeline's latent end-of-scan test is not repeated here: such an end shows when it arrives."""
-    from ctflow.pipeline import eos_slices
-
-    kept = []
-    for i, c in enumerate(chunks):
-        if i > 0:  # a scan never ends before its first chunk
-            import torch
-
-            white = np.nonzero(eos_slices(torch.as_tensor(c)).numpy())[0]
-            if len(white):
-                kept.append(c[: int(white[0])])
-                break
-        kept.append(c)
-    if not kept:
-        return None
-    slices = np.concatenate(kept, axis=0)[:limit]
-    if len(slices) == 0:
+def partial_volume(pipe, chunks: list[np.ndarray], report: str = "") -> Volume | None:
+    """The volume so far from the HU slices the pipeline's ``on_chunk`` gave, at the slice spacing
+    the finished volume will have (the report's meta line's, else the model's)."""
+    if not sum(len(c) for c in chunks):
         return None
     from ctflow.models.text import parse_meta
 
     config = getattr(pipe, "config", {})
     px = float(config.get("pixel_spacing", 1.0))
     spacing = (float(parse_meta(report)[1] or config.get("slice_spacing", 1.0)), px, px)
-    return Volume(pipe.vae.denormalize(slices.astype(np.float32)), spacing)
+    return Volume(np.concatenate(chunks, axis=0), spacing)
 
 
 class Job:
@@ -218,9 +172,9 @@ class Job:
         self._check()
         self.events.put(("step", chunk, step, total))
 
-    def _on_chunk(self, slices) -> None:
+    def _on_chunk(self, item: int, slices: np.ndarray) -> None:
         self._check()
-        self.events.put(("chunk", np.array(slices, dtype=np.float32, copy=True)))
+        self.events.put(("chunk", slices))  # the pipeline's own array: it never changes it again
 
     def _work(self) -> None:
         try:
@@ -229,14 +183,18 @@ class Job:
             with self.service.lock:
                 self._check()
                 self.events.put(("started",))
-                with tap_decoded(self.service.pipe, self._on_chunk):
-                    sidecar = generate_one(
-                        self.service.pipe, self.report, self.out, self.settings, progress=self._on_step
-                    )
+                sidecar = generate_one(
+                    self.service.pipe,
+                    self.report,
+                    self.out,
+                    self.settings,
+                    progress=self._on_step,
+                    on_chunk=self._on_chunk,
+                )
             axial = self.folder / "axial.npy"  # what the slice scroller reads, one slice at a time
             np.save(axial, np.clip(read_volume(self.out).hu(), -1024, 3071).astype(np.int16))
-            sidecar["files"]["axial"] = str(axial)
-            self.events.put(("done", sidecar))
+            files = {k: str(v) for k, v in output_paths(self.out).items()} | {"axial": str(axial)}
+            self.events.put(("done", sidecar, files))
         except _Cancelled:
             self.events.put(("cancelled",))
             shutil.rmtree(self.folder, ignore_errors=True)
@@ -278,7 +236,7 @@ class GenerationService:
             raise gr.Error(str(e), print_exception=False) from None
         job = Job(self, report, settings).start()
         expected = self.pipe.expected_chunks(report, settings.num_slices)  # for the progress bar
-        chunks: list[np.ndarray] = []
+        chunks: list[np.ndarray] = []  # HU slices so far, as the pipeline trimmed them
         limit = settings.num_slices
         last_status, shown = 0.0, 0
         try:
@@ -317,7 +275,7 @@ class GenerationService:
                     chunk, k, total = step  # the bar covers the whole volume, as the CLI's does
                     n = max(expected, chunk + 1)
                     progress((chunk * total + k + 1, n * total), desc=f"chunk {chunk + 1}/{n}", unit="steps")
-                if new_chunk and (volume := partial_volume(self.pipe, chunks, limit, report)) is not None:
+                if new_chunk and (volume := partial_volume(self.pipe, chunks, report)) is not None:
                     shown = volume.num_slices
                     text = f"Generating… {shown} slices so far" + (f" of {limit}" if limit else "")
                     yield triplanar_image(volume), gr.skip(), f"{text} · {DISCLAIMER}", gr.skip()
@@ -338,8 +296,7 @@ class GenerationService:
                 raise gr.Error(message, print_exception=False)
             if final[0] == "cancelled":
                 raise gr.Error("generation was cancelled", print_exception=False)
-            sidecar = final[1]
-            files = sidecar["files"]
+            sidecar, files = final[1], final[2]
             status = (
                 f"{sidecar['num_slices']} slices · {END_REASONS.get(sidecar['end_reason'], sidecar['end_reason'])}"
                 f" · {sidecar['seconds']:.1f} s · seed {sidecar['seed']}"

@@ -62,6 +62,15 @@ def output_paths(out: Path) -> dict[str, Path]:
     return {"nifti": out, "preview": out.with_name(stem + ".png"), "sidecar": out.with_name(stem + ".json")}
 
 
+def sidecar_files(files: dict[str, Path], dicom: Path | None) -> dict[str, str]:
+    """The sidecar's record of the files: names beside the sidecar (they move with it, and a shared
+    sidecar does not show the folders of the machine that wrote it); the DICOM series relative to
+    the sidecar's folder."""
+    here = files["sidecar"].parent
+    named = {k: v.name for k, v in files.items()}
+    return named | ({"dicom": Path(os.path.relpath(dicom, here)).as_posix()} if dicom else {})
+
+
 def every_output(out: Path, dicom: Path | None) -> list[Path]:
     """Every path one generation writes: its files (:func:`output_paths`) and its DICOM series."""
     return [*output_paths(out).values(), *([dicom] if dicom else [])]
@@ -79,17 +88,25 @@ def read_report_file(path: Path) -> str:
     return text
 
 
-def generate_one(pipe, report: str, out: Path, settings: GenerationSettings, progress=None) -> dict:
+def generate_one(
+    pipe, report: str, out: Path, settings: GenerationSettings, progress=None, on_chunk=None
+) -> dict:
     """Generate one volume and write its files; returns the sidecar dict."""
-    return generate_batch(pipe, [report], [out], [settings], progress)[0]
+    return generate_batch(pipe, [report], [out], [settings], progress, on_chunk)[0]
 
 
 def generate_batch(
-    pipe, reports: list[str], outs: list[Path], settings: list[GenerationSettings], progress=None
+    pipe,
+    reports: list[str],
+    outs: list[Path],
+    settings: list[GenerationSettings],
+    progress=None,
+    on_chunk=None,
 ) -> list[dict]:
     """Generate one volume per report in one pipeline call, each with its own seed and slice count
     (the other settings shared), and write each one's files; returns the sidecars. Each volume is
-    the one its seed gives alone, up to rounding (one generator per report)."""
+    the one its seed gives alone, up to rounding (one generator per report). ``progress`` and
+    ``on_chunk`` go to the pipeline as its ``callback`` and ``on_chunk``."""
     from ctflow.data.dicom import write_dicom_series
     from ctflow.data.nifti import write_nifti
     from ctflow.data.preview import write_preview
@@ -113,6 +130,7 @@ def generate_batch(
         finding_guidance=first.finding_guidance,
         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
         callback=progress,
+        on_chunk=on_chunk,
     )
     seconds = time.perf_counter() - start
     sidecars = []
@@ -145,7 +163,7 @@ def generate_batch(
             "synthetic": True,
             "seconds": round(seconds, 3),
             **({"generated_with": len(reports)} if len(reports) > 1 else {}),  # volumes in the same call
-            "files": {k: str(v) for k, v in files.items()} | ({"dicom": str(s.dicom)} if s.dicom else {}),
+            "files": sidecar_files(files, s.dicom),
         }
         write_text_atomic(files["sidecar"], json.dumps(sidecar, indent=1), overwrite=s.overwrite)
         sidecars.append(sidecar)

@@ -294,6 +294,7 @@ class CTFlowPipeline:
         slice_spacing: float | None = None,
         callback: Callable[[int, int, int], None] | None = None,
         finding_guidance: float | None = None,
+        on_chunk: Callable[[int, np.ndarray], None] | None = None,
     ) -> CTFlowOutput:
         """Generate one volume per report.
 
@@ -302,7 +303,10 @@ class CTFlowPipeline:
         then comes from its own generator, as if it were generated alone with it.
         ``finding_guidance`` (transformers that read finding flags; None: ``guidance_scale``) guides
         the flags apart from the text (:mod:`ctflow.flow`). callback(chunk_index, step, total_steps)
-        is called after every ODE step.
+        is called after every ODE step; on_chunk(report_index, slices) with the slices (in HU,
+        [n,H,W], float32, the same array the volume will hold) that each decoded chunk adds to a
+        volume, once trimmed at the end of scan or slice count, so a viewer can show the volume
+        as it grows.
         """
         from ctflow.flow import null_condition, sample_chunk
 
@@ -369,6 +373,8 @@ class CTFlowPipeline:
                 outputs[item].append(
                     self.vae.denormalize(slices[:keep].numpy()).astype(np.float32, copy=False)
                 )
+                if on_chunk is not None:
+                    on_chunk(item, outputs[item][-1])
                 counts[item] += keep
                 if ends[item] is None and counts[item] >= limits[item]:
                     ends[item] = END_COUNT if requested[item] is not None else END_LIMIT
