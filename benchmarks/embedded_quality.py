@@ -25,6 +25,12 @@ slice count, so the model itself decides where to stop (EOS). Measures:
 
     python benchmarks/embedded_quality.py [--n 50] [--steps 20] [--guidance 2] [--model DIR] [--first-seed S]
 
+``--meta none`` strips the meta line from each report (no slice count at all, as `ctflow generate
+"REPORT"` without --slices): the pipeline then aims for the model's ``typical_slices`` as a number,
+its text without a meta line. ``--meta typical`` writes that target into the text as a meta line
+instead, the pairing training shows. Both need ``--result``; their slice-count figures compare the
+generated count with ``typical_slices`` (rows' ``requested``), not with the phantom's.
+
 ``--first-seed 1000`` reads the first training reports instead (seeds 1000-1299): whether a finding the
 model misses on held-out reports is one it never learned (missed on its training reports too) or one it
 learned but does not carry over to new reports (pass ``--result``, so the held-out figures stay).
@@ -107,8 +113,32 @@ def last_over_second(chunks: list) -> float:
     return rms(chunks[-1]) / rms(chunks[1]) if len(chunks) >= 2 else float("nan")
 
 
+def meta_option(parser) -> None:
+    parser.add_argument(
+        "--meta",
+        choices=("line", "none", "typical"),
+        default="line",
+        help="the reports' slice-count meta line: as written (line), removed (none), or removed and"
+        " replaced by one asking for the model's typical_slices (typical)",
+    )
+
+
+def conditioning(text: str, meta: str, pipe) -> tuple[str, int]:
+    """The report generated from under ``--meta`` and the slice count it asks for (for ``none`` and
+    ``typical``, the model's ``typical_slices`` at its own spacing, as the pipeline takes a report
+    without a meta line)."""
+    from ctflow.models.text import parse_meta, strip_meta, with_meta
+
+    if meta == "line":
+        return text, parse_meta(text)[0]
+    bare, typical = strip_meta(text), int(pipe.config.get("typical_slices") or 0)
+    return (bare if meta == "none" else with_meta(bare, typical, pipe.config["slice_spacing"])), typical
+
+
 def main() -> dict:
-    args, pipe = generation_setup(50, __doc__.splitlines()[0], first_seed=SEED0)
+    args, pipe = generation_setup(50, __doc__.splitlines()[0], meta_option, first_seed=SEED0)
+    if args.meta != "line" and not args.result:
+        raise SystemExit("embedded_quality.py: --meta needs --result NAME, so the default figures stay")
     name = args.result or result_name("embedded_quality", args.guidance)
     k = pipe.chunk_slices
     patch_slices = pipe.transformer.config.patch_size[0]
@@ -130,16 +160,17 @@ def main() -> dict:
         # the held-out phantom itself through the VAE: what a generator can score at most
         z_real, real = through_vae(pipe, phantom)
         chunks.clear()
+        prompt, requested = conditioning(text, args.meta, pipe)
         t0 = time.perf_counter()
-        out = generate(pipe, args, text, i, max_slices=200)
+        out = generate(pipe, args, prompt, i, max_slices=200)
         seconds += time.perf_counter() - t0
         vol = out.volumes[0]
         row = {
             "seed": spec.seed,
-            "requested": spec.num_slices,
+            "requested": requested,
             "generated": vol.num_slices,
             "end": out.end_reasons[0],
-            "within_chunk": abs(vol.num_slices - spec.num_slices) <= k,
+            "within_chunk": abs(vol.num_slices - requested) <= k,
             "latent_rms_by_chunk": [round(rms(c), 3) for c in chunks],
             # generated: all chunks but the one where the scan ended; the phantom's own: its full chunks
             "latent_rms_late_over_early": round(last_over_second(chunks[:-1]), 3),
@@ -175,6 +206,11 @@ def main() -> dict:
         "n": len(rows),
         "seeds": [args.first_seed, args.first_seed + args.n - 1],
         **generation_settings(args),
+        **(
+            {"meta": args.meta, "typical_slices": pipe.config.get("typical_slices")}
+            if args.meta != "line"
+            else {}
+        ),
         "seconds_per_volume": round(seconds / len(rows), 2),
         "slice_count_within_one_chunk": round(float(np.mean([r["within_chunk"] for r in rows])), 3),
         "ended_by_eos": round(float(np.mean([r["end"] == "eos" for r in rows])), 3),

@@ -265,11 +265,17 @@ def test_streamed_previews_use_the_reports_slice_spacing():
 
     pipe = tiny_pipeline()
     chunks = [np.full((4, 16, 16), -500.0, np.float32), np.full((2, 16, 16), 40.0, np.float32)]
-    plain = partial_volume(pipe, chunks, "Findings: clear.")
-    spaced = partial_volume(pipe, chunks, "Volume: 8 slices, 5 mm spacing. Findings: clear.")
+    plain = partial_volume(pipe, chunks, "Findings: clear.", None)
+    spaced = partial_volume(pipe, chunks, "Volume: 8 slices, 5 mm spacing. Findings: clear.", None)
     assert plain.spacing[0] == pipe.config["slice_spacing"] and spaced.spacing[0] == 5.0
     assert plain.num_slices == 6 and plain.hu()[-1].max() == 40.0  # the pipeline's HU slices, joined
-    assert partial_volume(pipe, [np.zeros((0, 16, 16), np.float32)], "Findings: clear.") is None
+    pipe.config["typical_extent_mm"] = 60.0  # the spacing the finished volume will have, from its count
+    assert (
+        partial_volume(pipe, chunks, "Findings: clear.", 12).spacing[0]
+        == pipe.slice_spacing_for("x", 12)
+        == 5
+    )
+    assert partial_volume(pipe, [np.zeros((0, 16, 16), np.float32)], "Findings: clear.", None) is None
 
 
 # ----------------------------------------------------------------------------- inputs and CLI

@@ -245,10 +245,11 @@ def test_model_folder_problems_are_named(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "m")
     with pytest.raises(CTFlowError, match="not found"):
         CTFlowPipeline.from_pretrained(tmp_path / "nope")
-    (tmp_path / "m/transformer/extra.bin").write_bytes(b"x")
-    with pytest.raises(CTFlowError, match="pickle"):
-        CTFlowPipeline.from_pretrained(tmp_path / "m")
-    (tmp_path / "m/transformer/extra.bin").unlink()
+    for name in ("extra.bin", "EXTRA.PT"):  # whatever the suffix's case
+        (tmp_path / "m/transformer" / name).write_bytes(b"x")
+        with pytest.raises(CTFlowError, match="pickle"):
+            CTFlowPipeline.from_pretrained(tmp_path / "m")
+        (tmp_path / "m/transformer" / name).unlink()
     cfg = json.loads((tmp_path / "m/transformer/config.json").read_text())
     cfg["hidden_size"] = 64
     (tmp_path / "m/transformer/config.json").write_text(json.dumps(cfg))
@@ -283,6 +284,27 @@ def test_the_meta_line_slice_count_reaches_the_transformer(pipe, monkeypatch):
     monkeypatch.setitem(pipe.config, "typical_slices", 50)
     pipe(REPORT, max_slices=4, num_inference_steps=1, guidance_scale=1.0)
     assert seen[0] == [50]  # no count anywhere: the model's typical depth is the target
+
+
+def test_a_volume_without_a_spacing_covers_the_training_scans_length(pipe, monkeypatch):
+    """The model draws a whole chest in whatever count it is asked for (training scans cover about the
+    same length at any count), so a volume whose report gives no spacing gets the spacing at which its
+    slices cover the training scans' median length, not one fixed spacing that squashes short scans."""
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    monkeypatch.setitem(pipe.config, "typical_extent_mm", 300.0)
+    monkeypatch.setitem(pipe.config, "typical_slices", 80)
+    run = {"num_inference_steps": 1, "guidance_scale": 1.0}
+    assert pipe.slice_spacing_for(REPORT) == 3.75  # 300 mm over the typical 80 slices
+    assert pipe.slice_spacing_for(REPORT, 92) == 3.25  # 3.26, to the quarter mm
+    assert pipe.slice_spacing_for("Volume: 40 slices. " + REPORT) == 7.5  # the meta line's count
+    assert pipe.slice_spacing_for("Volume: 40 slices, 2 mm spacing. " + REPORT) == 2.0  # its spacing
+    assert pipe.slice_spacing_for(REPORT, 1000) == 0.3  # below 1 mm, to the 0.05 mm
+    out = pipe(REPORT, num_slices=12, **run)
+    assert out.volumes[0].spacing[0] == 25.0 and out.reports[0].startswith(
+        "Volume: 12 slices, 25 mm spacing."
+    )
+    monkeypatch.setitem(pipe.config, "typical_extent_mm", None)  # a model that does not record it
+    assert pipe.slice_spacing_for(REPORT, 96) == pipe.config["slice_spacing"]
 
 
 def test_a_findings_model_reads_the_flags_parsed_from_each_report(monkeypatch, tmp_path):

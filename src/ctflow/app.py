@@ -133,16 +133,13 @@ def parse_inputs(report, slices, steps, guidance, seed) -> tuple[str, Generation
 
 
 # ------------------------------------------------------------------------- streaming
-def partial_volume(pipe, chunks: list[np.ndarray], report: str = "") -> Volume | None:
-    """The volume so far from the HU slices the pipeline's ``on_chunk`` gave, at the slice spacing
-    the finished volume will have (the report's meta line's, else the model's)."""
+def partial_volume(pipe, chunks: list[np.ndarray], report: str, num_slices: int | None) -> Volume | None:
+    """The volume so far from the HU slices the pipeline's ``on_chunk`` gave, at the spacing the
+    finished volume will have (:meth:`~ctflow.pipeline.CTFlowPipeline.slice_spacing_for`)."""
     if not sum(len(c) for c in chunks):
         return None
-    from ctflow.models.text import parse_meta
-
-    config = getattr(pipe, "config", {})
-    px = float(config.get("pixel_spacing", 1.0))
-    spacing = (float(parse_meta(report)[1] or config.get("slice_spacing", 1.0)), px, px)
+    px = float(pipe.config["pixel_spacing"])
+    spacing = (pipe.slice_spacing_for(report, num_slices), px, px)
     return Volume(np.concatenate(chunks, axis=0), spacing)
 
 
@@ -275,7 +272,7 @@ class GenerationService:
                     chunk, k, total = step  # the bar covers the whole volume, as the CLI's does
                     n = max(expected, chunk + 1)
                     progress((chunk * total + k + 1, n * total), desc=f"chunk {chunk + 1}/{n}", unit="steps")
-                if new_chunk and (volume := partial_volume(self.pipe, chunks, report)) is not None:
+                if new_chunk and (volume := partial_volume(self.pipe, chunks, report, limit)) is not None:
                     shown = volume.num_slices
                     text = f"Generating… {shown} slices so far" + (f" of {limit}" if limit else "")
                     yield triplanar_image(volume), gr.skip(), f"{text} · {DISCLAIMER}", gr.skip()

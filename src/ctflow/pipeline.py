@@ -40,7 +40,6 @@ from ctflow.files import atomic_dir
 from ctflow.models.text import DEFAULT_TEXT_ENCODER, ReportEncoder, TextEmbedding, parse_meta, with_meta
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "ctflow-phantom-tiny"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 END_EOS, END_COUNT, END_LIMIT = "eos", "num_slices", "max_slices"
 MAX_SLICES = 2048  # the most slices one volume may have, in the library and the CLI
 MIN_SCAN_SLICES = 8  # white slices before this depth are not read as the end of the scan
@@ -121,7 +120,9 @@ class CTFlowPipeline:
             raise CTFlowError(f"model folder {folder} not found")
         if not (folder / "model_index.json").is_file():
             raise CTFlowError(f"{folder} is not a ctflow model folder (no model_index.json)")
-        pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+        from ctflow.models.vae import PICKLE_SUFFIXES
+
+        pickles = [p for p in folder.rglob("*") if p.name.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise CTFlowError(f"{pickles[0]} is a pickle file; ctflow only loads safetensors weights")
         try:
@@ -322,7 +323,9 @@ class CTFlowPipeline:
                 f"slice_spacing must be a number of mm above 0 and at most 100, got {slice_spacing}"
             )
         # per report: the given spacing, else the report's meta line's, else the model's
-        spacings = [slice_spacing or parse_meta(r)[1] or self.config["slice_spacing"] for r in reports]
+        spacings = [
+            slice_spacing or self.slice_spacing_for(r, n) for r, n in zip(reports, requested, strict=True)
+        ]
         texts = [with_meta(r, n, sp) for r, n, sp in zip(reports, requested, spacings, strict=True)]
         limits = [n or cap for n in requested]
         cond = self.text_condition(texts)
@@ -396,6 +399,24 @@ class CTFlowPipeline:
         (the model may end the scan sooner or later)."""
         slices = num_slices or self.depth_target(report) or self.config["default_max_slices"]
         return max(1, math.ceil(slices / self.chunk_slices))
+
+    def slice_spacing_for(self, report: str, num_slices: int | None = None) -> float:
+        """The slice spacing (mm) of a volume generated from ``report``: its meta line's, else the spacing
+        at which ``num_slices`` (else the meta line's count, else ``typical_slices``) slices cover the
+        training scans' median length (``typical_extent_mm``; to the quarter mm, or the 0.05 mm below
+        1 mm), else the model's ``slice_spacing``. Training scans cover about the same length at any
+        slice count, so the model draws the whole chest in whatever count it is asked for."""
+        count, spacing = parse_meta(report)
+        if spacing:
+            return spacing
+        n, extent = (
+            num_slices or count or self.config.get("typical_slices"),
+            self.config.get("typical_extent_mm"),
+        )
+        if not (n and extent):
+            return float(self.config["slice_spacing"])
+        step = 0.25 if extent / n >= 1 else 0.05
+        return round(max(step, round(extent / n / step) * step), 2)
 
     def depth_target(self, text: str) -> int:
         """The slice count a ``target_depth`` transformer aims for: the meta line's, else the model's

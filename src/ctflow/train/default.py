@@ -195,6 +195,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
         f"- depth target for reports without a slice count: {index['ctflow'].get('typical_slices')}"
         " slices (training median)",
+        f"- slice spacing where the report gives none: {index['ctflow'].get('typical_extent_mm')} mm (the"
+        " training scans' median length) over the slice count",
         f"- weights: {size_mib:.1f} MiB of safetensors (the 25 MiB budget)",
         "",
         "## Reproduce",
@@ -484,7 +486,6 @@ def main(argv=None) -> None:
             final_run / "transformer",
             latents,
             name="ctflow-phantom-tiny",
-            slice_spacing=2.5,
             default_max_slices=160,
             training_data=phantoms_command(args.n, vae_cfg.image_size, args.side_twins, args.clear_twins),
             flow_stages=[
