@@ -41,6 +41,12 @@ def test_info_prints_geometry_and_synthetic_flag(nifti, run_cli, tmp_path):
     raw = tmp_path / "ras.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), raw)
     assert json.loads(run_cli("info", raw).out)["orientation"] == "RAS"
+    # a DICOM series in the same convention: columns, rows, then slices (sorted by position: superior)
+    from ctflow.data.dicom import write_dicom_series
+    from ctflow.data.io import read_volume
+
+    write_dicom_series(read_volume(nifti), tmp_path / "dcm")
+    assert json.loads(run_cli("info", tmp_path / "dcm").out)["orientation"] == "LPS"
 
 
 def test_phantoms_command_writes_ctrate_layout(tmp_path, run_cli):

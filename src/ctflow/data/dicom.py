@@ -111,8 +111,8 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
 
     Non-DICOM files (``.DS_Store``, text files) and non-image DICOM objects are
     ignored. ``metadata`` gets ``source``, ``format`` (``"dicom"``),
-    ``series_description``, ``series_instance_uid``, ``patient_id`` and
-    ``synthetic`` (``"SYNTHETIC"`` in SeriesDescription).
+    ``original_axcodes`` (columns, rows, slices in position order, as a NIfTI's x, y, z),
+    ``series_description``, ``series_instance_uid``, ``patient_id`` and ``synthetic`` (``"SYNTHETIC"`` in SeriesDescription).
     """
     folder = Path(folder)
     if not folder.exists():
@@ -219,7 +219,9 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     data = _rescale(np.stack(planes), slopes, intercepts)
     del planes
 
-    original = "".join(axcodes(affine))  # (slice, row, column) as the series is ordered
+    # (column, row, slice) with the slices in the sorted order: a NIfTI's (x, y, z) axes, so `ctflow
+    # info` gives one convention for both formats (LPS for an axial series)
+    original = tuple(reversed(axcodes(affine)))
     array, affine = reorient_to_canonical(data, affine, source=str(folder))
     description = str(getattr(ds0, "SeriesDescription", "") or "")
     metadata = {
