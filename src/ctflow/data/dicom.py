@@ -112,7 +112,8 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     Non-DICOM files (``.DS_Store``, text files) and non-image DICOM objects are
     ignored. ``metadata`` gets ``source``, ``format`` (``"dicom"``),
     ``original_axcodes`` (columns, rows, slices in position order, as a NIfTI's x, y, z),
-    ``series_description``, ``series_instance_uid``, ``patient_id`` and ``synthetic`` (``"SYNTHETIC"`` in SeriesDescription).
+    ``series_description``, ``series_instance_uid``, ``patient_id`` and ``synthetic``
+    (``"SYNTHETIC"`` in SeriesDescription).
     """
     folder = Path(folder)
     if not folder.exists():
