@@ -56,14 +56,33 @@ def test_generate_writes_nifti_preview_and_sidecar(model, tmp_path, run_cli):
 
 def test_the_sidecar_says_how_much_of_a_long_report_the_model_did_not_read(model, tmp_path, run_cli):
     long = REPORT + " The lungs are clear." * 80
-    with pytest.warns(UserWarning, match="report truncated by"):
-        r = _gen(run_cli, model, long, "--out", tmp_path / "ct.nii.gz", "--slices", 4)
+    r = _gen(run_cli, model, long, "--out", tmp_path / "ct.nii.gz", "--slices", 4)
     assert r.code == 0, r.err
+    # one line, not Python's warning with a source path and line
+    assert "warning: report truncated by" in r.err and "UserWarning" not in r.err
     side = json.loads((tmp_path / "ct.json").read_text())
     from ctflow.models.text import ReportEncoder
 
     cut = ReportEncoder.from_pretrained().truncated_tokens([side["conditioning_text"]])[0]
     assert side["report_tokens_truncated"] == cut > 100
+
+
+def test_a_slice_count_the_model_never_trained_on_is_warned_about(tmp_path, run_cli):
+    """Far outside its training counts a model draws no chest: a one-line warning, a note in the
+    sidecar; inside them, neither. The model records its training counts (ctflow assemble)."""
+    pipe = tiny_pipeline()
+    pipe.config["training_slices"] = [4, 12]
+    pipe.save_pretrained(tmp_path / "m")
+    for slices, warned in ((3, True), (8, False), (14, True)):
+        r = _gen(run_cli, tmp_path / "m", REPORT, "--out", tmp_path / f"{slices}.nii.gz", "--slices", slices)
+        assert r.code == 0, r.err
+        note = json.loads((tmp_path / f"{slices}.json").read_text()).get("warning")
+        line = f"warning: {slices} slices lies outside the 4 to 12 of this model's training scans"
+        assert (line in r.err) == warned and bool(note) == warned and (not note or note in r.err)
+    from ctflow.errors import CTFlowWarning
+
+    with pytest.warns(CTFlowWarning, match="20 slices lies outside"):  # the library warns as well
+        pipe("Volume: 20 slices. " + REPORT, num_inference_steps=1, max_slices=4)
 
 
 def test_the_sidecar_records_the_finding_flags_a_findings_model_read(tmp_path):

@@ -302,6 +302,7 @@ class GenerationService:
                     if (cut := sidecar.get("report_tokens_truncated"))
                     else ""
                 )
+                + (f" · {note}" if (note := sidecar.get("warning")) else "")
                 + f" · {DISCLAIMER}"
             )
             result = {

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -516,6 +517,23 @@ def web_app(
     launch(host, port, model=model, device=resolve_device(device), dtype=resolve_dtype(dtype))
 
 
+def _one_line_warnings(show_other):
+    """A ``warnings.showwarning`` that prints ours as one line, ``warning: <message>``, and hands
+    others to ``show_other``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CTFlowWarning):
+            from rich.markup import escape
+
+            console.print(
+                f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True
+            )
+        else:
+            show_other(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the app on ``argv`` and return the exit code, turning CTFlowError into one line and exit code 1."""
     import click
@@ -523,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        rv = app(args=argv, standalone_mode=False, prog_name="ctflow")
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            rv = app(args=argv, standalone_mode=False, prog_name="ctflow")
     except CTFlowError as e:
         from rich.markup import escape
 

@@ -13,6 +13,12 @@ class CTFlowError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+class CTFlowWarning(UserWarning):
+    """A one-line notice about input that works but will likely disappoint (a report cut at the
+    encoder's limit, a slice count the model never trained on). The CLI prints it as
+    ``warning: <message>``."""
+
+
 def one_of(names) -> str:
     """The allowed ``names`` as a message spells them: ``'a', 'b' or 'c'``."""
     quoted = [repr(n) for n in names]

@@ -154,6 +154,8 @@ def generate_batch(
             "chunk_slices": pipe.chunk_slices,  # `ctflow evaluate` judges slice counts and seams by it
             # tokens of the conditioning text past the report encoder's limit: the model never read them
             "report_tokens_truncated": result.truncated_tokens[i],
+            # a slice count the model never trained on (pipeline.untrained_count)
+            **({"warning": note} if (note := pipe.untrained_count(result.reports[i])) else {}),
             **({"finding_flags": flags} if (flags := pipe.finding_flags(result.reports[i])) else {}),
             "model": pipe.name,
             "model_weights_sha256": pipe.weights_hash,

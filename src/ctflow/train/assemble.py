@@ -31,8 +31,8 @@ def eos_threshold(latents: str | Path, fraction: float = EOS_FRACTION) -> float:
 
 def cache_settings(latents: str | Path) -> dict:
     """The pipeline settings a latent cache implies: slice size, mean in-plane pixel spacing of the
-    slices as encoded (after the resize to the slice size), median slice spacing, median slice count
-    and median length covered (slices x spacing),
+    slices as encoded (after the resize to the slice size), median slice spacing, median and
+    range of slice counts, median length covered (slices x spacing),
     a default limit a third above the longest scan, the latent EOS threshold and how many volumes the
     cache holds (recorded as ``training_volumes``)."""
     index_path = Path(latents) / "index.json"
@@ -51,6 +51,7 @@ def cache_settings(latents: str | Path) -> dict:
         "slice_spacing": float(statistics.median(v["spacing"][0] for v in volumes)),
         "default_max_slices": int(max(counts) * 4 / 3),
         "typical_slices": int(statistics.median(counts)),
+        "training_slices": [min(counts), max(counts)],  # counts outside are warned about
         # the length a scan covers: the spacing of a volume whose report gives no spacing follows it
         "typical_extent_mm": round(
             float(statistics.median(v["num_slices"] * v["spacing"][0] for v in volumes)), 2

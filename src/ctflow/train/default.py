@@ -195,6 +195,8 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         f"- EOS latent threshold (MSE): {index['ctflow'].get('eos_latent_mse')}",
         f"- depth target for reports without a slice count: {index['ctflow'].get('typical_slices')}"
         " slices (training median)",
+        f"- slice counts of its training scans: {' to '.join(map(str, index['ctflow'].get('training_slices') or []))}"
+        " (a count outside them is warned about: the model draws no chest far past them)",
         f"- slice spacing where the report gives none: {index['ctflow'].get('typical_extent_mm')} mm (the"
         " training scans' median length) over the slice count",
         f"- weights: {size_mib:.1f} MiB of safetensors (the 25 MiB budget)",
