@@ -10,8 +10,8 @@ works offline: analytics are off and nothing is fetched from the internet.
 * Streaming: generation runs in a worker thread. The pipeline's step callback
   reports progress, and its ``on_chunk`` callback hands the slices each decoded
   chunk adds (already trimmed at the end of scan) to the page, which redraws
-  the tri-planar preview of the volume so far after each chunk. A visitor who leaves cancels
-  their generation at the next step.
+  the tri-planar preview of the volume so far after each chunk. A visitor who
+  leaves cancels their generation at the next step.
 * The finished volume is written by :func:`ctflow.generate.generate_one`
   (NIfTI marked SYNTHETIC, preview PNG, JSON sidecar) into a temporary folder;
   job folders older than an hour are deleted.
