@@ -345,7 +345,15 @@ def generate(
             "--dicom", help="Also write a DICOM series folder (with --prompts: one per row inside it)."
         ),
     ] = None,
-    slices: Annotated[int | None, typer.Option("--slices", help="Number of slices to generate.")] = None,
+    slices: Annotated[
+        int | None,
+        typer.Option(
+            "--slices",
+            help="Number of slices (default: the model ends the scan); without a spacing in the report,"
+            " the slice spacing follows it. Best within the model's training counts (40 to 120 for the"
+            " embedded model; others are warned about).",
+        ),
+    ] = None,
     max_slices: Annotated[
         int | None, typer.Option("--max-slices", help="Upper limit when the model decides.")
     ] = None,
