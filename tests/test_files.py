@@ -4,7 +4,7 @@ import stat
 import pytest
 
 from ctflow.errors import CTFlowError
-from ctflow.files import atomic_dir, atomic_path
+from ctflow.files import atomic_dir, atomic_path, check_output
 
 
 @pytest.fixture
@@ -63,3 +63,14 @@ def test_a_write_the_system_refuses_is_a_one_line_error(tmp_path):
         with atomic_path(tmp_path / "out.bin") as tmp:
             raise OSError(28, "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_the_folder_ctflow_runs_in_is_never_an_output(tmp_path, monkeypatch):
+    """`--out . --overwrite` would replace the working folder (everything in it) with the output."""
+    work = tmp_path / "a" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for path in (".", "..", str(work), str(tmp_path / "a")):
+        with pytest.raises(CTFlowError, match="the folder ctflow runs in"):
+            check_output(path, overwrite=True)
+    assert check_output(tmp_path / "a" / "other", overwrite=True) == tmp_path / "a" / "other"

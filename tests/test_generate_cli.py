@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from ctflow.data.io import read_volume
+from ctflow.errors import CTFlowError
 from tests.conftest import assert_clean_error
 from tests.tiny_pipeline import tiny_pipeline
 
@@ -127,6 +129,42 @@ def test_report_file_and_no_overwrite(model, tmp_path, run_cli):
     assert _gen(run_cli, model, *args, "--overwrite").code == 0
 
 
+def test_a_report_file_with_a_byte_order_mark_keeps_its_meta_line(model, tmp_path, run_cli):
+    (tmp_path / "r.txt").write_bytes(f"\ufeffVolume: 5 slices, 3 mm spacing.\r\n{REPORT}\r\n".encode())
+    assert _gen(run_cli, model, "--report-file", tmp_path / "r.txt", "--out", tmp_path / "g.nii.gz").code == 0
+    side = json.loads((tmp_path / "g.json").read_text())
+    assert side["conditioning_text"].startswith("Volume: 5 slices, 3 mm spacing.")
+    assert side["spacing_mm"][0] == 3.0  # the meta line's (its count is the model's target, not a limit)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_dicom_folder_holding_another_output_is_refused_before_generating(
+    model, tmp_path, run_cli, monkeypatch, overwrite
+):
+    """Writing a series replaces its folder: one that holds the NIfTI (or is one of the files) would
+    delete it, or leave it half-written, after generating."""
+    flag = ("--overwrite",) if overwrite else ()
+    monkeypatch.chdir(tmp_path)
+    for out, dicom in (("d/ct.nii.gz", "d"), ("e/f/ct.nii.gz", "e"), ("g/ct.nii.gz", "g/ct.png")):
+        r = _gen(run_cli, model, REPORT, "--out", out, "--dicom", dicom, "--slices", 4, *flag)
+        assert_clean_error(r, "folder of its own")
+    assert not any(tmp_path.iterdir())  # nothing written
+    # nor the folder ctflow runs in, which --overwrite would replace with the series
+    (tmp_path / "keep.txt").write_text("mine")
+    r = _gen(run_cli, model, REPORT, "--out", "../x.nii.gz", "--dicom", ".", "--slices", 4, *flag)
+    assert_clean_error(r, "the folder ctflow runs in")
+    assert (tmp_path / "keep.txt").read_text() == "mine" and not (tmp_path.parent / "x.nii.gz").exists()
+
+
+def test_a_meta_line_out_of_range_is_a_clear_error(model, tmp_path, run_cli):
+    for report, word in (
+        ("Volume: 10000000000000000000 slices. " + REPORT, "asks for 10000000000000000000 slices"),
+        ("Volume: 40 slices, 5000 mm spacing. " + REPORT, "5000 mm spacing"),
+    ):
+        assert_clean_error(_gen(run_cli, model, report, "--out", tmp_path / "o.nii.gz"), word)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     ("args", "word"),
     [
@@ -222,6 +260,35 @@ def test_prompts_redo_a_row_stopped_half_way_and_never_replace_other_files(
     assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp  # finished rows kept
     assert json.loads((tmp_path / "out/case2.json").read_text())["report"] == "Findings: case 2."
     assert not list((tmp_path / "out").glob(".*"))
+
+
+def test_prompts_redo_a_finished_row_that_lost_a_file_and_refuse_changed_settings(model, tmp_path, run_cli):
+    csv = _prompts(tmp_path / "p.csv", n=3)
+    args = ("--prompts", csv, "--out", tmp_path / "out", "--dicom", tmp_path / "dcm")
+    assert _gen(run_cli, model, *args).code == 0
+    (tmp_path / "out/case0.nii.gz").unlink()
+    shutil.rmtree(tmp_path / "dcm/case2")
+    stamp = (tmp_path / "out/case1.json").stat().st_mtime_ns
+    r = _gen(run_cli, model, *args)
+    assert r.code == 0 and "skip case1" in r.err and "skip case0" not in r.err and "skip case2" not in r.err
+    assert read_volume(tmp_path / "out/case0.nii.gz").num_slices == 4
+    assert read_volume(tmp_path / "dcm/case2").num_slices == 6
+    assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp
+    # other settings than the finished rows': refused, not silently kept
+    assert_clean_error(_gen(run_cli, model, *args, "--steps", 3), "generated with steps 2, not 3")
+    assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    ("name", "word"),
+    [("x" * 250, "at most 200 bytes"), ("a/b", "plain file name"), ("c.nii.gz", "without its extension")],
+)
+def test_prompt_names_that_cannot_be_file_names_are_refused(tmp_path, name, word):
+    from ctflow.generate import read_prompts
+
+    (tmp_path / "p.csv").write_text(f"name,report\n{name},Findings: clear.\n")
+    with pytest.raises(CTFlowError, match=word):
+        read_prompts(tmp_path / "p.csv")
 
 
 def test_prompts_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(tmp_path):

@@ -17,8 +17,12 @@ from ctflow.errors import CTFlowError
 
 
 def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse to clobber an existing output unless ``overwrite``; make the parent folder."""
+    """Refuse to clobber an existing output unless ``overwrite``, and never replace the folder this
+    process works in or one above it (``--out .``: a folder output replaces the whole folder)."""
     path = Path(path)
+    here = Path.cwd().resolve()
+    if path.is_dir() and path.resolve() in (here, *here.parents):
+        raise CTFlowError(f"{path} is the folder ctflow runs in (or holds it); write to a folder of its own")
     if path.exists() and not overwrite:
         raise CTFlowError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
     if path.parent.exists() and not path.parent.is_dir():

@@ -72,13 +72,24 @@ def sidecar_files(files: dict[str, Path], dicom: Path | None) -> dict[str, str]:
 
 
 def every_output(out: Path, dicom: Path | None) -> list[Path]:
-    """Every path one generation writes: its files (:func:`output_paths`) and its DICOM series."""
-    return [*output_paths(out).values(), *([dicom] if dicom else [])]
+    """Every path one generation writes: its files (:func:`output_paths`) and its DICOM series, which
+    may not hold the files (writing the series replaces its folder) nor be one of them."""
+    files = list(output_paths(out).values())
+    if dicom:
+        series = Path(os.path.abspath(dicom))
+        for f in files:
+            where = Path(os.path.abspath(f))
+            if where == series or series in where.parents:
+                raise CTFlowError(
+                    f"--dicom {dicom} would hold {f}, another output of this generation (the series"
+                    " replaces its folder); give the DICOM series a folder of its own"
+                )
+    return [*files, *([dicom] if dicom else [])]
 
 
 def read_report_file(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad) would hide the meta line
     except FileNotFoundError:
         raise CTFlowError(f"report file {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -190,8 +201,12 @@ def read_prompts(path: Path) -> list[dict]:
         if not (row.get("report") or "").strip():
             raise CTFlowError(f"{path} row {i + 2} has an empty report")
         name = (row.get("name") or "").strip() or f"{i:05d}"
-        if "/" in name or name.startswith("."):
-            raise CTFlowError(f"{path} row {i + 2}: name {name!r} must be a plain file name")
+        if "/" in name or "\\" in name or name.startswith(".") or len(name.encode()) > 200:
+            raise CTFlowError(
+                f"{path} row {i + 2}: name {name[:60]!r} must be a plain file name of at most 200 bytes"
+            )
+        if name.lower().endswith((".nii", ".nii.gz", ".gz", ".dcm")):
+            raise CTFlowError(f"{path} row {i + 2}: give the name {name!r} without its extension")
         try:
             slices = int(row["slices"]) if (row.get("slices") or "").strip() else None
             seed = int(row["seed"]) if (row.get("seed") or "").strip() else None
@@ -210,25 +225,40 @@ def _pending(out: Path) -> Path:
     return out.with_name(f".{output_paths(out)['sidecar'].stem}.pending")
 
 
-def _finished(row: dict, out: Path, dicom: Path | None, prompts: Path) -> bool:
+def _finished(pipe, row: dict, out: Path, settings: GenerationSettings, prompts: Path) -> bool:
     """Whether a prompt row's outputs are finished (skip it), or under way from an earlier run that was
-    stopped (redo it); refuse files this row did not finish writing, and a finished row whose report
-    the prompts file has since changed: replacing either needs --overwrite."""
+    stopped or lost one of its files (redo it); refuse files this row did not write, and a finished
+    row whose report, settings or model have changed since: replacing either needs --overwrite."""
     if _pending(out).exists():
         return False
     sidecar = output_paths(out)["sidecar"]
     if sidecar.exists():
         try:
-            report = json.loads(sidecar.read_text()).get("report")
-        except (ValueError, AttributeError):
-            report = None
-        if report != row["report"]:
+            side = json.loads(sidecar.read_text())
+            side = side if isinstance(side, dict) else {}
+        except ValueError:
+            side = {}
+        if side.get("report") != row["report"]:
             raise CTFlowError(
                 f"{sidecar} is not the output of {prompts}'s row {row['name']!r} (another report); pass"
                 " --overwrite to generate it again"
             )
-        return True
-    for path in every_output(out, dicom):
+        wanted = {
+            "seed": settings.seed,
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "finding_guidance": settings.finding_guidance,
+            "requested_slices": settings.num_slices,
+            "model_weights_sha256": pipe.weights_hash,
+        }
+        for key, want in wanted.items():
+            if side.get(key) != want:
+                raise CTFlowError(
+                    f"{sidecar} was generated with {key} {side.get(key)}, not {want}; pass --overwrite to"
+                    " generate every row again, or another --out"
+                )
+        return all(p.exists() for p in every_output(out, settings.dicom))  # else redo the row's files
+    for path in every_output(out, settings.dicom):
         check_output(path)  # not ours to replace
     return False
 
@@ -264,7 +294,7 @@ def generate_prompts(
             dicom=settings.dicom / row["name"] if settings.dicom else None,  # a series folder per row
         )
         s.check()
-        if not settings.overwrite and _finished(row, out, s.dicom, prompts):
+        if not settings.overwrite and _finished(pipe, row, out, s, prompts):
             log(f"skip {row['name']} (finished)")
             continue
         todo.append((row, out, s))

@@ -240,6 +240,14 @@ class CTFlowPipeline:
         ``max_slices``: where the model's own scans stop (a requested count may go past it)."""
         if not reports or any(not isinstance(r, str) or not r.strip() for r in reports):
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
+        for r in reports:  # the report's own meta line, as the request's count and spacing are below
+            n, spacing = parse_meta(r)
+            if n is not None and not 1 <= n <= MAX_SLICES:
+                raise CTFlowError(f"the report's meta line asks for {n} slices; give 1 to {MAX_SLICES}")
+            if spacing is not None and not 0 < spacing <= 100:
+                raise CTFlowError(
+                    f"the report's meta line gives a {spacing:g} mm spacing; give above 0, at most 100"
+                )
         counts = _as_list(num_slices, reports)
         if len(counts) != len(reports):
             raise CTFlowError(
