@@ -156,12 +156,14 @@ def test_a_dicom_folder_holding_another_output_is_refused_before_generating(
     assert (tmp_path / "keep.txt").read_text() == "mine" and not (tmp_path.parent / "x.nii.gz").exists()
 
 
-def test_a_meta_line_out_of_range_is_a_clear_error(model, tmp_path, run_cli):
+def test_a_meta_line_out_of_range_or_a_nameless_output_is_a_clear_error(model, tmp_path, run_cli):
     for report, word in (
         ("Volume: 10000000000000000000 slices. " + REPORT, "asks for 10000000000000000000 slices"),
         ("Volume: 40 slices, 5000 mm spacing. " + REPORT, "5000 mm spacing"),
     ):
         assert_clean_error(_gen(run_cli, model, report, "--out", tmp_path / "o.nii.gz"), word)
+    # an output name that is all extension would write hidden files (.nii.gz, .png, .json)
+    assert_clean_error(_gen(run_cli, model, REPORT, "--out", tmp_path / ".nii.gz"), "no name before")
     assert not any(tmp_path.iterdir())
 
 
@@ -441,3 +443,13 @@ def test_prompts_report_progress_after_each_pipeline_call(tmp_path):
         progress=lambda done, todo: seen.append((done, todo)),
     )
     assert done == ["case0", "case1", "case2"] and seen == [(2, 3), (3, 3)]
+
+
+def test_prompt_errors_name_the_line_of_the_file_blank_lines_counted(tmp_path):
+    from ctflow.generate import read_prompts
+
+    (tmp_path / "p.csv").write_text(
+        "name,report,slices\n\na,Findings: clear.,8\n\nb,Findings: clear.,eight\n"
+    )
+    with pytest.raises(CTFlowError, match="line 5: slices and seed must be whole numbers"):
+        read_prompts(tmp_path / "p.csv")

@@ -137,7 +137,7 @@ def phantoms(
     kinds = [k for k, on, _ in twin_kinds if on]
     kinds = ", ".join(kinds[:-1]) + " and " * (len(kinds) > 1) + "".join(kinds[-1:])
     twins = f" ({len(specs) - n} of them {kinds} twins)" if kinds else ""
-    console.print(f"wrote {len(specs)} phantoms to {out}{twins}")
+    console.print(f"wrote {len(specs)} phantom{'s' * (len(specs) != 1)} to {out}{twins}")
 
 
 @app.command()

@@ -59,6 +59,8 @@ def output_paths(out: Path) -> dict[str, Path]:
     if not (name.endswith(".nii.gz") or name.endswith(".nii")):
         raise CTFlowError(f"--out must be a .nii.gz or .nii path, got {out}")
     stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+    if not stem:
+        raise CTFlowError(f"--out {out} has no name before its extension; give one, e.g. ct.nii.gz")
     return {"nifti": out, "preview": out.with_name(stem + ".png"), "sidecar": out.with_name(stem + ".json")}
 
 
@@ -190,28 +192,28 @@ def read_prompts(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            rows = list(reader)
+            rows = [(reader.line_num, row) for row in reader]  # the file's line, blank lines counted
             columns = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as e:
         raise CTFlowError(f"cannot parse {path} as CSV: {e}") from None
     if "report" not in columns:
         raise CTFlowError(f"{path} needs a 'report' column (optional: name, slices, seed)")
     out = []
-    for i, row in enumerate(rows):
+    for i, (line, row) in enumerate(rows):
         if not (row.get("report") or "").strip():
-            raise CTFlowError(f"{path} row {i + 2} has an empty report")
+            raise CTFlowError(f"{path} line {line} has an empty report")
         name = (row.get("name") or "").strip() or f"{i:05d}"
         if "/" in name or "\\" in name or name.startswith(".") or len(name.encode()) > 200:
             raise CTFlowError(
-                f"{path} row {i + 2}: name {name[:60]!r} must be a plain file name of at most 200 bytes"
+                f"{path} line {line}: name {name[:60]!r} must be a plain file name of at most 200 bytes"
             )
         if name.lower().endswith((".nii", ".nii.gz", ".gz", ".dcm")):
-            raise CTFlowError(f"{path} row {i + 2}: give the name {name!r} without its extension")
+            raise CTFlowError(f"{path} line {line}: give the name {name!r} without its extension")
         try:
             slices = int(row["slices"]) if (row.get("slices") or "").strip() else None
             seed = int(row["seed"]) if (row.get("seed") or "").strip() else None
         except ValueError:
-            raise CTFlowError(f"{path} row {i + 2}: slices and seed must be whole numbers") from None
+            raise CTFlowError(f"{path} line {line}: slices and seed must be whole numbers") from None
         out.append({"index": i, "name": name, "report": row["report"], "slices": slices, "seed": seed})
     if not out:
         raise CTFlowError(f"{path} holds no prompts")

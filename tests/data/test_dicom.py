@@ -163,6 +163,10 @@ def test_empty_and_non_dicom_folders_refused(tmp_path):
     with pytest.raises(CTFlowError) as e:
         read_dicom_series(empty)
     assert "empty" in _err(e)
+    (empty / "series1").mkdir()  # a folder of series folders: not called empty
+    with pytest.raises(CTFlowError) as e:
+        read_dicom_series(empty)
+    assert "only folders (series1): is a series one of them?" in _err(e)
     (empty / "notes.txt").write_text("hello")
     with pytest.raises(CTFlowError) as e:
         read_dicom_series(empty)

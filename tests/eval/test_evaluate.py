@@ -93,6 +93,8 @@ def test_evaluate_names_bad_inputs(sets, tmp_path):
     empty.mkdir()
     with pytest.raises(CTFlowError, match="no generated volumes"):
         evaluate(real, empty, tmp_path / "o2")
+    with pytest.raises(CTFlowError, match="is a file; pass the folder of generated volumes"):
+        evaluate(real, fake / "gen_1.nii.gz", tmp_path / "o2")
     with pytest.raises(CTFlowError, match="CT-RATE layout"):
         evaluate(empty, fake, tmp_path / "o3")
     orphan = tmp_path / "orphan"

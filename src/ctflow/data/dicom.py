@@ -126,8 +126,15 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     headers = [(p, ds) for p in files if (ds := _read_header(p)) is not None]
     if not headers:
-        what = f"none of its {len(files)} files are" if files else "it is empty, no"
-        raise CTFlowError(f"{folder}: {what} DICOM images; pass a folder holding one CT series")
+        folders = [p.name for p in folder.iterdir() if p.is_dir()]
+        if files:
+            what = f"none of its {len(files)} files are DICOM images"
+        elif folders:
+            names = ", ".join(sorted(folders)[:3]) + (", ..." if len(folders) > 3 else "")
+            what = f"it holds no files, only folders ({names}): is a series one of them?"
+        else:
+            what = "it is empty, no DICOM images"
+        raise CTFlowError(f"{folder}: {what}; pass a folder holding one CT series")
 
     series: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     for p, ds in headers:

@@ -10,6 +10,11 @@ by ``body_scale``:
 * ``Y``: anterior (-) to posterior (+), 0 = body centre;
 * ``Z``: superior (-) to inferior (+), 0 = the lung apex.
 
+In the ground truth, ``*_voxel`` positions are array indices ``(slice, row, column)`` of the
+volume as written; ``center_mm`` is in this body frame, in mm (anatomy units times
+``body_scale``), not the NIfTI's world coordinates: map ``center_voxel`` through the affine for
+those.
+
 Rendering builds a ``uint8`` tissue-label volume (cheap vectorised predicates:
 2D in-plane maps broadcast against 1D functions of ``Z``), maps labels to HU
 with a lookup table, splats tubes (airways, great vessels, the pulmonary vessel

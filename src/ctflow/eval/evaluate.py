@@ -147,6 +147,8 @@ def load_fake(fake_dir: str | Path) -> list[_Item]:
     from ctflow.eval.metrics import continuity
 
     root = Path(fake_dir)
+    if root.is_file():
+        raise CTFlowError(f"--fake {root} is a file; pass the folder of generated volumes and sidecars")
     if not root.is_dir():
         raise CTFlowError(f"generated-volume folder {root} not found")
     paths = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii")))
@@ -332,7 +334,7 @@ def markdown_report(results: dict) -> str:
         ("FID axial", fid["axial"], fid_note),
         ("FID coronal", fid["coronal"], fid_note),
         ("FID sagittal", fid["sagittal"], fid_note),
-        ("FVD", results["fvd"], "lower is better"),
+        ("FVD", results["fvd"], "lower is better" if results["fvd"] is not None else "needs 2 volumes on each side"),
         ("CLIP score (generated vs prompt)", results["clip_score"]["generated"], "higher is better, 0-100"),
         ("CLIP score (real vs report)", results["clip_score"]["real"], "reference"),
         ("Attribute accuracy (mean)", att["generated_mean"], f"reader on real data: {_fmt(att['real_mean'])}"),

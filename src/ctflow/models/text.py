@@ -166,7 +166,8 @@ class ReportEncoder(nn.Module):
 
     def truncated_tokens(self, reports: list[str]) -> list[int]:
         """How many of each report's tokens lie past the encoder's limit (``max_length``) and are not read."""
-        full = self.tokenizer(list(reports), add_special_tokens=True)["input_ids"]
+        # verbose=False: transformers would log that these untruncated ids are too long for the model
+        full = self.tokenizer(list(reports), add_special_tokens=True, verbose=False)["input_ids"]
         return [max(0, len(ids) - self.max_length) for ids in full]
 
     @torch.no_grad()
