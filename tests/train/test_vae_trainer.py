@@ -73,6 +73,8 @@ def test_training_writes_a_vae_with_its_window_and_latent_stats_and_resumes_exac
     train_vae(phantoms, _config(), tmp_path / "a", progress=False)
     vae = SliceVAE.load(tmp_path / "a" / "vae")
     assert vae.hu_window == SOFT
+    # the slice size it trained at, which encode resizes to (the tiny preset's own is 64)
+    assert vae.vae.config.sample_size == 32
     assert vae.scaling_factor != 1.0 and vae.shift_factor != 0.0  # set from latent statistics
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and "disc_loss" in log[-1]
@@ -90,6 +92,8 @@ def test_training_writes_a_vae_with_its_window_and_latent_stats_and_resumes_exac
 def test_a_bad_window_in_the_config_is_refused():
     with pytest.raises(CTFlowError, match="increasing"):
         VAETrainConfig(hu_window=(100.0, -100.0))
+    with pytest.raises(CTFlowError, match="vae.sample_size is 32 but image_size is 64"):
+        VAETrainConfig(vae={"sample_size": 32})
 
 
 def test_a_named_device_trains_the_same_weights(phantoms, tmp_path):

@@ -199,6 +199,11 @@ class SliceVAE(nn.Module):
 
         self.vae.register_to_config(_hu_window=list(check_window(window)))
 
+    def set_slice_size(self, size: int) -> None:
+        """Set the slice size (px) this VAE is trained at: its config's ``sample_size``, saved with it,
+        which ``ctflow encode`` resizes every slice to."""
+        self.vae.register_to_config(sample_size=int(size))
+
     def normalize(self, hu):
         """HU (numpy/torch/number) -> this VAE's ``[-1, 1]`` input range."""
         from ctflow.data.hu import normalize_hu

@@ -217,6 +217,12 @@ class VAETrainConfig:
 
     def __post_init__(self):
         self.hu_window = check_window(self.hu_window)
+        size = self.vae.get("sample_size", self.image_size)
+        if size != self.image_size:
+            raise CTFlowError(
+                f"config key vae.sample_size is {size} but image_size is {self.image_size}; the VAE is"
+                " trained and encodes at image_size: leave vae.sample_size out"
+            )
         if self.optim.ema_decay:
             raise CTFlowError(
                 f"config key optim.ema_decay is {self.optim.ema_decay}, but the VAE trainer keeps no EMA"

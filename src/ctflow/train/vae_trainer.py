@@ -92,6 +92,7 @@ def train_vae(
     else:
         vae = SliceVAE.from_preset(config.preset, **config.vae)
     vae.set_hu_window(config.hu_window)
+    vae.set_slice_size(config.image_size)  # what encode resizes slices to (the preset's is 64 or 1024)
     loss_fn = AVAELoss(
         disc_start=config.disc_start,
         disc_weight=config.disc_weight,
