@@ -97,6 +97,43 @@ def test_wrong_type_and_bad_yaml_are_errors(tmp_path):
         load_config(tmp_path / "e.yaml", FlowTrainConfig)
 
 
+@pytest.mark.parametrize(
+    ("text", "words", "cls"),
+    [
+        ("42\n", "must hold key: value settings, got int", FlowTrainConfig),
+        ("database\n", "must hold key: value settings, got str", FlowTrainConfig),
+        ("\n", "is empty", FlowTrainConfig),
+        ("transformer: null\n", "transformer must be a mapping", FlowTrainConfig),
+        ("transformer: [1, 2]\n", "transformer must be a mapping", FlowTrainConfig),
+        ("optim:\n  betas: 0.9\n", "optim.betas must be a list of numbers", FlowTrainConfig),
+        ("steps: true\n", "steps must be int", FlowTrainConfig),
+        ("batch_size: 0\n", "batch_size must be 1 or more", FlowTrainConfig),
+        ("log_every: 0\n", "log_every must be 1 or more", FlowTrainConfig),
+        ("checkpoint_every: 0\n", "checkpoint_every must be 1 or more", FlowTrainConfig),
+        ("steps: 0\n", "steps must be 1 or more", FlowTrainConfig),
+        ("mixed_precision: fp8\n", "mixed_precision must be 'no', 'bf16' or 'fp16'", FlowTrainConfig),
+        ("init: 5\n", "init must be str or null", VAETrainConfig),
+        ("base: 3\n", "base in", FlowTrainConfig),
+    ],
+)
+def test_malformed_configs_are_one_line_errors(tmp_path, text, words, cls):
+    """Each once ended in a traceback (TypeError, IndexError, ZeroDivisionError...) or ran untrained."""
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(CTFlowError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_config(tmp_path / "c.yaml", cls)
+
+
+def test_a_base_chain_that_loops_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nsteps: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(CTFlowError, match="is its own base"):
+        load_config(tmp_path / "a.yaml", FlowTrainConfig)
+    # a section set to null below is replaced by the mapping above it
+    (tmp_path / "n.yaml").write_text("transformer: null\n")
+    (tmp_path / "m.yaml").write_text("base: n.yaml\ntransformer:\n  preset: tiny\n")
+    assert load_config(tmp_path / "m.yaml", FlowTrainConfig).transformer == {"preset": "tiny"}
+
+
 def test_a_config_can_start_from_a_base_file(tmp_path):
     (tmp_path / "base.yaml").write_text("steps: 10\nbatch_size: 4\noptim:\n  lr: 0.1\n  warmup_steps: 5\n")
     (tmp_path / "sub").mkdir()

@@ -52,6 +52,17 @@ class OptimConfig:
                 raise CTFlowError(f"config key optim.{key} must be {rule}, got {getattr(self, key)!r}")
 
 
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def check_counts(config, names=("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")):
+    """Refuse a count below 1 among ``names`` of a training config (0 steps or batch rows, logging or
+    checkpointing every 0 steps)."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise CTFlowError(f"config key {name} must be 1 or more, got {getattr(config, name)}")
+
+
 @dataclass
 class LateConfig:
     """The last steps of a flow run, from ``from_step`` on: the sampling keys given here replace the
@@ -140,6 +151,11 @@ class FlowTrainConfig:
         return [self] + ([self.at_step(self.late.from_step)] if self.late.from_step else [])
 
     def __post_init__(self):
+        check_counts(self)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise CTFlowError(
+                f"config key mixed_precision must be {one_of(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
         if self.late.from_step:
             if not 0 < self.late.from_step < self.steps:
                 raise CTFlowError(
@@ -216,6 +232,9 @@ class VAETrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self):
+        check_counts(
+            self, ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "image_size")
+        )
         self.hu_window = check_window(self.hu_window)
         size = self.vae.get("sample_size", self.image_size)
         if size != self.image_size:
@@ -257,16 +276,32 @@ def _build(cls, data: Any, where: str, default=None):
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
+        origin, name = typing.get_origin(hint), f"{where}{key}"
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{where}{key}.", _field_default(cls, key))
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            kwargs[key] = _build(hint, value, f"{name}.", _field_default(cls, key))
+        elif origin is tuple:
+            if not isinstance(value, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value
+            ):
+                raise CTFlowError(f"config key {name} must be a list of numbers, got {value!r}")
             kwargs[key] = tuple(value)
+        elif origin is dict:
+            if not isinstance(value, dict):
+                raise CTFlowError(f"config key {name} must be a mapping of settings, got {value!r}")
+            kwargs[key] = value
+        elif isinstance(hint, types.UnionType):  # X | None
+            allowed = tuple(t for t in typing.get_args(hint) if t is not type(None))
+            if value is not None and not isinstance(value, allowed):
+                raise CTFlowError(f"config key {name} must be {allowed[0].__name__} or null, got {value!r}")
+            kwargs[key] = value
         else:
             base = hint if isinstance(hint, type) else None
             if base in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
                 value = base(value) if base is float or float(value).is_integer() else value
-            if base is not None and not isinstance(value, base) and not isinstance(hint, types.UnionType):
-                raise CTFlowError(f"config key {where}{key} must be {base.__name__}, got {value!r}")
+            if base is not None and (
+                not isinstance(value, base) or (base is not bool and isinstance(value, bool))
+            ):
+                raise CTFlowError(f"config key {name} must be {base.__name__}, got {value!r}")
             kwargs[key] = value
     return cls(**kwargs) if default is None else dataclasses.replace(default, **kwargs)
 
@@ -280,7 +315,8 @@ def merged(base: dict, over: dict) -> dict:
     """``base`` with ``over``'s keys replacing its own; nested mappings are merged key by key."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merged(base.get(k, {}), v) if isinstance(v, dict) else v
+        below = base.get(k)
+        out[k] = merged(below if isinstance(below, dict) else {}, v) if isinstance(v, dict) else v
     return out
 
 
@@ -300,16 +336,32 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     # the file's mapping, with its ``base:`` file (if any) merged underneath
     if not path.is_file():
         raise CTFlowError(f"config file {path} not found")
+    if path.resolve() in chain:
+        raise CTFlowError(
+            f"config file {path} is its own base (through {chain[-1].name}); break the base: chain"
+        )
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise CTFlowError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        where = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
+        raise CTFlowError(f"{path} is not valid YAML{where}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        raise CTFlowError(
+            f"config file {path} is empty; write the settings it should set, one key: value a line"
+        )
+    if not isinstance(data, dict):
+        raise CTFlowError(
+            f"config file {path} must hold key: value settings, got {type(data).__name__} {data!r}"
+        )
     if "base" in data:
-        data = merged(_read_yaml(path.parent / str(data.pop("base"))), data)
+        base = data.pop("base")
+        if not isinstance(base, str):
+            raise CTFlowError(f"config key base in {path} must be a file name, got {base!r}")
+        data = merged(_read_yaml(path.parent / base, (*chain, path.resolve())), data)
     return data
 
 
