@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning
 from ctflow.train.config import FlowTrainConfig, LateConfig, OptimConfig
 from ctflow.train.flow_trainer import (
     ChunkSampler,
@@ -361,6 +361,25 @@ def test_grad_clip_zero_turns_clipping_off_and_still_trains(tmp_path):
     assert all(r["grad_norm"] > 0 for r in log)
 
 
+def test_resume_names_changed_settings_and_refuses_another_model_shape(tmp_path):
+    cache = make_fake_cache(tmp_path / "c")
+    train_flow(cache, _config(), tmp_path / "run", progress=False, stop_at=10)
+    with pytest.warns(CTFlowWarning, match=r"resuming from step 10 with settings other than the checkpoint's: "
+                      r"batch_size 4 -> 3, optim.lr 0.001 -> 0.002"):  # fmt: skip
+        train_flow(
+            cache,
+            _config(batch_size=3, optim=OptimConfig(lr=2e-3, warmup_steps=2, ema_decay=0.9)),
+            tmp_path / "run",
+            progress=False,
+            resume=True,
+            stop_at=12,
+        )
+    wider = _config()
+    wider.transformer = {**wider.transformer, "hidden_size": 2 * wider.transformer.get("hidden_size", 32)}
+    with pytest.raises(CTFlowError, match="holds a model of another shape than this config builds"):
+        train_flow(cache, wider, tmp_path / "run", progress=False, resume=True)
+
+
 def test_existing_run_folder_needs_resume(tmp_path):
     cache = make_fake_cache(tmp_path / "c")
     (tmp_path / "run").mkdir()
@@ -565,7 +584,8 @@ def test_a_late_stage_is_the_same_run_as_resuming_with_its_keys(tmp_path):
     keys = {"finding_boost": 0.3, "finding_controls": 0.5, "finding_weight": 4.0}
     train_flow(cache, _config(late=LateConfig(from_step=10, **keys)), tmp_path / "late", progress=False)
     train_flow(cache, _config(), tmp_path / "two", progress=False, stop_at=10)
-    train_flow(cache, _config(**keys), tmp_path / "two", progress=False, resume=True)
+    with pytest.warns(CTFlowWarning, match="finding_boost 0.0 -> 0.3"):  # the new keys, named
+        train_flow(cache, _config(**keys), tmp_path / "two", progress=False, resume=True)
     train_flow(cache, _config(), tmp_path / "plain", progress=False)
     a, b, c = (
         load_file(tmp_path / f"{r}/transformer/diffusion_pytorch_model.safetensors")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ctflow.errors import CTFlowError
 from ctflow.files import atomic_dir
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -106,7 +107,15 @@ def restore(path, modules: dict, optimizers: dict) -> dict:
     rate, which is where the schedule had reached."""
     groups, info = load_checkpoint(path)
     for prefix, module in modules.items():
-        module.load_state_dict(groups[prefix])
+        try:
+            module.load_state_dict(groups[prefix])
+        except RuntimeError as e:  # torch lists every mismatched tensor: name the first
+            lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+            raise CTFlowError(
+                f"checkpoint {path} holds a {prefix} of another shape than this config builds"
+                f" ({lines[0] if lines else e}); resume with the run's own model settings (its"
+                " config.json) or train into a new --out"
+            ) from None
     for prefix, opt in optimizers.items():
         restored = ("params", "lr", "initial_lr")  # the rest of a group is the run's own
         settings = [{k: v for k, v in g.items() if k not in restored} for g in opt.param_groups]

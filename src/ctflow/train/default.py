@@ -21,10 +21,12 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from ctflow.errors import CTFlowWarning
 from ctflow.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -480,7 +482,9 @@ def main(argv=None) -> None:
                 if args.from_checkpoint:
                     export_checkpoint(latents, finetune_cfg, finetune_run)
                 else:
-                    train_flow(latents, finetune_cfg, finetune_run, resume=True)
+                    with warnings.catch_warnings():  # its own settings from the first stage's step on
+                        warnings.filterwarnings("ignore", "resuming from step", CTFlowWarning)
+                        train_flow(latents, finetune_cfg, finetune_run, resume=True)
     marker = final_run / "transformer" / "trained_steps.txt"  # --from-checkpoint: the step exported
     with stage("assemble", timings):
         pipe = assemble_pipeline(

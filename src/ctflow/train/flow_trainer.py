@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
 from ctflow.train.config import FlowTrainConfig
 from ctflow.train.latents import LatentCache, short_key
@@ -352,6 +353,21 @@ def build_transformer(config: FlowTrainConfig, cache: LatentCache):
     return model
 
 
+def changed_settings(before: dict, now: dict, where: str = "") -> str:
+    """The settings that differ between two config dicts, ``key old -> new`` (nested keys dotted)."""
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if inner := changed_settings(a, b, f"{where}{key}."):
+                changes.append(inner)
+        elif (list(a) if isinstance(a, tuple | list) else a) != (
+            list(b) if isinstance(b, tuple | list) else b
+        ):
+            changes.append(f"{where}{key} {a} -> {b}")
+    return ", ".join(changes)
+
+
 def train_flow(
     latents: str | Path,
     config: FlowTrainConfig,
@@ -401,6 +417,12 @@ def train_flow(
         if found:
             info = restore(found[-1], {"model": model, "ema": ema}, {"optimizer": optimizer})
             step = info["step"]
+            if changed := changed_settings(info.get("config") or {}, asdict(config)):
+                warnings.warn(
+                    f"resuming from step {step} with settings other than the checkpoint's: {changed}",
+                    CTFlowWarning,
+                    stacklevel=2,
+                )
             scheduler.last_epoch = step  # the rates themselves come back with the optimizer's param_groups
             if accelerator.scaler is not None and "grad_scaler" in info:  # fp16: the loss scale it reached
                 accelerator.scaler.load_state_dict(info["grad_scaler"])
