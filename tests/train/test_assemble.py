@@ -65,6 +65,26 @@ def test_parts_that_do_not_fit_are_refused(parts, tmp_path):
         assemble_pipeline(parts / "vae", tmp_path / "missing", parts / "latents")
 
 
+def test_a_cache_encoded_by_another_vae_is_refused(parts, tmp_path, monkeypatch):
+    import shutil
+
+    from ctflow.models.vae import SliceVAE
+    from ctflow.train.latents import vae_fingerprint
+
+    shutil.copytree(parts / "latents", tmp_path / "latents")
+    stamp = tmp_path / "latents" / "encoding.json"
+    stamp.write_text(json.dumps({"VAE (weights sha256)": "0123456789abcdef"}))
+    with pytest.raises(CTFlowError, match="the cache was encoded by another VAE"):
+        assemble_pipeline(parts / "vae", parts / "transformer", tmp_path / "latents")
+    # the same VAE given by another spelling of its path is the same encoder
+    monkeypatch.chdir(parts)
+    assert vae_fingerprint(SliceVAE.load("vae")) == vae_fingerprint(SliceVAE.load(parts / "vae"))
+    stamp.write_text(json.dumps({"VAE (weights sha256)": vae_fingerprint(SliceVAE.load("vae"))}))
+    assert assemble_pipeline(parts / "vae", parts / "transformer", tmp_path / "latents").config[
+        "typical_slices"
+    ]
+
+
 def test_encode_records_the_pixel_spacing_after_the_resize(tmp_path, run_cli):
     from ctflow.pipeline import DEFAULT_MODEL
 

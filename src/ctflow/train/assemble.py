@@ -109,6 +109,16 @@ def assemble_pipeline(
         if not flow.config.text_dim == encoder.config.hidden_size == text_dim
         else None,
     ]
+    stamp = Path(latents) / "encoding.json"  # caches since 2026-12-04 record their VAE
+    if stamp.is_file():
+        from ctflow.train.latents import vae_fingerprint
+
+        encoded_by = json.loads(stamp.read_text()).get("VAE (weights sha256)")
+        if encoded_by and encoded_by != vae_fingerprint(slice_vae):
+            problems.append(
+                f"the cache was encoded by another VAE (weights sha256 {encoded_by}; {vae}:"
+                f" {vae_fingerprint(slice_vae)})"
+            )
     if any(problems):
         raise CTFlowError("these parts were not trained together: " + "; ".join(p for p in problems if p))
     settings.update(

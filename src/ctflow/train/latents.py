@@ -119,13 +119,21 @@ def report_keys(report_variants: int) -> list[str]:
 
 def module_fingerprint(module: torch.nn.Module, config: dict | None = None) -> str:
     """SHA-256 over a module's parameter and buffer names, shapes, dtypes and values (and ``config``,
-    such as a VAE's latent scaling and HU window): two encoders with the same fingerprint encode alike."""
-    h = hashlib.sha256(json.dumps(config or {}, sort_keys=True, default=str).encode())
+    such as a VAE's latent scaling and HU window): two encoders with the same fingerprint encode alike.
+    The config's record of where it was loaded from and by which diffusers version is left out: the
+    same weights given by another path spell the same encoder."""
+    config = {k: v for k, v in (config or {}).items() if k not in ("_name_or_path", "_diffusers_version")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # (0-d too)
     return h.hexdigest()
+
+
+def vae_fingerprint(vae) -> str:
+    """A slice VAE's fingerprint as ``encoding.json`` records it (weights and config)."""
+    return module_fingerprint(vae, dict(vae.vae.config))[:16]
 
 
 def encoding_settings(dataset, vae, text, image_size, shard_size, report_variants, finding_masks) -> dict:
@@ -134,7 +142,7 @@ def encoding_settings(dataset, vae, text, image_size, shard_size, report_variant
     return {
         "data set": f"{dataset.root} ({dataset.split}, {len(dataset)} volumes, names sha256"
         f" {hashlib.sha256(names.encode()).hexdigest()[:16]})",
-        "VAE (weights sha256)": module_fingerprint(vae, dict(vae.vae.config))[:16],
+        "VAE (weights sha256)": vae_fingerprint(vae),
         "report encoder (weights sha256)": module_fingerprint(text.model)[:16],
         "slice size": image_size,
         "shard size": shard_size,
