@@ -141,6 +141,20 @@ def test_reader_reports_bad_rows_by_name_and_skips_them(tmp_path):
     assert [r.name for r in ds.records] == ["train_3_a_1.nii.gz"]
 
 
+def test_a_volume_without_a_report_row_is_named_not_dropped_silently(tmp_path):
+    _fixture(tmp_path)
+    path = tmp_path / "radiology_text_reports" / "train_reports.csv"
+    path.write_text("\n".join(line for line in path.read_text().splitlines() if "train_3_a_1" not in line))
+    ds = CTRateDataset.open(tmp_path)
+    assert len(ds) == 2 and ds.problems == [
+        "train_3_a_1.nii.gz: no row in the reports CSV (the volume is skipped)"
+    ]
+    (
+        tmp_path / volume_relpath("train_3_a_1.nii.gz")
+    ).unlink()  # metadata for volumes not downloaded: no noise
+    assert CTRateDataset.open(tmp_path).problems == []
+
+
 def test_iteration_skips_unreadable_volumes_instead_of_crashing(tmp_path):
     _fixture(tmp_path)
     (tmp_path / volume_relpath("train_2_a_1.nii.gz")).write_bytes(b"\x1f\x8b broken")

@@ -169,6 +169,15 @@ class CTRateDataset:
                 ds.records.append(ds._record(row, name, meta.get(name), labels, check_files))
             except (CTFlowError, ValueError, SyntaxError) as e:
                 ds.problems.append(f"{name or '<no VolumeName>'}: {e}")
+        if check_files:  # a volume on disk that no report describes is skipped too: say so
+            described = {(r.get("VolumeName") or "").strip() for r in reports}
+            for name in sorted(set(meta) - described):
+                try:
+                    on_disk = ds.volume_path(name).is_file()
+                except (CTFlowError, ValueError):
+                    on_disk = False
+                if on_disk:
+                    ds.problems.append(f"{name}: no row in the reports CSV (the volume is skipped)")
         return ds
 
     def _record(self, row, name, meta, labels, check_files) -> CTRateRecord:
