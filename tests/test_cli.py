@@ -61,6 +61,12 @@ def test_phantoms_command_writes_ctrate_layout(tmp_path, run_cli):
     assert len(ds) == 2 and s.volume.shape[1:] == (32, 32) and 20 <= s.volume.num_slices <= 24
     assert s.report.startswith(f"Volume: {s.volume.num_slices} slices")
     assert json.loads(s.record.path.with_name("train_1_a_1.json").read_text())["labels"]
+    # 20 to 24 slices at the 6 mm cap cover 120-144 mm of a 250-390 mm chest: said, once, in one line
+    assert r.err.count("warning: phantoms of fewer than 63 slices may stop well short") == 1
+    r = run_cli(
+        "phantoms", "--n", 1, "--out", tmp_path / "ph2", "--size", 16, "--min-slices", 63, "--max-slices", 64
+    )
+    assert r.code == 0 and "warning" not in r.err
 
 
 def test_phantoms_side_twins_follow_the_volumes(tmp_path, run_cli):

@@ -114,6 +114,16 @@ def phantoms(
         )
     if not split.isalpha() or not split.islower():
         raise CTFlowError(f"--split must be lower-case letters like 'train' or 'valid', got {split!r}")
+    from ctflow.data.phantom import FULL_COVERAGE_SLICES, MAX_SLICE_SPACING
+
+    if min_slices < FULL_COVERAGE_SLICES:
+        warnings.warn(
+            f"phantoms of fewer than {FULL_COVERAGE_SLICES} slices may stop well short of the upper abdomen (the"
+            f" spacing is capped at {MAX_SLICE_SPACING:g} mm), while their reports describe the whole chest;"
+            f" --min-slices {FULL_COVERAGE_SLICES} or more avoids it",
+            CTFlowWarning,
+            stacklevel=2,
+        )
     if seed < 0:
         raise CTFlowError(f"--seed must be 0 or more, got {seed}")
     specs = [sample_spec(seed + i, size=size, slice_range=(min_slices, max_slices)) for i in range(n)]

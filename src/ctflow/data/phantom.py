@@ -37,6 +37,10 @@ from ctflow.data.labels import CTRATE_LABELS
 from ctflow.data.volume import Volume, canonical_affine
 from ctflow.errors import CTFlowError, one_of
 
+MAX_SLICE_SPACING = 6.0  # mm: a stack of fewer slices than the body's length needs stops short
+# the slices that cover 95% of the longest body sample_spec draws (350 mm x body scale 1.12) at that
+# spacing: fewer may stop well short of the upper abdomen, though the report describes the whole chest
+FULL_COVERAGE_SLICES = math.ceil(0.95 * 350.0 * 1.12 / MAX_SLICE_SPACING)
 LOBES: tuple[str, ...] = ("right upper", "right middle", "right lower", "left upper", "left lower")
 EFFUSION_SIDES: tuple[str, ...] = ("left", "right", "bilateral")
 FINDING_TYPES: tuple[str, ...] = ("nodule", "effusion", "cardiomegaly", "emphysema", "consolidation")
@@ -181,7 +185,7 @@ def sample_spec(
         n = int(num_slices)
     body_scale = round(float(rng.uniform(0.88, 1.12)), 3)
     extent = float(rng.uniform(285.0, 350.0)) * body_scale
-    spacing = float(np.clip(round(extent / n * 4.0) / 4.0, 0.5, 6.0))
+    spacing = float(np.clip(round(extent / n * 4.0) / 4.0, 0.5, MAX_SLICE_SPACING))
     start = round(float(rng.uniform(-45.0, -12.0)), 1)
     fov = 310.0 * body_scale * float(rng.uniform(1.1, 1.3))
     pixel_spacing = round(fov / size, 4)
