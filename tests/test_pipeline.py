@@ -93,6 +93,16 @@ def test_on_chunk_gives_each_volume_as_it_grows_trimmed_as_the_volume_is(pipe, m
         assert np.array_equal(np.concatenate(shown[item]), out.volumes[item].hu())
 
 
+def test_generators_may_come_as_a_tuple_and_an_empty_batch_is_named(pipe):
+    run = {"num_slices": 4, "num_inference_steps": 1}
+    pair = (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+    a = pipe([REPORT, REPORT], generator=pair, **run).volumes
+    b = pipe([REPORT, REPORT], generator=[torch.Generator().manual_seed(s) for s in (1, 2)], **run).volumes
+    assert all(np.array_equal(x.hu(), y.hu()) for x, y in zip(a, b, strict=True))
+    with pytest.raises(CTFlowError, match="no reports given"):
+        pipe([], **run)
+
+
 def test_white_slices_before_the_minimum_depth_are_not_the_end(pipe, monkeypatch):
     from ctflow.pipeline import MIN_SCAN_SLICES
 

@@ -238,7 +238,9 @@ class CTFlowPipeline:
     ):
         """``num_slices``: one count (or None) for every report, or a list of them, one per report;
         ``max_slices``: where the model's own scans stop (a requested count may go past it)."""
-        if not reports or any(not isinstance(r, str) or not r.strip() for r in reports):
+        if not reports:
+            raise CTFlowError("no reports given; pass a report, or a list of them")
+        if any(not isinstance(r, str) or not r.strip() for r in reports):
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
         for r in reports:  # the report's own meta line, as the request's count and spacing are below
             n, spacing = parse_meta(r)
@@ -321,6 +323,8 @@ class CTFlowPipeline:
         from ctflow.flow import null_condition, sample_chunk
 
         reports = [report] if isinstance(report, str) else list(report)
+        if isinstance(generator, tuple):  # one per report, as a list
+            generator = list(generator)
         requested = _as_list(num_slices, reports)  # per report
         # where the model's own scans stop
         cap = max_slices if max_slices is not None else self.config["default_max_slices"]
