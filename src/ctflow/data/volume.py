@@ -48,7 +48,8 @@ class Volume:
     """A CT volume in canonical orientation (see module docstring)."""
 
     array: np.ndarray  # (S, H, W) float32 or int16, Hounsfield units
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm: (slice, row, column)
+    # mm: (slice, row, column); None: the affine's voxel sizes (1 mm each without an affine)
+    spacing: tuple[float, float, float] | None = None
     affine: np.ndarray | None = None  # 4x4 voxel -> RAS+ mm; derived from spacing when None
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -56,12 +57,25 @@ class Volume:
         self.array = np.asarray(self.array)
         if self.array.ndim != 3:
             raise ValueError(f"a Volume is 3D (S, H, W); got shape {self.array.shape}")
-        self.spacing = tuple(float(v) for v in self.spacing)
+        if self.affine is not None:
+            self.affine = np.asarray(self.affine, dtype=np.float64)
+            if self.affine.shape != (4, 4):
+                raise ValueError(f"affine must be 4x4; got shape {self.affine.shape}")
+            sizes = tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+            if self.spacing is None:
+                self.spacing = sizes
+            elif not np.allclose(sizes, [float(v) for v in self.spacing], rtol=1e-4, atol=1e-6):
+                raise ValueError(
+                    f"spacing {tuple(self.spacing)} disagrees with the affine's voxel sizes"
+                    f" {tuple(round(v, 6) for v in sizes)}; give one, or both alike"
+                )
+        self.spacing = tuple(
+            float(v) for v in (self.spacing if self.spacing is not None else (1.0, 1.0, 1.0))
+        )
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ValueError(f"spacing must be three positive numbers in mm; got {self.spacing}")
         if self.affine is None:
             self.affine = canonical_affine(self.spacing)
-        self.affine = np.asarray(self.affine, dtype=np.float64)
 
     @property
     def shape(self) -> tuple[int, int, int]:
