@@ -185,6 +185,12 @@ def test_writer_output_reads_back_through_the_reader(tmp_path):
     assert s.volume.spacing == (2.5, 0.8, 0.8) and s.labels["Emphysema"] == 1
     assert (tmp_path / "dataset/valid/valid_1/valid_1_a/valid_1_a_1.json").exists()
     assert s.finding_slices is None  # a sidecar without phantom findings
+    assert not s.volume.synthetic  # as written: unmarked
+    w = CTRateWriter(tmp_path / "ph", "train")
+    w.add(0, Volume(hu, (2.5, 0.8, 0.8), metadata={"synthetic": True}), {"Findings_EN": "Clear."}, {})
+    w.close()
+    # a phantom read through the data set stays marked, so a copy written out is marked too
+    assert CTRateDataset.open(tmp_path / "ph").load(0).volume.synthetic
 
 
 def test_phantom_ground_truth_beside_a_volume_gives_its_finding_slices(tmp_path):

@@ -240,7 +240,9 @@ class CTRateDataset:
         for axis, sp in enumerate(spacing):  # metadata spacing is authoritative
             norm = np.linalg.norm(affine[:3, axis])
             affine[:3, axis] *= sp / norm if norm > 0 else 0.0
-        volume = Volume(hu, spacing, affine, {"source": str(rec.path), "name": rec.name})
+        # the file's synthetic mark (phantoms) goes with the volume, so a copy written out keeps it
+        meta = {"source": str(rec.path), "name": rec.name, "synthetic": vol.synthetic}
+        volume = Volume(hu, spacing, affine, meta)
         report = format_report(rec.findings, rec.impressions, volume.num_slices, rec.z_spacing)
         return CTRateSample(rec.name, volume, report, rec, rec.labels, _finding_slices(rec.path))
 
