@@ -152,6 +152,7 @@ def test_qform_only_file(tmp_path):
     back = read_nifti(save_raw(tmp_path, data, affine, sform=0, qform=1))
     np.testing.assert_array_equal(back.array, vol.array)
     np.testing.assert_allclose(back.affine, vol.affine, atol=1e-4)
+    assert back.spacing == SPACING  # the qform's float32 pixdim as its decimals, as an sform's are
 
 
 def test_reorient_helper_flip_and_slight_obliquity():

@@ -175,8 +175,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     data = data.reshape(shape[:3])
 
     affine = np.asarray(img.affine, dtype=np.float64)
-    sform_code = int(img.header["sform_code"]) if "sform_code" in img.header else 0
-    if isinstance(img, nib.Nifti1Image) and not isinstance(img, nib.Nifti2Image) and sform_code > 0:
+    # NIfTI-1 holds the sform, the qform's pixdim and offsets and the fallback pixdim all as float32
+    if isinstance(img, nib.Nifti1Image) and not isinstance(img, nib.Nifti2Image):
         affine[:3] = _float32_to_decimal(affine[:3])
     original = axcodes(affine) if np.all(np.isfinite(affine)) else None
     data, affine = reorient_to_canonical(data, affine, source=str(path))
