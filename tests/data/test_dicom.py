@@ -119,6 +119,14 @@ def test_float_volume_out_of_int16_range_uses_slope(tmp_path):
     np.testing.assert_allclose(back.array, array, atol=step)
 
 
+def test_integers_16_bits_apart_are_stored_exactly_beyond_int16(tmp_path):
+    """Whole numbers spanning at most 65535 fit int16 shifted by an intercept; they were scaled by a
+    slope of about 0.63 (3 HU read back as 3.24)."""
+    array = np.linspace(-1024, 40000, np.prod(SHAPE)).round().astype(np.int32).reshape(SHAPE)
+    back = read_dicom_series(write_dicom_series(Volume(array, SPACING), tmp_path / "wide"))
+    np.testing.assert_array_equal(back.hu(), array.astype(np.float32))
+
+
 def test_ct_small_stacked_into_series(tmp_path):
     src = get_testdata_file("CT_small.dcm")
     base = pydicom.dcmread(src)

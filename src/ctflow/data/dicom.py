@@ -267,6 +267,9 @@ def _to_stored(array: np.ndarray) -> tuple[np.ndarray, float, float]:
         return array.astype(np.int16), 1.0, 0.0
     if array.dtype.kind == "f" and np.rint(lo) >= _INT16.min and np.rint(hi) <= _INT16.max:
         return np.rint(array).astype(np.int16), 1.0, 0.0
+    if array.dtype.kind in "iu" and hi - lo <= 65535:  # whole numbers 16 bits apart: exact, shifted
+        intercept = lo - _INT16.min
+        return (array.astype(np.int64) - int(intercept)).astype(np.int16), 1.0, intercept
     # Out of int16 range: map [lo, hi] linearly onto the int16 range.
     slope = float(_ds((hi - lo) / 65535.0)) or 1.0
     intercept = float(_ds(lo - _INT16.min * slope))
