@@ -315,7 +315,7 @@ def test_cli_app_errors(run_cli, monkeypatch):
 @pytest.mark.slow
 def test_the_served_app_removes_its_output_folder_when_stopped_with_sigterm(tmp_path):
     """A service manager stops the app with SIGTERM; its temporary output folder (every volume made)
-    goes with it, as on Ctrl-C."""
+    and gradio's cache of what it served go with it, as on Ctrl-C."""
     import signal
     import subprocess
     import sys
@@ -336,9 +336,14 @@ def test_the_served_app_removes_its_output_folder_when_stopped_with_sigterm(tmp_
             assert proc.poll() is None, "the app exited before serving"
             time.sleep(0.1)
         assert list(tmp_path.glob("ctflow-app-*"))  # its output folder exists while it serves
+        # one volume made: gradio keeps copies of what it serves (the NIfTI, the previews) in its cache
+        Client(
+            f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path.parent / "dl")
+        ).predict(REPORT, 8, 1, 1.0, 0, api_name="/generate")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not list(tmp_path.glob("ctflow-app-*"))
+    assert not list(tmp_path.glob("ctflow-app-*")) and not list(tmp_path.glob("ctflow-gradio-*"))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no copy of a volume left anywhere

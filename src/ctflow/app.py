@@ -462,6 +462,12 @@ def launch(
     from ctflow.pipeline import CTFlowPipeline
 
     pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
+    if "GRADIO_TEMP_DIR" not in os.environ:
+        # gradio keeps a copy of every file it serves (each volume, each streamed preview) in its
+        # cache folder, which outlives a server that is stopped: ours goes at exit with the outputs
+        cache = tempfile.mkdtemp(prefix="ctflow-gradio-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["GRADIO_TEMP_DIR"] = cache  # read as the page's components are built
     demo = build_app(pipe)
     if threading.current_thread() is threading.main_thread():
         # a service manager stops the app with SIGTERM: exit as on Ctrl-C, so the output folder (an
