@@ -95,3 +95,28 @@ def test_convert_ctclip_refuses_towers_it_cannot_read_as_a_bert(tmp_path, run_cl
     with pytest.raises(CTFlowError, match=r"encoder.layer.1.output.dense.bias is \(65,\)"):
         convert_ctclip(tmp_path / "shape.pt", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_malformed_checkpoints_and_an_empty_tokenizer_folder_are_one_line_errors(tmp_path, run_cli):
+    """Each once gave a traceback (a 1-D or int embedding) or a success that copied no tokenizer."""
+    state = torch.load(_fake_ctclip(tmp_path / "c.pt") and tmp_path / "c.pt", weights_only=True)
+    key = "text_transformer.embeddings.word_embeddings.weight"
+    for name, value, words in (
+        ("onedim", torch.zeros(50), "not a 2-D embedding table"),
+        ("intval", 5, "is a int, not a tensor"),
+    ):
+        torch.save({**state, key: value}, tmp_path / f"{name}.pt")
+        assert_clean_error(
+            run_cli("convert", "ctclip", tmp_path / f"{name}.pt", "--out", tmp_path / name), words
+        )
+    (tmp_path / "emptytok").mkdir()
+    r = run_cli(
+        "convert", "ctclip", tmp_path / "c.pt", "--out", tmp_path / "t", "--tokenizer", tmp_path / "emptytok"
+    )
+    assert_clean_error(r, "holds no tokenizer files")
+    assert_clean_error(run_cli("convert", "ctclip", tmp_path, "--out", tmp_path / "d"), "is a folder")
+    (tmp_path / "notes.pt").write_text("hello")
+    assert_clean_error(
+        run_cli("convert", "ctclip", tmp_path / "notes.pt", "--out", tmp_path / "n"), "as downloaded"
+    )
+    assert not any((tmp_path / n).exists() for n in ("onedim", "intval", "t", "d", "n"))

@@ -22,23 +22,58 @@ PREFIX = "text_transformer."
 
 
 def _load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    if checkpoint.is_dir():
+        raise CTFlowError(f"checkpoint {checkpoint} is a folder; pass the CT-CLIP .pt file")
     if not checkpoint.is_file():
         raise CTFlowError(f"checkpoint {checkpoint} not found")
     try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported the same way
         raise CTFlowError(
-            f"cannot read {checkpoint} as a weights-only checkpoint: {str(e).splitlines()[0]}"
+            f"cannot read {checkpoint} as a weights-only checkpoint ({type(e).__name__}:"
+            f" {str(e).splitlines()[0] if str(e) else 'no detail'}); pass CT-CLIP's own .pt file,"
+            " as downloaded"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
         raise CTFlowError(f"{checkpoint} does not hold a state dict")
+    odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CTFlowError(
+            f"{checkpoint}: {odd[0]} is a {type(obj[odd[0]]).__name__}, not a tensor; is this a CT-CLIP checkpoint?"
+        )
     return obj
 
 
+def _tokenizer_files(tokenizer: str | Path | None) -> list[Path]:
+    """The tokenizer files of ``tokenizer`` (a folder) to copy beside the converted weights."""
+    if tokenizer is None:
+        return []
+    tok = Path(tokenizer)
+    if not tok.is_dir():
+        raise CTFlowError(f"tokenizer folder {tok} not found")
+    files = [
+        f
+        for f in tok.iterdir()
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")) and f.is_file()
+    ]
+    if not files:
+        raise CTFlowError(
+            f"tokenizer folder {tok} holds no tokenizer files (tokenizer.json, vocab.txt, ...); pass"
+            " CXR-BERT's tokenizer folder"
+        )
+    return files
+
+
 def bert_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
+    for key in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"):
+        if key in state and state[key].ndim != 2:
+            raise CTFlowError(
+                f"checkpoint text tower's {key} is {tuple(state[key].shape)}, not a 2-D embedding table;"
+                " is this a CT-CLIP checkpoint?"
+            )
     try:
         vocab, hidden = state["embeddings.word_embeddings.weight"].shape
         max_pos = state["embeddings.position_embeddings.weight"].shape[0]
@@ -73,6 +108,7 @@ def convert_ctclip(
     """Write CT-CLIP's text transformer as a transformers BertModel folder."""
     from transformers import BertConfig, BertModel
 
+    tokenizer_files = _tokenizer_files(tokenizer)  # checked before any work
     state = _load_state_dict(Path(checkpoint))
     text = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     if not text:
@@ -108,11 +144,6 @@ def convert_ctclip(
     model.load_state_dict(text, strict=False)  # (only position_ids, a buffer, may be absent)
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tok = Path(tokenizer)
-            if not tok.is_dir():
-                raise CTFlowError(f"tokenizer folder {tok} not found")
-            for f in tok.iterdir():
-                if f.name.startswith(("tokenizer", "vocab", "special_tokens")) and f.is_file():
-                    shutil.copy(f, tmp / f.name)
+        for f in tokenizer_files:
+            shutil.copy(f, tmp / f.name)
     return Path(out)
