@@ -162,6 +162,11 @@ def test_a_meta_line_out_of_range_or_a_nameless_output_is_a_clear_error(model, t
         ("Volume: 40 slices, 5000 mm spacing. " + REPORT, "5000 mm spacing"),
     ):
         assert_clean_error(_gen(run_cli, model, report, "--out", tmp_path / "o.nii.gz"), word)
+    # a requested count replaces the line's: then its count is not read, nor refused
+    huge = "Volume: 10000000000000000000 slices. " + REPORT
+    assert _gen(run_cli, model, huge, "--out", tmp_path / "ok.nii.gz", "--slices", 4).code == 0
+    for f in tmp_path.glob("ok.*"):
+        f.unlink()
     # an output name that is all extension would write hidden files (.nii.gz, .png, .json)
     assert_clean_error(_gen(run_cli, model, REPORT, "--out", tmp_path / ".nii.gz"), "no name before")
     assert not any(tmp_path.iterdir())

@@ -242,15 +242,16 @@ class CTFlowPipeline:
             raise CTFlowError("no reports given; pass a report, or a list of them")
         if any(not isinstance(r, str) or not r.strip() for r in reports):
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
-        for r in reports:  # the report's own meta line, as the request's count and spacing are below
+        counts = _as_list(num_slices, reports)
+        # the report's own meta line, where it is read (a requested count replaces the line's count)
+        for r, asked in zip(reports, counts, strict=False):
             n, spacing = parse_meta(r)
-            if n is not None and not 1 <= n <= MAX_SLICES:
+            if asked is None and n is not None and not 1 <= n <= MAX_SLICES:
                 raise CTFlowError(f"the report's meta line asks for {n} slices; give 1 to {MAX_SLICES}")
             if spacing is not None and not 0 < spacing <= 100:
                 raise CTFlowError(
                     f"the report's meta line gives a {spacing:g} mm spacing; give above 0, at most 100"
                 )
-        counts = _as_list(num_slices, reports)
         if len(counts) != len(reports):
             raise CTFlowError(
                 f"num_slices has {len(counts)} counts for {len(reports)} reports; give one each"
