@@ -87,6 +87,17 @@ def generation_setup(n: int, description: str, add_arguments=None, first_seed: i
         raise SystemExit(
             f"{p.prog}: --first-seed needs --result NAME, so the held-out figures stay as they are"
         )
+    # any other option off its default (but --guidance, which names its own file) writes over the
+    # stored figures the docs quote: it needs a name of its own
+    changed = [
+        f"--{a.dest.replace('_', '-')}"
+        for a in p._actions
+        if a.dest not in ("help", "result", "guidance", "first_seed") and getattr(args, a.dest) != a.default
+    ]
+    if changed and not args.result:
+        raise SystemExit(
+            f"{p.prog}: {', '.join(changed)} given: pass --result NAME too, so the stored figures stay as they are"
+        )
     torch.set_num_threads(2)
     pipe = CTFlowPipeline.from_pretrained(args.model)
     if args.dtype != "float32":

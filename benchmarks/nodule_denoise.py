@@ -31,7 +31,7 @@ layer's column space (what it can write), over the nodule chunks' whole patches.
 
 Writes ``results/nodule_denoise.json`` (``--result NAME`` names it).
 
-    python benchmarks/nodule_denoise.py [--model DIR] [--n 24] [--steps 20] [--guidance 2] [--levels 0.25,0.5,0.75,1]
+    python benchmarks/nodule_denoise.py [--model DIR] [--n 24] [--steps 20] [--guidance 2] [--levels 0.05,0.1,0.25,0.5,0.75,1]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ RETENTIONS = ("kept_nodule_report", "kept_clear_report", "added_by_report", "chu
 def add_arguments(p) -> None:
     p.add_argument(
         "--levels",
-        default="0.25,0.5,0.75,1",
+        default="0.05,0.1,0.25,0.5,0.75,1",  # the stored nodule_denoise.json's
         help="noise levels t in (0, 1] to regenerate the nodule chunks from, comma-separated",
     )
 

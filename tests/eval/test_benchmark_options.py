@@ -15,7 +15,7 @@ def test_shift_replaces_the_models_sampler_schedule_and_is_recorded(tmp_path, mo
     try:
         schedules = {}
         for shift in (None, 3.0):
-            argv = ["bench", "--model", str(tmp_path / "model")] + (
+            argv = ["bench", "--model", str(tmp_path / "model"), "--result", "t"] + (
                 [] if shift is None else ["--shift", str(shift)]
             )
             monkeypatch.setattr(sys, "argv", argv)
@@ -36,9 +36,25 @@ def test_dtype_casts_the_pipeline_and_is_recorded(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     try:
         for dtype, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-            monkeypatch.setattr(sys, "argv", ["bench", "--model", str(tmp_path / "model"), "--dtype", dtype])
+            argv = ["bench", "--model", str(tmp_path / "model"), "--dtype", dtype, "--result", "t"]
+            monkeypatch.setattr(sys, "argv", argv)
             args, pipe = common.generation_setup(4, "test")
             assert pipe.dtype == want and next(pipe.vae.parameters()).dtype == want
             assert common.generation_settings(args).get("dtype") == (None if dtype == "float32" else dtype)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_options_off_their_defaults_need_a_result_name_of_their_own(monkeypatch):
+    """Without one they wrote over the stored figures the docs quote (embedded_quality.json from a
+    --n 1 --dtype bfloat16 run); --guidance names its own file and needs none."""
+    import pytest
+
+    common = load_benchmark("common")
+    for argv, refused in (
+        (["bench", "--n", "1", "--dtype", "bfloat16"], "--n, --dtype given: pass --result NAME too"),
+        (["bench", "--steps", "3"], "--steps given: pass --result NAME too"),
+    ):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit, match=refused):
+            common.generation_setup(4, "test")
