@@ -40,6 +40,22 @@ def peak_rss_mb(pid: int | str = "self", key: str = "VmHWM") -> float | None:
     return None
 
 
+def refuse_unnamed_variant(parser, args, exempt=()) -> None:
+    """Stop a run whose options are off their defaults but that names no ``--result``: it would write
+    over the stored figures the docs quote."""
+    skip = {"help", "result", *exempt}
+    changed = [
+        f"--{a.dest.replace('_', '-')}"
+        for a in parser._actions
+        if a.dest not in skip and a.help != "==SUPPRESS==" and getattr(args, a.dest) != a.default
+    ]
+    if changed and not args.result:
+        raise SystemExit(
+            f"{parser.prog}: {', '.join(changed)} given: pass --result NAME too, so the stored figures"
+            " stay as they are"
+        )
+
+
 def generation_setup(n: int, description: str, add_arguments=None, first_seed: int | None = None):
     """The options every generation benchmark takes (--model, --n, --steps, --guidance, --result) and
     those ``add_arguments(parser)`` adds, parsed, and the pipeline they name on 2 threads: (args, pipe).
@@ -87,17 +103,8 @@ def generation_setup(n: int, description: str, add_arguments=None, first_seed: i
         raise SystemExit(
             f"{p.prog}: --first-seed needs --result NAME, so the held-out figures stay as they are"
         )
-    # any other option off its default (but --guidance, which names its own file) writes over the
-    # stored figures the docs quote: it needs a name of its own
-    changed = [
-        f"--{a.dest.replace('_', '-')}"
-        for a in p._actions
-        if a.dest not in ("help", "result", "guidance", "first_seed") and getattr(args, a.dest) != a.default
-    ]
-    if changed and not args.result:
-        raise SystemExit(
-            f"{p.prog}: {', '.join(changed)} given: pass --result NAME too, so the stored figures stay as they are"
-        )
+    # --guidance names its own file (result_name); any other option off its default needs a name
+    refuse_unnamed_variant(p, args, exempt=("guidance", "first_seed"))
     torch.set_num_threads(2)
     pipe = CTFlowPipeline.from_pretrained(args.model)
     if args.dtype != "float32":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_mb, synthetic_cache, write_result  # noqa: E402
+from common import peak_rss_mb, refuse_unnamed_variant, synthetic_cache, write_result  # noqa: E402
 
 SHAPE = {"channels": 16, "size": 32, "text_dim": 768, "slices": (40, 200), "shard_size": 32}
 
@@ -83,7 +83,10 @@ def main() -> dict:
     )
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--child", nargs=2, metavar=("MODE", "CACHE"), help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help="result name (needed with other options than the defaults)")
     args = p.parse_args()
+    if not args.child:
+        refuse_unnamed_variant(p, args)
     if args.child:
         print(json.dumps(child(args.child[0], Path(args.child[1]), args.batches)))
         sys.exit(0)
@@ -125,7 +128,7 @@ def main() -> dict:
         "goals": {"on_demand_anon_memory_added_per_cache_mb": 0.1, "batch_time_ratio": 2.0},
         "passed": added_share["on-demand"] < 0.1 and time_ratio < 2.0,
     }
-    write_result("latent_cache", out)
+    write_result(args.result or "latent_cache", out)
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import refuse_unnamed_variant, write_result  # noqa: E402
 
 from ctflow.data.phantom import make_phantom, sample_spec  # noqa: E402
 from ctflow.data.reports import phantom_report  # noqa: E402
@@ -39,7 +39,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=24, help="phantom reports")
     p.add_argument("--variants", type=int, default=4, help="shortened versions of each")
+    p.add_argument("--result", default=None, help="result name (needed with other options than the defaults)")
     args = p.parse_args()
+    refuse_unnamed_variant(p, args)
     torch.set_num_threads(2)
     encoder = ReportEncoder.from_pretrained()
     texts = cache_texts(args.n, args.variants)
@@ -62,7 +64,7 @@ if __name__ == "__main__":
     )
     best = {name: min(t) for name, t in times.items()}
     write_result(
-        "report_encoding",
+        args.result or "report_encoding",
         {
             "texts": len(texts),
             "one_at_a_time_s": round(best["one_at_a_time"], 3),
