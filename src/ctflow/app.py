@@ -143,6 +143,13 @@ def partial_volume(pipe, chunks: list[np.ndarray], report: str, num_slices: int 
     return Volume(np.concatenate(chunks, axis=0), spacing)
 
 
+def temp_folder(prefix: str) -> str:
+    """A new temporary folder of the app's own, removed when the process exits (SIGTERM included)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 class Job:
     """One generation, run in a worker thread; its events arrive on ``self.events``."""
 
@@ -209,8 +216,7 @@ class GenerationService:
         self.pipe = pipe
         self.lock = threading.Lock()
         if out_root is None:  # ours: removed when the process exits
-            out_root = tempfile.mkdtemp(prefix="ctflow-app-")
-            atexit.register(shutil.rmtree, out_root, ignore_errors=True)
+            out_root = temp_folder("ctflow-app-")
         self.out_root = Path(out_root)
         self.out_root.mkdir(parents=True, exist_ok=True)
 
@@ -465,9 +471,9 @@ def launch(
     if "GRADIO_TEMP_DIR" not in os.environ:
         # gradio keeps a copy of every file it serves (each volume, each streamed preview) in its
         # cache folder, which outlives a server that is stopped: ours goes at exit with the outputs
-        cache = tempfile.mkdtemp(prefix="ctflow-gradio-")
-        atexit.register(shutil.rmtree, cache, ignore_errors=True)
-        os.environ["GRADIO_TEMP_DIR"] = cache  # read as the page's components are built
+        os.environ["GRADIO_TEMP_DIR"] = temp_folder(
+            "ctflow-gradio-"
+        )  # read as the page's components are built
     demo = build_app(pipe)
     if threading.current_thread() is threading.main_thread():
         # a service manager stops the app with SIGTERM: exit as on Ctrl-C, so the output folder (an

@@ -243,8 +243,12 @@ class CTFlowPipeline:
         if any(not isinstance(r, str) or not r.strip() for r in reports):
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
         counts = _as_list(num_slices, reports)
+        if len(counts) != len(reports):
+            raise CTFlowError(
+                f"num_slices has {len(counts)} counts for {len(reports)} reports; give one each"
+            )
         # the report's own meta line, where it is read (a requested count replaces the line's count)
-        for r, asked in zip(reports, counts, strict=False):
+        for r, asked in zip(reports, counts, strict=True):
             n, spacing = parse_meta(r)
             if asked is None and n is not None and not 1 <= n <= MAX_SLICES:
                 raise CTFlowError(f"the report's meta line asks for {n} slices; give 1 to {MAX_SLICES}")
@@ -252,10 +256,6 @@ class CTFlowPipeline:
                 raise CTFlowError(
                     f"the report's meta line gives a {spacing:g} mm spacing; give above 0, at most 100"
                 )
-        if len(counts) != len(reports):
-            raise CTFlowError(
-                f"num_slices has {len(counts)} counts for {len(reports)} reports; give one each"
-            )
         for n in counts:
             if n is not None and not 1 <= n <= MAX_SLICES:
                 raise CTFlowError(f"num_slices must be between 1 and {MAX_SLICES}, got {n}")
@@ -336,7 +336,8 @@ class CTFlowPipeline:
             raise CTFlowError(
                 f"slice_spacing must be a number of mm above 0 and at most 100, got {slice_spacing}"
             )
-        # per report: the given spacing, else the report's meta line's, else the model's
+        # per report: the given spacing, else slice_spacing_for's (the meta line's, else one that
+        # covers the training scans' length)
         spacings = [
             slice_spacing or self.slice_spacing_for(r, n) for r, n in zip(reports, requested, strict=True)
         ]

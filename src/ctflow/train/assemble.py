@@ -114,10 +114,10 @@ def assemble_pipeline(
         from ctflow.train.latents import vae_fingerprint
 
         encoded_by = json.loads(stamp.read_text()).get("VAE (weights sha256)")
-        if encoded_by and encoded_by != vae_fingerprint(slice_vae):
+        given = vae_fingerprint(slice_vae) if encoded_by else None
+        if encoded_by and encoded_by != given:
             problems.append(
-                f"the cache was encoded by another VAE (weights sha256 {encoded_by}; {vae}:"
-                f" {vae_fingerprint(slice_vae)})"
+                f"the cache was encoded by another VAE (weights sha256 {encoded_by}; {vae}: {given})"
             )
     if any(problems):
         raise CTFlowError("these parts were not trained together: " + "; ".join(p for p in problems if p))

@@ -55,7 +55,10 @@ class OptimConfig:
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
-def check_counts(config, names=("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")):
+COUNT_KEYS = ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+
+
+def check_counts(config, names=COUNT_KEYS):
     """Refuse a count below 1 among ``names`` of a training config (0 steps or batch rows, logging or
     checkpointing every 0 steps)."""
     for name in names:
@@ -232,9 +235,7 @@ class VAETrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self):
-        check_counts(
-            self, ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "image_size")
-        )
+        check_counts(self, (*COUNT_KEYS, "image_size"))
         self.hu_window = check_window(self.hu_window)
         size = self.vae.get("sample_size", self.image_size)
         if size != self.image_size:
@@ -368,6 +369,21 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
 def load_config(path: str | Path, cls):
     """Read a YAML file (and its ``base:`` chain) into the dataclass ``cls``."""
     return _build(cls, _read_yaml(Path(path)), "")
+
+
+def changed_settings(before: dict, now: dict, where: str = "") -> str:
+    """The settings that differ between two config dicts, ``key old -> new`` (nested keys dotted)."""
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if inner := changed_settings(a, b, f"{where}{key}."):
+                changes.append(inner)
+        elif (list(a) if isinstance(a, tuple | list) else a) != (
+            list(b) if isinstance(b, tuple | list) else b
+        ):
+            changes.append(f"{where}{key} {a} -> {b}")
+    return ", ".join(changes)
 
 
 def config_dict(config) -> dict:

@@ -31,9 +31,8 @@ from ctflow.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
-RESULTS = (
-    ROOT / "benchmarks" / "results"
-)  # the model card reads it; --result NAME writes train_default_NAME.json
+# the model card reads it; --result NAME writes train_default_NAME.json
+RESULTS = ROOT / "benchmarks" / "results"
 REPORT_VARIANTS = 4  # shortened versions of each report in the latent cache (short_reports trains on them)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ctflow.errors import CTFlowError, CTFlowWarning
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
-from ctflow.train.config import FlowTrainConfig
+from ctflow.train.config import FlowTrainConfig, changed_settings
 from ctflow.train.latents import LatentCache, short_key
 from ctflow.train.utils import EMA, StepBar, append_jsonl, lr_lambda, step_generator, trim_log
 
@@ -351,21 +351,6 @@ def build_transformer(config: FlowTrainConfig, cache: LatentCache):
     moments = cache.text_moments()
     model.set_text_moments(moments["tokens"], moments["pooled"])
     return model
-
-
-def changed_settings(before: dict, now: dict, where: str = "") -> str:
-    """The settings that differ between two config dicts, ``key old -> new`` (nested keys dotted)."""
-    changes = []
-    for key in sorted(set(before) | set(now)):
-        a, b = before.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            if inner := changed_settings(a, b, f"{where}{key}."):
-                changes.append(inner)
-        elif (list(a) if isinstance(a, tuple | list) else a) != (
-            list(b) if isinstance(b, tuple | list) else b
-        ):
-            changes.append(f"{where}{key} {a} -> {b}")
-    return ", ".join(changes)
 
 
 def train_flow(
