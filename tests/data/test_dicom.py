@@ -194,6 +194,29 @@ def test_mixed_series_refused(series, tmp_path):
     assert "2 DICOM series" in _err(e) and "one series" in _err(e)
 
 
+def test_localizer_beside_the_slices_is_skipped(series):
+    vol, folder = series
+    shutil.copy(folder / "slice_0002.dcm", folder / "scout.dcm")
+    _edit(  # a coronal scout in the same series, as scanners often save it
+        folder / "scout.dcm",
+        SOPInstanceUID=generate_uid(),
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        ImageOrientationPatient=[1, 0, 0, 0, 0, -1],
+    )
+    back = read_dicom_series(folder)
+    np.testing.assert_array_equal(back.array, vol.array)
+
+
+def test_zero_or_malformed_rescale_slope_refused(series):
+    _, folder = series
+    _edit(folder / "slice_0002.dcm", RescaleSlope="0")
+    with pytest.raises(CTFlowError) as e:
+        read_dicom_series(folder)
+    assert "RescaleSlope is 0" in _err(e) and "slice_0002.dcm" in _err(e)
+    _edit(folder / "slice_0002.dcm", RescaleSlope="")  # empty means the default, 1
+    read_dicom_series(folder)
+
+
 def test_missing_slice_refused(series):
     _, folder = series
     (folder / "slice_0003.dcm").unlink()

@@ -51,7 +51,14 @@ def _read_header(path: Path) -> Dataset | None:
         return None
     if "Rows" not in ds or "Columns" not in ds:
         return None  # DICOMDIR, structured reports, presentation states, ...
+    if "LOCALIZER" in [str(v).upper() for v in _multi(getattr(ds, "ImageType", ()))]:
+        return None  # a scout image saved beside the axial slices
     return ds
+
+
+def _multi(value) -> list:
+    """A DICOM value as a list (a multi-valued tag is a MultiValue, a single value is not)."""
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _floats(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
@@ -83,9 +90,24 @@ def _pixels(path: Path) -> tuple[np.ndarray, float, float]:
         ) from None
     if pixels.ndim != 2:
         raise CTFlowError(f"{path}: expected a 2D slice, got pixel data of shape {pixels.shape}")
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    return pixels, slope, intercept
+    slope = _value(ds, "RescaleSlope", 1.0, path)
+    if slope == 0.0:
+        raise CTFlowError(f"{path}: RescaleSlope is 0, which maps every pixel to one value; fix the header")
+    return pixels, slope, _value(ds, "RescaleIntercept", 0.0, path)
+
+
+def _value(ds: Dataset, keyword: str, default: float, path: Path) -> float:
+    """A numeric tag; ``default`` when it is absent or empty."""
+    raw = getattr(ds, keyword, None)
+    if raw is None or str(raw).strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not np.isfinite(value):
+        raise CTFlowError(f"{path}: {keyword} {str(raw)!r} is not a number; fix the header")
+    return value
 
 
 def _rescale(stack: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -> np.ndarray:
@@ -109,8 +131,8 @@ def _rescale(stack: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -> n
 def read_dicom_series(folder: str | os.PathLike) -> Volume:
     """Read the single CT series in ``folder`` into a canonical :class:`Volume`.
 
-    Non-DICOM files (``.DS_Store``, text files) and non-image DICOM objects are
-    ignored. ``metadata`` gets ``source``, ``format`` (``"dicom"``),
+    Non-DICOM files (``.DS_Store``, text files), non-image DICOM objects and
+    localizer (scout) images are ignored. ``metadata`` gets ``source``, ``format`` (``"dicom"``),
     ``original_axcodes`` (columns, rows, slices in position order, as a NIfTI's x, y, z),
     ``series_description``, ``series_instance_uid``, ``patient_id`` and ``synthetic``
     (``"SYNTHETIC"`` in SeriesDescription).
@@ -128,7 +150,7 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     if not headers:
         folders = [p.name for p in folder.iterdir() if p.is_dir()]
         if files:
-            what = f"none of its {len(files)} files are DICOM images"
+            what = f"none of its {len(files)} files are DICOM image slices (localizers are skipped)"
         elif folders:
             names = ", ".join(sorted(folders)[:3]) + (", ..." if len(folders) > 3 else "")
             what = f"it holds no files, only folders ({names}): is a series one of them?"
