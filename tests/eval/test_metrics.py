@@ -94,6 +94,8 @@ def test_continuity_is_near_one_for_a_phantom_and_flags_an_artificial_seam(phant
     flagged = continuity(seamed)
     assert flagged["ratio"] > 1.5 * smooth["ratio"], (smooth, flagged)
     assert continuity(vol[:5])["boundaries"] == 0
+    constant = np.full((40, 8, 8), -1000.0, np.float32)  # no change anywhere is no seam: ratio 1, not 0
+    assert continuity(constant)["ratio"] == pytest.approx(1.0)
 
 
 def test_memorization_flags_copies_but_not_a_new_phantom(phantoms):

@@ -125,8 +125,8 @@ def continuity(volume, chunk: int = CHUNK_SLICES) -> dict:
     boundaries = [b for b in range(chunk, arr.shape[0] - 1, chunk)]  # needs d[b-2], d[b-1], d[b]
     if not boundaries:
         return {"ratio": float("nan"), "boundaries": 0, "chunk": chunk, "worst": float("nan")}
-    eps = 1e-6
-    ratios = [d[b - 1] / (0.5 * (d[b - 2] + d[b]) + eps) for b in boundaries]
+    eps = 1e-6  # in both terms, so a boundary in a run of identical slices reads 1, not 0
+    ratios = [(d[b - 1] + eps) / (0.5 * (d[b - 2] + d[b]) + eps) for b in boundaries]
     return {
         "ratio": float(np.mean(ratios)),
         "worst": float(np.max(ratios)),
