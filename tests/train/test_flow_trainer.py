@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ctflow.errors import CTFlowError, CTFlowWarning
+from ctflow.train import flow_trainer
 from ctflow.train.config import FlowTrainConfig, LateConfig, OptimConfig
 from ctflow.train.flow_trainer import (
     ChunkSampler,
@@ -378,6 +380,24 @@ def test_resume_names_changed_settings_and_refuses_another_model_shape(tmp_path)
     wider.transformer = {**wider.transformer, "hidden_size": 2 * wider.transformer.get("hidden_size", 32)}
     with pytest.raises(CTFlowError, match="holds a model of another shape than this config builds"):
         train_flow(cache, wider, tmp_path / "run", progress=False, resume=True)
+    # the same cache moved elsewhere resumes; another cache of the same shape does not
+    moved = shutil.copytree(cache, tmp_path / "moved")
+    train_flow(moved, _config(batch_size=3, optim=OptimConfig(lr=2e-3, warmup_steps=2, ema_decay=0.9)),
+               tmp_path / "run", progress=False, resume=True, stop_at=14)  # fmt: skip
+    other = make_fake_cache(tmp_path / "other", reports=[[f"other {i}"] for i in range(6)])
+    with pytest.raises(CTFlowError, match=r"was trained on another latent cache than .*other"):
+        train_flow(other, _config(), tmp_path / "run", progress=False, resume=True)
+
+
+def test_the_log_times_each_interval_by_its_own_steps(tmp_path, monkeypatch):
+    import types
+
+    clock = iter(range(10**6))  # every reading one second after the last: each step takes 2 s
+    monkeypatch.setattr(flow_trainer, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    train_flow(make_fake_cache(tmp_path / "c"), _config(steps=12), tmp_path / "run", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines() if "loss" in x]
+    assert [r["step"] for r in log] == [5, 10, 12]
+    assert [r["sec_per_step"] for r in log] == [2.0, 2.0, 2.0]  # the last interval is 2 steps, not 5
 
 
 def test_existing_run_folder_needs_resume(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning
 from ctflow.train.config import VAETrainConfig
 from ctflow.train.vae_trainer import load_slices, train_vae
 
@@ -87,6 +87,11 @@ def test_training_writes_a_vae_with_its_window_and_latent_stats_and_resumes_exac
     resumed = SliceVAE.load(tmp_path / "b" / "vae")
     for (k, a), b in zip(vae.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=k)
+    # a resume with other settings goes on, naming them
+    train_vae(phantoms, _config(), tmp_path / "c", progress=False, stop_at=2)
+    with pytest.warns(CTFlowWarning, match=r"resuming from step 2 with settings other than the checkpoint's: "
+                      r"batch_size 2 -> 3"):  # fmt: skip
+        train_vae(phantoms, _config(batch_size=3), tmp_path / "c", progress=False, resume=True)
 
 
 def test_a_bad_window_in_the_config_is_refused():

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from ctflow.data.hu import HU_WINDOW, check_window
-from ctflow.errors import CTFlowError, one_of
+from ctflow.errors import CTFlowError, CTFlowWarning, one_of
 
 
 @dataclass
@@ -386,5 +387,11 @@ def changed_settings(before: dict, now: dict, where: str = "") -> str:
     return ", ".join(changes)
 
 
-def config_dict(config) -> dict:
-    return dataclasses.asdict(config)
+def warn_changed_settings(checkpoint: dict, config, step: int) -> None:
+    """Warn when a run resumes from ``checkpoint`` (its saved info) with settings other than its own."""
+    if changed := changed_settings(checkpoint.get("config") or {}, dataclasses.asdict(config)):
+        warnings.warn(
+            f"resuming from step {step} with settings other than the checkpoint's: {changed}",
+            CTFlowWarning,
+            stacklevel=3,
+        )

@@ -17,16 +17,15 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from ctflow.errors import CTFlowError, CTFlowWarning
+from ctflow.errors import CTFlowError
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
-from ctflow.train.config import FlowTrainConfig, changed_settings
+from ctflow.train.config import FlowTrainConfig, warn_changed_settings
 from ctflow.train.latents import LatentCache, short_key
 from ctflow.train.utils import EMA, StepBar, append_jsonl, lr_lambda, step_generator, trim_log
 
@@ -402,12 +401,13 @@ def train_flow(
         if found:
             info = restore(found[-1], {"model": model, "ema": ema}, {"optimizer": optimizer})
             step = info["step"]
-            if changed := changed_settings(info.get("config") or {}, asdict(config)):
-                warnings.warn(
-                    f"resuming from step {step} with settings other than the checkpoint's: {changed}",
-                    CTFlowWarning,
-                    stacklevel=2,
+            if info.get("latents", cache.fingerprint) != cache.fingerprint:
+                raise CTFlowError(
+                    f"{out} was trained on another latent cache than {latents} (fingerprint"
+                    f" {info['latents']} there, {cache.fingerprint} here); pass the run's own --latents"
+                    " or train into a new --out"
                 )
+            warn_changed_settings(info, config, step)
             scheduler.last_epoch = step  # the rates themselves come back with the optimizer's param_groups
             if accelerator.scaler is not None and "grad_scaler" in info:  # fp16: the loss scale it reached
                 accelerator.scaler.load_state_dict(info["grad_scaler"])
@@ -424,6 +424,7 @@ def train_flow(
     end = min(config.steps, stop_at) if stop_at is not None else config.steps
     bar = StepBar(progress and main, "train", end, step)
     data_time = compute_time = 0.0
+    interval = 0  # steps since the last log line (the first and last intervals may be shorter)
     while step < end:
         t0 = time.perf_counter()
         g = step_generator(config.seed, step, rank)
@@ -440,6 +441,7 @@ def train_flow(
         optimizer.zero_grad(set_to_none=True)
         ema.update(accelerator.unwrap_model(model))
         step += 1
+        interval += 1
         t2 = time.perf_counter()
         data_time, compute_time = data_time + t1 - t0, compute_time + t2 - t1
         if main and (step % config.log_every == 0 or step == end):
@@ -449,9 +451,10 @@ def train_flow(
                 "grad_norm": round(float(grad_norm), 4),
                 "lr": scheduler.get_last_lr()[0],
                 "data_share": round(data_time / max(1e-9, data_time + compute_time), 4),
-                "sec_per_step": round((data_time + compute_time) / config.log_every, 4),
+                "sec_per_step": round((data_time + compute_time) / interval, 4),
             }
             data_time = compute_time = 0.0
+            interval = 0
             append_jsonl(log_path, record)
             bar.update(step, loss=record["loss"])
         if step % config.checkpoint_every == 0 or step == end:
@@ -464,6 +467,7 @@ def train_flow(
                     {"optimizer": optimizer},
                     {
                         "config": asdict(config),
+                        "latents": cache.fingerprint,
                         # fp16's loss scale: a resumed run skips the same overflowing steps
                         **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler else {}),
                     },

@@ -31,6 +31,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +328,7 @@ class LatentCache:
             raise CTFlowError(
                 f"{folder} is not a finished latent cache (no index.json); run `ctflow encode` first"
             )
+        self.folder = folder
         self.index = json.loads(index_path.read_text())
         self.eos = load_file(folder / "eos.safetensors")["eos"].float()  # [C,h,w]
         self.rows: list[tuple[Path, dict]] = []  # (shard, its index row) per volume
@@ -384,6 +386,19 @@ class LatentCache:
             if len(self._open) > self._max_open:
                 self._open.popitem(last=False)
         return self._open[path]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What the cache holds, wherever it lies: its volumes' rows (names, reports, slice counts,
+        labels) and the encoders ``encoding.json`` names (or, without it, the EOS latent)."""
+        stamp = self.folder / "encoding.json"
+        encoders = json.loads(stamp.read_text()) if stamp.is_file() else {}
+        h = hashlib.sha256(json.dumps([row for _, row in self.rows], sort_keys=True).encode())
+        for key in ("VAE (weights sha256)", "report encoder (weights sha256)"):
+            h.update(str(encoders.get(key)).encode())
+        if not encoders:
+            h.update(self.eos.numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def text_moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per-dimension (mean, std) of the report features with the meta line, over all real tokens

@@ -18,7 +18,7 @@ import torch
 
 from ctflow.errors import CTFlowError
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
-from ctflow.train.config import VAETrainConfig
+from ctflow.train.config import VAETrainConfig, warn_changed_settings
 from ctflow.train.utils import StepBar, append_jsonl, lr_lambda, step_generator, trim_log
 
 WHITE_FRACTION = 0.02  # share of training slices that are all-white EOS slices
@@ -119,7 +119,9 @@ def train_vae(
     if resume:
         clean_partial(ckpt_dir)
         if found := list_checkpoints(ckpt_dir):
-            step = restore(found[-1], modules, optims)["step"]
+            info = restore(found[-1], modules, optims)
+            step = info["step"]
+            warn_changed_settings(info, config, step)
             sched.last_epoch = step
         trim_log(out / "log.jsonl", step)  # steps after the checkpoint are trained (and logged) again
     out.mkdir(parents=True, exist_ok=True)
