@@ -111,4 +111,8 @@ def false_consolidation_by_effusion(rows: list[dict], pred: str = "pred") -> tup
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1:] or ["embedded_quality"]))
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="*", default=["embedded_quality"], metavar="RESULT")
+    print(table(p.parse_args().results))

@@ -19,7 +19,7 @@
   the working set) vs the whole volume as one chunk (the same network with a
   chunk as deep as the volume).
 
-    python benchmarks/generation.py
+    python benchmarks/generation.py [--parts cache,text_cache,dtype,batch,pipeline,depth] [--threads 2]
 """
 
 from __future__ import annotations
@@ -341,7 +341,9 @@ if __name__ == "__main__":
 
     from common import RESULTS
 
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--parts",
         default="cache,text_cache,dtype,batch,pipeline,depth",
@@ -363,6 +365,8 @@ if __name__ == "__main__":
         "pipeline": forward_share_and_steps,
         "depth": lambda: memory_and_time_vs_depth(threads=args.threads),
     }
+    if unknown := sorted(set(args.parts.split(",")) - set(parts)):
+        parser.error(f"unknown --parts {', '.join(unknown)}; choose from {', '.join(parts)}")
     old = RESULTS / "generation.json"
     result = json.loads(old.read_text()) if old.exists() else {}
     result.pop("environment", None)

@@ -84,6 +84,11 @@ def table(names: list[str]) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="*", metavar="RESULT")
+    names = p.parse_args().results
     # no names: the embedded model's own results of both probes, one table each
-    columns = [sys.argv[1:]] if sys.argv[1:] else [["laterality"], ["nodule_pairs"]]
+    columns = [names] if names else [["laterality"], ["nodule_pairs"]]
     print("\n\n".join(table(names) for names in columns))
