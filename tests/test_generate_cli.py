@@ -307,6 +307,17 @@ def test_prompts_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(tmp_p
     assert [(r["report"], r["slices"]) for r in read_prompts(tmp_path / "p.csv")] == [("Findings: clear.", 8)]
 
 
+def test_prompts_rows_that_would_make_the_same_volume_are_named(model, tmp_path, run_cli):
+    csv = tmp_path / "p.csv"  # row b's seed 0 is the one row a gets from --seed 0 + its index 0
+    csv.write_text(f'name,report,seed\na,"{REPORT}",\nb,"{REPORT}",0\nc,"{REPORT}",\n')
+    r = _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out", "--slices", 4, "--seed", 0)
+    assert r.code == 0, r.err
+    warned = [line for line in r.err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "rows 'a' and 'b' have the same report, slice count and seed (0)" in warned[0]
+    a, b = (read_volume(tmp_path / f"out/{n}.nii.gz").array for n in "ab")
+    np.testing.assert_array_equal(a, b)  # as warned
+
+
 def test_prompts_csv_without_report_column(model, tmp_path, run_cli):
     (tmp_path / "p.csv").write_text("text\nhello\n")
     assert_clean_error(

@@ -345,8 +345,9 @@ def generate(
         Path | None,
         typer.Option(
             "--prompts",
-            help="CSV with a 'report' column (optional: name, slices, seed). Resumable: finished rows are"
-            " skipped, rows a stopped run left half-written are redone; other existing files need --overwrite.",
+            help="CSV with a 'report' column (optional: name, slices, seed; a row without a seed gets --seed"
+            " + its row index). Resumable: finished rows are skipped, rows a stopped run left half-written"
+            " are redone; other existing files need --overwrite.",
         ),
     ] = None,
     dicom: Annotated[

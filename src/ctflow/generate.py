@@ -13,13 +13,14 @@ import json
 import os
 import secrets
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ctflow import __version__
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning
 from ctflow.files import check_output, write_text_atomic
 from ctflow.pipeline import MAX_SLICES
 
@@ -265,6 +266,22 @@ def _finished(pipe, row: dict, out: Path, settings: GenerationSettings, prompts:
     return False
 
 
+def warn_identical_rows(rows: list[dict], settings: list[GenerationSettings], prompts: Path) -> None:
+    """Warn about rows that would generate the same volume: the same report, slice count and seed (a
+    row's explicit seed can equal the seed another row gets from its place, ``--seed`` + row index)."""
+    first: dict[tuple, str] = {}
+    for row, s in zip(rows, settings, strict=True):
+        key = (row["report"].strip(), s.num_slices, s.seed)
+        if key in first:
+            warnings.warn(
+                f"{prompts}: rows {first[key]!r} and {row['name']!r} have the same report, slice count and"
+                f" seed ({s.seed}), so the same volume; give one of them a seed of its own",
+                CTFlowWarning,
+                stacklevel=3,
+            )
+        first.setdefault(key, row["name"])
+
+
 def process_rank() -> tuple[int, int]:
     """(rank, world size) under accelerate launch / torchrun; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -285,16 +302,21 @@ def generate_prompts(
     each pipeline call."""
     rows = read_prompts(prompts)
     rank, world = process_rank()
-    todo = []
-    for row in rows[rank::world]:
-        out = out_dir / f"{row['name']}.nii.gz"
-        s = replace(
+    row_settings = [
+        replace(
             settings,
             overwrite=True,  # checked below: only this run's own unfinished files are replaced
             num_slices=row["slices"] if row["slices"] is not None else settings.num_slices,
             seed=row["seed"] if row["seed"] is not None else (settings.seed or 0) + row["index"],
             dicom=settings.dicom / row["name"] if settings.dicom else None,  # a series folder per row
         )
+        for row in rows
+    ]
+    if rank == 0:
+        warn_identical_rows(rows, row_settings, prompts)
+    todo = []
+    for row, s in list(zip(rows, row_settings, strict=True))[rank::world]:
+        out = out_dir / f"{row['name']}.nii.gz"
         s.check()
         if not settings.overwrite and _finished(pipe, row, out, s, prompts):
             log(f"skip {row['name']} (finished)")
