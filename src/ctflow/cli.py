@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ctflow.errors import CTFlowError, CTFlowWarning
+from ctflow.errors import CTFlowError, CTFlowWarning, warn
 
 app = typer.Typer(
     add_completion=False,
@@ -117,12 +117,10 @@ def phantoms(
     from ctflow.data.phantom import FULL_COVERAGE_SLICES, MAX_SLICE_SPACING
 
     if min_slices < FULL_COVERAGE_SLICES:
-        warnings.warn(
+        warn(
             f"phantoms of fewer than {FULL_COVERAGE_SLICES} slices may stop well short of the upper abdomen (the"
             f" spacing is capped at {MAX_SLICE_SPACING:g} mm), while their reports describe the whole chest;"
-            f" --min-slices {FULL_COVERAGE_SLICES} or more avoids it",
-            CTFlowWarning,
-            stacklevel=2,
+            f" --min-slices {FULL_COVERAGE_SLICES} or more avoids it"
         )
     if seed < 0:
         raise CTFlowError(f"--seed must be 0 or more, got {seed}")

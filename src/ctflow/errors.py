@@ -1,9 +1,14 @@
-"""The one exception type users see.
+"""The one exception type users see, and the one warning type.
 
 Every message is a single line that names the problem and, where there is one,
 the fix. The CLI prints it as ``error: <message>`` and exits non-zero with no
-traceback.
+traceback; warnings as ``warning: <message>``.
 """
+
+import sys
+import warnings
+
+_INTERNAL = ("ctflow", "torch", "transformers", "diffusers")  # frames a warning is not attributed to
 
 
 class CTFlowError(ValueError):
@@ -17,6 +22,16 @@ class CTFlowWarning(UserWarning):
     """A one-line notice about input that works but will likely disappoint (a report cut at the
     encoder's limit, a slice count the model never trained on). The CLI prints it as
     ``warning: <message>``."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`CTFlowWarning` attributed to the first caller outside ctflow (and the torch
+    wrappers between, such as ``@torch.no_grad``), so that it points at the user's line and can be
+    filtered by the user's module, however deep in ctflow it arose."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: warn's caller
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _INTERNAL:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(" ".join(str(message).split()), CTFlowWarning, stacklevel=level)
 
 
 def one_of(names) -> str:

@@ -13,14 +13,13 @@ import json
 import os
 import secrets
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ctflow import __version__
-from ctflow.errors import CTFlowError, CTFlowWarning
+from ctflow.errors import CTFlowError, warn
 from ctflow.files import check_output, write_text_atomic
 from ctflow.pipeline import MAX_SLICES
 
@@ -273,11 +272,9 @@ def warn_identical_rows(rows: list[dict], settings: list[GenerationSettings], pr
     for row, s in zip(rows, settings, strict=True):
         key = (row["report"].strip(), s.num_slices, s.seed)
         if key in first:
-            warnings.warn(
+            warn(
                 f"{prompts}: rows {first[key]!r} and {row['name']!r} have the same report, slice count and"
-                f" seed ({s.seed}), so the same volume; give one of them a seed of its own",
-                CTFlowWarning,
-                stacklevel=3,
+                f" seed ({s.seed}), so the same volume; give one of them a seed of its own"
             )
         first.setdefault(key, row["name"])
 

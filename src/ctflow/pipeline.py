@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +35,14 @@ import torch
 
 from ctflow import __version__
 from ctflow.data.volume import Volume, canonical_affine
-from ctflow.errors import CTFlowError, CTFlowWarning, one_of
+from ctflow.errors import CTFlowError, one_of, warn
 from ctflow.files import atomic_dir
 from ctflow.models.text import DEFAULT_TEXT_ENCODER, ReportEncoder, TextEmbedding, parse_meta, with_meta
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "ctflow-phantom-tiny"
 END_EOS, END_COUNT, END_LIMIT = "eos", "num_slices", "max_slices"
 MAX_SLICES = 2048  # the most slices one volume may have, in the library and the CLI
+MAX_SLICE_SPACING = 100.0  # mm: the widest slice spacing a report or a caller may give, or a volume get
 MIN_SCAN_SLICES = 8  # white slices before this depth are not read as the end of the scan
 EOS_THRESHOLD = 0.5  # a decoded slice whose mean (in [-1, 1]) exceeds this is white: end of scan
 
@@ -72,6 +72,29 @@ def eos_latent_slices(latents: torch.Tensor, eos: torch.Tensor, max_mse: float |
     return ((latents.float() - eos[:, None].float()) ** 2).mean(dim=(0, 2, 3)) < max_mse
 
 
+def _as_reports(report) -> list[str]:
+    """``report`` (one text, or a list or tuple of them) as a list of non-empty texts."""
+    reports = [report] if isinstance(report, str) else report
+    if not isinstance(reports, list | tuple):
+        raise CTFlowError(f"the report must be text or a list of texts, got {type(report).__name__}")
+    if not reports:
+        raise CTFlowError("no reports given; pass a report, or a list of them")
+    for i, r in enumerate(reports):
+        if not isinstance(r, str):
+            raise CTFlowError(f"report {i} is a {type(r).__name__}, not text; pass the report's text")
+        if not r.strip():
+            raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
+    return list(reports)
+
+
+def _whole(name: str, value, low: int, high: int | None = None) -> None:
+    """Refuse ``value`` unless it is a whole number (not a bool) from ``low`` to ``high``."""
+    whole = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+    if not whole or value < low or (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise CTFlowError(f"{name} must be a whole number {span}, got {value!r}")
+
+
 def _as_list(num_slices, reports: list[str]) -> list[int | None]:
     """``num_slices`` as one count (or None) per report."""
     return list(num_slices) if isinstance(num_slices, list | tuple) else [num_slices] * len(reports)
@@ -84,6 +107,36 @@ def weights_hash(folder: str | Path) -> str:
         h.update(f.relative_to(folder).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _load_transformer(cls, folder: Path):
+    """A transformer folder, refused unless its weights fill exactly the model its config builds."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its advice names arguments ctflow does not take
+    try:
+        model, info = cls.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).splitlines()[0]
+        if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
+            first = "its config.json builds a model of another shape than its weights"
+        raise CTFlowError(f"cannot load {folder}: {first}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    for key, what in (
+        ("missing_keys", "its weights lack"),
+        ("unexpected_keys", "its config.json builds no place for"),
+        ("mismatched_keys", "its weights have another shape for"),
+    ):
+        if keys := info.get(key):
+            raise CTFlowError(
+                f"cannot load {folder}: {what} {len(keys)} tensors ({', '.join(map(str, keys[:2]))}, ...);"
+                " its config.json must be the one its weights were saved with"
+            )
+    return model
 
 
 class CTFlowPipeline:
@@ -109,14 +162,19 @@ class CTFlowPipeline:
 
     # ----------------------------------------------------------------- save / load
     @classmethod
-    def from_pretrained(cls, folder: str | Path | None = None) -> CTFlowPipeline:
-        """Load a model folder; ``None`` loads the embedded phantom-trained default."""
+    def from_pretrained(
+        cls, folder: str | Path | None = None, torch_dtype: torch.dtype | None = None
+    ) -> CTFlowPipeline:
+        """Load a model folder; ``None`` loads the embedded phantom-trained default. ``torch_dtype``
+        casts the weights once loaded (as ``pipe.to(dtype=...)``)."""
         from ctflow.flow import SCHEDULERS
         from ctflow.models.text import load_text_encoder
         from ctflow.models.transformer import CTFlowTransformer
         from ctflow.models.vae import load_vae
 
         folder = Path(folder) if folder is not None else DEFAULT_MODEL
+        if folder.is_file():
+            raise CTFlowError(f"{folder} is a file; pass the model folder (the one holding model_index.json)")
         if not folder.is_dir():
             raise CTFlowError(f"model folder {folder} not found")
         if not (folder / "model_index.json").is_file():
@@ -128,9 +186,13 @@ class CTFlowPipeline:
             raise CTFlowError(f"{pickles[0]} is a pickle file; ctflow only loads safetensors weights")
         try:
             index = json.loads((folder / "model_index.json").read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CTFlowError(f"{folder / 'model_index.json'} is not valid JSON: {e}") from None
-        config = index.get("ctflow", {})
+        config = index.get("ctflow", {}) if isinstance(index, dict) else None
+        if not isinstance(config, dict):
+            raise CTFlowError(
+                f"{folder / 'model_index.json'} must be a JSON object with a 'ctflow' object of settings"
+            )
         parts = ["vae", "transformer", "scheduler"]
         if config.get("text_encoder_source") is None:
             parts += ["text_encoder", "tokenizer"]
@@ -142,12 +204,7 @@ class CTFlowPipeline:
             text_encoder, tokenizer = load_text_encoder(None)
         else:
             text_encoder, tokenizer = load_text_encoder(folder / "text_encoder", folder / "tokenizer")
-        try:
-            transformer = CTFlowTransformer.from_pretrained(
-                folder / "transformer", use_safetensors=True, local_files_only=True
-            )
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CTFlowError(f"cannot load {folder / 'transformer'}: {str(e).splitlines()[0]}") from None
+        transformer = _load_transformer(CTFlowTransformer, folder / "transformer")
         scheduler_name = (index.get("scheduler") or ["diffusers", "FlowMatchEulerDiscreteScheduler"])[-1]
         by_class = {cls.__name__: cls for cls in SCHEDULERS.values()}
         if scheduler_name not in by_class:
@@ -162,7 +219,38 @@ class CTFlowPipeline:
             )
         config.setdefault("weights_hash", weights_hash(folder))
         config.setdefault("name", index.get("name", folder.name))
-        return cls(vae, text_encoder, tokenizer, transformer, scheduler, config)
+        pipe = cls(vae, text_encoder, tokenizer, transformer, scheduler, config)
+        pipe.check_config(folder / "model_index.json")
+        return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
+
+    def check_config(self, where: str | Path = "the pipeline's config") -> None:
+        """Refuse settings (model_index.json's ``ctflow`` object) that generation cannot use."""
+        c = self.config
+        size = self.vae.downsample_factor * self.transformer.config.sample_size
+        if c["image_size"] != size:
+            raise CTFlowError(
+                f"{where}: image_size {c['image_size']} does not match the models, whose slices are"
+                f" {size} px; set it to {size}"
+            )
+        try:
+            _whole("default_max_slices", c["default_max_slices"], 1, MAX_SLICES)
+        except CTFlowError as e:
+            raise CTFlowError(f"{where}: {e}") from None
+        for key in ("pixel_spacing", "slice_spacing", "typical_extent_mm"):
+            value = c.get(key)
+            if key == "typical_extent_mm" and value is None:
+                continue
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise CTFlowError(f"{where}: {key} must be a positive number of mm, got {value!r}")
+        span = c.get("training_slices")
+        if span is not None and not (
+            isinstance(span, list)
+            and len(span) == 2
+            and all(isinstance(n, int) for n in span)
+            and span[0] <= span[1]
+        ):
+            raise CTFlowError(f"{where}: training_slices must be [fewest, most], got {span!r}")
 
     def save_pretrained(
         self, folder: str | Path, overwrite: bool = False, include_text_encoder: bool | None = None
@@ -171,8 +259,8 @@ class CTFlowPipeline:
         if include_text_encoder is None:
             include_text_encoder = self.config.get("text_encoder_source") is None
         config = {k: v for k, v in self.config.items() if k != "weights_hash"}
-        if not include_text_encoder:
-            config["text_encoder_source"] = DEFAULT_TEXT_ENCODER
+        # the folder's own copy, when it has one, is the one loaded
+        config["text_encoder_source"] = None if include_text_encoder else DEFAULT_TEXT_ENCODER
         index = {
             "_class_name": "CTFlowPipeline",
             "_ctflow_version": __version__,
@@ -205,7 +293,7 @@ class CTFlowPipeline:
         return next(self.transformer.parameters()).dtype
 
     def to(
-        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None
     ) -> CTFlowPipeline:
         """Move the VAE, the report encoder and the transformer to ``device`` and/or cast their weights
         to ``dtype``, in place (like a diffusers pipeline's ``to``); returns the pipeline.
@@ -213,8 +301,11 @@ class CTFlowPipeline:
         The ODE is integrated in float32 whatever ``dtype`` is, noise is drawn from the ``generator``
         on its own device (CPU by default, so a seed gives the same noise on every device), and the
         volumes come back in CPU memory. Casting is in place: weights cast to bfloat16 and back have
-        lost their low bits, so load the model again for float32.
+        lost their low bits, so load the model again for float32. ``pipe.to(torch.bfloat16)`` casts
+        without moving.
         """
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         for module in (self.vae.vae, self.text.model, self.transformer):
             # torch's own ``to``: diffusers' override warns about fp32-only modules, and ours have none
             torch.nn.Module.to(module, device=device, dtype=dtype)
@@ -234,38 +325,65 @@ class CTFlowPipeline:
         return self._eos_latent
 
     def check_inputs(
-        self, reports, num_slices, max_slices, num_inference_steps, guidance_scale, finding_guidance=None
+        self,
+        reports,
+        num_slices,
+        max_slices,
+        num_inference_steps,
+        guidance_scale,
+        finding_guidance=None,
+        generator=None,
+        slice_spacing=None,
     ):
-        """``num_slices``: one count (or None) for every report, or a list of them, one per report;
-        ``max_slices``: where the model's own scans stop (a requested count may go past it)."""
-        if not reports:
-            raise CTFlowError("no reports given; pass a report, or a list of them")
-        if any(not isinstance(r, str) or not r.strip() for r in reports):
-            raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
+        """``reports``: one text or a list of them; ``num_slices``: one count (or None) for every
+        report, or a list of them, one per report; ``max_slices``: where the model's own scans stop (a
+        requested count may go past it; None: the model's default)."""
+        reports = _as_reports(reports)
+        if num_slices is not None and not isinstance(num_slices, list | tuple):
+            _whole("num_slices", num_slices, 1, MAX_SLICES)
         counts = _as_list(num_slices, reports)
         if len(counts) != len(reports):
             raise CTFlowError(
                 f"num_slices has {len(counts)} counts for {len(reports)} reports; give one each"
             )
+        for n in counts:
+            if n is not None:
+                _whole("num_slices", n, 1, MAX_SLICES)
         # the report's own meta line, where it is read (a requested count replaces the line's count)
         for r, asked in zip(reports, counts, strict=True):
             n, spacing = parse_meta(r)
             if asked is None and n is not None and not 1 <= n <= MAX_SLICES:
                 raise CTFlowError(f"the report's meta line asks for {n} slices; give 1 to {MAX_SLICES}")
-            if spacing is not None and not 0 < spacing <= 100:
+            if spacing is not None and not 0 < spacing <= MAX_SLICE_SPACING:
                 raise CTFlowError(
-                    f"the report's meta line gives a {spacing:g} mm spacing; give above 0, at most 100"
+                    f"the report's meta line gives a {spacing:g} mm spacing; give above 0, at most"
+                    f" {MAX_SLICE_SPACING:g}"
                 )
-        for n in counts:
-            if n is not None and not 1 <= n <= MAX_SLICES:
-                raise CTFlowError(f"num_slices must be between 1 and {MAX_SLICES}, got {n}")
-        if not 1 <= max_slices <= MAX_SLICES:
-            raise CTFlowError(f"max_slices must be between 1 and {MAX_SLICES}, got {max_slices}")
-        if num_inference_steps < 1:
-            raise CTFlowError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if max_slices is not None:
+            _whole("max_slices", max_slices, 1, MAX_SLICES)
+        _whole("num_inference_steps", num_inference_steps, 1)
         for name, scale in (("guidance_scale", guidance_scale), ("finding_guidance", finding_guidance)):
-            if scale is not None and (scale < 0 or not math.isfinite(scale)):
-                raise CTFlowError(f"{name} must be a finite number >= 0, got {scale}")
+            if scale is None and name == "finding_guidance":
+                continue
+            number = isinstance(scale, int | float | np.integer | np.floating) and not isinstance(scale, bool)
+            if not number or scale < 0 or not math.isfinite(scale):
+                raise CTFlowError(f"{name} must be a finite number >= 0, got {scale!r}")
+        generators = list(generator) if isinstance(generator, list | tuple) else [generator] * len(reports)
+        if len(generators) != len(reports):
+            raise CTFlowError(f"{len(generators)} generators for {len(reports)} reports; give one each")
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+            raise CTFlowError(
+                "generator must be a torch.Generator or a list of them, one per report; for a seed,"
+                " pass torch.Generator().manual_seed(seed)"
+            )
+        number = isinstance(slice_spacing, int | float) and not isinstance(slice_spacing, bool)
+        if slice_spacing is not None and not (
+            number and math.isfinite(slice_spacing) and 0 < slice_spacing <= MAX_SLICE_SPACING
+        ):
+            raise CTFlowError(
+                f"slice_spacing must be a number of mm above 0 and at most {MAX_SLICE_SPACING:g},"
+                f" got {slice_spacing!r}"
+            )
 
     def encode_prompt(self, reports: list[str]) -> TextEmbedding:
         return self.text(reports)
@@ -312,30 +430,46 @@ class CTFlowPipeline:
         """Generate one volume per report.
 
         ``num_slices`` is one count for every report or a list, one per report (None: the model ends
-        the scan). ``generator`` is one for the batch or a list, one per report: each report's noise
-        then comes from its own generator, as if it were generated alone with it.
+        the scan, aiming at the meta line's count where the report has one). ``max_slices`` is where a
+        scan the model has not ended stops; its default is the model's ``default_max_slices``, or a
+        chunk past the meta line's count where that is more. ``generator`` is one for the batch or a
+        list, one per report: each report's noise then comes from its own generator, the same noise as
+        if it were generated alone with it (the volume the same up to float rounding: a batch's
+        matrix products round differently).
         ``finding_guidance`` (transformers that read finding flags; None: ``guidance_scale``) guides
         the flags apart from the text (:mod:`ctflow.flow`). callback(chunk_index, step, total_steps)
         is called after every ODE step; on_chunk(report_index, slices) with the slices (in HU,
-        [n,H,W], float32, the same array the volume will hold) that each decoded chunk adds to a
+        [n,H,W], float32; the volume holds the same values) that each decoded chunk adds to a
         volume, once trimmed at the end of scan or slice count, so a viewer can show the volume
         as it grows.
         """
         from ctflow.flow import null_condition, sample_chunk
 
-        reports = [report] if isinstance(report, str) else list(report)
+        self.check_inputs(
+            report,
+            num_slices,
+            max_slices,
+            num_inference_steps,
+            guidance_scale,
+            finding_guidance,
+            generator,
+            slice_spacing,
+        )
+        reports = _as_reports(report)
         if isinstance(generator, tuple):  # one per report, as a list
             generator = list(generator)
         requested = _as_list(num_slices, reports)  # per report
-        # where the model's own scans stop
-        cap = max_slices if max_slices is not None else self.config["default_max_slices"]
-        self.check_inputs(reports, num_slices, cap, num_inference_steps, guidance_scale, finding_guidance)
-        if isinstance(generator, list) and len(generator) != len(reports):
-            raise CTFlowError(f"{len(generator)} generators for {len(reports)} reports; give one each")
-        if slice_spacing is not None and not (math.isfinite(slice_spacing) and 0 < slice_spacing <= 100):
-            raise CTFlowError(
-                f"slice_spacing must be a number of mm above 0 and at most 100, got {slice_spacing}"
+        # where the model's own scans stop: max_slices, else the model's default limit, raised for a
+        # report whose meta line asks for more to a chunk past that count (the model ends the scan)
+        caps = [
+            max_slices
+            if max_slices is not None
+            else min(
+                MAX_SLICES,
+                max(self.config["default_max_slices"], (parse_meta(r)[0] or 0) + self.chunk_slices),
             )
+            for r in reports
+        ]
         # per report: the given spacing, else slice_spacing_for's (the meta line's, else one that
         # covers the training scans' length)
         spacings = [
@@ -343,7 +477,7 @@ class CTFlowPipeline:
         ]
         texts = [with_meta(r, n, sp) for r, n, sp in zip(reports, requested, spacings, strict=True)]
         self.warn_untrained_counts(texts)
-        limits = [n or cap for n in requested]
+        limits = [n or cap for n, cap in zip(requested, caps, strict=True)]
         cond = self.text_condition(texts)
         uncond = null_condition(cond) if guidance_scale != 1.0 else None
         b, k, device = len(texts), self.chunk_slices, self.device
@@ -434,7 +568,7 @@ class CTFlowPipeline:
         """A :class:`~ctflow.errors.CTFlowWarning` for each slice count (in the meta lines of
         ``texts``) that :meth:`untrained_count` turns down."""
         for message in dict.fromkeys(filter(None, map(self.untrained_count, texts))):
-            warnings.warn(message, CTFlowWarning, stacklevel=3)
+            warn(message)
 
     def slice_spacing_for(self, report: str, num_slices: int | None = None) -> float:
         """The slice spacing (mm) of a volume generated from ``report``: its meta line's, else the spacing
@@ -452,7 +586,7 @@ class CTFlowPipeline:
         if not (n and extent):
             return float(self.config["slice_spacing"])
         step = 0.25 if extent / n >= 1 else 0.05
-        return round(max(step, round(extent / n / step) * step), 2)
+        return min(MAX_SLICE_SPACING, round(max(step, round(extent / n / step) * step), 2))
 
     def depth_target(self, text: str) -> int:
         """The slice count a ``target_depth`` transformer aims for: the meta line's, else the model's

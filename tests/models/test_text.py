@@ -58,8 +58,9 @@ def test_different_reports_give_different_embeddings(encoder):
 
 
 def test_long_report_is_truncated_with_a_warning_saying_by_how_much(encoder):
-    with pytest.warns(UserWarning, match=r"truncated by \d+ tokens"):
+    with pytest.warns(UserWarning, match=r"truncated by \d+ tokens") as record:
         emb = encoder(["word " * 400])
+    assert [w.filename for w in record] == [__file__]  # the caller's line, not torch's Module.__call__
     assert emb.tokens.shape[1] == encoder.max_length
     # "word " * 400 is 400 tokens plus [CLS] and [SEP]
     assert encoder.truncated_tokens(["word " * 400, "Normal."]) == [402 - encoder.max_length, 0]

