@@ -172,6 +172,14 @@ def test_euler_with_the_oracle_velocity_recovers_x0(steps):
     assert model.batches == [2] * steps
 
 
+@pytest.mark.parametrize("steps", [0, 1.5, True])
+def test_a_step_count_that_is_not_a_whole_number_above_zero_is_refused(steps):
+    """0 steps returned the starting noise as the chunk."""
+    model = FakeModel(oracle(torch.randn(SHAPE)))
+    with pytest.raises(CTFlowError, match="num_inference_steps must be a whole number at least 1"):
+        sample_chunk(model, make_scheduler("euler"), SHAPE, make_cond(), steps)
+
+
 def test_heun_with_the_oracle_velocity_recovers_x0_and_reports_each_interval_once():
     x0 = torch.randn(SHAPE)
     model = FakeModel(oracle(x0))

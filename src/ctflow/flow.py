@@ -315,6 +315,12 @@ def sample_chunk(
         raise CTFlowError(
             f"sample shape {tuple(shape)} has batch {shape[0]} but cond has {cond['pooled_text'].shape[0]}"
         )
+    whole = hasattr(num_inference_steps, "__index__") and not isinstance(num_inference_steps, bool)
+    if not whole or num_inference_steps < 1:  # 0 returned the starting noise as the chunk
+        raise CTFlowError(
+            f"num_inference_steps must be a whole number at least 1, got {num_inference_steps!r}"
+        )
+    num_inference_steps = int(num_inference_steps)
     device = cond["pooled_text"].device
     x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
     scheduler.set_timesteps(num_inference_steps, device=device)

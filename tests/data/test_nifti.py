@@ -86,11 +86,12 @@ def test_on_disk_layout_is_slice_last(tmp_path):
     np.testing.assert_allclose(img.header.get_zooms(), (0.8, 0.7, 2.5), rtol=1e-6)
 
 
-def test_synthetic_flag_argument_overrides_metadata(tmp_path):
-    vol = marker_volume()
-    assert not read_nifti(write_nifti(vol, tmp_path / "a.nii", synthetic=False)).synthetic
+def test_synthetic_flag_marks_a_volume_but_never_unmarks_a_synthetic_one(tmp_path):
+    vol = marker_volume()  # marked synthetic: written marked whatever the argument, as DICOM is
+    assert read_nifti(write_nifti(vol, tmp_path / "a.nii", synthetic=False)).synthetic
     vol.metadata["synthetic"] = False
     assert read_nifti(write_nifti(vol, tmp_path / "b.nii", synthetic=True)).synthetic
+    assert not read_nifti(write_nifti(vol, tmp_path / "c.nii")).synthetic
 
 
 # --- orientation -----------------------------------------------------------------------------

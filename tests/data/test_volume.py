@@ -24,3 +24,20 @@ def test_a_spacing_that_disagrees_with_the_affine_is_refused():
     Volume(
         np.zeros((2, 3, 4)), (5.0000001, 1, 1), canonical_affine((5, 1, 1))
     )  # rounding is not a disagreement
+
+
+@pytest.mark.parametrize(
+    ("spacing", "affine", "match"),
+    [
+        ((float("nan"), 1, 1), None, "three positive numbers"),
+        ((2, float("inf"), 1), None, "three positive numbers"),
+        (None, np.eye(4), r"orders the axes \('R', 'A', 'S'\), not the canonical"),  # a file's, unreoriented
+        (None, np.full((4, 4), np.nan), "finite 4x4"),
+    ],
+)
+def test_a_spacing_or_affine_no_volume_can_have_is_refused(spacing, affine, match):
+    """An identity affine on an (S, H, W) array was accepted and written out with its axes swapped."""
+    from ctflow.errors import CTFlowError
+
+    with pytest.raises(CTFlowError, match=match):
+        Volume(np.zeros((2, 4, 4)), spacing, affine)

@@ -258,6 +258,10 @@ def test_volume_methods_refuse_bad_shapes(tiny):
         tiny.decode_volume(torch.zeros(8, 2, 4, 4), out=np.zeros((2, 8, 8), np.float32))
     with pytest.raises(CTFlowError, match="batch_size"):
         tiny.encode_volume(_volume(), batch_size=0)
+    with pytest.raises(CTFlowError, match="floating-point"):  # int16 would hold [-1, 1] as nearly all 0
+        tiny.decode_volume(torch.zeros(8, 2, 4, 4), out=np.zeros((2, 16, 16), np.int16))
+    with pytest.raises(CTFlowError, match="NaN or infinite"):  # not "they look like Hounsfield units"
+        tiny.encode_volume(np.full((2, 32, 32), np.nan, np.float32))
 
 
 # --------------------------------------------------------------------------------------------------

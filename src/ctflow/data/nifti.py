@@ -242,15 +242,15 @@ def write_nifti(
     """Write ``volume`` to ``path`` (``.nii`` or ``.nii.gz``) atomically; return the path.
 
     The array is stored as ``(W, H, S)`` with the matching affine (see module
-    docstring). ``descrip`` is ``"SYNTHETIC ctflow"`` when ``synthetic`` (default:
-    ``volume.metadata["synthetic"]``), else ``"ctflow"``. Refuses to replace an
+    docstring). ``descrip`` is ``"SYNTHETIC ctflow"`` when ``synthetic`` or the
+    volume is marked synthetic (``volume.metadata["synthetic"]``: ``synthetic=False``
+    cannot unmark a generated volume), else ``"ctflow"``. Refuses to replace an
     existing file unless ``overwrite``.
     """
     path = Path(path)
     if not is_nifti_path(path):
         raise CTFlowError(f"cannot write {path} as NIfTI: the name must end in .nii or .nii.gz")
-    if synthetic is None:
-        synthetic = bool(volume.metadata.get("synthetic", False))
+    synthetic = bool(synthetic) or volume.synthetic
     data = _disk_array(volume)
     affine = np.asarray(volume.affine, dtype=np.float64) @ _DISK_PERMUTATION
     if not np.all(np.isfinite(affine)):

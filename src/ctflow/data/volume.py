@@ -20,10 +20,13 @@ anterior at the top), exactly like a DICOM image.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ctflow.errors import CTFlowError
 
 CANONICAL_AXCODES = ("I", "P", "L")
 
@@ -56,24 +59,32 @@ class Volume:
     def __post_init__(self):
         self.array = np.asarray(self.array)
         if self.array.ndim != 3:
-            raise ValueError(f"a Volume is 3D (S, H, W); got shape {self.array.shape}")
+            raise CTFlowError(f"a Volume is 3D (S, H, W); got shape {self.array.shape}")
         if self.affine is not None:
             self.affine = np.asarray(self.affine, dtype=np.float64)
-            if self.affine.shape != (4, 4):
-                raise ValueError(f"affine must be 4x4; got shape {self.affine.shape}")
+            if self.affine.shape != (4, 4) or not np.all(np.isfinite(self.affine)):
+                raise CTFlowError(f"affine must be a finite 4x4 matrix; got {self.affine.tolist()}")
+            from ctflow.data.orientation import axcodes
+
+            if (codes := axcodes(self.affine)) != CANONICAL_AXCODES:
+                raise CTFlowError(
+                    f"the affine orders the axes {codes}, not the canonical {CANONICAL_AXCODES} of a"
+                    " Volume's (S, H, W) array; read files with ctflow.data.io.read_volume, or reorient"
+                    " with ctflow.data.orientation.reorient_to_canonical"
+                )
             sizes = tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
             if self.spacing is None:
                 self.spacing = sizes
             elif not np.allclose(sizes, [float(v) for v in self.spacing], rtol=1e-4, atol=1e-6):
-                raise ValueError(
+                raise CTFlowError(
                     f"spacing {tuple(self.spacing)} disagrees with the affine's voxel sizes"
                     f" {tuple(round(v, 6) for v in sizes)}; give one, or both alike"
                 )
         self.spacing = tuple(
             float(v) for v in (self.spacing if self.spacing is not None else (1.0, 1.0, 1.0))
         )
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"spacing must be three positive numbers in mm; got {self.spacing}")
+        if len(self.spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in self.spacing):
+            raise CTFlowError(f"spacing must be three positive numbers in mm; got {self.spacing}")
         if self.affine is None:
             self.affine = canonical_affine(self.spacing)
 

@@ -359,6 +359,8 @@ class SliceVAE(nn.Module):
                 raise CTFlowError(
                     f"out has shape {tuple(getattr(out, 'shape', ()))} but these latents decode to {shape}"
                 )
+            if not buf.dtype.is_floating_point:  # values in [-1, 1] cast to integers are nearly all 0
+                raise CTFlowError(f"out must be a floating-point array; got {buf.dtype}")
         with _progress_bar(progress, "decoding slices", num_slices) as advance:
             for start in range(0, num_slices, batch_size):
                 z = latents[:, start : start + batch_size].permute(1, 0, 2, 3)  # [B, C, h, w]
@@ -395,7 +397,9 @@ def _as_float_tensor(chunk) -> torch.Tensor:
 
 def _check_normalised(chunk: torch.Tensor) -> None:
     peak = float(chunk.abs().max()) if chunk.numel() else 0.0
-    if not np.isfinite(peak) or peak > 1.5:
+    if not np.isfinite(peak):
+        raise CTFlowError("the slices hold NaN or infinite values; fix or mask them before encoding")
+    if peak > 1.5:
         raise CTFlowError(
             f"slice values reach {peak:g}, outside [-1, 1]: they look like Hounsfield units; "
             f"pass a Volume or normalise with SliceVAE.normalize first"
