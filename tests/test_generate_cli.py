@@ -67,6 +67,8 @@ def test_the_sidecar_says_how_much_of_a_long_report_the_model_did_not_read(model
 
     cut = ReportEncoder.from_pretrained().truncated_tokens([side["conditioning_text"]])[0]
     assert side["report_tokens_truncated"] == cut > 100
+    assert side["warning"].startswith(f"report truncated by {cut} tokens")  # as printed, kept with the volume
+    assert f"warning: {side['warning']}" in r.err
 
 
 def test_a_slice_count_the_model_never_trained_on_is_warned_about(tmp_path, run_cli):

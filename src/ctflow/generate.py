@@ -167,8 +167,8 @@ def generate_batch(
             "chunk_slices": pipe.chunk_slices,  # `ctflow evaluate` judges slice counts and seams by it
             # tokens of the conditioning text past the report encoder's limit: the model never read them
             "report_tokens_truncated": result.truncated_tokens[i],
-            # a slice count the model never trained on (pipeline.untrained_count)
-            **({"warning": note} if (note := pipe.untrained_count(result.reports[i])) else {}),
+            # what the CLI warned about: a slice count the model never trained on, a report cut short
+            **({"warning": note} if (note := warnings_of(pipe, result, i)) else {}),
             **({"finding_flags": flags} if (flags := pipe.finding_flags(result.reports[i])) else {}),
             "model": pipe.name,
             "model_weights_sha256": pipe.weights_hash,
@@ -183,6 +183,13 @@ def generate_batch(
         write_text_atomic(files["sidecar"], json.dumps(sidecar, indent=1), overwrite=s.overwrite)
         sidecars.append(sidecar)
     return sidecars
+
+
+def warnings_of(pipe, result, i: int) -> str | None:
+    """The warnings generating volume ``i`` of ``result`` gave, as one line (None without any)."""
+    text, cut = result.reports[i], result.truncated_tokens[i]
+    notes = [pipe.untrained_count(text), pipe.text.truncation_note(text, cut) if cut else None]
+    return "; ".join(n for n in notes if n) or None
 
 
 def read_prompts(path: Path) -> list[dict]:

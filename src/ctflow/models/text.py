@@ -182,15 +182,18 @@ class ReportEncoder(nn.Module):
         full = self.tokenizer(list(reports), add_special_tokens=True, verbose=False)["input_ids"]
         return [max(0, len(ids) - self.max_length) for ids in full]
 
+    def truncation_note(self, text: str, cut: int) -> str:
+        """The warning for ``text`` cut by ``cut`` tokens at the encoder's limit."""
+        start = " ".join(text[:40].split())  # one line, as printed
+        return f"report truncated by {cut} tokens to the encoder limit of {self.max_length}: '{start}...'"
+
     @torch.no_grad()
     def forward(self, reports: list[str] | str) -> TextEmbedding:
         if isinstance(reports, str):
             reports = [reports]
         for text, cut in zip(reports, self.truncated_tokens(reports), strict=True):
             if cut:
-                warn(
-                    f"report truncated by {cut} tokens to the encoder limit of {self.max_length}: '{text[:40]}...'"
-                )
+                warn(self.truncation_note(text, cut))
         batch = self.tokenizer(
             list(reports), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
