@@ -107,3 +107,8 @@ def test_memorization_flags_copies_but_not_a_new_phantom(phantoms):
     assert audit["nearest_correlation"][2] < audit["threshold"]
     assert audit["nearest_cosine_index"][0] == 2 and audit["nearest_cosine"][0] > 0.999
     assert audit["fraction_flagged"] == pytest.approx(2 / 3)
+    # a copy moved by a voxel or two of the audit's grid (64 px across) is still a copy
+    grid = train[3].shape[1] / 64
+    moved = [np.roll(train[3], round(2 * grid), axis=2), np.roll(train[3], (1, round(grid)), axis=(0, 1))]
+    audit = memorization(moved, train)
+    assert audit["flagged"] == [0, 1] and audit["nearest_correlation_index"] == [3, 3]

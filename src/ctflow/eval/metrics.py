@@ -13,13 +13,17 @@
 * :func:`memorization` - nearest training volume of each generated one by 3D
   feature cosine and by correlation of normalised HU on a common 32 x 64 x 64
   grid. Copies are flagged on the *detail* correlation (HU minus a 5-tap binomial
-  smoothing), which ignores the body layout all chest CTs share: distinct
-  phantoms reach ~0.6, a copy with 40 HU of extra noise ~0.92, an exact copy 1.
+  smoothing), which ignores the body layout all chest CTs share, at the best of the
+  generated volume's shifts by up to 1 slice and 2 rows and columns of the grid: distinct
+  phantoms reach ~0.6, a copy with 40 HU of extra noise ~0.92, a copy moved by a voxel
+  or two 1 (0.5 unshifted), an exact copy 1. A mirrored copy is not found (0.66).
 
 Volumes are :class:`~ctflow.data.volume.Volume` objects or ``(S, H, W)`` HU arrays.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -39,6 +43,7 @@ from ctflow.eval.features import (
 CHUNK_SLICES = 8
 FID_SLICES = 16  # slices a volume gives each plane's FID
 COPY_CORRELATION = 0.8  # detail correlation at or above which a volume counts as a copy
+COPY_SHIFT = (1, 2, 2)  # grid voxels (slices, rows, columns) a copy may be moved by and still be found
 
 
 def _check_sets(real, fake, what: str, minimum: int = 1) -> tuple[list, list]:
@@ -157,6 +162,19 @@ def _detail(x: torch.Tensor) -> torch.Tensor:
     return x - y
 
 
+def _shifted_correlation(fake_detail: torch.Tensor, train_rows: torch.Tensor) -> torch.Tensor:
+    """(N, M) correlation of each generated volume's detail with each training volume's (rows from
+    :func:`_zscore`), the best over shifts of the generated one by up to ``COPY_SHIFT`` grid voxels
+    on each axis: a copy moved by one voxel keeps little detail correlation in place (0.5 against 1)."""
+    best = None
+    dz, dy, dx = COPY_SHIFT
+    for shift in itertools.product(range(-dz, dz + 1), range(-dy, dy + 1), range(-dx, dx + 1)):
+        moved = torch.roll(fake_detail, shift, dims=(2, 3, 4))
+        corr = (_zscore(moved) @ train_rows.t()).float()
+        best = corr if best is None else torch.maximum(best, corr)
+    return best
+
+
 @torch.no_grad()
 def memorization(
     fake_volumes, train_volumes, threshold: float = COPY_CORRELATION, model: Features | None = None
@@ -165,8 +183,9 @@ def memorization(
 
     For each generated volume: the training volume with the highest 3D-feature
     cosine similarity and the one with the highest detail correlation (Pearson
-    correlation of the high-pass normalised HU on the common 32 x 64 x 64 grid;
-    the plain correlation is reported too). A generated volume whose best detail
+    correlation of the high-pass normalised HU on the common 32 x 64 x 64 grid, the
+    best over shifts of up to ``COPY_SHIFT`` voxels; the plain correlation, unshifted,
+    is reported too). A generated volume whose best detail
     correlation is at or above ``threshold`` is flagged as a (near-)copy.
     """
     train, fake = _check_sets(train_volumes, fake_volumes, "memorization")
@@ -178,7 +197,7 @@ def memorization(
     cos = ff @ tf.t()  # (N, M)
 
     raw = (_zscore(fx) @ _zscore(tx).t()).float()  # (N, M) Pearson correlation of normalised HU
-    corr = (_zscore(_detail(fx)) @ _zscore(_detail(tx)).t()).float()  # (N, M) detail correlation
+    corr = _shifted_correlation(_detail(fx), _zscore(_detail(tx)))  # (N, M) detail correlation
     best_cos, cos_idx = cos.max(1)
     best_corr, corr_idx = corr.max(1)
     best_raw = raw.max(1).values
