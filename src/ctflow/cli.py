@@ -479,7 +479,13 @@ def evaluate(
 
     # paths and volume names are text, not rich markup ("runs/[v2]" lost its "[v2]")
     evaluate_command(
-        real, fake, out, overwrite=overwrite, log=lambda text: console.print(text, markup=False), train=train
+        real,
+        fake,
+        out,
+        overwrite=overwrite,
+        log=lambda text: console.print(text, markup=False),
+        train=train,
+        show=typer.echo,  # the table on stdout, for `> table.md`
     )
 
 

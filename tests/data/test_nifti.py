@@ -289,6 +289,14 @@ def test_2d_image_refused(tmp_path):
     assert "2D" in _err(e)
 
 
+def test_a_file_without_slices_is_refused(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 0), np.int16), np.eye(4)), tmp_path / "empty.nii.gz")
+    with pytest.raises(CTFlowError, match="empty.nii.gz holds no voxels"):
+        read_nifti(tmp_path / "empty.nii.gz")
+    with pytest.raises(CTFlowError, match="none of them 0"):
+        Volume(np.zeros((0, 8, 8)))
+
+
 def test_4d_refused_but_trailing_singleton_squeezed(tmp_path):
     path = save_raw(tmp_path, np.zeros((4, 5, 6, 2), np.int16), np.eye(4), "4d.nii")
     with pytest.raises(CTFlowError) as e:

@@ -86,6 +86,9 @@ def test_reader_refuses_non_3d_and_non_finite_input():
     bad[0, 0, 0] = np.nan
     with pytest.raises(CTFlowError, match="NaN"):
         read_attributes(bad, spacing=(5.0, 5.0, 5.0))
+    # an array's spacing was guessed (2.5, 5.5, 5.5 mm), which misread every 64 px phantom of a probe
+    with pytest.raises(CTFlowError, match="needs its spacing"):
+        read_attributes(np.zeros((10, 64, 64), np.float32))
 
 
 def test_report_parser_recovers_ground_truth_from_phantom_reports(phantoms):

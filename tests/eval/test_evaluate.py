@@ -108,6 +108,48 @@ def test_evaluate_names_bad_inputs(sets, tmp_path):
     (orphan / "x.json").write_text("{not json")
     with pytest.raises(CTFlowError, match="cannot read sidecar"):
         evaluate(real, orphan, tmp_path / "o6")
+    (orphan / "x.json").write_text(json.dumps({"report": "Findings: clear.", "chunk_slices": 1}))
+    with pytest.raises(CTFlowError, match="x.json: chunk_slices must be a whole number of at least 2"):
+        evaluate(real, orphan, tmp_path / "o7")
+    (orphan / "x.json").write_text(json.dumps({"report": "Findings: clear."}))
+    (orphan / "x.nii").write_bytes(b"")  # x.nii and x.nii.gz would share x.json
+    with pytest.raises(CTFlowError, match="holds x.nii and x.nii.gz, which share one sidecar"):
+        evaluate(real, orphan, tmp_path / "o8")
+    (orphan / "x.nii").unlink()
+    (orphan / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    with pytest.raises(CTFlowError, match="gone.nii.gz is not a readable file"):
+        evaluate(real, orphan, tmp_path / "o9")
+    dicom = tmp_path / "dicom"
+    (dicom / "series").mkdir(parents=True)
+    with pytest.raises(CTFlowError, match="DICOM files or series folders are not read"):
+        evaluate(real, dicom, tmp_path / "o10")
+    # --train is checked, and named, before the slow loading of the other sets
+    with pytest.raises(CTFlowError, match="--train data set .*nothere not found"):
+        evaluate(real, fake, tmp_path / "o11", train_dir=tmp_path / "nothere")
+
+
+def test_evaluate_names_every_real_volume_it_skips_and_records_them(sets, tmp_path):
+    import shutil
+
+    _, real, fake = sets
+    broken = shutil.copytree(real, tmp_path / "real")
+    volumes = sorted((broken / "dataset").rglob("*.nii.gz"))
+    volumes[0].write_bytes(b"not a nifti")
+    volumes[1].unlink()
+    lines = []
+    res = evaluate(broken, fake, tmp_path / "out", log=lines.append)
+    assert res["n_real"] == 2 and len(res["skipped"]["real"]) == 2
+    assert sum(line.startswith("--real train: skipped") for line in lines) == 2
+    assert json.loads((tmp_path / "out/results.json").read_text())["skipped"] == res["skipped"]
+
+
+def test_a_sidecar_asking_for_infinitely_many_slices_falls_back_to_the_meta_line():
+    from ctflow.eval.evaluate import _Item, requested_slices
+
+    item = _Item(
+        "x", None, "Volume: 40 slices. Findings: clear.", 40, sidecar={"requested_slices": float("inf")}
+    )
+    assert requested_slices(item) == 40
 
 
 def test_evaluate_reads_the_models_chunk_and_audits_copies_against_the_training_set(sets, tmp_path, run_cli):
@@ -141,6 +183,7 @@ def test_evaluate_reads_the_models_chunk_and_audits_copies_against_the_training_
     r = run_cli("evaluate", "--real", real, "--fake", fake, "--out", tmp_path / "out", "--train", real)
     assert r.code == 0, r.err
     assert "[v2]" in r.err + r.out
+    assert "| FID axial |" in r.out and "| FID axial |" not in r.err  # the table on stdout, notes on stderr
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["slice_count"]["within_chunk"] == 1.0  # 12 slices off is within one 16-slice chunk
     assert res["slice_count"]["within_8_slices"] == 0.5  # but not within 8: the same yardstick for all

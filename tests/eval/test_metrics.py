@@ -112,3 +112,19 @@ def test_memorization_flags_copies_but_not_a_new_phantom(phantoms):
     moved = [np.roll(train[3], round(2 * grid), axis=2), np.roll(train[3], (1, round(grid)), axis=(0, 1))]
     audit = memorization(moved, train)
     assert audit["flagged"] == [0, 1] and audit["nearest_correlation_index"] == [3, 3]
+
+
+def test_metric_arguments_that_cannot_work_are_named(phantoms):
+    vol = phantoms[0][0]
+    with pytest.raises(CTFlowError, match="pass each as a list, even of one volume"):
+        fid_planes(vol, [vol])
+    with pytest.raises(CTFlowError, match="slices_per_volume must be a whole number of at least 1"):
+        fid_planes([vol], [vol], slices_per_volume=0)
+    for chunk in (8.5, "8", 1):
+        with pytest.raises(CTFlowError, match="chunk must be a whole number of at least 2"):
+            continuity(vol, chunk)
+    with pytest.raises(CTFlowError, match="NaN"):
+        continuity(np.full((20, 4, 4), np.nan, np.float32))
+    for threshold in (float("nan"), 2.0, 0):
+        with pytest.raises(CTFlowError, match="threshold is a correlation"):
+            memorization([vol], [vol], threshold=threshold)

@@ -163,6 +163,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
             f"{path} is {len(shape)}D (shape {shape}); pass a single 3D volume"
             " (extract one time point, e.g. nibabel img.slicer[..., 0] or fslroi)"
         )
+    if 0 in shape[:3]:
+        raise CTFlowError(f"{path} holds no voxels (shape {shape[:3]}); pass a volume with slices in it")
 
     try:
         data = _scaled_data(img, path)

@@ -58,8 +58,8 @@ class Volume:
 
     def __post_init__(self):
         self.array = np.asarray(self.array)
-        if self.array.ndim != 3:
-            raise CTFlowError(f"a Volume is 3D (S, H, W); got shape {self.array.shape}")
+        if self.array.ndim != 3 or 0 in self.array.shape:
+            raise CTFlowError(f"a Volume is 3D (S, H, W), none of them 0; got shape {self.array.shape}")
         if self.affine is not None:
             self.affine = np.asarray(self.affine, dtype=np.float64)
             if self.affine.shape != (4, 4) or not np.all(np.isfinite(self.affine)):

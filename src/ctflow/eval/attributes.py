@@ -110,7 +110,11 @@ def _as_volume(volume, spacing=None) -> Volume:
     arr = np.asarray(volume)
     if arr.ndim != 3:
         raise CTFlowError(f"read_attributes needs a 3D (S, H, W) HU volume; got shape {arr.shape}")
-    return Volume(arr, spacing if spacing is not None else (2.5, 5.5, 5.5))
+    if spacing is None:  # the reader measures in mm and ml: a guessed spacing misreads every finding
+        raise CTFlowError(
+            "read_attributes of an array needs its spacing (slice, row, column mm); pass spacing= or a Volume"
+        )
+    return Volume(arr, spacing)
 
 
 def _deblur_axis(x: np.ndarray, axis: int, w: float) -> np.ndarray:
@@ -570,7 +574,8 @@ def attributes_from_scores(scores: dict[str, float], nodule_score: str = "nodule
 
 
 def read_attributes(volume, spacing=None, params: dict | None = None) -> dict:
-    """Predict the phantom findings of a HU volume (a :class:`Volume` or an (S, H, W) array + spacing).
+    """Predict the phantom findings of a HU volume (a :class:`Volume`, or an (S, H, W) array and its
+    ``spacing``, which an array needs).
 
     Returns ``{"effusion": "none"|"left"|"right"|"bilateral", "cardiomegaly": bool,
     "nodule": bool, "emphysema": bool, "consolidation": bool, "lung_volume_ml": float}``.

@@ -24,7 +24,13 @@ continuity (chunk seams, at the same chunk boundaries in the real volumes) and a
 memorisation audit: against ``train_dir``, the model's training set, when given
 (a held-out real set cannot hold a copy of a training volume), else the real set.
 The FID's sample counts go into the results: under 128 slices a plane (the feature
-width) the covariance is rank-deficient and the figure rough.
+width) the covariance is rank-deficient and the figure rough; so is the FVD under 128
+volumes a side, which ``report.md`` says.
+
+FID and FVD compare images resized to the feature networks' grids (64 x 64 slices, 32 x 64 x
+64 volumes), whatever the spacing and field of view: a volume with a wider field of view or
+another slice count is compared at the same grid size, so compare sets of like geometry.
+What they detect and what they miss is measured by ``benchmarks/metric_sensitivity.py``.
 """
 
 from __future__ import annotations
@@ -104,15 +110,31 @@ def _splits(root: Path) -> list[str]:
     return splits
 
 
-def load_real(real_dir: str | Path, log=None, chunk: int = CHUNK_SLICES, measure: bool = True) -> list[_Item]:
+def check_data_set(folder: str | Path, option: str) -> Path:
+    """``folder`` as a CT-RATE-layout data set with at least one split, or a one-line error naming the
+    option it came from."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CTFlowError(f"{option} data set {root} not found; pass a folder `ctflow phantoms` wrote")
+    _splits(root)
+    return root
+
+
+def load_real(
+    real_dir: str | Path,
+    log=None,
+    chunk: int = CHUNK_SLICES,
+    measure: bool = True,
+    option: str = "--real",
+    skipped: list | None = None,
+) -> list[_Item]:
     """Every readable volume of the real data set (all splits), reduced, with its report; ``measure``:
-    with its attributes and its continuity at ``chunk``-slice boundaries too."""
+    with its attributes and its continuity at ``chunk``-slice boundaries too. Each volume it cannot
+    read is named to ``log`` and appended to ``skipped``."""
     from ctflow.data.ctrate import CTRateDataset
     from ctflow.eval.metrics import continuity
 
-    root = Path(real_dir)
-    if not root.is_dir():
-        raise CTFlowError(f"real data folder {root} not found")
+    root = check_data_set(real_dir, option)
     items = []
     for split in _splits(root):
         ds = CTRateDataset.open(root, split)
@@ -129,10 +151,13 @@ def load_real(real_dir: str | Path, log=None, chunk: int = CHUNK_SLICES, measure
                     chunk=chunk,
                 )
             )
-        if log is not None and ds.problems:
-            log(f"{split}: skipped {len(ds.problems)} row(s): {ds.problems[0]}")
+        for problem in ds.problems:
+            if log is not None:
+                log(f"{option} {split}: skipped {problem}")
+            if skipped is not None:
+                skipped.append(f"{split}: {problem}")
     if not items:
-        raise CTFlowError(f"no readable volumes in {root}")
+        raise CTFlowError(f"no readable volumes in {option} {root}")
     return items
 
 
@@ -141,19 +166,42 @@ def _stem(path: Path) -> str:
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
 
 
-def load_fake(fake_dir: str | Path) -> list[_Item]:
-    """Every generated NIfTI in ``fake_dir`` with its sidecar; refuses a volume without one."""
-    from ctflow.data.nifti import read_nifti
-    from ctflow.eval.metrics import continuity
-
+def fake_paths(fake_dir: str | Path, log=None) -> list[Path]:
+    """The generated NIfTI files of ``fake_dir``, refusing names that cannot be read or paired with one
+    sidecar; ``log`` hears about the folders it does not read (DICOM series)."""
     root = Path(fake_dir)
     if root.is_file():
         raise CTFlowError(f"--fake {root} is a file; pass the folder of generated volumes and sidecars")
     if not root.is_dir():
         raise CTFlowError(f"generated-volume folder {root} not found")
-    paths = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii")))
+    entries = sorted(root.iterdir())
+    paths = [p for p in entries if p.name.endswith((".nii.gz", ".nii"))]
+    for p in paths:
+        if not p.is_file():
+            raise CTFlowError(
+                f"{p} is not a readable file (a folder or a broken link); remove it from --fake"
+            )
+    stems = [_stem(p) for p in paths]
+    if dup := sorted({s for s in stems if stems.count(s) > 1}):
+        raise CTFlowError(
+            f"{root} holds {dup[0]}.nii and {dup[0]}.nii.gz, which share one sidecar; keep one of them"
+        )
+    folders = [p.name for p in entries if p.is_dir()]
     if not paths:
-        raise CTFlowError(f"{root} holds no generated volumes (*.nii.gz / *.nii)")
+        dicom = " (DICOM files or series folders are not read: `ctflow generate` writes a NIfTI beside each)"
+        found = dicom if folders or any(p.suffix.lower() == ".dcm" for p in entries) else ""
+        raise CTFlowError(f"{root} holds no generated volumes (*.nii.gz / *.nii){found}")
+    if folders and log is not None:
+        log(f"{root}: not reading {len(folders)} folder(s) ({', '.join(folders[:3])}), only the NIfTI files")
+    return paths
+
+
+def load_fake(fake_dir: str | Path, log=None) -> list[_Item]:
+    """Every generated NIfTI in ``fake_dir`` with its sidecar; refuses a volume without one."""
+    from ctflow.data.nifti import read_nifti
+    from ctflow.eval.metrics import continuity
+
+    paths = fake_paths(fake_dir, log)
     items = []
     for path in paths:
         stem = _stem(path)
@@ -170,9 +218,9 @@ def load_fake(fake_dir: str | Path) -> list[_Item]:
         if not isinstance(report, str) or not report.strip():
             raise CTFlowError(f"sidecar {side.name} has no 'report' text")
         chunk = meta.get("chunk_slices", CHUNK_SLICES)
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 2:
             raise CTFlowError(
-                f"sidecar {side.name}: chunk_slices must be a whole number above 0, got {chunk!r}"
+                f"sidecar {side.name}: chunk_slices must be a whole number of at least 2, got {chunk!r}"
             )
         vol = read_nifti(path)
         hu = vol.hu()
@@ -199,7 +247,7 @@ def requested_slices(item: _Item) -> int | None:
     from ctflow.models.text import parse_meta
 
     req = item.sidecar.get("requested_slices")
-    if isinstance(req, int | float) and not isinstance(req, bool) and req > 0:
+    if isinstance(req, int | float) and not isinstance(req, bool) and math.isfinite(req) and req > 0:
         return int(req)
     return parse_meta(item.report)[0]
 
@@ -324,6 +372,17 @@ def markdown_report(results: dict) -> str:
         if fewest < FEATURE_DIM
         else ""
     )
+    fewest_volumes = min(results["n_real"], results["n_generated"])
+    fvd_note = (
+        "needs 2 volumes on each side"
+        if results["fvd"] is None
+        else "lower is better"
+        + (
+            f"; rough: {fewest_volumes} volumes a side, fewer than the {FEATURE_DIM} features"
+            if fewest_volumes < FEATURE_DIM
+            else ""
+        )
+    )
     mem = results["memorization"]
     against = (
         "the training set"
@@ -334,7 +393,7 @@ def markdown_report(results: dict) -> str:
         ("FID axial", fid["axial"], fid_note),
         ("FID coronal", fid["coronal"], fid_note),
         ("FID sagittal", fid["sagittal"], fid_note),
-        ("FVD", results["fvd"], "lower is better" if results["fvd"] is not None else "needs 2 volumes on each side"),
+        ("FVD", results["fvd"], fvd_note),
         ("CLIP score (generated vs prompt)", results["clip_score"]["generated"], "higher is better, 0-100"),
         ("CLIP score (real vs report)", results["clip_score"]["real"], "reference"),
         ("Attribute accuracy (mean)", att["generated_mean"], f"reader on real data: {_fmt(att['real_mean'])}"),
@@ -373,15 +432,26 @@ def evaluate(real_dir, fake_dir, out_dir, overwrite: bool = False, log=None, tra
         raise CTFlowError(f"output {out} exists and is not a folder")
     for name in (RESULTS_FILE, REPORT_FILE):
         check_output(out / name, overwrite)  # refuse before any work is done
+    fake_paths(fake_dir)  # every input checked before the slow loading starts
+    check_data_set(real_dir, "--real")
+    if train_dir is not None:
+        check_data_set(train_dir, "--train")
     start = time.perf_counter()
-    fake = load_fake(fake_dir)
-    real = load_real(real_dir, log=log, chunk=_chunk_of(fake))
-    train = load_real(train_dir, log=log, measure=False) if train_dir is not None else None
+    fake = load_fake(fake_dir, log=log)
+    skipped: dict[str, list] = {"real": [], "train": []}
+    real = load_real(real_dir, log=log, chunk=_chunk_of(fake), skipped=skipped["real"])
+    train = (
+        load_real(train_dir, log=log, measure=False, option="--train", skipped=skipped["train"])
+        if train_dir is not None
+        else None
+    )
     results = {
         "real_dir": str(real_dir),
         "fake_dir": str(fake_dir),
         **({"train_dir": str(train_dir)} if train_dir is not None else {}),
         **score(real, fake, train),
+        # volumes of the data sets that could not be read, each with why
+        "skipped": {k: v for k, v in skipped.items() if v},
     }
     results["seconds"] = round(time.perf_counter() - start, 2)
     out.mkdir(parents=True, exist_ok=True)
@@ -390,10 +460,10 @@ def evaluate(real_dir, fake_dir, out_dir, overwrite: bool = False, log=None, tra
     return results
 
 
-def evaluate_command(real, fake, out, overwrite: bool = False, log=print, train=None) -> dict:
-    """CLI entry (``ctflow evaluate --real --fake --out [--train] [--overwrite]``): run, print the table,
-    return results."""
+def evaluate_command(real, fake, out, overwrite: bool = False, log=print, train=None, show=None) -> dict:
+    """CLI entry (``ctflow evaluate --real --fake --out [--train] [--overwrite]``): run, ``show`` the
+    table (default: ``log``; the CLI prints it on stdout, its notes on stderr), return results."""
     results = evaluate(real, fake, out, overwrite=overwrite, log=log, train_dir=train)
-    log(markdown_report(results))
+    (show or log)(markdown_report(results))
     log(f"wrote {Path(out) / RESULTS_FILE} and {Path(out) / REPORT_FILE}")
     return results

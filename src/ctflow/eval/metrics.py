@@ -47,6 +47,9 @@ COPY_SHIFT = (1, 2, 2)  # grid voxels (slices, rows, columns) a copy may be move
 
 
 def _check_sets(real, fake, what: str, minimum: int = 1) -> tuple[list, list]:
+    for given in (real, fake):
+        if isinstance(given, np.ndarray | torch.Tensor) or hasattr(given, "hu"):  # one volume, not a set
+            raise CTFlowError(f"{what} compares two sets of volumes; pass each as a list, even of one volume")
     real, fake = list(real), list(fake)
     if len(real) < minimum or len(fake) < minimum:
         raise CTFlowError(
@@ -72,6 +75,10 @@ def fid_planes(
 ) -> dict[str, float]:
     """FID per plane: ``{"axial": .., "coronal": .., "sagittal": ..}`` (0 for identical sets)."""
     real, fake = _check_sets(real_volumes, fake_volumes, "FID")
+    if not isinstance(slices_per_volume, int) or slices_per_volume < 1:
+        raise CTFlowError(
+            f"slices_per_volume must be a whole number of at least 1, got {slices_per_volume!r}"
+        )
     model = model or load_features()
     out = {}
     for plane in PLANES:
@@ -123,8 +130,10 @@ def continuity(volume, chunk: int = CHUNK_SLICES) -> dict:
     arr = volume.hu() if hasattr(volume, "hu") else np.asarray(volume, dtype=np.float32)
     if arr.ndim != 3:
         raise CTFlowError(f"continuity needs a 3D (S, H, W) volume; got shape {arr.shape}")
-    if chunk < 2:
-        raise CTFlowError(f"continuity: chunk must be at least 2 slices; got {chunk}")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 2:
+        raise CTFlowError(f"continuity: chunk must be a whole number of at least 2 slices; got {chunk!r}")
+    if not np.all(np.isfinite(arr)):
+        raise CTFlowError("continuity: the volume holds NaN or infinite values")
     x = (np.clip(arr, -1000.0, 1000.0) + 1000.0) / 2000.0
     d = np.abs(np.diff(x, axis=0)).mean((1, 2))  # (S-1,): d[k] = |x[k+1] - x[k]|
     boundaries = [b for b in range(chunk, arr.shape[0] - 1, chunk)]  # needs d[b-2], d[b-1], d[b]
@@ -189,6 +198,10 @@ def memorization(
     correlation is at or above ``threshold`` is flagged as a (near-)copy.
     """
     train, fake = _check_sets(train_volumes, fake_volumes, "memorization")
+    if not (isinstance(threshold, int | float) and 0 < threshold <= 1):  # NaN fails too
+        raise CTFlowError(
+            f"memorization: threshold is a correlation above 0 and at most 1, got {threshold!r}"
+        )
     model = model or load_features()
     fx = torch.stack([volume_tensor(v) for v in fake])  # (N, 1, 32, 64, 64)
     tx = torch.stack([volume_tensor(v) for v in train])  # (M, ...)
@@ -210,7 +223,7 @@ def memorization(
         "nearest_cosine_index": [int(i) for i in cos_idx],
         "nearest_correlation": [round(float(v), 4) for v in best_corr],
         "nearest_correlation_index": [int(i) for i in corr_idx],
-        "max_cosine": float(best_cos.max()),
+        "max_cosine": min(1.0, float(best_cos.max())),  # not 1.0000001 from rounding
         "nearest_raw_correlation": [round(float(v), 4) for v in best_raw],
         "max_correlation": float(best_corr.max()),
         "mean_correlation": float(best_corr.mean()),
