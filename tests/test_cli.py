@@ -30,6 +30,12 @@ def test_preview_writes_png_and_gif(nifti, tmp_path, run_cli):
     assert run_cli("preview", nifti, "--out", tmp_path / "p.png").code == 0
     assert run_cli("preview", nifti, "--out", tmp_path / "p.gif", "--gif").code == 0
     assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.gif").stat().st_size > 0
+    assert run_cli("preview", nifti, "--out", tmp_path / "q.gif").code == 0  # the suffix says GIF
+    from PIL import Image
+
+    assert Image.open(tmp_path / "q.gif").format == "GIF"
+    assert_clean_error(run_cli("preview", nifti, "--out", tmp_path / "r.png", "--gif"), "must end in .gif")
+    assert_clean_error(run_cli("preview", nifti, "--out", tmp_path / "r.jpg"), ".png (tri-planar) or .gif")
 
 
 def test_info_prints_geometry_and_synthetic_flag(nifti, run_cli, tmp_path):

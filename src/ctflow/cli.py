@@ -151,17 +151,20 @@ def phantoms(
 @app.command()
 def preview(
     volume: Annotated[Path, typer.Argument(help="NIfTI file or DICOM series folder.")],
-    out: Annotated[Path, typer.Option("--out", help="PNG (tri-planar) or, with --gif, GIF path.")],
-    gif: Annotated[bool, typer.Option("--gif", help="Write an axial scroll GIF instead of the PNG.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="A .png (tri-planar) or .gif (axial scroll) path.")],
+    gif: Annotated[bool, typer.Option("--gif", help="Write an axial scroll GIF (as a .gif --out does).")] = False,
     overwrite: Overwrite = False,
 ):
     """Write a tri-planar preview (lung and mediastinal windows) or an axial scroll GIF."""
     from ctflow.data.io import read_volume
     from ctflow.data.preview import write_gif, write_preview
 
-    want = ".gif" if gif else ".png"
-    if out.suffix.lower() != want:
-        raise CTFlowError(f"--out must end in {want}, got {out.name}")
+    suffix = out.suffix.lower()
+    if gif and suffix != ".gif":
+        raise CTFlowError(f"--gif writes a GIF: --out must end in .gif, got {out.name}")
+    if suffix not in (".png", ".gif"):
+        raise CTFlowError(f"--out must end in .png (tri-planar) or .gif (axial scroll), got {out.name}")
+    gif = suffix == ".gif"
     vol = read_volume(volume)
     (write_gif if gif else write_preview)(vol, out, overwrite=overwrite)
     console.print(f"wrote {out}")
