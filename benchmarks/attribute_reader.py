@@ -1,7 +1,10 @@
 """Attribute reader accuracy: 200 unseen phantoms (seeds 10000-10199, 64 px, 40-120 slices).
 
 Target: >= 95 % per attribute. Run:
-``python benchmarks/attribute_reader.py [--n 200] [--size 64] [--out benchmarks/results/attribute_reader.json]``
+``python benchmarks/attribute_reader.py [--n 200] [--size 64] [--result NAME]``
+
+Writes ``benchmarks/results/attribute_reader.json``; another ``--n`` or ``--size`` needs ``--result NAME``
+(``NAME.json``), so the stored figures stay.
 """
 
 from __future__ import annotations
@@ -11,14 +14,18 @@ import datetime as _dt
 import json
 import os
 import platform
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ctflow.data.phantom import make_phantom, sample_spec
-from ctflow.eval.attributes import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, refuse_unnamed_variant  # noqa: E402
+
+from ctflow.data.phantom import make_phantom, sample_spec  # noqa: E402
+from ctflow.eval.attributes import (  # noqa: E402
     ATTRIBUTE_KEYS,
     attribute_accuracy,
     attributes_from_ground_truth,
@@ -33,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attribute_reader.json"))
+    ap.add_argument(
+        "--result",
+        default=None,
+        help="name of the JSON in benchmarks/results (default: attribute_reader; needed with other options)",
+    )
     args = ap.parse_args(argv)
+    refuse_unnamed_variant(ap, args)
     torch.set_num_threads(1)
 
     preds, truths, errors = [], [], []
@@ -78,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    out = Path(args.out)
+    out = RESULTS / f"{args.result or 'attribute_reader'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.n} phantoms at {args.size} px: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))

@@ -1,6 +1,9 @@
 """Phantom generation speed: 100 phantoms at 128x128 with 64-160 slices must take < 60 s.
 
-Run: ``python benchmarks/phantom_speed.py [--n 100] [--out benchmarks/results/phantom_speed.json]``
+Run: ``python benchmarks/phantom_speed.py [--n 100] [--size 128] [--result NAME]``
+
+Writes ``benchmarks/results/phantom_speed.json``; another ``--n`` or ``--size`` needs ``--result NAME``
+(``NAME.json``), so the stored figures stay.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from ctflow.data.phantom import make_phantom, sample_spec
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, refuse_unnamed_variant  # noqa: E402
+
+from ctflow.data.phantom import make_phantom, sample_spec  # noqa: E402
 
 TARGET_S = 60.0
 
@@ -23,8 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "phantom_speed.json"))
+    ap.add_argument(
+        "--result",
+        default=None,
+        help="name of the JSON in benchmarks/results (default: phantom_speed; needed with other options)",
+    )
     args = ap.parse_args(argv)
+    refuse_unnamed_variant(ap, args)
 
     specs = [sample_spec(seed=i, size=args.size, slice_range=(64, 160)) for i in range(args.n)]
     make_phantom(sample_spec(seed=10_000, size=args.size, num_slices=16))  # warm-up (imports, tables)
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    out = Path(args.out)
+    out = RESULTS / f"{args.result or 'phantom_speed'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(

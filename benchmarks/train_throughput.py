@@ -18,7 +18,8 @@ against one two-thread process (the trainer's way), in alternating rounds (``--r
 
     python benchmarks/train_throughput.py [--latents runs/default/latents] [--result NAME]
 
-``--result`` writes another name than train_throughput.json (another machine's figures beside these).
+``--result`` writes another name than train_throughput.json (another machine's figures beside these);
+options off their defaults (another ``--latents``, ``--rounds``) need it, so the stored figures stay.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from types import MethodType
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import synthetic_cache, write_result  # noqa: E402
+from common import refuse_unnamed_variant, synthetic_cache, write_result  # noqa: E402
 
 from ctflow.models.transformer import TextCache, pool_tokens  # noqa: E402
 from ctflow.train.config import FlowTrainConfig, load_config  # noqa: E402
@@ -196,8 +197,13 @@ if __name__ == "__main__":
         "--latents", type=Path, default=ROOT / "runs/default/latents", help="a recipe's latent cache"
     )
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the DDP comparison")
-    p.add_argument("--result", default="train_throughput", help="name of the JSON in benchmarks/results")
+    p.add_argument(
+        "--result",
+        default=None,
+        help="name of the JSON in benchmarks/results (default: train_throughput; needed with other options)",
+    )
     args = p.parse_args()
+    refuse_unnamed_variant(p, args)
     torch.set_num_threads(2)
     base = load_config(ROOT / "configs/tiny-phantom.yaml", FlowTrainConfig)
     real = args.latents
@@ -281,4 +287,4 @@ if __name__ == "__main__":
         "goal_data_share": 0.10,
         "passed": all(r["data_share"] < 0.10 for r in results.values()),
     }
-    write_result(args.result, out)
+    write_result(args.result or "train_throughput", out)

@@ -5,7 +5,9 @@ a linear [-1, 1] normalisation, whatever HU window the VAE uses), the mean absol
 error on soft tissue (-200..200 HU in the phantom: fat, fluid, muscle, unenhanced blood),
 plus how a white end-of-scan slice reconstructs (why EOS is detected in latent space).
 
-    python benchmarks/vae_quality.py [--model DIR] [--result NAME]
+    python benchmarks/vae_quality.py [--model DIR --result NAME]
+
+Writes ``vae_quality.json``; with ``--model`` pass ``--result NAME`` too (``NAME.json``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import refuse_unnamed_variant, write_result  # noqa: E402
 
 from ctflow.data.phantom import make_phantom, sample_spec  # noqa: E402
 from ctflow.models.vae import SliceVAE  # noqa: E402
@@ -30,9 +32,12 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="pipeline folder (default: embedded)")
     p.add_argument(
-        "--result", default="vae_quality", help="name of the JSON written to benchmarks/results (experiments)"
+        "--result",
+        default=None,
+        help="name of the JSON written to benchmarks/results (default: vae_quality; needed with --model)",
     )
     args = p.parse_args()
+    refuse_unnamed_variant(p, args)
     torch.set_num_threads(2)
     vae = SliceVAE.load(args.model / "vae").eval()
     psnr, soft_mae = [], []
@@ -45,7 +50,7 @@ if __name__ == "__main__":
         soft_mae.append(float(np.abs(err[(hu > -200) & (hu < 200)]).mean()))
     white = vae.decode_slices(vae.encode_slices(torch.ones(1, 1, 64, 64))).mean().item()
     write_result(
-        args.result,
+        args.result or "vae_quality",
         {
             "psnr_db_per_volume": [round(p, 2) for p in psnr],
             "psnr_db_mean": round(float(np.mean(psnr)), 2),
