@@ -12,8 +12,9 @@
 Both encoders are trained jointly by ``python -m ctflow.eval.train_features`` to
 predict phantom findings, contrast, slice position and plane, and the strength of
 random corruptions added during training (Gaussian noise, HU offset, blur), so
-the features respond to anatomy and to image quality; their penultimate
-activations are the features. Weights load from safetensors only
+the features respond to anatomy and to offsets and blur, though little to noise
+(``benchmarks/metric_sensitivity.py``); their penultimate activations are the
+features. Weights load from safetensors only
 (``ctflow/eval/weights/features.safetensors``).
 
 Input preparation is shared by training and evaluation: :func:`volume_tensor`
@@ -60,7 +61,8 @@ SLICE_HEADS: dict[str, int] = {
     "contrast": 1,
     "emphysema": 1,
     "lung_fraction": 1,
-    "noise": 1,  # the three image-quality targets make FID/FVD sensitive to noise, offsets, blur
+    "noise": 1,  # image-quality targets: FID/FVD then see offsets and blur, though noise barely
+    # (benchmarks/metric_sensitivity.py: 300 HU of noise moves FVD by 0.1, +100 HU by 3.5)
     "offset": 1,
     "blur": 1,  # Gaussian blur sigma in pixels
 }
