@@ -152,7 +152,9 @@ def phantoms(
 def preview(
     volume: Annotated[Path, typer.Argument(help="NIfTI file or DICOM series folder.")],
     out: Annotated[Path, typer.Option("--out", help="A .png (tri-planar) or .gif (axial scroll) path.")],
-    gif: Annotated[bool, typer.Option("--gif", help="Write an axial scroll GIF (as a .gif --out does).")] = False,
+    gif: Annotated[
+        bool, typer.Option("--gif", help="Write an axial scroll GIF (as a .gif --out does).")
+    ] = False,
     overwrite: Overwrite = False,
 ):
     """Write a tri-planar preview (lung and mediastinal windows) or an axial scroll GIF."""

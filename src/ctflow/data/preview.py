@@ -79,7 +79,10 @@ def write_gif(
     fps: float = 12.0,
     window: tuple[float, float] = LUNG_WINDOW,
 ) -> Path:
-    """Write a GIF scrolling through the axial slices, superior to inferior."""
+    """Write a GIF scrolling through the axial slices, superior to inferior. Consecutive slices that
+    look the same in the window (air above the chest, white end-of-scan slices) are stored as one
+    frame shown for their summed time (Pillow's GIF writer merges them), so the scroll keeps its pace
+    though the file may hold fewer frames than the volume has slices."""
     import imageio.v3 as iio
 
     frames = apply_window(volume.hu(), window)
