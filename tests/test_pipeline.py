@@ -132,6 +132,12 @@ def test_white_slices_past_the_requested_count_are_not_the_end_reason(pipe, monk
     assert out.volumes[0].num_slices == 10 and out.end_reasons == [END_COUNT]
 
 
+def test_white_slices_right_at_the_requested_count_leave_the_count_as_the_end_reason(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=(2, 2))  # white from slice 4 + 4 + 2 = 10
+    out = pipe(REPORT, num_slices=10, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.volumes[0].num_slices == 10 and out.end_reasons == [END_COUNT]
+
+
 def test_the_requested_count_and_spacing_win_over_the_reports_meta_line(pipe, monkeypatch):
     depths = _record_forward(pipe, monkeypatch, "num_slices")
     _scripted_decoder(pipe, monkeypatch, white_from=None)
@@ -147,6 +153,12 @@ def test_the_requested_count_and_spacing_win_over_the_reports_meta_line(pipe, mo
         .startswith("Volume: 8 slices, 5 mm spacing.")
     )
     assert pipe(REPORT, max_slices=8, slice_spacing=5.0, **run).volumes[0].spacing[0] == 5.0
+    # the report's own line is rewritten as training wrote every line, count and spacing both: a
+    # count-only line gets the spacing the volume is written at, a given spacing replaces the line's
+    out = pipe("Volume: 12 slices. " + REPORT, max_slices=8, **run)
+    assert out.reports[0] == f"Volume: 12 slices, {out.volumes[0].spacing[0]:g} mm spacing. " + REPORT
+    out = pipe("Volume: 12 slices, 3 mm spacing. " + REPORT, max_slices=8, slice_spacing=5.0, **run)
+    assert out.reports[0].startswith("Volume: 12 slices, 5 mm spacing.") and out.volumes[0].spacing[0] == 5.0
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(CTFlowError, match="slice_spacing"):
             pipe(REPORT, max_slices=8, slice_spacing=bad, **run)

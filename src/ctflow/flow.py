@@ -14,7 +14,9 @@ A condition ``cond`` is a dict of the transformer's keyword arguments: ``encoder
 ``chunk_index`` [B] long and ``context`` [B,C,S,h,w] (the previous chunk) or None for the first chunk;
 optionally ``num_slices`` [B] (the meta line's slice count) and ``findings`` [B,F] (the report's finding
 flags, -1 where unknown). The null condition blanks the report and its flags (part of the report) and
-keeps the slice count and the context, so guidance pushes on what the report says, not on the depth.
+keeps the ``num_slices`` input and the context. The report's meta line is part of the blanked text, so
+only a ``target_depth`` model, which also reads the count as a number, keeps the depth out of what
+guidance pushes on; a model that reads the count as text alone is guided on it too.
 
 Guidance: classifier-free guidance moves the velocity away from the null condition's by
 ``guidance_scale``. With a ``finding_scale`` (transformers that read finding flags) it is split in two,

@@ -11,7 +11,8 @@ without a copy of it.
 
 Generation (CTFlow): the first chunk of latent slices is sampled from the report
 and the start context; each next chunk from the report and the previous chunk
-(whose keys/values are computed once per chunk and reused at every ODE step).
+(for a ``tokens``-context model, whose keys/values are computed once per chunk and
+reused at every ODE step; a ``concat`` model stacks it on its input channels).
 Every finished chunk is decoded straight into the output, so the transformer's
 working set does not grow with depth. Generation ends when the model produces
 white end-of-scan (EOS) slices (detected on the latent, or on the decoded slice), when the requested slice count is reached, or
@@ -105,7 +106,9 @@ def weights_hash(folder: str | Path) -> str:
     h = hashlib.sha256()
     for f in sorted(Path(folder).rglob("*.safetensors")):
         h.update(f.relative_to(folder).as_posix().encode())
-        h.update(f.read_bytes())
+        with open(f, "rb") as fh:  # in blocks: a 0.5B model's 2 GB need not be in memory at once
+            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -320,8 +323,7 @@ class CTFlowPipeline:
     def eos_latent(self) -> torch.Tensor:
         """Latent of a white slice [C,h,w]: what the model emits to end a scan."""
         if self._eos_latent is None:
-            size = self.config["image_size"]
-            self._eos_latent = self.vae.encode_slices(torch.ones(1, 1, size, size, device=self.device))[0]
+            self._eos_latent = self.vae.eos_latent(self.config["image_size"], self.device)
         return self._eos_latent
 
     def check_inputs(
@@ -475,7 +477,12 @@ class CTFlowPipeline:
         spacings = [
             slice_spacing or self.slice_spacing_for(r, n) for r, n in zip(reports, requested, strict=True)
         ]
-        texts = [with_meta(r, n, sp) for r, n, sp in zip(reports, requested, spacings, strict=True)]
+        # the meta line as training wrote it, count and spacing both: the requested count, else the
+        # report's own (its line rewritten with the spacing the volume gets)
+        texts = [
+            with_meta(r, n or parse_meta(r)[0], sp)
+            for r, n, sp in zip(reports, requested, spacings, strict=True)
+        ]
         self.warn_untrained_counts(texts)
         limits = [n or cap for n, cap in zip(requested, caps, strict=True)]
         cond = self.text_condition(texts)
@@ -518,7 +525,7 @@ class CTFlowPipeline:
                     counts[item] + torch.arange(k, device=is_eos.device) >= MIN_SCAN_SLICES
                 )  # no scan ends that early
                 white = torch.nonzero(is_eos).flatten()
-                if len(white) and int(white[0]) <= limits[item] - counts[item]:  # not past the limit
+                if len(white) and int(white[0]) < limits[item] - counts[item]:  # before the limit
                     keep, ends[item] = int(white[0]), END_EOS
                 keep = min(keep, limits[item] - counts[item])
                 # in HU as each chunk is decoded: the volume is then assembled with one copy, not

@@ -5,7 +5,7 @@ predicts the flow-matching velocity of a chunk of S latent slices [C, S, h, w] f
 tokens for cross-attention, the pooled embedding for the adaLN conditioning vector), the chunk's
 absolute depth (which chunk of the volume it is) and the previous chunk.
 
-Two ways to see the previous chunk (``context``):
+Three ways to see the previous chunk (``context``):
 
 * ``"concat"``: stacked on the channel axis before patch embedding (zeros for the first chunk).
 * ``"none"``: ignored (independent chunks, tied together only by the report and the depth
@@ -26,7 +26,7 @@ Two attention layouts (``attention``):
 * ``"factorized"``: spatial attention within each latent slice, then temporal attention across slices
   at each spatial position (STDiT), each with its own adaLN gate.
 
-Two parametrisations (``prediction``); :meth:`CTFlowTransformer.forward` returns the velocity in both:
+Three parametrisations (``prediction``); :meth:`CTFlowTransformer.forward` returns the velocity in each:
 
 * ``"velocity"``: the network outputs v = noise - x0 directly (SD3, the published setting).
 * ``"sample"``: the network outputs the clean chunk x0 and the velocity is (x_t - x0) / t, with t

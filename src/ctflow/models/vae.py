@@ -264,6 +264,12 @@ class SliceVAE(nn.Module):
         z = posterior.sample(generator) if sample else posterior.mode()
         return (z - self.shift_factor) * self.scaling_factor
 
+    @torch.no_grad()
+    def eos_latent(self, size: int, device=None) -> torch.Tensor:
+        """The latent [C, size/f, size/f] of a white ``size`` x ``size`` slice: the end-of-scan marker
+        that training teaches (the latent cache stores it) and generation looks for."""
+        return self.encode_slices(torch.ones(1, 1, size, size, device=device))[0]
+
     def decode_slices(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [N, C, h, w] -> slices [N, 1, h*f, w*f] (about [-1, 1], not clamped)."""
         if (

@@ -25,7 +25,12 @@ def eos_threshold(latents: str | Path, fraction: float = EOS_FRACTION) -> float:
     from ctflow.train.latents import LatentCache
 
     cache = LatentCache(latents)
-    d = torch.cat([((v.latents - cache.eos[:, None]) ** 2).mean(dim=(0, 2, 3)) for v in cache])
+    d = torch.cat(
+        [
+            ((cache.tensor(i, "latents") - cache.eos[:, None]) ** 2).mean(dim=(0, 2, 3))
+            for i in range(len(cache))
+        ]
+    )
     return round(float(fraction * d.quantile(0.01)), 4)
 
 

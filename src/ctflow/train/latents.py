@@ -215,7 +215,7 @@ def encode_dataset(
     else:
         check_resumable(out, settings)
     write_text_atomic(out / "encoding.json", json.dumps(settings, indent=1), overwrite=True)
-    eos = vae.encode_slices(torch.ones(1, 1, image_size, image_size))[0].float().cpu()  # [C,h,w]
+    eos = vae.eos_latent(image_size).float().cpu()  # [C,h,w]
     with atomic_path(out / "eos.safetensors", overwrite=True) as tmp:
         save_file({"eos": eos.contiguous()}, tmp)
     n = len(dataset)
