@@ -155,6 +155,74 @@ def test_a_volume_without_a_report_row_is_named_not_dropped_silently(tmp_path):
     assert CTRateDataset.open(tmp_path).problems == []
 
 
+def _edit_csv(path, name, **changes):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows, columns = list(reader), reader.fieldnames
+    for row in rows:
+        if row["VolumeName"] == name:
+            row.update(changes)
+    _write_csv(path, columns, rows)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("RescaleIntercept", "", "metadata RescaleIntercept '' is not a number"),  # was read as 0: +1024 HU
+        ("RescaleSlope", "nan", "metadata RescaleSlope 'nan' is not a number"),  # every voxel NaN
+        ("RescaleSlope", "0", "RescaleSlope is 0"),
+        ("XYSpacing", "[0.75 0.75]", "XYSpacing '[0.75 0.75]' is not two positive mm values"),
+        ("XYSpacing", "[0.6, 0.9]", "is not square"),  # was read as 0.6 on both axes
+        ("ZSpacing", "", "metadata ZSpacing '' is not a number"),
+    ],
+)
+def test_metadata_a_volume_cannot_be_read_right_with_is_named(tmp_path, key, value, problem):
+    _fixture(tmp_path)
+    _edit_csv(tmp_path / "metadata" / "train_metadata.csv", "train_2_a_1.nii.gz", **{key: value})
+    ds = CTRateDataset.open(tmp_path)
+    assert [r.name for r in ds.records] == ["train_1_a_1.nii.gz", "train_3_a_1.nii.gz"]
+    assert (
+        len(ds.problems) == 1
+        and ds.problems[0].startswith("train_2_a_1.nii.gz: ")
+        and problem in ds.problems[0]
+    )
+
+
+def test_a_volume_with_two_reports_or_disagreeing_metadata_is_named_and_skipped(tmp_path):
+    """Two report rows of one volume were both encoded, the second's embedding overwriting the first's
+    under the first's finding flags."""
+    reports = _fixture(tmp_path)
+    _write_csv(
+        tmp_path / "radiology_text_reports" / "train_reports.csv",
+        list(reports[0]),
+        [*reports, {**reports[0], "Findings_EN": "Emphysema."}],
+    )
+    path = tmp_path / "metadata" / "train_metadata.csv"
+    path.write_text(path.read_text() + 'train_3_a_1.nii.gz,"[0.75, 0.75]",3,1,-1024\n')
+    ds = CTRateDataset.open(tmp_path)
+    assert [r.name for r in ds.records] == ["train_2_a_1.nii.gz"]
+    assert ds.problems == [
+        "train_1_a_1.nii.gz: 2 rows in the reports CSV; keep the one that describes it",
+        "train_3_a_1.nii.gz: rows in the metadata CSV that disagree; keep the right one",
+    ]
+
+
+def test_volumes_are_found_per_file_across_fixed_and_plain_folders_and_strays_are_named(tmp_path):
+    import shutil
+
+    _fixture(tmp_path)
+    fixed = tmp_path / "dataset" / "train_fixed" / "train_1" / "train_1_a"
+    fixed.mkdir(parents=True)  # the fixed folder holds volume 1 only; 2 and 3 are in train/ alone
+    shutil.move(tmp_path / volume_relpath("train_1_a_1.nii.gz"), fixed / "train_1_a_1.nii.gz")
+    stray = tmp_path / volume_relpath("train_9_a_1.nii.gz")  # on disk, in no table at all
+    stray.parent.mkdir(parents=True)
+    shutil.copy(fixed / "train_1_a_1.nii.gz", stray)
+    ds = CTRateDataset.open(tmp_path)
+    assert [r.name for r in ds.records] == [f"train_{i}_a_1.nii.gz" for i in (1, 2, 3)]
+    assert ds.records[0].path == fixed / "train_1_a_1.nii.gz"
+    assert ds.problems == ["train_9_a_1.nii.gz: no row in the reports CSV (the volume is skipped)"]
+
+
 def test_iteration_skips_unreadable_volumes_instead_of_crashing(tmp_path):
     _fixture(tmp_path)
     (tmp_path / volume_relpath("train_2_a_1.nii.gz")).write_bytes(b"\x1f\x8b broken")

@@ -101,11 +101,30 @@ def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
 
 
 def _parse_xy(value: str) -> float:
-    v = ast.literal_eval(value.strip()) if value.strip().startswith(("[", "(")) else float(value)
-    v = float(v[0]) if isinstance(v, list | tuple) else float(v)
-    if not np.isfinite(v) or v <= 0:
-        raise ValueError(f"XYSpacing {value!r}")
-    return v
+    """The metadata's in-plane spacing (``[0.75, 0.75]``, ``(0.75, 0.75)`` or ``0.75``) in mm."""
+    try:
+        v = ast.literal_eval(value.strip()) if value.strip().startswith(("[", "(")) else float(value)
+        pair = [float(x) for x in v] if isinstance(v, list | tuple) else [float(v)] * 2
+    except (ValueError, SyntaxError, TypeError):
+        pair = []
+    if len(pair) != 2 or not all(np.isfinite(x) and x > 0 for x in pair):
+        raise ValueError(f"metadata XYSpacing {value!r} is not two positive mm values like [0.75, 0.75]")
+    if not np.isclose(pair[0], pair[1], rtol=1e-3):
+        raise ValueError(f"metadata XYSpacing {value!r} is not square; ctflow reads square pixels only")
+    return pair[0]
+
+
+def _metadata_number(meta: dict, key: str) -> float:
+    """A finite number from a metadata row; an empty cell is refused, not read as 0 (an empty
+    RescaleIntercept would leave raw values 1024 above HU)."""
+    raw = (meta.get(key) or "").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise ValueError(f"metadata {key} {raw!r} is not a number; fill it in the metadata CSV")
+    return value
 
 
 @dataclass
@@ -143,7 +162,7 @@ class CTRateDataset:
     split: str = "train"
     records: list[CTRateRecord] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    _volume_folder: dict[str, Path] = field(default_factory=dict, repr=False)
+    _volume_folder: dict[str, list[Path]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, root: str | Path, split: str = "train", check_files: bool = True) -> CTRateDataset:
@@ -153,10 +172,17 @@ class CTRateDataset:
         ds = cls(root=root, split=split)
         tables = tables_folder(root)
         reports = read_csv(table_path(tables / "radiology_text_reports", split, "reports"), REPORT_COLUMNS)
-        meta = {
-            r["VolumeName"]: r
-            for r in read_csv(table_path(tables / "metadata", split, "metadata"), METADATA_COLUMNS)
-        }
+        meta: dict[str, dict] = {}
+        conflicting = set()  # metadata rows of one volume that disagree: which is right is unknown
+        for r in read_csv(table_path(tables / "metadata", split, "metadata"), METADATA_COLUMNS):
+            name = (r.get("VolumeName") or "").strip()
+            if name in meta and meta[name] != r:
+                conflicting.add(name)
+            meta.setdefault(name, r)
+        counts: dict[str, int] = {}
+        for row in reports:
+            name = (row.get("VolumeName") or "").strip()
+            counts[name] = counts.get(name, 0) + 1
         label_path = table_path(tables / "multi_abnormality_labels", split, "predicted_labels")
         labels = (
             {r["VolumeName"]: r for r in read_csv(label_path, ("VolumeName",))}
@@ -165,20 +191,31 @@ class CTRateDataset:
         )
         for row in reports:
             name = (row.get("VolumeName") or "").strip()
+            if name and counts[name] > 1:  # one volume, several reports: which one it has is unknown
+                problem = f"{name}: {counts[name]} rows in the reports CSV; keep the one that describes it"
+                if problem not in ds.problems:
+                    ds.problems.append(problem)
+                continue
+            if name in conflicting:
+                ds.problems.append(f"{name}: rows in the metadata CSV that disagree; keep the right one")
+                continue
             try:
                 ds.records.append(ds._record(row, name, meta.get(name), labels, check_files))
             except (CTFlowError, ValueError, SyntaxError) as e:
                 ds.problems.append(f"{name or '<no VolumeName>'}: {e}")
         if check_files:  # a volume on disk that no report describes is skipped too: say so
-            described = {(r.get("VolumeName") or "").strip() for r in reports}
-            for name in sorted(set(meta) - described):
-                try:
-                    on_disk = ds.volume_path(name).is_file()
-                except (CTFlowError, ValueError):
-                    on_disk = False
-                if on_disk:
-                    ds.problems.append(f"{name}: no row in the reports CSV (the volume is skipped)")
+            for name in sorted(set(ds.volumes_on_disk()) - set(counts)):
+                ds.problems.append(f"{name}: no row in the reports CSV (the volume is skipped)")
         return ds
+
+    def volumes_on_disk(self) -> list[str]:
+        """The names of the split's volume files on disk (in any of :func:`volume_folders`)."""
+        names = set()
+        for split in SPLIT_NAMES.get(self.split, (self.split,)):
+            for folder in volume_folders(self.root, split):
+                if folder.is_dir():
+                    names.update(p.name for p in folder.glob("*/*/*.nii*") if NAME_PATTERN.match(p.name))
+        return sorted(names)
 
     def _record(self, row, name, meta, labels, check_files) -> CTRateRecord:
         if not name:
@@ -192,9 +229,12 @@ class CTRateDataset:
         path = self.volume_path(name)
         if check_files and not path.is_file():
             raise ValueError(f"volume file {path} missing")
-        z = float(meta["ZSpacing"])
-        if not np.isfinite(z) or z <= 0:
-            raise ValueError(f"ZSpacing {meta['ZSpacing']!r}")
+        z = _metadata_number(meta, "ZSpacing")
+        if z <= 0:
+            raise ValueError(f"metadata ZSpacing {meta['ZSpacing']!r} is not a positive spacing in mm")
+        slope = _metadata_number(meta, "RescaleSlope")
+        if slope == 0:
+            raise ValueError("metadata RescaleSlope is 0, which maps every voxel to one value")
         rec = CTRateRecord(
             name=name,
             path=path,
@@ -204,8 +244,8 @@ class CTRateDataset:
             technique=(row.get("Technique_EN") or "").strip(),
             xy_spacing=_parse_xy(meta["XYSpacing"]),
             z_spacing=z,
-            slope=float(meta["RescaleSlope"] or 1.0),
-            intercept=float(meta["RescaleIntercept"] or 0.0),
+            slope=slope,
+            intercept=_metadata_number(meta, "RescaleIntercept"),
         )
         if labels is not None:
             lab = labels.get(name)
@@ -215,13 +255,16 @@ class CTRateDataset:
         return rec
 
     def volume_path(self, name: str) -> Path:
-        """Where volume ``name`` is: under the first of :func:`volume_folders` that exists."""
+        """Where volume ``name`` is: under the first of :func:`volume_folders` that holds it (where
+        none does, under the first that exists)."""
         relpath = volume_relpath(name)  # dataset/<split>/<patient>/<study>/<name>
         split = relpath.parts[1]
         if split not in self._volume_folder:
-            found = [f for f in volume_folders(self.root, split) if f.is_dir()]
-            self._volume_folder[split] = found[0] if found else self.root / "dataset" / split
-        return self._volume_folder[split].joinpath(*relpath.parts[2:])
+            self._volume_folder[split] = [f for f in volume_folders(self.root, split) if f.is_dir()] or [
+                self.root / "dataset" / split
+            ]
+        paths = [folder.joinpath(*relpath.parts[2:]) for folder in self._volume_folder[split]]
+        return next((p for p in paths if p.is_file()), paths[0])
 
     def __len__(self) -> int:
         return len(self.records)
