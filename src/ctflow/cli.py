@@ -254,7 +254,7 @@ def encode(
             finding_masks=finding_masks,
         )
     for problem in ds.problems:
-        console.print(f"skipped {problem}")
+        console.print(f"skipped {problem}", markup=False)
     encoded = json.loads((cache / "index.json").read_text())["num_volumes"]
     console.print(f"encoded {encoded} volumes into {out}")
 
@@ -288,7 +288,16 @@ def train_vae_cmd(
                 f"--init {init} not found; pass a diffusers VAE folder or an ae.safetensors file"
             )
         cfg.init = str(init)
-    train_vae(data, cfg, out, resume=resume, progress=True, device=device)
+    # problems quote file names and CSV cells: text, not rich markup
+    train_vae(
+        data,
+        cfg,
+        out,
+        resume=resume,
+        progress=True,
+        device=device,
+        log=lambda t: console.print(t, markup=False),
+    )
     console.print(f"wrote {out / 'vae'}")
 
 

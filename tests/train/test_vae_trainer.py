@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -133,7 +134,11 @@ def test_training_starts_from_init_weights_a_folder_or_a_flux_file(phantoms, tmp
     frozen = dict(preset="flux", vae=flux, optim=OptimConfig(lr=0.0, warmup_steps=0, ema_decay=0.0))
     want = start.state_dict()
     for name, init in (("folder", tmp_path / "start"), ("file", tmp_path / "ae.safetensors")):
-        train_vae(phantoms, _config(**frozen, init=str(init)), tmp_path / name, progress=False)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            train_vae(phantoms, _config(**frozen, init=str(init)), tmp_path / name, progress=False)
+        # a folder's own config.json sets the shape, and the YAML's vae keys are said to be unused
+        assert any("preset and vae keys are not used" in str(w.message) for w in seen) == (name == "folder")
         got = _generator_weights(tmp_path / name / "vae")
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
     # a random start is not that one, and the CLI takes --init
@@ -144,3 +149,42 @@ def test_training_starts_from_init_weights_a_folder_or_a_flux_file(phantoms, tmp
     )
     r = run_cli("train-vae", "--data", phantoms, "--out", tmp_path / "cli", "--init", tmp_path / "missing")
     assert r.code != 0 and "--init" in r.err and not (tmp_path / "cli").exists()
+    # FLUX's diffusers file (vae/diffusion_pytorch_model.safetensors) alone: name its folder, before
+    # the data set (here none) is read
+    start.vae.save_pretrained(tmp_path / "diffusers", safe_serialization=True)
+    single = tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(CTFlowError, match="holds a diffusers VAE's weights .* pass the folder"):
+        train_vae(tmp_path / "no-data", _config(**frozen, init=str(single)), tmp_path / "x", progress=False)
+
+
+def test_slices_are_capped_per_volume_and_in_volumes_and_skipped_volumes_named(phantoms, tmp_path):
+    import shutil
+
+    every = load_slices(phantoms, 32)
+    assert len(load_slices(phantoms, 32, max_volumes=1)) < len(every)
+    assert len(load_slices(phantoms, 32, slices_per_volume=3)) == 2 * 3
+    broken = shutil.copytree(phantoms, tmp_path / "ph")
+    next((broken / "dataset").rglob("*.nii.gz")).write_bytes(b"broken")
+    lines = []
+    assert len(load_slices(broken, 32, log=lines.append)) < len(every)
+    assert len(lines) == 1 and lines[0].startswith("skipped train_1_a_1.nii.gz")
+    with pytest.raises(CTFlowError, match="slices_per_volume must be 1 or more"):
+        VAETrainConfig(slices_per_volume=0)
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_before_it_is_logged_or_saved(
+    phantoms, tmp_path, monkeypatch
+):
+    from ctflow.train.vae_loss import AVAELoss
+
+    real = AVAELoss.generator_loss
+
+    def nan_from_step_3(self, *args, global_step, **kwargs):
+        loss, logs = real(self, *args, global_step=global_step, **kwargs)
+        return (loss * float("nan") if global_step >= 2 else loss), logs
+
+    monkeypatch.setattr(AVAELoss, "generator_loss", nan_from_step_3)
+    with pytest.raises(CTFlowError, match="the loss became nan at step 3; lower optim.lr, or --resume"):
+        train_vae(phantoms, _config(), tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2]  # valid JSON, no NaN line

@@ -635,6 +635,11 @@ def load_vae(
     shapes = _safetensors_shapes(path)
     prefix = _strip_prefix(shapes)
     shapes = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in shapes):
+        raise CTFlowError(
+            f"{path} holds a diffusers VAE's weights (encoder.down_blocks...), not FLUX's original"
+            " ae.safetensors; pass the folder that holds it with its config.json"
+        )
     names, expected, alt = _flux_layout(config)
     _check_layout(shapes, expected, path, alt)  # cheap: headers only, before reading tensors
 

@@ -233,9 +233,16 @@ class VAETrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # the slices train-vae holds in memory (float16, image_size^2 each): every slice of every volume by
+    # default, which suits phantoms; for CT-RATE cap the volumes and take a few evenly spaced slices each
+    max_volumes: int | None = None
+    slices_per_volume: int | None = None
 
     def __post_init__(self):
         check_counts(self, (*COUNT_KEYS, "image_size"))
+        for key in ("max_volumes", "slices_per_volume"):
+            if getattr(self, key) is not None:
+                check_counts(self, (key,))
         self.hu_window = check_window(self.hu_window)
         size = self.vae.get("sample_size", self.image_size)
         if size != self.image_size:

@@ -14,9 +14,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, warn
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
 from ctflow.train.config import VAETrainConfig, warn_changed_settings
 from ctflow.train.utils import StepBar, append_jsonl, lr_lambda, step_generator, trim_log
@@ -25,18 +26,35 @@ WHITE_FRACTION = 0.02  # share of training slices that are all-white EOS slices
 
 
 def load_slices(
-    data: str | Path, image_size: int, split: str = "train", max_volumes: int | None = None, window=None
+    data: str | Path,
+    image_size: int,
+    split: str = "train",
+    max_volumes: int | None = None,
+    window=None,
+    slices_per_volume: int | None = None,
+    log=None,
 ):
-    """All slices of a data set as one float16 tensor [N,size,size], normalised with HU ``window``."""
+    """The slices of a data set as one float16 tensor [N,size,size], normalised with HU ``window``:
+    every slice of every volume, or of the first ``max_volumes`` readable ones, or ``slices_per_volume``
+    evenly spaced slices of each. Each volume it skips (unreadable, or holding NaN) is named to ``log``."""
     from ctflow.data.ctrate import CTRateDataset
     from ctflow.train.latents import prepare_slices
 
     ds = CTRateDataset.open(data, split)
     slices = []
-    for i, sample in enumerate(ds):
-        if max_volumes is not None and i >= max_volumes:
+    for sample in ds:
+        if max_volumes is not None and len(slices) >= max_volumes:
             break
-        slices.append(prepare_slices(sample.volume.hu(), image_size, window).half())
+        hu = sample.volume.hu()
+        if not np.all(np.isfinite(hu)):
+            ds.problems.append(f"{sample.name}: holds NaN or infinite values (the volume is skipped)")
+            continue
+        if slices_per_volume is not None and slices_per_volume < len(hu):
+            hu = hu[np.unique(np.linspace(0, len(hu) - 1, slices_per_volume).round().astype(int))]
+        slices.append(prepare_slices(hu, image_size, window).half())
+    for problem in ds.problems:
+        if log is not None:
+            log(f"skipped {problem}")
     if not slices:
         raise CTFlowError(
             f"no readable volumes in {data} ({len(ds.problems)} problems, e.g. {ds.problems[:1]})"
@@ -70,11 +88,13 @@ def train_vae(
     progress: bool = True,
     slices: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    log=None,
 ) -> Path:
     """Train and write ``out/vae`` (a diffusers folder), ``out/checkpoints`` and ``out/log.jsonl``.
 
     The VAE and the discriminator train on ``device`` (None: the CPU); the slices stay in CPU memory
-    and each batch is drawn there (the same draws on every device) and moved."""
+    and each batch is drawn there (the same draws on every device) and moved. ``log`` hears about the
+    volumes the data set could not give."""
     from ctflow.models.vae import SliceVAE
     from ctflow.train.vae_loss import AVAELoss
 
@@ -82,15 +102,27 @@ def train_vae(
     if out.exists() and any(out.iterdir()) and not resume:
         raise CTFlowError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
     torch.manual_seed(config.seed)
-    if slices is None:
-        slices = load_slices(data, config.image_size, window=config.hu_window)
     if config.init:  # fine-tune given weights (the paper's A-VAE starts from FLUX's)
         from ctflow.models.vae import load_vae, preset_config
 
         # a folder brings its own config; a single FLUX file is read with the preset's layout
         vae = SliceVAE(load_vae(config.init, config={**preset_config(config.preset), **config.vae}))
+        if Path(config.init).is_dir() and (config.vae or config.preset != "tiny"):
+            warn(
+                f"--init {config.init} is a folder: its config.json sets the VAE's shape, and the config's"
+                " preset and vae keys are not used"
+            )
     else:
         vae = SliceVAE.from_preset(config.preset, **config.vae)
+    if slices is None:  # after the weights: a wrong --init is named before the data set is read
+        slices = load_slices(
+            data,
+            config.image_size,
+            window=config.hu_window,
+            max_volumes=config.max_volumes,
+            slices_per_volume=config.slices_per_volume,
+            log=log,
+        )
     vae.set_hu_window(config.hu_window)
     vae.set_slice_size(config.image_size)  # what encode resizes slices to (the preset's is 64 or 1024)
     loss_fn = AVAELoss(
@@ -134,6 +166,11 @@ def train_vae(
         x = sample_batch(slices, config.batch_size, g).to(device)
         recon, posterior = vae(x, sample=True, generator=g)
         loss, logs = loss_fn.generator_loss(x, recon, posterior, global_step=step, last_layer=vae.last_layer)
+        if not torch.isfinite(loss):  # stop before a checkpoint or a log line holds it
+            raise CTFlowError(
+                f"the loss became {float(loss.detach())} at step {step + 1}; lower optim.lr, or --resume from the last"
+                f" checkpoint in {ckpt_dir}"
+            )
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         if o.grad_clip > 0:  # the pixel-summed loss has large gradient norms; 0 turns clipping off
