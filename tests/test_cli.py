@@ -38,6 +38,17 @@ def test_preview_writes_png_and_gif(nifti, tmp_path, run_cli):
     assert_clean_error(run_cli("preview", nifti, "--out", tmp_path / "r.jpg"), ".png (tri-planar) or .gif")
 
 
+def test_info_says_when_the_values_look_stored_not_hu(tmp_path, run_cli):
+    from ctflow.data.phantom import make_phantom, sample_spec
+
+    vol, _ = make_phantom(sample_spec(5, size=32, num_slices=24))
+    write_nifti(vol, tmp_path / "hu.nii.gz")
+    assert "note" not in json.loads(run_cli("info", tmp_path / "hu.nii.gz").out)
+    stored = Volume((vol.hu() + 1024).astype(np.int16), vol.spacing)  # CT-RATE's files before rescaling
+    write_nifti(stored, tmp_path / "raw.nii.gz")
+    assert "may be stored values, not HU" in json.loads(run_cli("info", tmp_path / "raw.nii.gz").out)["note"]
+
+
 def test_info_prints_geometry_and_synthetic_flag(nifti, run_cli, tmp_path):
     r = run_cli("info", nifti)
     facts = json.loads(r.out)

@@ -176,6 +176,7 @@ def preview(
 def info(volume: Annotated[Path, typer.Argument(help="NIfTI file or DICOM series folder.")]):
     """Print shape, spacing, orientation, HU range and whether a volume is synthetic."""
     import nibabel as nib
+    import numpy as np
 
     from ctflow.data.io import read_volume
 
@@ -192,6 +193,15 @@ def info(volume: Annotated[Path, typer.Argument(help="NIfTI file or DICOM series
         "hu_mean": round(float(hu.mean()), 2),
         "synthetic": vol.synthetic,
     }
+    # a chest CT's air and lungs put many voxels near -1000 HU; values with almost none there are
+    # likely stored values still to be rescaled (CT-RATE's files: HU + 1024 until its metadata's
+    # RescaleIntercept is applied, as ctflow does when it reads the data set)
+    if float(np.mean((hu > -1100) & (hu < -850))) < 0.01:
+        facts["note"] = (
+            "under 1% of voxels lie near air's -1000 HU: these may be stored values, not HU (a CT-RATE"
+            " file needs its metadata CSV's RescaleSlope/Intercept, which ctflow applies when it reads"
+            " the data set)"
+        )
     typer.echo(json.dumps(facts, indent=1))
 
 

@@ -400,6 +400,17 @@ def test_the_log_times_each_interval_by_its_own_steps(tmp_path, monkeypatch):
     assert [r["sec_per_step"] for r in log] == [2.0, 2.0, 2.0]  # the last interval is 2 steps, not 5
 
 
+def test_a_report_width_other_than_the_caches_is_named(tmp_path):
+    """configs/ctrate-512.yaml sets text_dim 768 (CXR-BERT); on a cache of the default 384-wide
+    encoder that ended in a traceback from set_text_moments."""
+    cfg = _config()
+    cfg.transformer = {**cfg.transformer, "text_dim": 768}
+    with pytest.raises(
+        CTFlowError, match="text_dim is 768 but the latent cache's reports were encoded 16 wide"
+    ):
+        train_flow(make_fake_cache(tmp_path / "c"), cfg, tmp_path / "run", progress=False)
+
+
 def test_existing_run_folder_needs_resume(tmp_path):
     cache = make_fake_cache(tmp_path / "c")
     (tmp_path / "run").mkdir()

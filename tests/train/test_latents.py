@@ -121,6 +121,30 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
     assert len(LatentCache(tmp_path / "lat")) == 2
 
 
+def test_a_report_cut_at_the_encoders_limit_is_named_once_by_its_volume(tmp_path, run_cli):
+    import csv
+    import warnings
+
+    assert run_cli("phantoms", "--n", 2, "--out", tmp_path / "ph", "--size", 32, "--min-slices", 6,
+                   "--max-slices", 8).code == 0  # fmt: skip
+    path = tmp_path / "ph" / "radiology_text_reports" / "train_reports.csv"
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows, columns = list(reader), reader.fieldnames
+    rows[1]["Findings_EN"] += " The lungs are clear." * 80
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    ds = CTRateDataset.open(tmp_path / "ph")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        encode_dataset(ds, SliceVAE.load(DEFAULT_MODEL / "vae"), ReportEncoder.from_pretrained(),
+                       tmp_path / "lat", image_size=32, report_variants=2)  # fmt: skip
+    cut = [str(w.message) for w in seen if "truncated" in str(w.message)]
+    assert len(cut) == 1 and cut[0].startswith(f"{rows[1]['VolumeName']}: report truncated by")
+
+
 def test_encode_overwrite_encodes_again_with_the_new_vae_and_settings(tmp_path, run_cli):
     assert (
         run_cli(

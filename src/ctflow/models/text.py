@@ -214,7 +214,9 @@ class ReportEncoder(nn.Module):
         ``benchmarks/report_encoding.py``)."""
         if not reports:
             return []
-        lengths = [len(ids) for ids in self.tokenizer(list(reports), add_special_tokens=True)["input_ids"]]
+        # verbose=False: transformers would warn these untruncated ids are too long for the model
+        ids = self.tokenizer(list(reports), add_special_tokens=True, verbose=False)["input_ids"]
+        lengths = [len(i) for i in ids]
         order = sorted(range(len(reports)), key=lengths.__getitem__)
         out: list = [None] * len(reports)
         for start in range(0, len(order), batch_size):

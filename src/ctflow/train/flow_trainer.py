@@ -343,6 +343,12 @@ def build_transformer(config: FlowTrainConfig, cache: LatentCache):
     spec.setdefault("in_channels", c)
     spec.setdefault("sample_size", h)
     spec.setdefault("text_dim", int(cache.index["text_dim"]))
+    if spec["text_dim"] != int(cache.index["text_dim"]):
+        raise CTFlowError(
+            f"the config's transformer.text_dim is {spec['text_dim']} but the latent cache's reports were"
+            f" encoded {cache.index['text_dim']} wide; encode them with the matching report encoder"
+            " (`ctflow encode --text-encoder`) or drop text_dim from the config"
+        )
     try:
         model = CTFlowTransformer.from_preset(preset, **spec)
     except TypeError as e:

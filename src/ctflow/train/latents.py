@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ctflow.data.ctrate import sidecar_path
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning, warn
 from ctflow.files import atomic_path, write_text_atomic
 from ctflow.models.text import META_PATTERN, ReportEncoder, strip_meta
 
@@ -279,8 +280,16 @@ def encode_dataset(
             )
             if progress:
                 progress(1)
-        # the shard's reports, encoded together (grouped by length)
-        for (name, key), (tokens, pooled) in zip(texts, text.encode_each(list(texts.values())), strict=True):
+        # the shard's reports, encoded together (grouped by length); a report cut at the encoder's limit
+        # is named once, by its volume, not once per variant by its first words
+        cuts = dict(zip(texts, text.truncated_tokens(list(texts.values())), strict=True))
+        for (name, key), cut in cuts.items():
+            if key == "" and cut:
+                warn(f"{name}: {text.truncation_note(texts[name, key], cut)}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "report truncated", CTFlowWarning)
+            encoded = text.encode_each(list(texts.values()))
+        for (name, key), (tokens, pooled) in zip(texts, encoded, strict=True):
             tensors[f"{name}.tokens{key}"] = tokens.to("cpu", torch.float16).contiguous()
             tensors[f"{name}.pooled{key}"] = pooled.float().cpu().contiguous()
         with atomic_path(shard.with_suffix(".safetensors"), overwrite=True) as tmp:
