@@ -43,7 +43,7 @@ from ctflow.models.text import DEFAULT_TEXT_ENCODER, ReportEncoder, TextEmbeddin
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "ctflow-phantom-tiny"
 END_EOS, END_COUNT, END_LIMIT = "eos", "num_slices", "max_slices"
 MAX_SLICES = 2048  # the most slices one volume may have, in the library and the CLI
-MAX_SLICE_SPACING = 100.0  # mm: the widest slice spacing a report or a caller may give, or a volume get
+MAX_SPACING_MM = 100.0  # mm: the widest slice spacing a report or a caller may give, or a volume get
 MIN_SCAN_SLICES = 8  # white slices before this depth are not read as the end of the scan
 EOS_THRESHOLD = 0.5  # a decoded slice whose mean (in [-1, 1]) exceeds this is white: end of scan
 
@@ -356,10 +356,10 @@ class CTFlowPipeline:
             n, spacing = parse_meta(r)
             if asked is None and n is not None and not 1 <= n <= MAX_SLICES:
                 raise CTFlowError(f"the report's meta line asks for {n} slices; give 1 to {MAX_SLICES}")
-            if spacing is not None and not 0 < spacing <= MAX_SLICE_SPACING:
+            if spacing is not None and not 0 < spacing <= MAX_SPACING_MM:
                 raise CTFlowError(
                     f"the report's meta line gives a {spacing:g} mm spacing; give above 0, at most"
-                    f" {MAX_SLICE_SPACING:g}"
+                    f" {MAX_SPACING_MM:g}"
                 )
         if max_slices is not None:
             _whole("max_slices", max_slices, 1, MAX_SLICES)
@@ -380,10 +380,10 @@ class CTFlowPipeline:
             )
         number = isinstance(slice_spacing, int | float) and not isinstance(slice_spacing, bool)
         if slice_spacing is not None and not (
-            number and math.isfinite(slice_spacing) and 0 < slice_spacing <= MAX_SLICE_SPACING
+            number and math.isfinite(slice_spacing) and 0 < slice_spacing <= MAX_SPACING_MM
         ):
             raise CTFlowError(
-                f"slice_spacing must be a number of mm above 0 and at most {MAX_SLICE_SPACING:g},"
+                f"slice_spacing must be a number of mm above 0 and at most {MAX_SPACING_MM:g},"
                 f" got {slice_spacing!r}"
             )
 
@@ -593,7 +593,7 @@ class CTFlowPipeline:
         if not (n and extent):
             return float(self.config["slice_spacing"])
         step = 0.25 if extent / n >= 1 else 0.05
-        return min(MAX_SLICE_SPACING, round(max(step, round(extent / n / step) * step), 2))
+        return min(MAX_SPACING_MM, round(max(step, round(extent / n / step) * step), 2))
 
     def depth_target(self, text: str) -> int:
         """The slice count a ``target_depth`` transformer aims for: the meta line's, else the model's

@@ -250,15 +250,6 @@ def load_features(path: str | Path | None = None) -> Features:
 # ----------------------------------------------------------------------------- helpers
 
 
-@torch.no_grad()
-def volume_features(volumes, model: Features | None = None, batch: int = 8) -> torch.Tensor:
-    """3D features of a list of volumes: ``(N, 128)``."""
-    model = model or load_features()
-    xs = [volume_tensor(v) for v in volumes]
-    out = [model.volume.features(torch.stack(xs[i : i + batch])) for i in range(0, len(xs), batch)]
-    return torch.cat(out) if out else torch.zeros(0, FEATURE_DIM)
-
-
 @lru_cache(maxsize=1)
 def _text_encoder():
     from ctflow.models.text import ReportEncoder
