@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning
 from ctflow.pipeline import END_COUNT, END_EOS, END_LIMIT, CTFlowPipeline, eos_slices
 from tests.device_watch import tensors_made_without_a_device
 from tests.tiny_pipeline import tiny_pipeline
@@ -155,9 +155,12 @@ def test_the_requested_count_and_spacing_win_over_the_reports_meta_line(pipe, mo
     assert pipe(REPORT, max_slices=8, slice_spacing=5.0, **run).volumes[0].spacing[0] == 5.0
     # the report's own line is rewritten as training wrote every line, count and spacing both: a
     # count-only line gets the spacing the volume is written at, a given spacing replaces the line's
-    out = pipe("Volume: 12 slices. " + REPORT, max_slices=8, **run)
+    capped = pytest.warns(CTFlowWarning, match="asks for 12 slices but max_slices 8 stops it there")
+    with capped:
+        out = pipe("Volume: 12 slices. " + REPORT, max_slices=8, **run)
     assert out.reports[0] == f"Volume: 12 slices, {out.volumes[0].spacing[0]:g} mm spacing. " + REPORT
-    out = pipe("Volume: 12 slices, 3 mm spacing. " + REPORT, max_slices=8, slice_spacing=5.0, **run)
+    with pytest.warns(CTFlowWarning, match="asks for 12 slices"):
+        out = pipe("Volume: 12 slices, 3 mm spacing. " + REPORT, max_slices=8, slice_spacing=5.0, **run)
     assert out.reports[0].startswith("Volume: 12 slices, 5 mm spacing.") and out.volumes[0].spacing[0] == 5.0
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(CTFlowError, match="slice_spacing"):
@@ -234,6 +237,12 @@ def test_batched_generation_returns_one_volume_per_report(pipe):
         ({"generator": 0}, "generator must be a torch.Generator"),
         ({"generator": [torch.Generator(), torch.Generator()]}, "2 generators for 1 reports"),
         ({"slice_spacing": "2"}, "slice_spacing must be a number of mm"),
+        # a meta line the model would read as plain words while the volume took the defaults
+        (
+            {"report": "Volume: 80.5 slices. " + REPORT},
+            "is not in the form 'Volume: N slices, d mm spacing.'",
+        ),
+        ({"report": REPORT + " Volume: 48 slices."}, "after its start; put it first"),
     ],
 )
 def test_bad_arguments_are_refused(pipe, kwargs, match):
@@ -256,7 +265,17 @@ def test_a_meta_line_count_past_the_default_limit_raises_the_limit(pipe, monkeyp
     out = pipe("Volume: 13 slices. " + REPORT, **run)
     assert out.volumes[0].num_slices == 13 + pipe.chunk_slices and out.end_reasons == [END_LIMIT]
     assert pipe(REPORT, **run).volumes[0].num_slices == 8  # without a count: the default limit
-    assert pipe("Volume: 13 slices. " + REPORT, max_slices=6, **run).volumes[0].num_slices == 6  # as asked
+    with pytest.warns(CTFlowWarning, match="asks for 13 slices but max_slices 6"):
+        assert (
+            pipe("Volume: 13 slices. " + REPORT, max_slices=6, **run).volumes[0].num_slices == 6
+        )  # as asked
+
+
+def test_a_max_slices_below_the_reports_count_is_warned_about(pipe, monkeypatch):
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    with pytest.warns(CTFlowWarning, match="the report asks for 13 slices but max_slices 6 stops it there"):
+        out = pipe("Volume: 13 slices. " + REPORT, max_slices=6, num_inference_steps=1, guidance_scale=1.0)
+    assert out.volumes[0].num_slices == 6 and out.end_reasons == [END_LIMIT]
 
 
 def test_a_derived_spacing_stays_within_the_limit_so_the_text_can_be_fed_back(pipe, monkeypatch):
@@ -397,7 +416,10 @@ def test_eos_is_also_detected_in_latent_space():
 def test_the_meta_line_slice_count_reaches_the_transformer(pipe, monkeypatch):
     _scripted_decoder(pipe, monkeypatch, white_from=None)
     seen = _record_forward(pipe, monkeypatch, "num_slices")
-    pipe(["Volume: 12 slices. " + REPORT, REPORT], max_slices=4, num_inference_steps=1, guidance_scale=2.0)
+    with pytest.warns(CTFlowWarning, match="asks for 12 slices"):
+        pipe(
+            ["Volume: 12 slices. " + REPORT, REPORT], max_slices=4, num_inference_steps=1, guidance_scale=2.0
+        )
     assert seen == [[12, 0, 12, 0]]  # [cond; uncond]: guidance keeps the count, a report without one gives 0
     seen.clear()
     pipe(REPORT, num_slices=8, num_inference_steps=1, guidance_scale=1.0)

@@ -429,6 +429,10 @@ def generate(
         raise CTFlowError("--out is required (a .nii.gz path, or a folder with --prompts)")
     if batch_size < 1:
         raise CTFlowError(f"--batch-size must be at least 1, got {batch_size}")
+    if slices is not None and max_slices is not None:
+        raise CTFlowError(
+            "--slices sets the count and --max-slices only stops a scan the model has not ended; pass one"
+        )
     settings = GenerationSettings(
         slices, max_slices, steps, guidance, seed, dicom, overwrite, finding_guidance=finding_guidance
     )

@@ -21,6 +21,7 @@ import torch
 from ctflow import __version__
 from ctflow.errors import CTFlowError, warn
 from ctflow.files import check_output, write_text_atomic
+from ctflow.models.text import clean_report, parse_meta, strip_meta
 from ctflow.pipeline import MAX_SLICES
 
 
@@ -277,7 +278,8 @@ def warn_identical_rows(rows: list[dict], settings: list[GenerationSettings], pr
     row's explicit seed can equal the seed another row gets from its place, ``--seed`` + row index)."""
     first: dict[tuple, str] = {}
     for row, s in zip(rows, settings, strict=True):
-        key = (row["report"].strip(), s.num_slices, s.seed)
+        count, spacing = parse_meta(row["report"])  # the text the model reads, meta line and all
+        key = (clean_report(strip_meta(row["report"])), s.num_slices or count, spacing, s.seed)
         if key in first:
             warn(
                 f"{prompts}: rows {first[key]!r} and {row['name']!r} have the same report, slice count and"

@@ -38,7 +38,14 @@ from ctflow import __version__
 from ctflow.data.volume import Volume, canonical_affine
 from ctflow.errors import CTFlowError, one_of, warn
 from ctflow.files import atomic_dir
-from ctflow.models.text import DEFAULT_TEXT_ENCODER, ReportEncoder, TextEmbedding, parse_meta, with_meta
+from ctflow.models.text import (
+    DEFAULT_TEXT_ENCODER,
+    ReportEncoder,
+    TextEmbedding,
+    meta_problem,
+    parse_meta,
+    with_meta,
+)
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "ctflow-phantom-tiny"
 END_EOS, END_COUNT, END_LIMIT = "eos", "num_slices", "max_slices"
@@ -353,6 +360,8 @@ class CTFlowPipeline:
                 _whole("num_slices", n, 1, MAX_SLICES)
         # the report's own meta line, where it is read (a requested count replaces the line's count)
         for r, asked in zip(reports, counts, strict=True):
+            if problem := meta_problem(r):
+                raise CTFlowError(problem)
             n, spacing = parse_meta(r)
             if asked is None and n is not None and not 1 <= n <= MAX_SLICES:
                 raise CTFlowError(f"the report's meta line asks for {n} slices; give 1 to {MAX_SLICES}")
@@ -474,6 +483,11 @@ class CTFlowPipeline:
         ]
         # per report: the given spacing, else slice_spacing_for's (the meta line's, else one that
         # covers the training scans' length)
+        for r, n in zip(reports, requested, strict=True):
+            if n is None and max_slices is not None and (parse_meta(r)[0] or 0) > max_slices:
+                warn(
+                    f"the report asks for {parse_meta(r)[0]} slices but max_slices {max_slices} stops it there"
+                )
         spacings = [
             slice_spacing or self.slice_spacing_for(r, n) for r, n in zip(reports, requested, strict=True)
         ]

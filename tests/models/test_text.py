@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ctflow.models.text import ReportEncoder, format_report, parse_meta, with_meta
+from ctflow.models.text import ReportEncoder, format_report, meta_problem, parse_meta, strip_meta, with_meta
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,42 @@ def test_a_malformed_meta_spacing_is_not_a_meta_line():
     assert parse_meta("Volume: 80 slices, 2.5. mm spacing. Findings: x") == (None, None)
     assert parse_meta("Volume: 80 slices, 2.5 mm spacing. Findings: x") == (80, 2.5)
     assert parse_meta("Volume: 80 slices. Findings: x") == (80, None)
+    assert meta_problem("Volume: 80 slices, 2.5. mm spacing. Findings: x").endswith(
+        "is not in the form 'Volume: N slices, d mm spacing.'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("report", "meta"),
+    [
+        # a second space, a line break or a byte-order mark once hid the line from the spacing while
+        # the text the model read had it: told 2.5 mm, written at 4
+        ("Volume: 48 slices, 2.5 mm  spacing. Findings: x", (48, 2.5)),
+        ("\ufeffVolume: 48 slices, 2.5 mm spacing. Findings: x", (48, 2.5)),
+        ("Volume: 48 slices, 2.5 mm spacing\nFindings: x", (48, 2.5)),  # its own line, no full stop
+        ("Volume: 48 slices, 2,5 mm spacing. Findings: x", (48, 2.5)),  # a decimal comma
+        ("volume: 80 slices", (80, None)),
+        ("Findings: Lung volume: 3.2 L.", (None, None)),  # not a meta line
+    ],
+)
+def test_meta_lines_are_read_as_people_write_them(report, meta):
+    assert parse_meta(report) == meta and meta_problem(report) is None
+    if meta[0] is not None:
+        assert strip_meta(report) in ("Findings: x", "")
+
+
+@pytest.mark.parametrize(
+    ("report", "problem"),
+    [
+        ("Volume: 80 slices; spacing 2.5 mm. Findings: x", "is not in the form"),
+        ("Volume: 80.5 slices. Findings: x", "is not in the form"),
+        ("Volume: 1e3 slices. Findings: x", "is not in the form"),
+        ("Findings: x. Volume: 48 slices, 2.5 mm spacing.", "after its start; put it first or remove it"),
+        ("Volume: 48 slices. Volume: 100 slices, 5 mm spacing. Findings: x", "2 meta lines; keep one, first"),
+    ],
+)
+def test_a_meta_line_that_would_be_read_as_plain_words_is_named(report, problem):
+    assert problem in meta_problem(report)
 
 
 def test_default_encoder_loads_offline_and_returns_tokens_mask_pooled(encoder):

