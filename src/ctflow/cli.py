@@ -383,8 +383,9 @@ def generate(
         typer.Option(
             "--slices",
             help="Number of slices (default: the model ends the scan); without a spacing in the report,"
-            " the slice spacing follows it. Best within the model's training counts (40 to 120 for the"
-            " embedded model; others are warned about).",
+            " the slice spacing follows it. The most the volume gets: a model that ends its scan sooner"
+            " ends it there (the sidecar's end_reason says which). Best within the model's training"
+            " counts (40 to 120 for the embedded model; others are warned about).",
         ),
     ] = None,
     max_slices: Annotated[
