@@ -326,7 +326,10 @@ def train(
 
     cfg = load_config(config, FlowTrainConfig)
     train_flow(latents, cfg, out, resume=resume, progress=True)
-    console.print(f"wrote {out / 'transformer'}")
+    from ctflow.generate import process_rank
+
+    if process_rank()[0] == 0:  # only the main process writes it
+        console.print(f"wrote {out / 'transformer'}")
 
 
 @app.command()

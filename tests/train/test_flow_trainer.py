@@ -389,6 +389,20 @@ def test_resume_names_changed_settings_and_refuses_another_model_shape(tmp_path)
         train_flow(other, _config(), tmp_path / "run", progress=False, resume=True)
 
 
+def test_resuming_on_another_number_of_processes_names_the_global_batch_change(tmp_path):
+    """batch_size is per process: a 2-process run resumed on 1 process trained on half the batch."""
+    cache = make_fake_cache(tmp_path / "c")
+    train_flow(cache, _config(), tmp_path / "run", progress=False, stop_at=10)
+    state = next((tmp_path / "run" / "checkpoints").glob("*/state.json"))
+    info = json.loads(state.read_text())
+    assert info["processes"] == 1
+    state.write_text(json.dumps({**info, "processes": 2}))  # as a 2-process run saves it
+    with pytest.warns(
+        CTFlowWarning, match="on 1 process.* where the run had 2: the global batch changes from 8 to 4"
+    ):
+        train_flow(cache, _config(), tmp_path / "run", progress=False, resume=True, stop_at=12)
+
+
 def test_the_log_times_each_interval_by_its_own_steps(tmp_path, monkeypatch):
     import types
 

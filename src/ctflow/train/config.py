@@ -96,7 +96,7 @@ class FlowTrainConfig:
     transformer: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 2000
-    batch_size: int = 16
+    batch_size: int = 16  # per process: N processes train on N x batch_size chunks a step
     seed: int = 0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     # StartBoost: probability that a training sample is the first chunk of its volume; 0 turns it

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, warn
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
 from ctflow.train.config import FlowTrainConfig, warn_changed_settings
 from ctflow.train.latents import LatentCache, short_key
@@ -414,6 +414,13 @@ def train_flow(
                     " or train into a new --out"
                 )
             warn_changed_settings(info, config, step)
+            before = info.get("processes", accelerator.num_processes)
+            if before != accelerator.num_processes:  # batch_size is per process
+                warn(
+                    f"resuming from step {step} on {accelerator.num_processes} process(es) where the run had"
+                    f" {before}: the global batch changes from {before * config.batch_size} to"
+                    f" {accelerator.num_processes * config.batch_size} chunks a step"
+                )
             scheduler.last_epoch = step  # the rates themselves come back with the optimizer's param_groups
             if accelerator.scaler is not None and "grad_scaler" in info:  # fp16: the loss scale it reached
                 accelerator.scaler.load_state_dict(info["grad_scaler"])
@@ -474,6 +481,7 @@ def train_flow(
                     {
                         "config": asdict(config),
                         "latents": cache.fingerprint,
+                        "processes": accelerator.num_processes,
                         # fp16's loss scale: a resumed run skips the same overflowing steps
                         **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler else {}),
                     },
