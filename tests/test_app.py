@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -18,6 +19,7 @@ import torch  # noqa: E402
 pytest.importorskip("gradio", reason="the web app needs the 'app' extra: pip install -e '.[app]'")
 pytest.importorskip("gradio_client")
 
+import gradio as gr  # noqa: E402
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
@@ -138,11 +140,17 @@ def test_bad_input_is_a_clear_error_not_a_crash(tiny_app, tmp_path):
     with pytest.raises(AppError, match="seed must be"):
         c.predict(REPORT, 4, 2, 2.0, -5, api_name="/generate")
     preview, nifti, status = c.predict(REPORT, 4, 1, 1.0, None, api_name="/generate")  # still serving
-    assert read_volume(nifti).num_slices == 4 and "SYNTHETIC" in status and "report cut" not in status
-    # a report longer than the encoder reads is generated, and the status line says so
+    assert read_volume(nifti).num_slices == 4 and "SYNTHETIC" in status and "truncated" not in status
+    # a report longer than the encoder reads is generated, and the status line says so, once
     with pytest.warns(UserWarning, match="report truncated by"):  # (the server's log says it too)
         _, _, status = c.predict(REPORT + " The lungs are clear." * 80, 4, 1, 1.0, 0, api_name="/generate")
-    assert "report cut: its last" in status and "tokens were not read" in status
+    assert status.count("truncated by") == 1 and "to the encoder limit of" in status
+    # a meta line the model would read as words, or one asking past the app's limit, is refused
+    # before the job starts (the limit held only for the slices box)
+    with pytest.raises(AppError, match="is not in the form 'Volume: N slices, d mm spacing.'"):
+        c.predict("Volume: 80.5 slices. " + REPORT, None, 1, 1.0, 0, api_name="/generate")
+    with pytest.raises(AppError, match="meta line asks for 2000 slices; this app makes 1 to"):
+        c.predict("Volume: 2000 slices. " + REPORT, None, 1, 1.0, 0, api_name="/generate")
 
 
 def test_eight_concurrent_clients_get_their_own_results(tiny_app, tmp_path):
@@ -206,6 +214,24 @@ def test_ui_helpers_scroll_axial_slices(tiny_app, tmp_path):
     last = service.axial_slice(result, 99, "mediastinal")  # clamped to the last slice
     assert last.shape == (32, 32)
     assert service.axial_slice(None, 1, "lung") is None
+    shutil.rmtree(folder)  # as the hourly clean-up removes an old job's folder
+    with pytest.raises(gr.Error, match="this result has expired; generate it again"):
+        service.axial_slice(result, 1, "lung")
+
+
+def test_a_failed_generation_says_so_in_the_status_line(tmp_path):
+    """The error's toast fades after 10 s; the status line stayed on 'Generating…'."""
+
+    class FailingPipe(FakePipe):
+        def __call__(self, *args, **kwargs):
+            raise CTFlowError("the model folder lost its weights")
+
+    service = build_app(FailingPipe(), out_dir=tmp_path / "out").ctflow_service
+    statuses = []
+    with pytest.raises(gr.Error, match="lost its weights"):
+        for update in service.generate(REPORT, 4, 1, 1.0, 0, progress=lambda *a, **k: None):
+            statuses.append(update[2])
+    assert statuses[-1] == "Failed: the model folder lost its weights"
 
 
 # ----------------------------------------------------------------------------- queue and lock

@@ -49,6 +49,7 @@ from ctflow.data.preview import LUNG_WINDOW, MEDIASTINAL_WINDOW, apply_window, t
 from ctflow.data.volume import Volume  # noqa: E402
 from ctflow.errors import CTFlowError  # noqa: E402
 from ctflow.generate import GenerationSettings, generate_one, output_paths  # noqa: E402
+from ctflow.models.text import meta_problem, parse_meta  # noqa: E402
 
 log = logging.getLogger("ctflow.app")
 
@@ -117,6 +118,13 @@ def parse_inputs(report, slices, steps, guidance, seed) -> tuple[str, Generation
     if len(report) > MAX_REPORT_CHARS:
         raise CTFlowError(f"the report is too long ({len(report)} characters; at most {MAX_REPORT_CHARS})")
     num_slices = _whole(slices, "slices", 1, APP_MAX_SLICES, optional=True)
+    if problem := meta_problem(report):  # before the job starts, as the form's own values are
+        raise CTFlowError(problem)
+    asked = parse_meta(report)[0]
+    if num_slices is None and asked is not None and not 1 <= asked <= APP_MAX_SLICES:
+        raise CTFlowError(
+            f"the report's meta line asks for {asked} slices; this app makes 1 to {APP_MAX_SLICES}"
+        )
     num_steps = _whole(steps, "steps", 1, APP_MAX_STEPS)
     try:
         scale = float(guidance)
@@ -296,6 +304,7 @@ class GenerationService:
                     if isinstance(error, CTFlowError)
                     else f"generation failed: {str(error) or type(error).__name__}"
                 )
+                yield gr.skip(), gr.skip(), f"Failed: {message}", gr.skip()  # the toast fades; this stays
                 raise gr.Error(message, print_exception=False)
             if final[0] == "cancelled":
                 raise gr.Error("generation was cancelled", print_exception=False)
@@ -303,12 +312,7 @@ class GenerationService:
             status = (
                 f"{sidecar['num_slices']} slices · {END_REASONS.get(sidecar['end_reason'], sidecar['end_reason'])}"
                 f" · {sidecar['seconds']:.1f} s · seed {sidecar['seed']}"
-                + (
-                    f" · report cut: its last {cut} tokens were not read"
-                    if (cut := sidecar.get("report_tokens_truncated"))
-                    else ""
-                )
-                + (f" · {note}" if (note := sidecar.get("warning")) else "")
+                + (f" · {note}" if (note := sidecar.get("warning")) else "")  # a cut report among them
                 + f" · {DISCLAIMER}"
             )
             result = {
@@ -325,7 +329,10 @@ class GenerationService:
         """One axial slice (1-based index) of the finished volume in a display window."""
         if not result:
             return None
-        volume = np.load(result["axial"], mmap_mode="r")
+        try:
+            volume = np.load(result["axial"], mmap_mode="r")
+        except FileNotFoundError:  # job folders older than an hour are removed
+            raise gr.Error("this result has expired; generate it again", print_exception=False) from None
         i = min(max(int(index or 1), 1), volume.shape[0]) - 1
         return apply_window(np.asarray(volume[i], dtype=np.float32), WINDOWS.get(window, LUNG_WINDOW))
 

@@ -49,6 +49,7 @@ def test_a_malformed_meta_spacing_is_not_a_meta_line():
         ("Volume: 48 slices, 2,5 mm spacing. Findings: x", (48, 2.5)),  # a decimal comma
         ("volume: 80 slices", (80, None)),
         ("Findings: Lung volume: 3.2 L.", (None, None)),  # not a meta line
+        ("Findings: The volume: large slices of tissue.", (None, None)),  # prose, not one
     ],
 )
 def test_meta_lines_are_read_as_people_write_them(report, meta):
@@ -63,6 +64,7 @@ def test_meta_lines_are_read_as_people_write_them(report, meta):
         ("Volume: 80 slices; spacing 2.5 mm. Findings: x", "is not in the form"),
         ("Volume: 80.5 slices. Findings: x", "is not in the form"),
         ("Volume: 1e3 slices. Findings: x", "is not in the form"),
+        ("Volume: forty slices. Findings: x", "is not in the form"),
         ("Findings: x. Volume: 48 slices, 2.5 mm spacing.", "after its start; put it first or remove it"),
         ("Volume: 48 slices. Volume: 100 slices, 5 mm spacing. Findings: x", "2 meta lines; keep one, first"),
     ],

@@ -28,9 +28,9 @@ DEFAULT_MAX_LENGTH = 256
 META_PATTERN = re.compile(
     r"^Volume:\s*(\d+)\s+slices(?:,\s*(\d+(?:[.,]\d+)?)\s*mm\s*spacing)?(?:\.|(?=\s)|$)", re.IGNORECASE
 )
-META_LIKE = re.compile(
-    r"\bvolume\s*:\s*\S+\s*slices\b", re.IGNORECASE
-)  # what a meta line looks like, anywhere
+# what a meta line looks like: at the start, "Volume:" and "slices" soon after; later, with a number
+META_START = re.compile(r"^volume\s*:.{0,40}?\bslices\b", re.IGNORECASE)
+META_LIKE = re.compile(r"\bvolume\s*:\s*\d[\d.,]*\s*slices\b", re.IGNORECASE)
 
 
 def default_text_encoder_path() -> Path:
@@ -87,16 +87,16 @@ def meta_problem(report: str) -> str | None:
     ``Volume: N slices, d mm spacing.``), or None: such a line would be read as plain words while the
     volume took the model's default count and spacing."""
     text = clean_report(report)
-    found = list(META_LIKE.finditer(text))
-    if not found:
-        return None
-    start = text[found[0].start() : found[0].end() + 20]
-    if found[0].start() != 0:
-        return f"the report holds a meta line ({start!r}...) after its start; put it first or remove it"
-    if len(found) > 1:
-        return f"the report holds {len(found)} meta lines; keep one, first"
-    if not META_PATTERN.match(text):
+    first = META_PATTERN.match(text) or META_START.match(text)
+    if first and not META_PATTERN.match(text):
+        start = text[: first.end() + 20]
         return f"the report's meta line {start!r}... is not in the form 'Volume: N slices, d mm spacing.'"
+    later = [m for m in META_LIKE.finditer(text) if not first or m.start() >= first.end()]
+    if later and not first:
+        where = text[later[0].start() : later[0].end() + 20]
+        return f"the report holds a meta line ({where!r}...) after its start; put it first or remove it"
+    if later:
+        return f"the report holds {len(later) + 1} meta lines; keep one, first"
     return None
 
 
