@@ -170,6 +170,7 @@ class Job:
         self.thread = threading.Thread(target=self._work, name="ctflow-generate", daemon=True)
 
     def start(self) -> Job:
+        self.service.jobs.add(self)
         self.thread.start()
         return self
 
@@ -215,6 +216,8 @@ class Job:
                 log.exception("generation failed")
             shutil.rmtree(self.folder, ignore_errors=True)  # nothing of a failed job is served
             self.events.put(("error", e))
+        finally:
+            self.service.jobs.discard(self)
 
 
 class GenerationService:
@@ -227,6 +230,19 @@ class GenerationService:
             out_root = temp_folder("ctflow-app-")
         self.out_root = Path(out_root)
         self.out_root.mkdir(parents=True, exist_ok=True)
+        self.jobs: set[Job] = set()  # running
+        # registered after the temp folders, so it runs before their removal (atexit is last in, first
+        # out): a stopped app cancels its generation and waits for it, instead of aborting inside torch
+        # ("terminate called without an active exception") or writing into a removed folder
+        atexit.register(self.stop_jobs)
+
+    def stop_jobs(self, timeout: float = 60.0) -> None:
+        """Cancel every running generation and wait (up to ``timeout`` s each) for it to stop."""
+        jobs = list(self.jobs)
+        for job in jobs:
+            job.cancel()
+        for job in jobs:
+            job.thread.join(timeout)
 
     def new_job_folder(self) -> Path:
         now = time.time()
