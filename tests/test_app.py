@@ -139,6 +139,9 @@ def test_bad_input_is_a_clear_error_not_a_crash(tiny_app, tmp_path):
         c.predict(REPORT, 4, 0, 2.0, 0, api_name="/generate")
     with pytest.raises(AppError, match="seed must be"):
         c.predict(REPORT, 4, 2, 2.0, -5, api_name="/generate")
+    for slices, seed in ((4.5, 0), (4, 1.5)):  # were rounded to 4 (or 5) and 2 without a word
+        with pytest.raises(AppError, match="must be a whole number"):
+            c.predict(REPORT, slices, 2, 2.0, seed, api_name="/generate")
     preview, nifti, status = c.predict(REPORT, 4, 1, 1.0, None, api_name="/generate")  # still serving
     assert read_volume(nifti).num_slices == 4 and "SYNTHETIC" in status and "truncated" not in status
     # a report longer than the encoder reads is generated, and the status line says so, once

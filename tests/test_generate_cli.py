@@ -302,6 +302,22 @@ def test_prompt_names_that_cannot_be_file_names_are_refused(tmp_path, name, word
         read_prompts(tmp_path / "p.csv")
 
 
+def test_a_file_in_the_way_of_another_process_row_stops_this_process_before_it_writes(
+    model, tmp_path, run_cli, monkeypatch
+):
+    """Under torchrun each process checked only its own rows: rank 0 wrote its rows (and was killed
+    mid-row) while rank 1 refused a file in the way of one of its own."""
+    csv = _prompts(tmp_path / "p.csv", n=4)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "case3.png").write_text("not ours")  # row 3: rank 1's
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_clean_error(
+        _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out"), "case3.png", "--overwrite"
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case3.png"]
+
+
 def test_prompts_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(tmp_path):
     from ctflow.generate import read_prompts
 

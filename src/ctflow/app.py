@@ -400,11 +400,11 @@ def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None)
                     slices = gr.Number(
                         label="Slices (blank: the model decides)",
                         value=None,
-                        precision=0,
+                        precision=None,  # not rounded: parse_inputs refuses 40.5 rather than make 40
                         elem_id="ctflow-slices",
                     )
                     seed = gr.Number(
-                        label="Seed (blank: random)", value=0, precision=0, elem_id="ctflow-seed"
+                        label="Seed (blank: random)", value=0, precision=None, elem_id="ctflow-seed"
                     )
                 with gr.Row():
                     steps = gr.Slider(

@@ -321,10 +321,15 @@ def generate_prompts(
     if rank == 0:
         warn_identical_rows(rows, row_settings, prompts)
     todo = []
-    for row, s in list(zip(rows, row_settings, strict=True))[rank::world]:
+    # every row is checked by every process, before any generates: a file in the way of another
+    # process's row stops this one too, not after it has written its own rows
+    for i, (row, s) in enumerate(zip(rows, row_settings, strict=True)):
         out = out_dir / f"{row['name']}.nii.gz"
         s.check()
-        if not settings.overwrite and _finished(pipe, row, out, s, prompts):
+        finished = not settings.overwrite and _finished(pipe, row, out, s, prompts)
+        if i % world != rank:
+            continue
+        if finished:
             log(f"skip {row['name']} (finished)")
             continue
         todo.append((row, out, s))
