@@ -403,6 +403,19 @@ def test_resuming_on_another_number_of_processes_names_the_global_batch_change(t
         train_flow(cache, _config(), tmp_path / "run", progress=False, resume=True, stop_at=12)
 
 
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    cache = make_fake_cache(tmp_path / "c")
+    train_flow(cache, _config(steps=10), tmp_path / "run", progress=False)
+    log, weights = (
+        tmp_path / "run/log.jsonl",
+        tmp_path / "run/transformer/diffusion_pytorch_model.safetensors",
+    )
+    before = (log.read_text(), weights.stat().st_mtime_ns)
+    train_flow(cache, _config(steps=10), tmp_path / "run", progress=True, resume=True)
+    assert (log.read_text(), weights.stat().st_mtime_ns) == before  # no second final record, no rewrite
+    assert "resuming from step 10 of 10" in capsys.readouterr().err
+
+
 def test_the_log_times_each_interval_by_its_own_steps(tmp_path, monkeypatch):
     import types
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -435,6 +436,9 @@ def train_flow(
     if main and resume:  # steps after the checkpoint are trained (and logged) again
         trim_log(log_path, step)
     end = min(config.steps, stop_at) if stop_at is not None else config.steps
+    start = step
+    if main and progress and start:
+        print(f"resuming from step {start} of {config.steps}", file=sys.stderr)
     bar = StepBar(progress and main, "train", end, step)
     data_time = compute_time = 0.0
     interval = 0  # steps since the last log line (the first and last intervals may be shorter)
@@ -492,7 +496,7 @@ def train_flow(
     # every process must hold the same weights: compare a checksum across processes
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
     sums = accelerator.gather(checksum)
-    if main:
+    if main and step > start:  # a resume of a finished run trains nothing and records nothing again
         append_jsonl(
             log_path,
             {
@@ -501,7 +505,7 @@ def train_flow(
                 "replicas_identical": bool(torch.all(sums == sums[0])),
             },
         )
-    if main and step >= config.steps:
+    if main and step >= config.steps and (step > start or not (out / "transformer").is_dir()):
         final = accelerator.unwrap_model(model)
         ema.copy_to(final)
         final.save_pretrained(out / "transformer", safe_serialization=True)
