@@ -444,6 +444,7 @@ def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None)
                     with gr.Column(scale=1):
                         axial = gr.Image(
                             label="Axial slice",
+                            format="png",  # lossless: gradio's default WebP moved grey levels by up to 18
                             interactive=False,
                             buttons=["download", "fullscreen"],
                             elem_id="ctflow-axial",

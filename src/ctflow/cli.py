@@ -232,6 +232,10 @@ def encode(
     overwrite: Overwrite = False,
 ):
     """Encode a data set into the latent cache that `ctflow train` reads."""
+    from ctflow.generate import process_rank
+
+    if process_rank()[1] > 1:  # every process would encode every volume into the same folder
+        raise CTFlowError("ctflow encode runs in one process; start it without torchrun or accelerate launch")
     if report_variants < 0:
         raise CTFlowError(f"--report-variants must be 0 or more, got {report_variants}")
     if shard_size < 1:

@@ -247,3 +247,12 @@ def test_a_cache_whose_index_disagrees_with_its_shards_is_refused_with_the_fix(t
     sampler = ChunkSampler(LatentCache(folder), 4, FlowTrainConfig())
     with pytest.raises(CTFlowError, match="has 5 latent slices but its index says 6"):
         sampler.batch(2, torch.Generator().manual_seed(0))
+
+
+def test_encode_under_several_processes_is_refused(tmp_path, run_cli, monkeypatch):
+    """Under torchrun every process encoded every volume into the same folder."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = run_cli(
+        "encode", "--data", tmp_path / "ph", "--vae", DEFAULT_MODEL / "vae", "--out", tmp_path / "lat"
+    )
+    assert r.code != 0 and "runs in one process" in r.err and not (tmp_path / "lat").exists()
