@@ -34,6 +34,15 @@ def warn(message: str) -> None:
     warnings.warn(" ".join(str(message).split()), CTFlowWarning, stacklevel=level)
 
 
+def check_whole(name: str, value, low: int, high: int | None = None) -> None:
+    """Refuse ``value`` unless it is a whole number (an int or numpy integer, not a bool) from ``low``
+    to ``high`` (no upper bound when None), naming it ``name``."""
+    whole = hasattr(value, "__index__") and not isinstance(value, bool)
+    if not whole or value < low or (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise CTFlowError(f"{name} must be a whole number {span}, got {value!r}")
+
+
 def one_of(names) -> str:
     """The allowed ``names`` as a message spells them: ``'a', 'b' or 'c'``."""
     quoted = [repr(n) for n in names]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from ctflow.errors import CTFlowError, one_of
+from ctflow.errors import CTFlowError, check_whole, one_of
 
 NUM_TRAIN_TIMESTEPS = 1000
 TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text")
@@ -317,11 +317,7 @@ def sample_chunk(
         raise CTFlowError(
             f"sample shape {tuple(shape)} has batch {shape[0]} but cond has {cond['pooled_text'].shape[0]}"
         )
-    whole = hasattr(num_inference_steps, "__index__") and not isinstance(num_inference_steps, bool)
-    if not whole or num_inference_steps < 1:  # 0 returned the starting noise as the chunk
-        raise CTFlowError(
-            f"num_inference_steps must be a whole number at least 1, got {num_inference_steps!r}"
-        )
+    check_whole("num_inference_steps", num_inference_steps, 1)  # 0 returned the starting noise as the chunk
     num_inference_steps = int(num_inference_steps)
     device = cond["pooled_text"].device
     x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)

@@ -36,7 +36,7 @@ import torch
 
 from ctflow import __version__
 from ctflow.data.volume import Volume, canonical_affine
-from ctflow.errors import CTFlowError, one_of, warn
+from ctflow.errors import CTFlowError, check_whole, one_of, warn
 from ctflow.files import atomic_dir
 from ctflow.models.text import (
     DEFAULT_TEXT_ENCODER,
@@ -95,12 +95,11 @@ def _as_reports(report) -> list[str]:
     return list(reports)
 
 
-def _whole(name: str, value, low: int, high: int | None = None) -> None:
-    """Refuse ``value`` unless it is a whole number (not a bool) from ``low`` to ``high``."""
-    whole = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
-    if not whole or value < low or (high is not None and value > high):
-        span = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise CTFlowError(f"{name} must be a whole number {span}, got {value!r}")
+def _positive_mm(value) -> bool:
+    """Whether ``value`` is a finite number (not a bool) above 0: a spacing in mm."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def _as_list(num_slices, reports: list[str]) -> list[int | None]:
@@ -242,16 +241,10 @@ class CTFlowPipeline:
                 f"{where}: image_size {c['image_size']} does not match the models, whose slices are"
                 f" {size} px; set it to {size}"
             )
-        try:
-            _whole("default_max_slices", c["default_max_slices"], 1, MAX_SLICES)
-        except CTFlowError as e:
-            raise CTFlowError(f"{where}: {e}") from None
+        check_whole(f"{where}: default_max_slices", c["default_max_slices"], 1, MAX_SLICES)
         for key in ("pixel_spacing", "slice_spacing", "typical_extent_mm"):
             value = c.get(key)
-            if key == "typical_extent_mm" and value is None:
-                continue
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (number and math.isfinite(value) and value > 0):
+            if not (_positive_mm(value) or (key == "typical_extent_mm" and value is None)):
                 raise CTFlowError(f"{where}: {key} must be a positive number of mm, got {value!r}")
         span = c.get("training_slices")
         if span is not None and not (
@@ -349,7 +342,7 @@ class CTFlowPipeline:
         requested count may go past it; None: the model's default)."""
         reports = _as_reports(reports)
         if num_slices is not None and not isinstance(num_slices, list | tuple):
-            _whole("num_slices", num_slices, 1, MAX_SLICES)
+            check_whole("num_slices", num_slices, 1, MAX_SLICES)
         counts = _as_list(num_slices, reports)
         if len(counts) != len(reports):
             raise CTFlowError(
@@ -357,7 +350,7 @@ class CTFlowPipeline:
             )
         for n in counts:
             if n is not None:
-                _whole("num_slices", n, 1, MAX_SLICES)
+                check_whole("num_slices", n, 1, MAX_SLICES)
         # the report's own meta line, where it is read (a requested count replaces the line's count)
         for r, asked in zip(reports, counts, strict=True):
             if problem := meta_problem(r):
@@ -371,8 +364,8 @@ class CTFlowPipeline:
                     f" {MAX_SPACING_MM:g}"
                 )
         if max_slices is not None:
-            _whole("max_slices", max_slices, 1, MAX_SLICES)
-        _whole("num_inference_steps", num_inference_steps, 1)
+            check_whole("max_slices", max_slices, 1, MAX_SLICES)
+        check_whole("num_inference_steps", num_inference_steps, 1)
         for name, scale in (("guidance_scale", guidance_scale), ("finding_guidance", finding_guidance)):
             if scale is None and name == "finding_guidance":
                 continue
@@ -387,9 +380,8 @@ class CTFlowPipeline:
                 "generator must be a torch.Generator or a list of them, one per report; for a seed,"
                 " pass torch.Generator().manual_seed(seed)"
             )
-        number = isinstance(slice_spacing, int | float) and not isinstance(slice_spacing, bool)
         if slice_spacing is not None and not (
-            number and math.isfinite(slice_spacing) and 0 < slice_spacing <= MAX_SPACING_MM
+            _positive_mm(slice_spacing) and slice_spacing <= MAX_SPACING_MM
         ):
             raise CTFlowError(
                 f"slice_spacing must be a number of mm above 0 and at most {MAX_SPACING_MM:g},"
@@ -472,30 +464,26 @@ class CTFlowPipeline:
         requested = _as_list(num_slices, reports)  # per report
         # where the model's own scans stop: max_slices, else the model's default limit, raised for a
         # report whose meta line asks for more to a chunk past that count (the model ends the scan)
+        in_report = [parse_meta(r)[0] for r in reports]  # the meta lines' counts
         caps = [
             max_slices
             if max_slices is not None
-            else min(
-                MAX_SLICES,
-                max(self.config["default_max_slices"], (parse_meta(r)[0] or 0) + self.chunk_slices),
-            )
-            for r in reports
+            else min(MAX_SLICES, max(self.config["default_max_slices"], (m or 0) + self.chunk_slices))
+            for m in in_report
         ]
+        for m, n in zip(in_report, requested, strict=True):
+            if n is None and max_slices is not None and (m or 0) > max_slices:
+                warn(f"the report asks for {m} slices but max_slices {max_slices} stops it there")
         # per report: the given spacing, else slice_spacing_for's (the meta line's, else one that
         # covers the training scans' length)
-        for r, n in zip(reports, requested, strict=True):
-            if n is None and max_slices is not None and (parse_meta(r)[0] or 0) > max_slices:
-                warn(
-                    f"the report asks for {parse_meta(r)[0]} slices but max_slices {max_slices} stops it there"
-                )
         spacings = [
             slice_spacing or self.slice_spacing_for(r, n) for r, n in zip(reports, requested, strict=True)
         ]
         # the meta line as training wrote it, count and spacing both: the requested count, else the
         # report's own (its line rewritten with the spacing the volume gets)
         texts = [
-            with_meta(r, n or parse_meta(r)[0], sp)
-            for r, n, sp in zip(reports, requested, spacings, strict=True)
+            with_meta(r, n or m, sp)
+            for r, n, m, sp in zip(reports, requested, in_report, spacings, strict=True)
         ]
         self.warn_untrained_counts(texts)
         limits = [n or cap for n, cap in zip(requested, caps, strict=True)]

@@ -102,8 +102,9 @@ def meta_problem(report: str) -> str | None:
 
 def strip_meta(report: str) -> str:
     """The report without its leading ``Volume: N slices...`` line."""
-    m = META_PATTERN.match(clean_report(report))
-    return clean_report(report)[m.end() :].strip() if m else report
+    text = clean_report(report)
+    m = META_PATTERN.match(text)
+    return text[m.end() :].strip() if m else report
 
 
 def with_meta(report: str, num_slices: int | None, spacing: float | None = None) -> str:

@@ -239,10 +239,8 @@ class VAETrainConfig:
     slices_per_volume: int | None = None
 
     def __post_init__(self):
-        check_counts(self, (*COUNT_KEYS, "image_size"))
-        for key in ("max_volumes", "slices_per_volume"):
-            if getattr(self, key) is not None:
-                check_counts(self, (key,))
+        capped = [key for key in ("max_volumes", "slices_per_volume") if getattr(self, key) is not None]
+        check_counts(self, (*COUNT_KEYS, "image_size", *capped))
         self.hu_window = check_window(self.hu_window)
         size = self.vae.get("sample_size", self.image_size)
         if size != self.image_size:

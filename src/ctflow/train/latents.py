@@ -282,10 +282,10 @@ def encode_dataset(
                 progress(1)
         # the shard's reports, encoded together (grouped by length); a report cut at the encoder's limit
         # is named once, by its volume, not once per variant by its first words
-        cuts = dict(zip(texts, text.truncated_tokens(list(texts.values())), strict=True))
-        for (name, key), cut in cuts.items():
-            if key == "" and cut:
-                warn(f"{name}: {text.truncation_note(texts[name, key], cut)}")
+        full = {name: report for (name, key), report in texts.items() if key == ""}
+        for (name, report), cut in zip(full.items(), text.truncated_tokens(list(full.values())), strict=True):
+            if cut:
+                warn(f"{name}: {text.truncation_note(report, cut)}")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "report truncated", CTFlowWarning)
             encoded = text.encode_each(list(texts.values()))

@@ -52,8 +52,8 @@ def load_slices(
         if slices_per_volume is not None and slices_per_volume < len(hu):
             hu = hu[np.unique(np.linspace(0, len(hu) - 1, slices_per_volume).round().astype(int))]
         slices.append(prepare_slices(hu, image_size, window).half())
-    for problem in ds.problems:
-        if log is not None:
+    if log is not None:
+        for problem in ds.problems:
             log(f"skipped {problem}")
     if not slices:
         raise CTFlowError(
