@@ -188,3 +188,15 @@ def test_a_loss_that_is_not_finite_stops_the_run_before_it_is_logged_or_saved(
         train_vae(phantoms, _config(), tmp_path / "run", progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2]  # valid JSON, no NaN line
+
+
+def test_slice_set_indexes_like_the_concatenated_tensor():
+    from ctflow.train.vae_trainer import SliceSet
+
+    parts = [torch.randn(n, 4, 4).half() for n in (3, 1, 5)]
+    whole, held = torch.cat(parts), SliceSet(parts)
+    assert len(held) == len(whole) == 9
+    idx = torch.tensor([8, 0, 3, 2, 3, 4, 7])
+    assert torch.equal(held[idx], whole[idx])
+    assert torch.equal(held[2:6], whole[2:6]) and torch.equal(held[:], whole)
+    assert held.parts[0].data_ptr() == parts[0].data_ptr()  # kept, not copied
