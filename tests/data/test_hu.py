@@ -13,6 +13,7 @@ from ctflow.data.hu import (
     denormalize_hu,
     normalize_hu,
     resample_volume,
+    rescale_stored,
 )
 from ctflow.data.volume import Volume, canonical_affine
 from ctflow.errors import CTFlowError
@@ -208,3 +209,29 @@ def test_infinite_hu_clip_to_the_window_ends():
         assert normalize_hu(np.array([np.inf, -np.inf]), window).tolist() == pytest.approx([1.0, -1.0])
         ends = normalize_hu(torch.tensor([float("inf"), float("-inf")]), window).tolist()
         assert ends == pytest.approx([1.0, -1.0])
+
+
+def test_rescale_stored_is_exact_int16_when_it_can_be():
+    stored = np.array([[[0, 4095]], [[10, 20]]], np.uint16)
+    out = rescale_stored(stored, [1.0, 2.0], [-1024.0, -1000.0])  # per slice, as DICOM
+    assert out.dtype == np.int16 and out.tolist() == [[[-1024, 3071]], [[-980, -960]]]
+    assert rescale_stored(stored, -1.0, 0.0).tolist() == (-stored.astype(int)).tolist()  # negative slope
+    # big stored values that the intercept brings back into range: no int16/int32 wrap on the way
+    big = np.array([2**31 - 1, 2**31 - 2], np.int64)
+    assert rescale_stored(big, 1, -(2**31) + 1).tolist() == [0, -1]
+    assert rescale_stored(np.zeros((0, 3), np.int16), 1, -1024).dtype == np.int16
+
+
+def test_rescale_stored_falls_back_to_float32():
+    stored = np.array([0, 1, 2], np.int16)
+    half = rescale_stored(stored, 0.5, -1024)
+    assert half.dtype == np.float32 and half.tolist() == [-1024.0, -1023.5, -1023.0]
+    wide = rescale_stored(np.array([0, 40000], np.uint16), 1, 0)  # past int16
+    assert wide.dtype == np.float32 and wide.tolist() == [0.0, 40000.0]
+    per_slice = rescale_stored(np.ones((2, 2), np.int16), [1.0, 0.5], [0.0, 0.0])  # one slice not whole
+    assert per_slice.dtype == np.float32 and per_slice.tolist() == [[1.0, 1.0], [0.5, 0.5]]
+    # 32-bit stored values are scaled in float64 before the float32 result: 2**26 + 1 is not a float32
+    precise = rescale_stored(np.array([2**26 + 1], np.int32), 0.5, -(2**25))
+    assert precise.tolist() == [0.5]
+    floats = rescale_stored(np.array([1.5], np.float16), 2.0, 0.0)
+    assert floats.dtype == np.float32 and floats.tolist() == [3.0]

@@ -27,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from ctflow.data.hu import rescale_stored
 from ctflow.data.orientation import axcodes, reorient_to_canonical, spacing_from_affine
 from ctflow.data.volume import Volume
 from ctflow.errors import CTFlowError
@@ -108,24 +109,6 @@ def _value(ds: Dataset, keyword: str, default: float, path: Path) -> float:
     if not np.isfinite(value):
         raise CTFlowError(f"{path}: {keyword} {str(raw)!r} is not a number; fix the header")
     return value
-
-
-def _rescale(stack: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -> np.ndarray:
-    """Apply per-slice rescale; int16 when the result is exactly integer and fits, else float32."""
-    integral = all(float(s).is_integer() for s in slopes) and all(float(b).is_integer() for b in intercepts)
-    if stack.dtype.kind in "iu" and integral:
-        lo = stack.reshape(len(stack), -1).min(axis=1).astype(np.int64)
-        hi = stack.reshape(len(stack), -1).max(axis=1).astype(np.int64)
-        s, b = slopes.astype(np.int64), intercepts.astype(np.int64)
-        ends = np.stack([lo * s + b, hi * s + b])
-        if ends.min() >= _INT16.min and ends.max() <= _INT16.max:
-            out = stack.astype(np.int32)
-            out *= s.astype(np.int32)[:, None, None]
-            out += b.astype(np.int32)[:, None, None]
-            return out.astype(np.int16)
-    out = stack.astype(np.float32) * slopes.astype(np.float32)[:, None, None]
-    out += intercepts.astype(np.float32)[:, None, None]
-    return out
 
 
 def read_dicom_series(folder: str | os.PathLike) -> Volume:
@@ -246,7 +229,7 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
         if pixels.shape != (rows, cols):
             raise CTFlowError(f"{p}: pixel data shape {pixels.shape} does not match Rows x Columns")
         planes.append(pixels)
-    data = _rescale(np.stack(planes), slopes, intercepts)
+    data = rescale_stored(np.stack(planes), slopes, intercepts)
     del planes
 
     # (column, row, slice) with the slices in the sorted order: a NIfTI's (x, y, z) axes, so `ctflow

@@ -2,6 +2,8 @@
 
 * :func:`normalize_hu` clips HU to a window and maps it to ``[-1, 1]``;
   :func:`denormalize_hu` maps back (numpy in -> numpy out, torch in -> torch out).
+* :func:`rescale_stored` turns a file's stored values into HU (NIfTI scl_slope/inter, DICOM
+  RescaleSlope/Intercept), exactly as int16 when it can.
 * :func:`resample_volume` changes the voxel spacing and/or the in-plane matrix
   size of a :class:`~ctflow.data.volume.Volume` while keeping its world geometry:
   the centre of the field of view stays put and the affine is updated so every
@@ -43,6 +45,46 @@ def check_window(window) -> tuple[float, ...]:
             f"got {window!r}"
         )
     return knots
+
+
+_INT16 = np.iinfo(np.int16)
+
+
+def rescale_stored(stored: np.ndarray, slope, intercept) -> np.ndarray:
+    """``stored * slope + intercept``: int16 when ``stored`` holds integers, every slope and intercept is
+    a whole number and the result fits int16 (exact, half the memory of float32), else float32.
+
+    ``slope`` and ``intercept`` are numbers, or arrays over the leading axes (DICOM's per-slice rescale).
+    Float results are computed in float64 when the stored values or the data need it (32-bit integers,
+    float64 data), else in float32."""
+    slope, intercept = np.asarray(slope, np.float64), np.asarray(intercept, np.float64)
+    shape = slope.shape + (1,) * (stored.ndim - slope.ndim)
+    whole = np.all(slope == np.round(slope)) and np.all(intercept == np.round(intercept))
+    if stored.dtype.kind in "iu" and whole:
+        s, b = slope.astype(np.int64).reshape(shape), intercept.astype(np.int64).reshape(shape)
+        if stored.size:
+            axes = tuple(range(slope.ndim, stored.ndim))
+            lo = stored.min(axis=axes, keepdims=True).astype(np.int64)
+            hi = stored.max(axis=axes, keepdims=True).astype(np.int64)
+        else:
+            lo = hi = np.zeros(shape, np.int64)
+        ends = np.concatenate([(lo * s + b).ravel(), (hi * s + b).ravel()])
+        if _INT16.min <= ends.min() and ends.max() <= _INT16.max:
+            bound = int(np.maximum(abs(lo), abs(hi)).max() * abs(s).max() + abs(b).max())
+            out = stored.astype(np.int32 if bound < 2**31 else np.int64)
+            if np.any(s != 1):
+                out *= s.astype(out.dtype)
+            if np.any(b != 0):
+                out += b.astype(out.dtype)
+            return out.astype(np.int16)
+    wide = stored.dtype == np.float64 or (stored.dtype.kind in "iu" and stored.dtype.itemsize >= 4)
+    work = np.float64 if wide else np.float32
+    out = stored.astype(work)
+    if np.any(slope != 1):
+        out *= slope.astype(work).reshape(shape)
+    if np.any(intercept != 0):
+        out += intercept.astype(work).reshape(shape)
+    return out.astype(np.float32, copy=False)
 
 
 def _as_float(x):

@@ -29,6 +29,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from ctflow.data.hu import rescale_stored
 from ctflow.data.orientation import axcodes, reorient_to_canonical, spacing_from_affine
 from ctflow.data.volume import Volume
 from ctflow.errors import CTFlowError
@@ -36,7 +37,6 @@ from ctflow.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SYNTHETIC_DESCRIP = "SYNTHETIC ctflow"
-_INT16 = np.iinfo(np.int16)
 _READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, ImageFileError, HeaderDataError)
 
 
@@ -67,31 +67,11 @@ def _scaled_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
         raise CTFlowError(f"{path}: scl_slope/scl_inter ({slope}, {inter}) are not finite; fix the header")
     if raw.dtype.kind == "b":
         raw = raw.astype(np.uint8)
-    if raw.dtype.kind in "iu":
-        if slope.is_integer() and inter.is_integer():
-            lo, hi = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
-            ends = sorted((lo * int(slope) + int(inter), hi * int(slope) + int(inter)))
-            if _INT16.min <= ends[0] and ends[1] <= _INT16.max:
-                bound = max(abs(lo), abs(hi)) * abs(int(slope)) + abs(int(inter))
-                work = np.int32 if bound < 2**31 else np.int64
-                out = raw.astype(work)
-                if slope != 1:
-                    out *= int(slope)
-                if inter != 0:
-                    out += int(inter)
-                return out.astype(np.int16)
-        out = raw.astype(np.float64 if raw.dtype.itemsize >= 4 else np.float32)
-    elif raw.dtype.kind == "f":
-        out = raw.astype(np.float32) if raw.dtype != np.float64 else raw
-    else:
+    if raw.dtype.kind not in "iuf":
         raise CTFlowError(
             f"{path}: voxel type {raw.dtype} is not supported; store the CT as integers or floats in HU"
         )
-    if slope != 1.0:
-        out = out * slope
-    if inter != 0.0:
-        out = out + inter
-    out = out.astype(np.float32, copy=False)
+    out = rescale_stored(raw, slope, inter)
     bad = out.size - int(np.count_nonzero(np.isfinite(out)))
     if bad:
         raise CTFlowError(
