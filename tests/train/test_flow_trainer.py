@@ -466,8 +466,15 @@ def test_two_process_torchrun_keeps_replicas_identical_and_only_rank0_writes(tmp
         "torch.set_num_threads(1)\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
         "from tests.train.test_flow_trainer import _config, TINY_TRANSFORMER\n"
-        "from ctflow.train.flow_trainer import train_flow\n"
-        f"train_flow({str(cache)!r}, {config}, {str(tmp_path / 'run')!r}, progress=False)\n"
+        "import ctflow.train.flow_trainer as ft\n"
+        "own = ft.chunk_loss\n"
+        "def chunk_loss(*a, **k):  # each process's own loss, to check the logged one is their mean\n"
+        "    loss = own(*a, **k)\n"
+        f"    with open({str(tmp_path)!r} + f'/loss{{ft.torch.distributed.get_rank()}}', 'a') as f:\n"
+        "        f.write(f'{loss.item()!r}\\n')\n"
+        "    return loss\n"
+        "ft.chunk_loss = chunk_loss\n"
+        f"ft.train_flow({str(cache)!r}, {config}, {str(tmp_path / 'run')!r}, progress=False)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -493,6 +500,12 @@ def test_two_process_torchrun_keeps_replicas_identical_and_only_rank0_writes(tmp
         "step_0000006",
     ] or sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
     assert len([r for r in records if r.get("step") == 5]) == 1  # one writer: no duplicated log lines
+    own = [[float(x) for x in (tmp_path / f"loss{r}").read_text().split()] for r in (0, 1)]
+    for record in records:
+        if "loss" in record:  # the mean of both processes' losses at that step, not rank 0's alone
+            step = record["step"] - 1
+            assert record["loss"] == pytest.approx((own[0][step] + own[1][step]) / 2, abs=2e-6)
+            assert own[0][step] != own[1][step]
 
 
 def test_built_transformer_carries_the_cache_text_statistics(tmp_path):

@@ -461,6 +461,8 @@ def train_flow(
         interval += 1
         t2 = time.perf_counter()
         data_time, compute_time = data_time + t1 - t0, compute_time + t2 - t1
+        if step % config.log_every == 0 or step == end:
+            loss = accelerator.reduce(loss.detach(), "mean")  # every process's batch, not rank 0's alone
         if main and (step % config.log_every == 0 or step == end):
             record = {
                 "step": step,
