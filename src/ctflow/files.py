@@ -46,11 +46,13 @@ def _publish_mode(path: Path, directory: bool = False) -> None:
 
 
 def _suffixes(path: Path) -> str:
-    name = path.name
+    """The extension a temporary sibling of ``path`` takes, in lower case: writers that pick the format
+    by extension (nibabel) do not know ``.NII.GZ``."""
+    name = path.name.lower()
     for ext in (".nii.gz", ".tar.gz"):
         if name.endswith(ext):
             return ext
-    return path.suffix
+    return path.suffix.lower()
 
 
 def _cannot_write(path: Path, error: OSError) -> CTFlowError:

@@ -403,3 +403,49 @@ def test_gzip_is_really_compressed(tmp_path):
     path = write_nifti(marker_volume(), tmp_path / "ct.nii.gz")
     with gzip.open(path) as fh:
         assert len(fh.read()) > 352
+
+
+@pytest.mark.parametrize(
+    ("unit", "mm"), [("meter", 1000.0), ("micron", 0.001), ("unknown", 1.0), ("mm", 1.0)]
+)
+def test_the_header_spatial_unit_is_converted_to_mm(tmp_path, unit, mm):
+    affine = np.diag([0.7 / mm, 0.8 / mm, 2.5 / mm, 1.0])
+    affine[:3, 3] = np.array(ORIGIN) / mm
+    img = nib.Nifti1Image(np.zeros((7, 6, 5), np.int16), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units(xyz=unit)
+    nib.save(img, tmp_path / "u.nii.gz")
+    v = read_nifti(tmp_path / "u.nii.gz")
+    np.testing.assert_allclose(v.spacing, (2.5, 0.8, 0.7), rtol=1e-6)
+    np.testing.assert_allclose(world(v.affine, (0, 0, 0))[0], ORIGIN[0] + 0.7 * 6, rtol=1e-6)
+
+
+def test_missing_or_conflicting_orientation_codes_are_warned(tmp_path):
+    from ctflow.errors import CTFlowWarning
+
+    data = np.zeros((7, 6, 5), np.int16)
+    ras, lps = np.diag([0.7, 0.8, 2.5, 1.0]), np.diag([-0.7, -0.8, 2.5, 1.0])
+    save_raw(tmp_path, data, ras, "none.nii.gz", sform=0, qform=0)
+    with pytest.warns(CTFlowWarning, match="no orientation"):
+        read_nifti(tmp_path / "none.nii.gz")
+    img = nib.Nifti1Image(data, ras)
+    img.set_qform(ras, code=1)
+    img.set_sform(lps, code=1)
+    nib.save(img, tmp_path / "both.nii.gz")
+    with pytest.warns(CTFlowWarning, match=r"qform \(RAS\) and the sform \(LPS\) disagree"):
+        v = read_nifti(tmp_path / "both.nii.gz")
+    assert v.metadata["original_axcodes"] == ("L", "P", "S")  # the sform
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_nifti(marker_volume(), tmp_path / "own.nii.gz")
+        read_nifti(tmp_path / "own.nii.gz")  # ctflow's own files: no warning
+
+
+@pytest.mark.parametrize("name", ["CT.NII.GZ", "c.nii.GZ", "d.Nii.Gz", "e.NII"])
+def test_upper_case_extensions_are_written(tmp_path, name):
+    write_volume(marker_volume(), tmp_path / name)
+    assert np.array_equal(read_volume(tmp_path / name).array, marker_volume().array)
+    assert [p.name for p in tmp_path.iterdir()] == [name]

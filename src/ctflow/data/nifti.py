@@ -32,7 +32,7 @@ from nibabel.spatialimages import HeaderDataError
 from ctflow.data.hu import rescale_stored
 from ctflow.data.orientation import axcodes, reorient_to_canonical, spacing_from_affine
 from ctflow.data.volume import Volume
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, warn
 from ctflow.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -118,6 +118,41 @@ def _load(path: Path) -> nib.Nifti1Image:
         ) from None
 
 
+# xyzt_units' spatial unit in mm; "unknown" (0) is read as mm, as most tools write it
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
+
+def _mm_per_unit(header, path: Path) -> float:
+    """How many mm the header's spatial unit (xyzt_units) is: its affine and spacing are in that unit."""
+    unit = header.get_xyzt_units()[0]
+    if unit not in _MM_PER_UNIT:
+        raise CTFlowError(f"{path}: spatial unit {unit!r} in xyzt_units is not a length; fix the header")
+    return _MM_PER_UNIT[unit]
+
+
+def _codes(affine) -> str:
+    return "".join(c or "?" for c in axcodes(affine))
+
+
+def _check_orientation_codes(header, path: Path) -> None:
+    """Warn when the header does not say how the voxels lie in the body, or says it two ways."""
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if not qcode and not scode:
+        warn(
+            f"{path}: the header gives no orientation (qform_code and sform_code are 0), so which side is"
+            f" the patient's left is unknown; it is read as {_codes(header.get_best_affine())},"
+            " the NIfTI default: check left and right, or set the sform"
+        )
+    elif qcode and scode and np.all(np.isfinite(qform)) and np.all(np.isfinite(sform)):
+        if _codes(qform) != _codes(sform):
+            warn(
+                f"{path}: the qform ({_codes(qform)}) and the sform ({_codes(sform)})"
+                " disagree on the orientation; the sform is used, as the NIfTI standard says: check left"
+                " and right"
+            )
+
+
 def read_nifti(path: str | os.PathLike) -> Volume:
     """Read a 3D ``.nii`` / ``.nii.gz`` CT into a canonical :class:`Volume`.
 
@@ -160,6 +195,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     # NIfTI-1 holds the sform, the qform's pixdim and offsets and the fallback pixdim all as float32
     if isinstance(img, nib.Nifti1Image) and not isinstance(img, nib.Nifti2Image):
         affine[:3] = _float32_to_decimal(affine[:3])
+    affine[:3] *= _mm_per_unit(img.header, path)
+    _check_orientation_codes(img.header, path)
     original = axcodes(affine) if np.all(np.isfinite(affine)) else None
     data, affine = reorient_to_canonical(data, affine, source=str(path))
     spacing = spacing_from_affine(affine)
