@@ -222,7 +222,57 @@ def test_missing_slice_refused(series):
     (folder / "slice_0003.dcm").unlink()
     with pytest.raises(CTFlowError) as e:
         read_dicom_series(folder)
-    assert "missing slices" in _err(e)
+    assert "missing slices or a change of spacing" in _err(e) and "(" not in _err(e).split("mm where")[1]
+
+
+def test_a_change_of_spacing_is_named_as_one(series):
+    _, folder = series
+    for k in (5, 6):  # the last two steps twice as long
+        path = folder / f"slice_{k:04d}.dcm"
+        pos = [float(v) for v in pydicom.dcmread(path).ImagePositionPatient]
+        _edit(path, ImagePositionPatient=[pos[0], pos[1], pos[2] - SPACING[0] * (k - 4)])
+    with pytest.raises(CTFlowError) as e:
+        read_dicom_series(folder)
+    assert "missing slices or a change of spacing" in _err(e) and "(2 such steps)" in _err(e)
+
+
+@pytest.mark.parametrize("name", ["slice_0001.dcm", "slice_0006.dcm"])  # the first and the last
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_file_at_either_end_is_refused_not_skipped(series, name, damage):
+    _, folder = series
+    path = folder / name
+    path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:300])  # 300: the file meta alone
+    with pytest.raises(CTFlowError) as e:
+        read_dicom_series(folder)
+    assert name in _err(e) and "cannot read this DICOM file" in _err(e)
+
+
+def test_a_damaged_file_without_a_dicom_name_or_mark_is_still_skipped(series):
+    vol, folder = series
+    (folder / "._slice_0000").write_bytes(b"\x00\x05\x16\x07" + bytes(200))  # a macOS resource fork
+    (folder / "empty").write_bytes(b"")
+    np.testing.assert_array_equal(read_dicom_series(folder).array, vol.array)
+
+
+def test_a_slice_off_the_line_of_the_others_is_refused(series):
+    vol, folder = series
+    path = folder / "slice_0003.dcm"
+    pos = [float(v) for v in pydicom.dcmread(path).ImagePositionPatient]
+    _edit(path, ImagePositionPatient=[pos[0] + 0.01, pos[1], pos[2]])  # rounding: kept
+    np.testing.assert_array_equal(read_dicom_series(folder).array, vol.array)
+    _edit(path, ImagePositionPatient=[pos[0] + 10, pos[1], pos[2]])
+    with pytest.raises(CTFlowError) as e:
+        read_dicom_series(folder)
+    assert "slice_0003.dcm lies 10.00 mm off the line" in _err(e)
+
+
+def test_truncated_uncompressed_pixel_data_is_not_called_compressed(series):
+    _, folder = series
+    path = folder / "slice_0002.dcm"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CTFlowError) as e:
+        read_dicom_series(folder)
+    assert "slice_0002.dcm" in _err(e) and "truncated or damaged" in _err(e) and "decompress" not in _err(e)
 
 
 def test_inconsistent_spacing_refused(series):

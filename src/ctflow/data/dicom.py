@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
@@ -38,19 +37,49 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 MAX_GAP_RATIO = 1.5  # a step larger than this times the median step means missing slices
 MAX_STEP_DEVIATION = 0.10  # steps may differ from the median by at most 10 %
 DUPLICATE_TOLERANCE_MM = 1e-2
+OFF_LINE_PIXELS = 0.1  # a slice further than this (in pixels) off the line through the stack is refused
 _INT16 = np.iinfo(np.int16)
 _REQUIRED = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def _claims_dicom(path: Path) -> bool:
+    """Whether ``path`` says it is DICOM: by its extension or the "DICM" mark after the preamble."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _unreadable(path: Path, reason: str) -> CTFlowError:
+    return CTFlowError(
+        f"{path}: cannot read this DICOM file ({reason}); re-export the series, or remove the file if it is"
+        " not part of it"
+    )
+
+
 def _read_header(path: Path) -> Dataset | None:
-    """The header of a DICOM image file, or None for non-DICOM files and non-image DICOM objects."""
+    """The header of a DICOM image file, or None for non-DICOM files and non-image DICOM objects.
+
+    A file that says it is DICOM (see :func:`_claims_dicom`) but cannot be read is refused: skipping it
+    would lose a slice without a word when it is the first or last one."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:
-        return None
-    except Exception:  # unreadable or damaged: treated like any other non-DICOM file
+    except Exception as exc:  # not DICOM (.DS_Store, notes), or damaged
+        if _claims_dicom(path):
+            reason = "it is empty" if path.stat().st_size == 0 else f"{type(exc).__name__}: {exc}"
+            raise _unreadable(path, reason) from None
         return None
     if "Rows" not in ds or "Columns" not in ds:
+        meta = getattr(ds, "file_meta", None)
+        sop = getattr(ds, "SOPClassUID", None) or getattr(meta, "MediaStorageSOPClassUID", None)
+        if "Image Storage" in str(getattr(sop, "name", "")):  # an image without its size: cut short
+            raise _unreadable(path, f"a {sop.name} file without Rows or Columns: truncated or damaged")
         return None  # DICOMDIR, structured reports, presentation states, ...
     if "LOCALIZER" in [str(v).upper() for v in _multi(getattr(ds, "ImageType", ()))]:
         return None  # a scout image saved beside the axial slices
@@ -85,9 +114,14 @@ def _pixels(path: Path) -> tuple[np.ndarray, float, float]:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for missing decoders / bad pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        fix = (
+            "decompress the series first (e.g. gdcmconv --raw or dcmdjpeg)"
+            if getattr(syntax, "is_compressed", True)
+            else "the file is uncompressed, so it is truncated or damaged: re-export the series"
+        )
         raise CTFlowError(
             f"{path}: cannot decode the pixel data (transfer syntax {getattr(syntax, 'name', syntax)}:"
-            f" {exc}); decompress the series first (e.g. gdcmconv --raw or dcmdjpeg)"
+            f" {exc}); {fix}"
         ) from None
     if pixels.ndim != 2:
         raise CTFlowError(f"{path}: expected a 2D slice, got pixel data of shape {pixels.shape}")
@@ -204,15 +238,28 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     gaps = np.flatnonzero(steps > MAX_GAP_RATIO * median)
     if gaps.size:
         i = int(gaps[0])
+        more = f" ({gaps.size} such steps)" if gaps.size > 1 else ""
         raise CTFlowError(
-            f"{folder}: missing slices: a {steps[i]:.3f} mm gap between positions {along[i]:.3f} and"
-            f" {along[i + 1]:.3f} mm where the usual step is {median:.3f} mm; re-export the complete series"
+            f"{folder}: missing slices or a change of spacing: a {steps[i]:.3f} mm step between positions"
+            f" {along[i]:.3f} and {along[i + 1]:.3f} mm where the usual step is {median:.3f} mm{more};"
+            " re-export the complete series, or resample it to even spacing"
         )
     uneven = np.flatnonzero(np.abs(steps - median) > MAX_STEP_DEVIATION * median)
     if uneven.size:
         raise CTFlowError(
             f"{folder}: inconsistent slice spacing (steps from {steps.min():.3f} to {steps.max():.3f} mm,"
             f" more than {MAX_STEP_DEVIATION:.0%} apart); resample the series to even spacing first"
+        )
+
+    # every slice on the straight line from the first to the last (as the affine will place it)
+    share = (along - along[0]) / (along[-1] - along[0])
+    off = np.linalg.norm(positions - (positions[0] + share[:, None] * (positions[-1] - positions[0])), axis=1)
+    if off.max() > OFF_LINE_PIXELS * min(pixel_spacing):
+        i = int(np.argmax(off))
+        raise CTFlowError(
+            f"{folder}: {slices[i][0].name} lies {off[i]:.2f} mm off the line through the other slices'"
+            " ImagePositionPatient; the slices do not form one straight stack: re-export the series, or"
+            " resample it first"
         )
 
     # LPS affine of the (slice, row, column) array in sorted order.
