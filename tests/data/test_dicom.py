@@ -372,3 +372,13 @@ def test_synthetic_volume_always_marked(tmp_path):
     ds = pydicom.dcmread(folder / "slice_0001.dcm")
     assert ds.SeriesDescription == "SYNTHETIC chest CT"
     assert read_dicom_series(folder).synthetic
+
+
+def test_a_series_of_another_modality_is_warned(series):
+    from ctflow.errors import CTFlowWarning
+
+    _, folder = series
+    for path in folder.iterdir():
+        _edit(path, Modality="MR")
+    with pytest.warns(CTFlowWarning, match="Modality is MR, not CT"):
+        read_dicom_series(folder)

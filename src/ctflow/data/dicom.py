@@ -29,7 +29,7 @@ from pydicom.valuerep import format_number_as_ds
 from ctflow.data.hu import rescale_stored
 from ctflow.data.orientation import axcodes, reorient_to_canonical, spacing_from_affine
 from ctflow.data.volume import Volume
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, warn
 from ctflow.files import atomic_dir
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -284,6 +284,9 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     original = tuple(reversed(axcodes(affine)))
     array, affine = reorient_to_canonical(data, affine, source=str(folder))
     description = str(getattr(ds0, "SeriesDescription", "") or "")
+    modality = str(getattr(ds0, "Modality", "") or "").upper()
+    if modality not in ("", "CT"):
+        warn(f"{folder}: the series' Modality is {modality}, not CT; its values are read as HU all the same")
     metadata = {
         "source": str(folder),
         "format": "dicom",
