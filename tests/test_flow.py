@@ -191,6 +191,37 @@ def test_heun_with_the_oracle_velocity_recovers_x0_and_reports_each_interval_onc
     assert steps == [0, 1, 2, 3, 4]  # progress reads i / 5, not up to 9 / 5
 
 
+@pytest.mark.parametrize(("sampler", "steps"), [("euler", 64), ("euler", 20), ("heun", 4), ("heun", 25)])
+def test_an_x_prediction_model_is_not_evaluated_below_min_t_and_lands_on_its_clean_chunk(sampler, steps):
+    """Its velocity is clamped at MIN_T, as it trained: evaluated below, a step moved only t / MIN_T of the
+    way and the chunk kept part of the starting noise (Heun's correction at t = 0.001: up to 13%)."""
+    from types import SimpleNamespace
+
+    from ctflow.models.transformer import MIN_T
+
+    x0, times = torch.randn(SHAPE), []
+
+    def clamped(x, t, cond):
+        times.extend(t.tolist())
+        return (x - x0) / t.clamp_min(MIN_T).view(-1, 1, 1, 1, 1)
+
+    model = FakeModel(clamped)
+    model.config = SimpleNamespace(prediction="sample")
+    progress = []
+    out = sample_chunk(
+        model,
+        make_scheduler(sampler),
+        SHAPE,
+        make_cond(),
+        steps,
+        callback=progress.append,
+        generator=torch.Generator().manual_seed(1),
+    )
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
+    assert min(times) >= MIN_T
+    assert progress == list(range(steps))  # the progress bar still counts the steps asked for
+
+
 def test_unknown_sampler_raises():
     with pytest.raises(CTFlowError, match="sampler 'dpm'; choose 'euler' or 'heun'$"):
         make_scheduler("dpm")
