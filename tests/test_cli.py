@@ -264,3 +264,63 @@ def test_evaluate_refuses_missing_folders(tmp_path, run_cli):
     )
     assert_clean_error(r)
     assert not (tmp_path / "ev" / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["generate", "--bogus"], ["No such option: --bogus", "ctflow generate --help"]),
+        (["generate", "x", "--out", "q.nii.gz", "--steps", "abc"], ["--steps", "integer"]),
+        (["generate", "x", "--out", "q.nii.gz", "--overwrite", "true"], ["unexpected extra argument"]),
+        (["info"], ["Missing argument", "ctflow info --help"]),
+        (["nosuchcommand"], ["No such command", "ctflow --help"]),
+    ],
+)
+def test_command_line_usage_errors_are_one_line(args, words, run_cli):
+    """typer >= 0.29 raises its own copy of click's exceptions, which a click ``except`` let through as a
+    traceback."""
+    result = run_cli(*args)
+    assert_clean_error(result, *words)
+    assert result.code == 2
+
+
+def test_bare_ctflow_prints_the_help_without_a_traceback(run_cli):
+    result = run_cli()
+    assert "generate" in result.out + result.err and "Traceback" not in result.err
+
+
+def test_sigterm_mid_write_leaves_no_temporary_file(tmp_path):
+    """SIGTERM unwinds like Ctrl-C: the temporary NIfTI being written is removed (it was left behind)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker, out = tmp_path / "writing", tmp_path / "out"
+    script = (
+        "import time, pathlib, nibabel\n"
+        "import ctflow.data.nifti as n\n"
+        "save = nibabel.save\n"
+        "def slow(img, path):\n"
+        "    save(img, path)\n"
+        f"    pathlib.Path({str(marker)!r}).touch()\n"
+        "    time.sleep(120)\n"
+        "n.nib.save = slow\n"
+        "from ctflow.cli import main\n"
+        f"raise SystemExit(main(['generate', 'Findings: Normal.', '--out', {str(out / 'ct.nii.gz')!r},"
+        " '--slices', '8', '--steps', '1', '--seed', '0']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no write within 240 s"
+        assert any(out.iterdir())  # the temporary file is there
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(out.iterdir()) == []

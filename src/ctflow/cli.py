@@ -593,12 +593,59 @@ def _one_line_warnings(show_other):
     return show
 
 
+def _exception_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) as click raises them and as typer >= 0.29 does (its own copy of click's
+    classes, which click's ``except`` clauses do not catch)."""
+    usage, aborts = [], []
+    try:
+        import click
+
+        usage.append(click.ClickException)
+        aborts.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    try:
+        from typer._click.exceptions import ClickException
+        from typer.exceptions import Abort
+
+        usage.append(ClickException)
+        aborts.append(Abort)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(aborts)
+
+
+def _usage_error(e) -> int:
+    """A command-line usage error (an unknown option, a value that is not a number) as one line, naming
+    the --help to read; a bare ``ctflow`` prints the help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        e.show()
+        return e.exit_code
+    ctx = getattr(e, "ctx", None)
+    where = f"; see {ctx.command_path} --help" if ctx is not None else "; see ctflow --help"
+    message = " ".join(e.format_message().split()).rstrip(".")
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}{where}", highlight=False, soft_wrap=True)
+    return e.exit_code
+
+
+def _stop_on_sigterm(*_) -> None:
+    """SIGTERM (a job scheduler, a service manager, torchrun stopping its workers) unwinds like Ctrl-C,
+    so temporary files are removed instead of left beside the outputs."""
+    raise SystemExit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the app on ``argv`` and return the exit code, turning CTFlowError into one line and exit code 1."""
-    import click
+    import signal
+    import threading
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    usage, aborts = _exception_classes()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
@@ -608,12 +655,13 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
-    except click.exceptions.Abort:
+    except (*aborts, KeyboardInterrupt):
         console.print("aborted")
         return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
+    except usage as e:
+        return _usage_error(e)
+    if rv == 130:  # typer >= 0.29 turns Ctrl-C into Exit(130), returned as the exit code
+        console.print("aborted")
     return rv if isinstance(rv, int) else 0
 
 
