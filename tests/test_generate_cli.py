@@ -3,12 +3,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ctflow.data.io import read_volume
 from ctflow.errors import CTFlowError
+from ctflow.files import check_output
 from tests.conftest import assert_clean_error
 from tests.tiny_pipeline import tiny_pipeline
 
@@ -263,7 +265,9 @@ def test_prompts_redo_a_row_stopped_half_way_and_never_replace_other_files(
 
     monkeypatch.setattr(ctflow.data.preview, "write_preview", stopped_at_case2)
     assert _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out").code != 0  # (Ctrl-C: Aborted)
-    assert (tmp_path / "out/case2.nii.gz").exists() and not (tmp_path / "out/case2.json").exists()
+    # the NIfTI written before the stop is taken back; the row's marker stays, so a rerun redoes it
+    assert not (tmp_path / "out/case2.nii.gz").exists() and not (tmp_path / "out/case2.json").exists()
+    assert (tmp_path / "out/.case2.pending").exists()
     stamp = (tmp_path / "out/case1.json").stat().st_mtime_ns
     monkeypatch.setattr(ctflow.data.preview, "write_preview", real)
     r = _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out")
@@ -287,12 +291,23 @@ def test_prompts_redo_a_finished_row_that_lost_a_file_and_refuse_changed_setting
     assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp
     # other settings than the finished rows': refused, not silently kept
     assert_clean_error(_gen(run_cli, model, *args, "--steps", 3), "generated with steps 2, not 3")
+    # a rerun with another --max-slices or --dtype was skipped as finished (the file kept the old ones)
+    assert_clean_error(
+        _gen(run_cli, model, *args, "--max-slices", 24), "generated with max_slices None, not 24"
+    )
+    assert_clean_error(_gen(run_cli, model, *args, "--dtype", "bfloat16"), "dtype float32, not bfloat16")
     assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "out/case1.json").read_text())["max_slices"] is None
 
 
 @pytest.mark.parametrize(
     ("name", "word"),
-    [("x" * 250, "at most 200 bytes"), ("a/b", "plain file name"), ("c.nii.gz", "without its extension")],
+    [
+        ("x" * 250, "at most 200 bytes"),
+        ("a/b", "plain file name"),
+        ("c.nii.gz", "without its extension"),
+        ("a\x00b", "control characters"),  # a NUL gave a traceback after the model had loaded
+    ],
 )
 def test_prompt_names_that_cannot_be_file_names_are_refused(tmp_path, name, word):
     from ctflow.generate import read_prompts
@@ -499,3 +514,55 @@ def test_prompt_errors_name_the_line_of_the_file_blank_lines_counted(tmp_path):
     )
     with pytest.raises(CTFlowError, match="line 5: slices and seed must be whole numbers"):
         read_prompts(tmp_path / "p.csv")
+
+
+@pytest.mark.parametrize(
+    ("text", "word"),
+    [
+        ('name,report\na,"Findings: clear.\n', "cannot parse"),  # an unclosed quote ate the rest
+        ("name,report,report\na,Findings: x.,Findings: y.\n", "more than one 'report' column"),
+        ("name,report\na,Findings: a, b and c.\n", "line 2 has more fields than the header"),
+        ("name,report\na,Findings: x.\nb,Findings: y.\na,Findings: z.\n", "duplicate names \\('a'\\)"),
+        ("name,report,slices\na,Findings: x.,-5\n", "line 2: slices must be between 1 and"),
+        ("name,report,seed\na,Findings: x.,-1\n", "line 2: seed must be between 0 and"),
+        # a meta line that cannot be used is found before any row is generated, not when its row comes
+        (
+            'name,report\na,Findings: x.\nb,"Volume: 40 slices, 0 mm spacing. Findings: x."\n',
+            "line 3: the report",
+        ),
+    ],
+)
+def test_malformed_prompt_files_are_refused_before_generating(tmp_path, text, word):
+    from ctflow.generate import read_prompts
+
+    (tmp_path / "p.csv").write_text(text)
+    with pytest.raises(CTFlowError, match=word):
+        read_prompts(tmp_path / "p.csv")
+
+
+def test_a_write_that_fails_takes_back_the_volumes_other_files(model, tmp_path, run_cli):
+    """The NIfTI, preview and DICOM were left when the sidecar could not be written, and a rerun was then
+    refused for the NIfTI in its way."""
+    (tmp_path / "ct.json").mkdir()  # a folder where the sidecar goes
+    r = _gen(
+        run_cli, model, REPORT, "--out", tmp_path / "ct.nii.gz", "--dicom", tmp_path / "dcm", "--overwrite"
+    )
+    assert_clean_error(r, "ct.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.json"]
+    (tmp_path / "ct.json").rmdir()
+    assert (
+        _gen(run_cli, model, REPORT, "--out", tmp_path / "ct.nii.gz", "--dicom", tmp_path / "dcm").code == 0
+    )
+
+
+def test_an_output_folder_that_is_not_writable_is_refused_before_generating(tmp_path, monkeypatch):
+    """It was found only once the whole generation had run."""
+    import ctflow.files
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(ctflow.files.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    with pytest.raises(CTFlowError, match="locked is not writable"):
+        check_output(locked / "sub" / "ct.nii.gz")  # the nearest folder there is
+    check_output(tmp_path / "ct.nii.gz")

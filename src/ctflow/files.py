@@ -27,6 +27,11 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise CTFlowError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
     if path.parent.exists() and not path.parent.is_dir():
         raise CTFlowError(f"cannot write {path}: {path.parent} is not a folder")
+    nearest = path.parent  # the folder it goes in, or the nearest one there is above it (made on write)
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if nearest.is_dir() and not os.access(nearest, os.W_OK | os.X_OK):
+        raise CTFlowError(f"cannot write {path}: {nearest} is not writable; write somewhere else")
     return path
 
 

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from ctflow import __version__
 from ctflow.errors import CTFlowError, warn
 from ctflow.files import check_output, write_text_atomic
 from ctflow.models.text import clean_report, parse_meta, strip_meta
-from ctflow.pipeline import MAX_SLICES
+from ctflow.pipeline import MAX_SLICES, report_problem
 
 
 @dataclass
@@ -150,10 +151,6 @@ def generate_batch(
     sidecars = []
     for i, (report, s, files) in enumerate(zip(reports, settings, paths, strict=True)):
         volume, end = result.volumes[i], result.end_reasons[i]
-        write_nifti(volume, files["nifti"], overwrite=s.overwrite, synthetic=True)
-        if s.dicom:
-            write_dicom_series(volume, s.dicom, overwrite=s.overwrite)
-        write_preview(volume, files["preview"], overwrite=s.overwrite)
         sidecar = {
             "report": report,
             "conditioning_text": result.reports[i],
@@ -162,6 +159,7 @@ def generate_batch(
             "guidance": s.guidance,
             **({"finding_guidance": s.finding_guidance} if s.finding_guidance is not None else {}),
             "requested_slices": s.num_slices,
+            "max_slices": s.max_slices,
             "num_slices": volume.num_slices,
             "spacing_mm": list(volume.spacing),
             "end_reason": end,
@@ -181,7 +179,20 @@ def generate_batch(
             **({"generated_with": len(reports)} if len(reports) > 1 else {}),  # volumes in the same call
             "files": sidecar_files(files, s.dicom),
         }
-        write_text_atomic(files["sidecar"], json.dumps(sidecar, indent=1), overwrite=s.overwrite)
+        written = []
+        try:  # all of a volume's files or none: a write that fails (or a stop) takes back the others
+            write_nifti(volume, files["nifti"], overwrite=s.overwrite, synthetic=True)
+            written.append(files["nifti"])
+            if s.dicom:
+                write_dicom_series(volume, s.dicom, overwrite=s.overwrite)
+                written.append(s.dicom)
+            write_preview(volume, files["preview"], overwrite=s.overwrite)
+            written.append(files["preview"])
+            write_text_atomic(files["sidecar"], json.dumps(sidecar, indent=1), overwrite=s.overwrite)
+        except BaseException:
+            for path in written:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            raise
         sidecars.append(sidecar)
     return sidecars
 
@@ -199,21 +210,29 @@ def read_prompts(path: Path) -> list[dict]:
         raise CTFlowError(f"prompts file {path} not found")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, strict=True)  # an unclosed quote is an error, not the rest of the file
             rows = [(reader.line_num, row) for row in reader]  # the file's line, blank lines counted
             columns = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as e:
         raise CTFlowError(f"cannot parse {path} as CSV: {e}") from None
     if "report" not in columns:
         raise CTFlowError(f"{path} needs a 'report' column (optional: name, slices, seed)")
+    if twice := sorted({c for c in columns if columns.count(c) > 1}):
+        raise CTFlowError(f"{path} has more than one {', '.join(map(repr, twice))} column; keep one of each")
     out = []
     for i, (line, row) in enumerate(rows):
+        if None in row:  # more fields than the header names: a comma in an unquoted report
+            raise CTFlowError(
+                f"{path} line {line} has more fields than the header; put a report holding commas in quotes"
+            )
         if not (row.get("report") or "").strip():
             raise CTFlowError(f"{path} line {line} has an empty report")
         name = (row.get("name") or "").strip() or f"{i:05d}"
-        if "/" in name or "\\" in name or name.startswith(".") or len(name.encode()) > 200:
+        odd = "/" in name or "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        if odd or name.startswith(".") or len(name.encode()) > 200:
             raise CTFlowError(
-                f"{path} line {line}: name {name[:60]!r} must be a plain file name of at most 200 bytes"
+                f"{path} line {line}: name {name[:60]!r} must be a plain file name of at most 200 bytes,"
+                " without slashes or control characters"
             )
         if name.lower().endswith((".nii", ".nii.gz", ".gz", ".dcm")):
             raise CTFlowError(f"{path} line {line}: give the name {name!r} without its extension")
@@ -222,11 +241,19 @@ def read_prompts(path: Path) -> list[dict]:
             seed = int(row["seed"]) if (row.get("seed") or "").strip() else None
         except ValueError:
             raise CTFlowError(f"{path} line {line}: slices and seed must be whole numbers") from None
+        if slices is not None and not 1 <= slices <= MAX_SLICES:
+            raise CTFlowError(f"{path} line {line}: slices must be between 1 and {MAX_SLICES}, got {slices}")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise CTFlowError(f"{path} line {line}: seed must be between 0 and 2**63 - 1, got {seed}")
+        if problem := report_problem(row["report"], slices):  # every row before the first is generated
+            raise CTFlowError(f"{path} line {line}: {problem}")
         out.append({"index": i, "name": name, "report": row["report"], "slices": slices, "seed": seed})
     if not out:
         raise CTFlowError(f"{path} holds no prompts")
-    if len({r["name"] for r in out}) != len(out):
-        raise CTFlowError(f"{path} has duplicate names; each output needs its own name")
+    names = [r["name"] for r in out]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        listed = ", ".join(map(repr, twice[:3])) + (", ..." if len(twice) > 3 else "")
+        raise CTFlowError(f"{path} has duplicate names ({listed}); each output needs its own name")
     return out
 
 
@@ -259,7 +286,9 @@ def _finished(pipe, row: dict, out: Path, settings: GenerationSettings, prompts:
             "guidance": settings.guidance,
             "finding_guidance": settings.finding_guidance,
             "requested_slices": settings.num_slices,
+            "max_slices": settings.max_slices,
             "model_weights_sha256": pipe.weights_hash,
+            "dtype": str(pipe.dtype).removeprefix("torch."),
         }
         for key, want in wanted.items():
             if side.get(key) != want:

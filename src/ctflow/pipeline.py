@@ -148,6 +148,22 @@ def _load_transformer(cls, folder: Path):
     return model
 
 
+def report_problem(report: str, num_slices: int | None = None) -> str | None:
+    """Why ``report``'s meta line cannot be used (see :func:`~ctflow.models.text.meta_problem`; a count
+    or spacing out of range), or None. ``num_slices``: a count asked for apart from the line, which
+    replaces the line's count."""
+    if problem := meta_problem(report):
+        return problem
+    n, spacing = parse_meta(report)
+    if num_slices is None and n is not None and not 1 <= n <= MAX_SLICES:
+        return f"the report's meta line asks for {n} slices; give 1 to {MAX_SLICES}"
+    if spacing is not None and not 0 < spacing <= MAX_SPACING_MM:
+        return (
+            f"the report's meta line gives a {spacing:g} mm spacing; give above 0, at most {MAX_SPACING_MM:g}"
+        )
+    return None
+
+
 class CTFlowPipeline:
     def __init__(self, vae, text_encoder, tokenizer, transformer, scheduler, config: dict | None = None):
         from ctflow.models.vae import SliceVAE
@@ -353,16 +369,8 @@ class CTFlowPipeline:
                 check_whole("num_slices", n, 1, MAX_SLICES)
         # the report's own meta line, where it is read (a requested count replaces the line's count)
         for r, asked in zip(reports, counts, strict=True):
-            if problem := meta_problem(r):
+            if problem := report_problem(r, asked):
                 raise CTFlowError(problem)
-            n, spacing = parse_meta(r)
-            if asked is None and n is not None and not 1 <= n <= MAX_SLICES:
-                raise CTFlowError(f"the report's meta line asks for {n} slices; give 1 to {MAX_SLICES}")
-            if spacing is not None and not 0 < spacing <= MAX_SPACING_MM:
-                raise CTFlowError(
-                    f"the report's meta line gives a {spacing:g} mm spacing; give above 0, at most"
-                    f" {MAX_SPACING_MM:g}"
-                )
         if max_slices is not None:
             check_whole("max_slices", max_slices, 1, MAX_SLICES)
         check_whole("num_inference_steps", num_inference_steps, 1)
