@@ -85,6 +85,29 @@ def test_a_cache_encoded_by_another_vae_is_refused(parts, tmp_path, monkeypatch)
     ]
 
 
+def test_a_cache_encoded_by_another_report_encoder_or_tokenizer_is_refused(parts, tmp_path):
+    """Only the width was compared: another encoder of the same width assembled into a model that read
+    reports unlike its training."""
+    import shutil
+
+    from ctflow.models.text import load_text_encoder
+    from ctflow.train.latents import module_fingerprint, tokenizer_fingerprint
+
+    encoder, tokenizer = load_text_encoder(None)
+    right = {
+        "report encoder (weights sha256)": module_fingerprint(encoder)[:16],
+        "report tokenizer (sha256)": tokenizer_fingerprint(tokenizer),
+    }
+    shutil.copytree(parts / "latents", tmp_path / "latents")
+    stamp = tmp_path / "latents" / "encoding.json"
+    for key in right:
+        stamp.write_text(json.dumps({**right, key: "0123456789abcdef"}))
+        with pytest.raises(CTFlowError, match=f"encoded by another {key.split(' (')[0]}"):
+            assemble_pipeline(parts / "vae", parts / "transformer", tmp_path / "latents")
+    stamp.write_text(json.dumps(right))
+    assert assemble_pipeline(parts / "vae", parts / "transformer", tmp_path / "latents")
+
+
 def test_encode_records_the_pixel_spacing_after_the_resize(tmp_path, run_cli):
     from ctflow.pipeline import DEFAULT_MODEL
 

@@ -114,16 +114,22 @@ def assemble_pipeline(
         if not flow.config.text_dim == encoder.config.hidden_size == text_dim
         else None,
     ]
-    stamp = Path(latents) / "encoding.json"  # caches since 2026-12-04 record their VAE
+    stamp = Path(latents) / "encoding.json"  # caches since 2026-12-04 record their encoders
     if stamp.is_file():
-        from ctflow.train.latents import vae_fingerprint
+        from ctflow.train.latents import module_fingerprint, tokenizer_fingerprint, vae_fingerprint
 
-        encoded_by = json.loads(stamp.read_text()).get("VAE (weights sha256)")
-        given = vae_fingerprint(slice_vae) if encoded_by else None
-        if encoded_by and encoded_by != given:
-            problems.append(
-                f"the cache was encoded by another VAE (weights sha256 {encoded_by}; {vae}: {given})"
-            )
+        encoded_by = json.loads(stamp.read_text())
+        report = text_encoder or "the default report encoder"
+        for key, part, fingerprint in (
+            ("VAE (weights sha256)", vae, lambda: vae_fingerprint(slice_vae)),
+            ("report encoder (weights sha256)", report, lambda: module_fingerprint(encoder)[:16]),
+            ("report tokenizer (sha256)", f"{report}'s tokenizer", lambda: tokenizer_fingerprint(tokenizer)),
+        ):  # the cache's latents and report features are what the transformer learned to read
+            if (recorded := encoded_by.get(key)) and recorded != (given := fingerprint()):
+                what = key.split(" (")[0]
+                problems.append(
+                    f"the cache was encoded by another {what} ({key} {recorded}; {part}: {given})"
+                )
     if any(problems):
         raise CTFlowError("these parts were not trained together: " + "; ".join(p for p in problems if p))
     settings.update(

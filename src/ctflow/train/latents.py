@@ -138,6 +138,16 @@ def vae_fingerprint(vae) -> str:
     return module_fingerprint(vae, dict(vae.vae.config))[:16]
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A tokenizer's fingerprint as ``encoding.json`` records it: its class, vocabulary and casing."""
+    facts = [
+        type(tokenizer).__name__,
+        getattr(tokenizer, "do_lower_case", None),
+        sorted(tokenizer.get_vocab().items()),
+    ]
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+
+
 def encoding_settings(dataset, vae, text, image_size, shard_size, report_variants, finding_masks) -> dict:
     """What a cache's shards depend on; a resume must match it entry for entry."""
     names = "\n".join(r.name for r in dataset.records)
@@ -146,6 +156,7 @@ def encoding_settings(dataset, vae, text, image_size, shard_size, report_variant
         f" {hashlib.sha256(names.encode()).hexdigest()[:16]})",
         "VAE (weights sha256)": vae_fingerprint(vae),
         "report encoder (weights sha256)": module_fingerprint(text.model)[:16],
+        "report tokenizer (sha256)": tokenizer_fingerprint(text.tokenizer),
         "slice size": image_size,
         "shard size": shard_size,
         "number of report variants": report_variants,
