@@ -71,6 +71,10 @@ def test_a_converted_text_tower_without_its_tokenizer_is_refused_when_loaded(tmp
     (tmp_path / "text2" / "vocab.txt").write_text((out / "vocab.txt").read_text())  # 13 tokens, model 100
     with pytest.raises(CTFlowError, match="knows 13 tokens, the model 100"):
         load_text_encoder(tmp_path / "text2")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(150))]
+    (tmp_path / "text2" / "vocab.txt").write_text("\n".join(words))  # ids past the embedding table
+    with pytest.raises(CTFlowError, match="knows 155 tokens, the model 100"):
+        load_text_encoder(tmp_path / "text2")
 
 
 def test_convert_ctclip_refuses_towers_it_cannot_read_as_a_bert(tmp_path, run_cli):
@@ -82,6 +86,11 @@ def test_convert_ctclip_refuses_towers_it_cannot_read_as_a_bert(tmp_path, run_cl
     assert run_cli("convert", "ctclip", tmp_path / "c.pt", "--out", tmp_path / "a").code == 0
     r = run_cli("convert", "ctclip", tmp_path / "c.pt", "--out", tmp_path / "b", "--num-attention-heads", 3)
     assert_clean_error(r, "3 attention heads do not divide the width 64")
+    for heads in (0, -4):  # -4 was written into the config; 0 meant the default
+        r = run_cli(
+            "convert", "ctclip", tmp_path / "c.pt", "--out", tmp_path / "b", "--num-attention-heads", heads
+        )
+        assert_clean_error(r, "--num-attention-heads must be a whole number at least 1")
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     state["text_transformer.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
     torch.save(state, tmp_path / "extra.pt")

@@ -668,6 +668,27 @@ def test_bad_shapes_and_configs_raise_ctflow_errors():
         preset_config("tiny", widht=3)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"depth": 0}, "depth must be a whole number at least 1"),  # trained and saved with no blocks
+        ({"depth": -1}, "depth must be"),
+        ({"num_heads": 0}, "num_heads must be"),  # ZeroDivisionError
+        ({"chunk_slices": 0}, "chunk_slices must be"),
+        ({"max_chunks": 0}, "max_chunks must be"),  # failed in index_select at the first step
+        ({"hidden_size": "1024"}, "hidden_size must be"),
+        ({"depth": 24.5}, "depth must be"),
+        ({"patch_size": 2}, "patch_size must be three whole numbers"),
+        ({"patch_size": [2, 0, 2]}, "patch_size must be"),
+        ({"mlp_ratio": -1}, "mlp_ratio must be a number > 0"),
+        ({"mlp_ratio": 0}, "mlp_ratio must be"),
+    ],
+)
+def test_sizes_that_are_not_whole_numbers_above_zero_are_refused(override, message):
+    with pytest.raises(CTFlowError, match=message):
+        CTFlowTransformer(**{**dict(hidden_size=32, depth=1, num_heads=4), **override})
+
+
 def test_presets_param_counts_on_the_meta_device():
     start = time.perf_counter()
     big = count_params("ctflow-0.5b")

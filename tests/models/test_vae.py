@@ -92,8 +92,26 @@ def test_tiny_preset_is_single_channel_with_8_latent_channels_and_4x_downsamplin
 def test_unknown_preset_and_bad_override_are_refused():
     with pytest.raises(CTFlowError, match="unknown VAE preset"):
         build_vae("huge")
-    with pytest.raises(CTFlowError, match="override"):
+    with pytest.raises(CTFlowError, match="unknown VAE config keys: no_such_option"):
         build_vae("tiny", no_such_option=1)
+    # a block list longer than the block types built, then failed at the first training step
+    with pytest.raises(CTFlowError, match="down_block_types has 3 blocks, block_out_channels 4"):
+        build_vae("tiny", block_out_channels=[16, 32, 64, 64])
+    with pytest.raises(CTFlowError, match="norm_num_groups 7 must divide"):  # diffusers: a ValueError
+        build_vae("tiny", norm_num_groups=7)
+
+
+def test_a_misspelt_key_in_the_config_of_a_flux_file_is_refused(small_flux, tmp_path):
+    """from_config dropped it: the VAE trained with the preset's value as though the key were not there."""
+    from safetensors.torch import save_file
+
+    from ctflow.models.vae import preset_config
+
+    config = preset_config("flux") | {"block_out_channels": (8, 16, 16, 16), "norm_num_groups": 4}
+    save_file(diffusers_to_flux_state_dict(small_flux.state_dict()), tmp_path / "ae.safetensors")
+    assert load_vae(tmp_path / "ae.safetensors", config=config)
+    with pytest.raises(CTFlowError, match="unknown VAE config keys: latent_chanels"):
+        load_vae(tmp_path / "ae.safetensors", config=config | {"latent_chanels": 4})
 
 
 def test_slice_size_not_a_multiple_of_the_downsampling_is_refused(tiny):

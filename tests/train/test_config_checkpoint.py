@@ -114,6 +114,7 @@ def test_wrong_type_and_bad_yaml_are_errors(tmp_path):
         ("mixed_precision: fp8\n", "mixed_precision must be 'no', 'bf16' or 'fp16'", FlowTrainConfig),
         ("init: 5\n", "init must be str or null", VAETrainConfig),
         ("base: 3\n", "base in", FlowTrainConfig),
+        ("optim: 0.001\n", "optim must be a mapping, got float", FlowTrainConfig),  # not "optim."
     ],
 )
 def test_malformed_configs_are_one_line_errors(tmp_path, text, words, cls):
@@ -263,3 +264,12 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint_intact(tmp_path):
     groups, info = load_checkpoint(tmp_path / "step_0000001")
     torch.testing.assert_close(groups["model"]["weight"], model.weight.detach())
     assert os.path.isdir(tmp_path)
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string, so `lr: 1e-4` was refused as "must be float, got '1e-4'"."""
+    (tmp_path / "c.yaml").write_text("steps: 1e3\noptim:\n  lr: 1e-4\n  weight_decay: 5E-2\n")
+    config = load_config(tmp_path / "c.yaml", FlowTrainConfig)
+    assert (config.steps, config.optim.lr, config.optim.weight_decay) == (1000, 1e-4, 0.05)
+    (tmp_path / "d.yaml").write_text("init: 12e\n")  # not a number: still a string
+    assert load_config(tmp_path / "d.yaml", VAETrainConfig).init == "12e"

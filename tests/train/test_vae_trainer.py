@@ -119,12 +119,12 @@ def _generator_weights(folder):
     return SliceVAE.load(folder).state_dict()
 
 
-def test_training_starts_from_init_weights_a_folder_or_a_flux_file(phantoms, tmp_path, run_cli):
+def test_training_starts_from_init_weights_a_folder_or_a_flux_file(phantoms, tmp_path, run_cli, monkeypatch):
     """With the learning rate at 0 the trained VAE is the one it started from: a diffusers folder, or
     the same weights in FLUX's original single-file layout (read with the preset's layout)."""
     from safetensors.torch import save_file
 
-    from ctflow.models.vae import SliceVAE, diffusers_to_flux_state_dict
+    from ctflow.models.vae import VAE_PRESETS, SliceVAE, diffusers_to_flux_state_dict
     from ctflow.train.config import OptimConfig
 
     flux = {"block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4}
@@ -141,6 +141,13 @@ def test_training_starts_from_init_weights_a_folder_or_a_flux_file(phantoms, tmp
         assert any("preset and vae keys are not used" in str(w.message) for w in seen) == (name == "folder")
         got = _generator_weights(tmp_path / name / "vae")
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    # a folder of the config's own preset's shape, with no vae keys: nothing goes unused, no warning
+    import ctflow.models.vae
+
+    monkeypatch.setitem(ctflow.models.vae.VAE_PRESETS, "flux", {**VAE_PRESETS["flux"], **flux})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_vae(phantoms, _config(**{**frozen, "vae": {}}, init=str(tmp_path / "start")), tmp_path / "same")
     # a random start is not that one, and the CLI takes --init
     train_vae(phantoms, _config(**frozen), tmp_path / "random", progress=False)
     assert not torch.equal(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, check_whole
 from ctflow.files import atomic_dir
 
 PREFIX = "text_transformer."
@@ -116,7 +116,8 @@ def convert_ctclip(
     text = {k.removeprefix("bert."): v for k, v in text.items()}
     cfg = bert_config_from_state_dict(text)
     hidden = cfg["hidden_size"]
-    if num_attention_heads:
+    if num_attention_heads is not None:
+        check_whole("--num-attention-heads", num_attention_heads, 1)
         cfg["num_attention_heads"] = num_attention_heads
     elif hidden % 64:  # BERT's heads are 64 wide; another width cannot be read from the weights
         raise CTFlowError(

@@ -182,7 +182,7 @@ def load_text_encoder(path: str | Path | None = None, tokenizer_path: str | Path
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CTFlowError(f"cannot load text encoder from {path}: {first}") from None
     vocab = getattr(model.config, "vocab_size", None)
-    if vocab and len(tokenizer) < vocab // 2:
+    if vocab and not vocab // 2 <= len(tokenizer) <= vocab:  # past it: ids outside the embedding table
         raise CTFlowError(
             f"the tokenizer in {tokenizer_path} knows {len(tokenizer)} tokens, the model {vocab}; they do"
             " not belong together"

@@ -109,7 +109,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +119,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ctflow.errors import CTFlowError, one_of
+from ctflow.errors import CTFlowError, check_whole, one_of
 
 TRANSFORMER_PRESETS: dict[str, dict] = {
     "ctflow-0.5b": {
@@ -466,6 +466,19 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
         sigma_data: float = 1.0,
     ):
         super().__init__()
+        sizes = dict(in_channels=in_channels, sample_size=sample_size, chunk_slices=chunk_slices)
+        sizes.update(hidden_size=hidden_size, depth=depth, num_heads=num_heads, text_dim=text_dim)
+        for name, value in {**sizes, "max_chunks": max_chunks}.items():
+            check_whole(name, value, 1)
+        if isinstance(patch_size, str) or not isinstance(patch_size, Sequence) or len(patch_size) != 3:
+            raise CTFlowError(
+                f"patch_size must be three whole numbers (slices, rows, columns), got {patch_size!r}"
+            )
+        for value in patch_size:
+            check_whole("patch_size", value, 1)
+        ratio = isinstance(mlp_ratio, int | float) and not isinstance(mlp_ratio, bool)
+        if not (ratio and math.isfinite(mlp_ratio) and mlp_ratio > 0):
+            raise CTFlowError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
         patch_size = tuple(patch_size)
         _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads, attention, context)
         if prediction not in PREDICTIONS:

@@ -107,13 +107,42 @@ def preset_config(preset: str) -> dict[str, Any]:
     return copy.deepcopy(VAE_PRESETS[preset])
 
 
+def check_vae_config(config: dict[str, Any]) -> None:
+    """Refuse an ``AutoencoderKL`` config diffusers would reject with a traceback, quietly drop keys of
+    (``from_config``: a misspelt override), or build into a model that fails at its first step."""
+    import inspect
+
+    known = set(inspect.signature(_autoencoder_cls().__init__).parameters) - {"self"}
+    if unknown := sorted(k for k in config if not k.startswith("_") and k not in known):
+        raise CTFlowError(f"unknown VAE config keys: {', '.join(unknown)}")
+    blocks = config.get("block_out_channels", ())
+    if (
+        not isinstance(blocks, list | tuple)
+        or not blocks
+        or not all(isinstance(b, int) and b > 0 for b in blocks)
+    ):
+        raise CTFlowError(f"VAE block_out_channels must be a list of whole numbers > 0, got {blocks!r}")
+    for key in ("down_block_types", "up_block_types"):
+        if key in config and len(config[key]) != len(blocks):
+            raise CTFlowError(
+                f"VAE {key} has {len(config[key])} blocks, block_out_channels {len(blocks)}; give both the"
+                " same number"
+            )
+    groups = config.get("norm_num_groups", 32)
+    if not isinstance(groups, int) or groups < 1 or any(b % groups for b in blocks):
+        raise CTFlowError(
+            f"VAE norm_num_groups {groups!r} must divide every block_out_channels {list(blocks)}"
+        )
+
+
 def build_vae(preset: str = "tiny", **overrides) -> AutoencoderKL:
     """A randomly initialised ``AutoencoderKL`` from a preset, with config ``overrides``."""
     config = preset_config(preset)
     config.update(overrides)
+    check_vae_config(config)
     try:
         return _autoencoder_cls()(**config)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise CTFlowError(f"bad VAE config override: {e}") from None
 
 
@@ -632,6 +661,7 @@ def load_vae(
         config = _load_config_arg(config)
     else:
         config = preset_config(preset or "flux")
+    check_vae_config(config)
     shapes = _safetensors_shapes(path)
     prefix = _strip_prefix(shapes)
     shapes = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}

@@ -23,6 +23,7 @@ from ctflow.train.config import VAETrainConfig, warn_changed_settings
 from ctflow.train.utils import StepBar, append_jsonl, lr_lambda, step_generator, trim_log
 
 WHITE_FRACTION = 0.02  # share of training slices that are all-white EOS slices
+SHAPE_KEYS = ("in_channels", "latent_channels", "block_out_channels", "layers_per_block")
 
 
 class SliceSet:
@@ -133,7 +134,11 @@ def train_vae(
 
         # a folder brings its own config; a single FLUX file is read with the preset's layout
         vae = SliceVAE(load_vae(config.init, config={**preset_config(config.preset), **config.vae}))
-        if Path(config.init).is_dir() and (config.vae or config.preset != "tiny"):
+        preset = preset_config(config.preset)
+        differs = any(  # the chosen preset's shape against the folder's (JSON has lists, presets tuples)
+            json.dumps(preset[k]) != json.dumps(vae.vae.config.get(k)) for k in SHAPE_KEYS
+        )
+        if Path(config.init).is_dir() and (config.vae or (config.preset != "tiny" and differs)):
             warn(
                 f"--init {config.init} is a folder: its config.json sets the VAE's shape, and the config's"
                 " preset and vae keys are not used"
