@@ -382,6 +382,23 @@ def test_model_settings_generation_cannot_use_are_refused_at_load(pipe, tmp_path
         CTFlowPipeline.from_pretrained(tmp_path / "m")
 
 
+def test_a_vae_and_transformer_of_other_latent_channels_are_refused_at_load(pipe, tmp_path):
+    """They loaded, and generation failed on a tensor shape."""
+    import shutil
+
+    from ctflow.models.vae import SliceVAE
+
+    pipe.save_pretrained(tmp_path / "m")
+    other = SliceVAE.from_preset("tiny", latent_channels=pipe.vae.latent_channels // 2)
+    shutil.rmtree(tmp_path / "m/vae")
+    other.vae.save_pretrained(tmp_path / "m/vae", safe_serialization=True)
+    channels = pipe.vae.latent_channels
+    with pytest.raises(
+        CTFlowError, match=f"VAE makes {channels // 2} latent channels, the transformer reads {channels}"
+    ):
+        CTFlowPipeline.from_pretrained(tmp_path / "m")
+
+
 def test_a_saved_copy_of_the_text_encoder_is_the_one_loaded(pipe, tmp_path):
     """A pipeline loaded with the packaged encoder and saved with include_text_encoder=True kept
     naming the packaged one, so its own copy was never read."""

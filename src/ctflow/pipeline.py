@@ -251,6 +251,11 @@ class CTFlowPipeline:
     def check_config(self, where: str | Path = "the pipeline's config") -> None:
         """Refuse settings (model_index.json's ``ctflow`` object) that generation cannot use."""
         c = self.config
+        if self.vae.latent_channels != self.transformer.config.in_channels:
+            raise CTFlowError(
+                f"{where}: the VAE makes {self.vae.latent_channels} latent channels, the transformer reads"
+                f" {self.transformer.config.in_channels}; they were not trained together"
+            )
         size = self.vae.downsample_factor * self.transformer.config.sample_size
         if c["image_size"] != size:
             raise CTFlowError(

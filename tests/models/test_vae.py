@@ -112,6 +112,9 @@ def test_a_misspelt_key_in_the_config_of_a_flux_file_is_refused(small_flux, tmp_
     assert load_vae(tmp_path / "ae.safetensors", config=config)
     with pytest.raises(CTFlowError, match="unknown VAE config keys: latent_chanels"):
         load_vae(tmp_path / "ae.safetensors", config=config | {"latent_chanels": 4})
+    # read with another preset's layout (train-vae --init without --config): the fix is named
+    with pytest.raises(CTFlowError, match=r"block_out_channels are \[32, 64, 128\]; .*configs/flux-vae.yaml"):
+        load_vae(tmp_path / "ae.safetensors", preset="tiny")
 
 
 def test_slice_size_not_a_multiple_of_the_downsampling_is_refused(tiny):

@@ -671,7 +671,16 @@ def load_vae(
             " ae.safetensors; pass the folder that holds it with its config.json"
         )
     names, expected, alt = _flux_layout(config)
-    _check_layout(shapes, expected, path, alt)  # cheap: headers only, before reading tensors
+    try:
+        _check_layout(shapes, expected, path, alt)  # cheap: headers only, before reading tensors
+    except CTFlowError as e:
+        blocks = list(config.get("block_out_channels", ()))
+        if blocks == list(VAE_PRESETS["flux"]["block_out_channels"]):
+            raise
+        raise CTFlowError(  # the usual slip: FLUX's file with the default (tiny) preset
+            f"{e}, whose block_out_channels are {blocks}; FLUX's own ae.safetensors needs the flux preset"
+            " (train-vae --config configs/flux-vae.yaml)"
+        ) from None
 
     from safetensors.torch import load_file
 
