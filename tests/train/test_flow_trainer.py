@@ -416,6 +416,74 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     assert "resuming from step 10 of 10" in capsys.readouterr().err
 
 
+def test_a_nan_loss_stops_the_run_before_its_weights_checkpoints_or_log_hold_it(tmp_path, monkeypatch):
+    """It trained on, rotated the good checkpoints out for NaN ones and wrote a NaN model and log."""
+    cache = make_fake_cache(tmp_path / "c")
+    own = flow_trainer.chunk_loss
+    calls = iter(range(10**6))
+    monkeypatch.setattr(
+        flow_trainer, "chunk_loss", lambda *a, **k: own(*a, **k) * (float("nan") if next(calls) >= 6 else 1)
+    )
+    with pytest.raises(CTFlowError, match="the loss became nan .* at step 7; lower optim.lr, or --resume"):
+        train_flow(
+            cache, _config(steps=10, log_every=1, checkpoint_every=5), tmp_path / "run", progress=False
+        )
+    assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["step_0000005"]
+    log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]  # valid JSON
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and not (tmp_path / "run/transformer").exists()
+
+
+def test_a_transformer_folder_left_half_written_is_written_again_on_resume(tmp_path):
+    """The final save was diffusers' own writer (config.json first): a stop inside it left a folder that a
+    resume took for finished, and assemble then found no weights."""
+    cache = make_fake_cache(tmp_path / "c")
+    train_flow(cache, _config(steps=10), tmp_path / "run", progress=False)
+    (tmp_path / "run/transformer/diffusion_pytorch_model.safetensors").unlink()
+    train_flow(cache, _config(steps=10), tmp_path / "run", progress=False, resume=True)
+    assert (tmp_path / "run/transformer/diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_run_folder_mistakes_are_named(tmp_path, capsys):
+    cache = make_fake_cache(tmp_path / "c")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CTFlowError, match="file.txt is a file; --out names the run's folder"):
+        train_flow(cache, _config(), tmp_path / "file.txt", progress=False)
+    # --resume where there is nothing to resume: said, not silent (a mistyped --out starts a new run)
+    train_flow(cache, _config(steps=2), tmp_path / "new", progress=True, resume=True)
+    assert "no checkpoint in" in capsys.readouterr().err
+    # another trainer's checkpoint: named, not a KeyError
+    (tmp_path / "vae/checkpoints").mkdir(parents=True)
+    from ctflow.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "vae/checkpoints", 1, {"vae": torch.nn.Linear(2, 2)}, {}, {"config": {}})
+    with pytest.raises(CTFlowError, match="holds no model .*another trainer's run"):
+        train_flow(cache, _config(), tmp_path / "vae", progress=False, resume=True)
+
+
+def test_fp16_on_the_cpu_is_warned_as_training_in_float32(tmp_path, fresh_accelerate_state):
+    from ctflow.errors import CTFlowWarning
+
+    with pytest.warns(CTFlowWarning, match="fp16 does not run on the CPU"):
+        train_flow(
+            make_fake_cache(tmp_path / "c"),
+            _config(steps=1, mixed_precision="fp16"),
+            tmp_path / "run",
+            progress=False,
+        )
+
+
+def test_the_log_records_the_rate_each_step_trained_with(tmp_path):
+    """It logged the next step's rate (scheduler.get_last_lr after scheduler.step)."""
+    from ctflow.train.utils import lr_lambda
+
+    cfg = _config(steps=4, log_every=1)
+    train_flow(make_fake_cache(tmp_path / "c"), cfg, tmp_path / "run", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines() if "lr" in x]
+    rate = lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+    assert [r["lr"] for r in log] == pytest.approx([cfg.optim.lr * rate(i) for i in range(4)])
+    assert log[0]["lr"] != log[1]["lr"]
+
+
 def test_the_log_times_each_interval_by_its_own_steps(tmp_path, monkeypatch):
     import types
 

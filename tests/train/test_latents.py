@@ -121,6 +121,26 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
     assert len(LatentCache(tmp_path / "lat")) == 2
 
 
+def test_a_shard_of_unreadable_volumes_is_skipped_and_a_resume_reads_the_data_by_any_path(tmp_path, run_cli):
+    """A shard whose every volume was unreadable crashed in the report encoder (an empty batch); a
+    resume that spelled the data folder another way was refused as another data set."""
+    assert run_cli("phantoms", "--n", 2, "--out", tmp_path / "ph", "--size", 32, "--min-slices", 8,
+                   "--max-slices", 9).code == 0  # fmt: skip
+    ds = CTRateDataset.open(tmp_path / "ph")
+    broken = ds.volume_path(ds.records[1].name)
+    broken.write_bytes(broken.read_bytes()[:100])
+    vae, text = SliceVAE.load(DEFAULT_MODEL / "vae"), ReportEncoder.from_pretrained()
+    encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
+    assert len(LatentCache(tmp_path / "lat")) == 1
+    (tmp_path / "lat" / "index.json").unlink()  # as if stopped: a resume by another spelling of the path
+    other = CTRateDataset.open(tmp_path / "ph" / ".." / "ph")
+    encode_dataset(other, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
+    first = ds.volume_path(ds.records[0].name)
+    first.write_bytes(first.read_bytes()[:100])
+    with pytest.raises(CTFlowError, match="no volume of .* could be encoded"):
+        encode_dataset(CTRateDataset.open(tmp_path / "ph"), vae, text, tmp_path / "none", image_size=64)
+
+
 def test_a_report_cut_at_the_encoders_limit_is_named_once_by_its_volume(tmp_path, run_cli):
     import csv
     import warnings

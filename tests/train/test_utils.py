@@ -55,3 +55,22 @@ def test_machine_without_cpuinfo_falls_back_to_platform(monkeypatch):
     flags = {"flags": "fpu avx2 sse avx512f", "model name": "Some CPU"}
     monkeypatch.setattr(utils, "_cpuinfo", flags.get)
     assert utils.machine()["cpu_features"] == ["avx2", "avx512f"] and utils.cpu_name() == "Some CPU"
+
+
+def test_step_bar_writes_plain_lines_to_stderr_where_there_is_no_terminal(capsys, monkeypatch):
+    """Under nohup or into a job's log file the rich bar showed nothing until the run ended."""
+    from ctflow.train.utils import StepBar
+
+    monkeypatch.delenv("CTFLOW_PROGRESS", raising=False)
+    bar = StepBar(True, "train", total=10, start=0, every=0.0)
+    for step in (1, 5, 10):
+        bar.update(step, loss=0.5)
+    bar.close()
+    bar.close()  # twice, as a finally after a normal end does
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[0].startswith("train step 1/10 loss 0.5000 eta")
+    assert len(err.splitlines()) == 3 and "step 10/10" in err
+    quiet = StepBar(True, "train", total=10, start=0)  # every 30 s: nothing between the first and last
+    quiet.update(3, loss=0.5)
+    quiet.update(10, loss=0.4)
+    assert [line.split(" loss")[0] for line in capsys.readouterr().err.splitlines()] == ["train step 10/10"]

@@ -207,3 +207,10 @@ def test_slice_set_indexes_like_the_concatenated_tensor():
     assert torch.equal(held[idx], whole[idx])
     assert torch.equal(held[2:6], whole[2:6]) and torch.equal(held[:], whole)
     assert held.parts[0].data_ptr() == parts[0].data_ptr()  # kept, not copied
+
+
+def test_an_image_size_the_vae_cannot_take_is_refused_before_anything_is_written(phantoms, tmp_path):
+    """It was found at the first step, after config.json was written, so the corrected rerun was refused."""
+    with pytest.raises(CTFlowError, match="image_size 30 must be a multiple of 4"):
+        train_vae(phantoms, _config(image_size=30), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

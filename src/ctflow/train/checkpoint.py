@@ -106,6 +106,11 @@ def restore(path, modules: dict, optimizers: dict) -> dict:
     stage's checkpoint takes its own weight decay and betas); their state comes back, and the learning
     rate, which is where the schedule had reached."""
     groups, info = load_checkpoint(path)
+    if missing := [prefix for prefix in modules if prefix not in groups]:  # (an unused optimizer has none)
+        raise CTFlowError(
+            f"checkpoint {path} holds no {missing[0]} (it holds {', '.join(sorted(groups))}): it is another"
+            " trainer's run; resume the run this command wrote, or train into a new --out"
+        )
     for prefix, module in modules.items():
         try:
             module.load_state_dict(groups[prefix])

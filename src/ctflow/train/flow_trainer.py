@@ -25,10 +25,19 @@ from typing import NamedTuple
 import torch
 
 from ctflow.errors import CTFlowError, warn
+from ctflow.files import atomic_dir
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
 from ctflow.train.config import FlowTrainConfig, warn_changed_settings
 from ctflow.train.latents import LatentCache, short_key
-from ctflow.train.utils import EMA, StepBar, append_jsonl, lr_lambda, step_generator, trim_log
+from ctflow.train.utils import (
+    EMA,
+    StepBar,
+    append_jsonl,
+    check_run_folder,
+    lr_lambda,
+    step_generator,
+    trim_log,
+)
 
 
 def num_chunks(slices: int, k: int) -> int:
@@ -373,9 +382,7 @@ def train_flow(
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise CTFlowError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
+    out = check_run_folder(out, resume)
     # a "tokens" model's two passes (first chunks, later chunks) are two forward calls, and a process
     # whose batch holds one kind makes one: DDP must not broadcast buffers in each (a collective the
     # other process would not join; the run hung). The buffers are fixed at build time, the same on all.
@@ -383,6 +390,10 @@ def train_flow(
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp]
     )
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        warn(
+            "mixed_precision fp16 does not run on the CPU (accelerate turns it off): this run trains in float32; bf16 does run there"
+        )
     cache = LatentCache(latents)
     torch.manual_seed(config.seed)  # same initial weights on every process and every run
     model = build_transformer(config, cache)
@@ -439,61 +450,79 @@ def train_flow(
     start = step
     if main and progress and start:
         print(f"resuming from step {start} of {config.steps}", file=sys.stderr)
+    elif main and progress and resume:  # a mistyped --out would otherwise start a new run unnoticed
+        print(f"no checkpoint in {ckpt_dir}: starting from step 0", file=sys.stderr)
     bar = StepBar(progress and main, "train", end, step)
-    data_time = compute_time = 0.0
-    interval = 0  # steps since the last log line (the first and last intervals may be shorter)
-    while step < end:
-        t0 = time.perf_counter()
-        g = step_generator(config.seed, step, rank)
-        stage = config.at_step(step)  # the late stage's sampling from late.from_step on
-        batch = sampler.batch(config.batch_size, g, stage, device=accelerator.device)
-        t1 = time.perf_counter()
-        with accelerator.autocast():
-            loss = chunk_loss(model, batch, g, stage, one_pass, every_parameter=accelerator.num_processes > 1)
-        accelerator.backward(loss)
-        # grad_clip 0 turns clipping off (as in the VAE trainer); the norm is still measured and logged
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(model))
-        step += 1
-        interval += 1
-        t2 = time.perf_counter()
-        data_time, compute_time = data_time + t1 - t0, compute_time + t2 - t1
-        if step % config.log_every == 0 or step == end:
-            loss = accelerator.reduce(loss.detach(), "mean")  # every process's batch, not rank 0's alone
-        if main and (step % config.log_every == 0 or step == end):
-            record = {
-                "step": step,
-                "loss": round(loss.item(), 6),
-                "grad_norm": round(float(grad_norm), 4),
-                "lr": scheduler.get_last_lr()[0],
-                "data_share": round(data_time / max(1e-9, data_time + compute_time), 4),
-                "sec_per_step": round((data_time + compute_time) / interval, 4),
-            }
-            data_time = compute_time = 0.0
-            interval = 0
-            append_jsonl(log_path, record)
-            bar.update(step, loss=record["loss"])
-        if step % config.checkpoint_every == 0 or step == end:
-            accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(
-                    ckpt_dir,
-                    step,
-                    {"model": accelerator.unwrap_model(model), "ema": ema},
-                    {"optimizer": optimizer},
-                    {
-                        "config": asdict(config),
-                        "latents": cache.fingerprint,
-                        "processes": accelerator.num_processes,
-                        # fp16's loss scale: a resumed run skips the same overflowing steps
-                        **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler else {}),
-                    },
-                    keep=config.keep_checkpoints,
+    try:
+        data_time = compute_time = 0.0
+        interval = 0  # steps since the last log line (the first and last intervals may be shorter)
+        while step < end:
+            t0 = time.perf_counter()
+            g = step_generator(config.seed, step, rank)
+            stage = config.at_step(step)  # the late stage's sampling from late.from_step on
+            batch = sampler.batch(config.batch_size, g, stage, device=accelerator.device)
+            t1 = time.perf_counter()
+            with accelerator.autocast():
+                loss = chunk_loss(
+                    model, batch, g, stage, one_pass, every_parameter=accelerator.num_processes > 1
                 )
-    bar.close()
+            accelerator.backward(loss)
+            # grad_clip 0 turns clipping off (as in the VAE trainer); the norm is still measured and logged
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip or float("inf"))
+            # stop before the weights, a checkpoint or a log line hold it. The gradient norm is of the
+            # all-reduced gradients, the same on every process; fp16 overflows are the scaler's to skip
+            if not torch.isfinite(loss.detach()) or (
+                accelerator.scaler is None and not torch.isfinite(grad_norm)
+            ):
+                raise CTFlowError(
+                    f"the loss became {float(loss.detach())} (gradient norm {float(grad_norm)}) at step {step + 1};"
+                    f" lower optim.lr, or --resume from the last checkpoint in {ckpt_dir}"
+                )
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step took (after scheduler.step: the next's)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(accelerator.unwrap_model(model))
+            step += 1
+            interval += 1
+            t2 = time.perf_counter()
+            data_time, compute_time = data_time + t1 - t0, compute_time + t2 - t1
+            if step % config.log_every == 0 or step == end:
+                loss = accelerator.reduce(loss.detach(), "mean")  # every process's batch, not rank 0's alone
+            if main and (step % config.log_every == 0 or step == end):
+                record = {
+                    "step": step,
+                    "loss": round(loss.item(), 6),
+                    "grad_norm": round(float(grad_norm), 4),
+                    "lr": lr,
+                    "data_share": round(data_time / max(1e-9, data_time + compute_time), 4),
+                    "sec_per_step": round((data_time + compute_time) / interval, 4),
+                }
+                data_time = compute_time = 0.0
+                interval = 0
+                append_jsonl(log_path, record)
+                bar.update(step, loss=record["loss"])
+            if step % config.checkpoint_every == 0 or step == end:
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(
+                        ckpt_dir,
+                        step,
+                        {"model": accelerator.unwrap_model(model), "ema": ema},
+                        {"optimizer": optimizer},
+                        {
+                            "config": asdict(config),
+                            "latents": cache.fingerprint,
+                            "processes": accelerator.num_processes,
+                            # fp16's loss scale: a resumed run skips the same overflowing steps
+                            **(
+                                {"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler else {}
+                            ),
+                        },
+                        keep=config.keep_checkpoints,
+                    )
+    finally:
+        bar.close()  # a stop mid-run too: the terminal gets its cursor back
     accelerator.wait_for_everyone()
     # every process must hold the same weights: compare a checksum across processes
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
@@ -507,10 +536,12 @@ def train_flow(
                 "replicas_identical": bool(torch.all(sums == sums[0])),
             },
         )
-    if main and step >= config.steps and (step > start or not (out / "transformer").is_dir()):
+    saved = any((out / "transformer").glob("*.safetensors"))
+    if main and step >= config.steps and (step > start or not saved):
         final = accelerator.unwrap_model(model)
         ema.copy_to(final)
-        final.save_pretrained(out / "transformer", safe_serialization=True)
+        with atomic_dir(out / "transformer", overwrite=True) as tmp:  # whole or not there
+            final.save_pretrained(tmp, safe_serialization=True)
     # all ranks tear the process group down together: a rank that left while rank 0 was still saving
     # sometimes died in gloo's teardown ("terminate called without an active exception", ~1 run in 8)
     accelerator.wait_for_everyone()

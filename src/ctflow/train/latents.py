@@ -152,7 +152,7 @@ def encoding_settings(dataset, vae, text, image_size, shard_size, report_variant
     """What a cache's shards depend on; a resume must match it entry for entry."""
     names = "\n".join(r.name for r in dataset.records)
     return {
-        "data set": f"{dataset.root} ({dataset.split}, {len(dataset)} volumes, names sha256"
+        "data set": f"{Path(dataset.root).resolve()} ({dataset.split}, {len(dataset)} volumes, names sha256"
         f" {hashlib.sha256(names.encode()).hexdigest()[:16]})",
         "VAE (weights sha256)": vae_fingerprint(vae),
         "report encoder (weights sha256)": module_fingerprint(text.model)[:16],
@@ -294,12 +294,13 @@ def encode_dataset(
         # the shard's reports, encoded together (grouped by length); a report cut at the encoder's limit
         # is named once, by its volume, not once per variant by its first words
         full = {name: report for (name, key), report in texts.items() if key == ""}
-        for (name, report), cut in zip(full.items(), text.truncated_tokens(list(full.values())), strict=True):
+        cuts = text.truncated_tokens(list(full.values())) if full else []  # (a shard of unreadable volumes)
+        for (name, report), cut in zip(full.items(), cuts, strict=True):
             if cut:
                 warn(f"{name}: {text.truncation_note(report, cut)}")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "report truncated", CTFlowWarning)
-            encoded = text.encode_each(list(texts.values()))
+            encoded = text.encode_each(list(texts.values())) if texts else []
         for (name, key), (tokens, pooled) in zip(texts, encoded, strict=True):
             tensors[f"{name}.tokens{key}"] = tokens.to("cpu", torch.float16).contiguous()
             tensors[f"{name}.pooled{key}"] = pooled.float().cpu().contiguous()
@@ -307,6 +308,11 @@ def encode_dataset(
             save_file(tensors or {"_empty": torch.zeros(1)}, tmp)
         write_text_atomic(shard.with_suffix(".json"), json.dumps(rows, indent=1), overwrite=True)
         volumes += rows
+    if not volumes:
+        raise CTFlowError(
+            f"no volume of {dataset.root} could be encoded ({len(dataset.problems)} problems, e.g."
+            f" {dataset.problems[0] if dataset.problems else 'none named'}); {out} holds no cache"
+        )
     index = {
         "image_size": image_size,
         "latent_shape": list(eos.shape),

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -105,6 +106,18 @@ def machine() -> dict:
     }
 
 
+def check_run_folder(out, resume: bool) -> Path:
+    """A trainer's ``--out``: a folder, new or empty unless ``resume``."""
+    from ctflow.errors import CTFlowError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CTFlowError(f"{out} is a file; --out names the run's folder")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise CTFlowError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
+    return out
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -127,11 +140,20 @@ def trim_log(path: Path, step: int) -> None:
 
 
 class StepBar:
-    """A rich progress bar over training steps showing the latest loss (no-op when disabled)."""
+    """Progress over training steps with the latest loss, on stderr (no-op when disabled): a rich bar
+    in a terminal; elsewhere (nohup, a job's log file) a plain line every ``every`` seconds and at the
+    end, where a bar would show nothing until the run was over."""
 
-    def __init__(self, enabled: bool, name: str, total: int, start: int):
-        self.progress = None
+    def __init__(self, enabled: bool, name: str, total: int, start: int, every: float = 30.0):
+        self.progress = self.plain = None
         if not enabled:
+            return
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not console.is_terminal and os.environ.get("CTFLOW_PROGRESS") != "1":
+            self.plain = {"name": name, "total": total, "start": start, "every": every}
+            self.plain["t0"] = self.plain["shown"] = time.monotonic()
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -143,6 +165,7 @@ class StepBar:
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
+            console=console,
         )
         self.task = self.progress.add_task(name, total=total, completed=start, loss="-")
         self.progress.start()
@@ -150,7 +173,20 @@ class StepBar:
     def update(self, step: int, loss: float) -> None:
         if self.progress:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
+        elif self.plain and (
+            time.monotonic() - self.plain["shown"] >= self.plain["every"] or step >= self.plain["total"]
+        ):
+            p, now = self.plain, time.monotonic()
+            p["shown"] = now
+            eta = (now - p["t0"]) / max(1, step - p["start"]) * (p["total"] - step)
+            print(
+                f"{p['name']} step {step}/{p['total']} loss {loss:.4f} eta {eta / 60:.1f} min",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
+        """Stop the bar (and show the cursor again); safe to call twice, as a ``finally`` does."""
         if self.progress:
             self.progress.stop()
+            self.progress = None

@@ -11,6 +11,7 @@ as FLUX's constants do for natural images.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from ctflow.errors import CTFlowError, warn
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
 from ctflow.train.config import VAETrainConfig, warn_changed_settings
-from ctflow.train.utils import StepBar, append_jsonl, lr_lambda, step_generator, trim_log
+from ctflow.train.utils import StepBar, append_jsonl, check_run_folder, lr_lambda, step_generator, trim_log
 
 WHITE_FRACTION = 0.02  # share of training slices that are all-white EOS slices
 SHAPE_KEYS = ("in_channels", "latent_channels", "block_out_channels", "layers_per_block")
@@ -125,9 +126,7 @@ def train_vae(
     from ctflow.models.vae import SliceVAE
     from ctflow.train.vae_loss import AVAELoss
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise CTFlowError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
+    out = check_run_folder(out, resume)
     torch.manual_seed(config.seed)
     if config.init:  # fine-tune given weights (the paper's A-VAE starts from FLUX's)
         from ctflow.models.vae import load_vae, preset_config
@@ -145,6 +144,11 @@ def train_vae(
             )
     else:
         vae = SliceVAE.from_preset(config.preset, **config.vae)
+    if config.image_size % vae.downsample_factor:  # found at the first step, once every slice was read
+        raise CTFlowError(
+            f"image_size {config.image_size} must be a multiple of {vae.downsample_factor}, the VAE's"
+            " downsampling; set image_size in the config"
+        )
     if slices is None:  # after the weights: a wrong --init is named before the data set is read
         slices = load_slices(
             data,
@@ -186,44 +190,55 @@ def train_vae(
             step = info["step"]
             warn_changed_settings(info, config, step)
             sched.last_epoch = step
+        if progress:
+            print(
+                f"resuming from step {step} of {config.steps}"
+                if step
+                else f"no checkpoint in {ckpt_dir}: starting from step 0",
+                file=sys.stderr,
+            )
         trim_log(out / "log.jsonl", step)  # steps after the checkpoint are trained (and logged) again
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     end = min(config.steps, stop_at) if stop_at is not None else config.steps
     bar = StepBar(progress, "train-vae", end, step)
-    vae.train()
-    while step < end:
-        g = step_generator(config.seed, step)
-        x = sample_batch(slices, config.batch_size, g).to(device)
-        recon, posterior = vae(x, sample=True, generator=g)
-        loss, logs = loss_fn.generator_loss(x, recon, posterior, global_step=step, last_layer=vae.last_layer)
-        if not torch.isfinite(loss):  # stop before a checkpoint or a log line holds it
-            raise CTFlowError(
-                f"the loss became {float(loss.detach())} at step {step + 1}; lower optim.lr, or --resume from the last"
-                f" checkpoint in {ckpt_dir}"
+    try:
+        vae.train()
+        while step < end:
+            g = step_generator(config.seed, step)
+            x = sample_batch(slices, config.batch_size, g).to(device)
+            recon, posterior = vae(x, sample=True, generator=g)
+            loss, logs = loss_fn.generator_loss(
+                x, recon, posterior, global_step=step, last_layer=vae.last_layer
             )
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        if o.grad_clip > 0:  # the pixel-summed loss has large gradient norms; 0 turns clipping off
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), o.grad_clip)
-        opt_g.step()
-        sched.step()
-        opt_d.zero_grad(set_to_none=True)
-        if step >= config.disc_start:
-            d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), global_step=step)
-            d_loss.backward()
-            opt_d.step()
-            logs.update(d_logs)
-        step += 1
-        if step % config.log_every == 0 or step == end:
-            record = {"step": step, **{k: round(float(v), 6) for k, v in logs.items() if v.numel() == 1}}
-            append_jsonl(out / "log.jsonl", record)
-            bar.update(step, float(logs["l1_loss"]))
-        if step % config.checkpoint_every == 0 or step == end:
-            save_checkpoint(
-                ckpt_dir, step, modules, optims, {"config": asdict(config)}, keep=config.keep_checkpoints
-            )
-    bar.close()
+            if not torch.isfinite(loss):  # stop before a checkpoint or a log line holds it
+                raise CTFlowError(
+                    f"the loss became {float(loss.detach())} at step {step + 1}; lower optim.lr, or --resume from the last"
+                    f" checkpoint in {ckpt_dir}"
+                )
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip > 0:  # the pixel-summed loss has large gradient norms; 0 turns clipping off
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), o.grad_clip)
+            opt_g.step()
+            sched.step()
+            opt_d.zero_grad(set_to_none=True)
+            if step >= config.disc_start:
+                d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), global_step=step)
+                d_loss.backward()
+                opt_d.step()
+                logs.update(d_logs)
+            step += 1
+            if step % config.log_every == 0 or step == end:
+                record = {"step": step, **{k: round(float(v), 6) for k, v in logs.items() if v.numel() == 1}}
+                append_jsonl(out / "log.jsonl", record)
+                bar.update(step, float(logs["l1_loss"]))
+            if step % config.checkpoint_every == 0 or step == end:
+                save_checkpoint(
+                    ckpt_dir, step, modules, optims, {"config": asdict(config)}, keep=config.keep_checkpoints
+                )
+    finally:
+        bar.close()  # a stop mid-run too: the terminal gets its cursor back
     if step >= config.steps:
         vae.eval()
         mean, std = latent_stats(vae, slices, seed=config.seed)
