@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ctflow.errors import CTFlowError
 from ctflow.train.assemble import assemble_pipeline, cache_settings
@@ -106,6 +107,32 @@ def test_a_cache_encoded_by_another_report_encoder_or_tokenizer_is_refused(parts
             assemble_pipeline(parts / "vae", parts / "transformer", tmp_path / "latents")
     stamp.write_text(json.dumps(right))
     assert assemble_pipeline(parts / "vae", parts / "transformer", tmp_path / "latents")
+
+
+def test_a_training_runs_slips_are_named(parts, tmp_path):
+    """The run folder for its transformer/, a run not finished, and a cache other than the run's own: the
+    last assembled silently with another cache's slice spacing, volume count and end-of-scan threshold."""
+    import shutil
+
+    from ctflow.train.checkpoint import save_checkpoint
+    from ctflow.train.latents import LatentCache
+
+    run = tmp_path / "run"
+    shutil.copytree(parts / "transformer", run / "transformer")
+    fingerprint = LatentCache(parts / "latents").fingerprint
+    info = {"config": {"steps": 10}, "latents": fingerprint}
+    save_checkpoint(run / "checkpoints", 10, {"model": torch.nn.Linear(1, 1)}, {}, info)
+    assert assemble_pipeline(parts / "vae", run / "transformer", parts / "latents")
+    with pytest.raises(
+        CTFlowError, match=f"is a training run; pass its transformer folder, {run / 'transformer'}"
+    ):
+        assemble_pipeline(parts / "vae", run, parts / "latents")
+    other = make_fake_cache(tmp_path / "other", channels=8, size=8, text_dim=384, n=5)
+    with pytest.raises(CTFlowError, match="trained on another latent cache"):
+        assemble_pipeline(parts / "vae", run / "transformer", other)
+    shutil.rmtree(run / "transformer")
+    with pytest.raises(CTFlowError, match="is not written yet: the run is at step 10 of 10"):
+        assemble_pipeline(parts / "vae", run / "transformer", parts / "latents")
 
 
 def test_encode_records_the_pixel_spacing_after_the_resize(tmp_path, run_cli):

@@ -68,6 +68,34 @@ def cache_settings(latents: str | Path) -> dict:
     }
 
 
+def _check_transformer_run(transformer: Path, latents) -> None:
+    """Name the usual slips with a ``ctflow train`` run: its folder given for its transformer/, a run
+    not yet finished, and a cache other than the one it trained on (its checkpoints record that)."""
+    from ctflow.train.checkpoint import list_checkpoints
+    from ctflow.train.latents import LatentCache
+
+    if (transformer / "transformer").is_dir() or (transformer / "checkpoints").is_dir():
+        raise CTFlowError(
+            f"{transformer} is a training run; pass its transformer folder, {transformer / 'transformer'}"
+        )
+    checkpoints = list_checkpoints(transformer.parent / "checkpoints")
+    if not checkpoints:
+        return
+    info = json.loads((checkpoints[-1] / "state.json").read_text())
+    if not (transformer / "config.json").is_file():
+        steps = info.get("config", {}).get("steps", "?")
+        raise CTFlowError(
+            f"{transformer} is not written yet: the run is at step {info.get('step')} of {steps}; finish it"
+            " with ctflow train --resume"
+        )
+    trained_on, given = info.get("latents"), LatentCache(latents).fingerprint
+    if trained_on and trained_on != given:
+        raise CTFlowError(
+            f"these parts were not trained together: {transformer.parent} trained on another latent cache"
+            f" (fingerprint {trained_on}; {latents}: {given}); pass the run's own --latents"
+        )
+
+
 def assemble_pipeline(
     vae: str | Path,
     transformer: str | Path,
@@ -88,7 +116,10 @@ def assemble_pipeline(
 
     settings = cache_settings(latents)
     latent_shape, text_dim = settings.pop("latent_shape"), settings.pop("text_dim")
+    _check_transformer_run(Path(transformer), latents)
     for part, path in (("VAE", vae), ("transformer", transformer)):
+        if Path(path).is_file():
+            raise CTFlowError(f"{part} {path} is a file; pass the folder that holds it with its config.json")
         if not Path(path, "config.json").is_file():
             raise CTFlowError(f"{part} folder {path} not found or has no config.json")
     slice_vae = SliceVAE.load(vae)
