@@ -368,6 +368,7 @@ def test_a_transformer_config_that_does_not_fit_its_weights_is_refused(
         ("default_max_slices", 5000, "default_max_slices must be a whole number between 1 and 2048"),
         ("pixel_spacing", -1, "pixel_spacing must be a positive number of mm"),
         ("training_slices", [40], "training_slices must be"),
+        ("training_spacing_mm", [6.0, 2.0], "training_spacing_mm must be"),
     ],
 )
 def test_model_settings_generation_cannot_use_are_refused_at_load(pipe, tmp_path, key, value, match):
@@ -466,6 +467,21 @@ def test_a_volume_without_a_spacing_covers_the_training_scans_length(pipe, monke
     )
     monkeypatch.setitem(pipe.config, "typical_extent_mm", None)  # a model that does not record it
     assert pipe.slice_spacing_for(REPORT, 96) == pipe.config["slice_spacing"]
+
+
+def test_a_derived_spacing_is_no_coarser_than_the_coarsest_training_scan(pipe, monkeypatch):
+    """The phantoms' spacing stops at 6 mm, so their stacks of 51 slices or fewer cover less than the
+    whole chest, and the model draws that; 40 slices were written at 7.75 mm, stretching it by 29%."""
+    monkeypatch.setitem(pipe.config, "typical_extent_mm", 309.75)
+    monkeypatch.setitem(pipe.config, "training_spacing_mm", [2.25, 6.0])
+    assert pipe.slice_spacing_for(REPORT, 40) == 6.0  # not 7.75
+    assert pipe.slice_spacing_for(REPORT, 96) == 3.25  # within the span: the length rule
+    assert pipe.slice_spacing_for(REPORT, 300) == 1.0  # finer than any training scan: the length rule
+    assert pipe.slice_spacing_for("Volume: 40 slices, 8 mm spacing. " + REPORT) == 8.0  # asked for
+    from ctflow.pipeline import DEFAULT_MODEL
+
+    shipped = json.loads((DEFAULT_MODEL / "model_index.json").read_text())["ctflow"]
+    assert shipped["training_spacing_mm"] == [2.25, 6.0]  # the phantoms of seeds 1000-1299
 
 
 def test_a_findings_model_reads_the_flags_parsed_from_each_report(monkeypatch, tmp_path):

@@ -267,6 +267,16 @@ class CTFlowPipeline:
             value = c.get(key)
             if not (_positive_mm(value) or (key == "typical_extent_mm" and value is None)):
                 raise CTFlowError(f"{where}: {key} must be a positive number of mm, got {value!r}")
+        spacings = c.get("training_spacing_mm")
+        if spacings is not None and not (
+            isinstance(spacings, list)
+            and len(spacings) == 2
+            and all(map(_positive_mm, spacings))
+            and spacings[0] <= spacings[1]
+        ):
+            raise CTFlowError(
+                f"{where}: training_spacing_mm must be [smallest, largest] in mm, got {spacings!r}"
+            )
         span = c.get("training_slices")
         if span is not None and not (
             isinstance(span, list)
@@ -596,8 +606,11 @@ class CTFlowPipeline:
         """The slice spacing (mm) of a volume generated from ``report``: its meta line's, else the spacing
         at which ``num_slices`` (else the meta line's count, else ``typical_slices``) slices cover the
         training scans' median length (``typical_extent_mm``; to the quarter mm, or the 0.05 mm below
-        1 mm), else the model's ``slice_spacing``. Training scans cover about the same length at any
-        slice count, so the model draws the whole chest in whatever count it is asked for."""
+        1 mm), but no coarser than the coarsest training scan (``training_spacing_mm``), else the
+        model's ``slice_spacing``. Training scans cover about the same length at any slice count, so
+        the model draws the whole chest in whatever count it is asked for, except where their spacing
+        reached its limit (the phantoms' 6 mm, at 51 slices or fewer): there they covered less of the
+        body, and the volume is written at that limit too rather than stretched to the whole length."""
         count, spacing = parse_meta(report)
         if spacing:
             return spacing
@@ -608,7 +621,10 @@ class CTFlowPipeline:
         if not (n and extent):
             return float(self.config["slice_spacing"])
         step = 0.25 if extent / n >= 1 else 0.05
-        return min(MAX_SPACING_MM, round(max(step, round(extent / n / step) * step), 2))
+        spacing = min(MAX_SPACING_MM, round(max(step, round(extent / n / step) * step), 2))
+        if span := self.config.get("training_spacing_mm"):  # no coarser than any training scan: those of
+            spacing = min(spacing, span[1])  # that count stopped there, short of the whole chest
+        return float(spacing)
 
     def depth_target(self, text: str) -> int:
         """The slice count a ``target_depth`` transformer aims for: the meta line's, else the model's

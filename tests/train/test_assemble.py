@@ -31,7 +31,7 @@ def test_the_cache_sets_the_pipeline_settings(parts):
     assert s["typical_slices"] == 12 and s["default_max_slices"] == 26 and s["eos_latent_mse"] > 0
     assert s["training_volumes"] == 6
     assert s["typical_extent_mm"] == 25.0  # the median of 5, 8, ..., 20 slices x 2 mm
-    assert s["training_slices"] == [5, 20]
+    assert s["training_slices"] == [5, 20] and s["training_spacing_mm"] == [2.0, 2.0]
 
 
 def test_assemble_writes_a_model_that_generates(parts, tmp_path, run_cli):

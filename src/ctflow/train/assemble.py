@@ -37,7 +37,7 @@ def eos_threshold(latents: str | Path, fraction: float = EOS_FRACTION) -> float:
 def cache_settings(latents: str | Path) -> dict:
     """The pipeline settings a latent cache implies: slice size, mean in-plane pixel spacing of the
     slices as encoded (after the resize to the slice size), median slice spacing, median and
-    range of slice counts, median length covered (slices x spacing),
+    range of slice counts and of slice spacings, median length covered (slices x spacing),
     a default limit a third above the longest scan, the latent EOS threshold and how many volumes the
     cache holds (recorded as ``training_volumes``)."""
     index_path = Path(latents) / "index.json"
@@ -57,6 +57,9 @@ def cache_settings(latents: str | Path) -> dict:
         "default_max_slices": int(max(counts) * 4 / 3),
         "typical_slices": int(statistics.median(counts)),
         "training_slices": [min(counts), max(counts)],  # counts outside are warned about
+        # the spacings they had: a spacing derived from the length is kept within them (see
+        # CTFlowPipeline.slice_spacing_for)
+        "training_spacing_mm": [min(v["spacing"][0] for v in volumes), max(v["spacing"][0] for v in volumes)],
         # the length a scan covers: the spacing of a volume whose report gives no spacing follows it
         "typical_extent_mm": round(
             float(statistics.median(v["num_slices"] * v["spacing"][0] for v in volumes)), 2

@@ -199,7 +199,12 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
         f"- slice counts of its training scans: {' to '.join(map(str, index['ctflow'].get('training_slices') or []))}"
         " (a count outside them is warned about: the model draws no chest far past them)",
         f"- slice spacing where the report gives none: {index['ctflow'].get('typical_extent_mm')} mm (the"
-        " training scans' median length) over the slice count",
+        " training scans' median length) over the slice count"
+        + (
+            f", at most {spacings[1]} mm (the coarsest training scan)"
+            if (spacings := index["ctflow"].get("training_spacing_mm"))
+            else ""
+        ),
         f"- weights: {size_mib:.1f} MiB of safetensors (the 25 MiB budget)",
         "",
         "## Reproduce",
