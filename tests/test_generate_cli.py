@@ -566,3 +566,12 @@ def test_an_output_folder_that_is_not_writable_is_refused_before_generating(tmp_
     with pytest.raises(CTFlowError, match="locked is not writable"):
         check_output(locked / "sub" / "ct.nii.gz")  # the nearest folder there is
     check_output(tmp_path / "ct.nii.gz")
+
+
+def test_upper_case_nifti_names_and_a_prompts_folder_named_like_a_file(model, tmp_path, run_cli):
+    """CT.NII.GZ was refused though the readers take it; --prompts --out o.nii.gz made a folder so named."""
+    assert _gen(run_cli, model, REPORT, "--out", tmp_path / "UP.NII.GZ", "--slices", 4).code == 0
+    assert sorted(p.name for p in tmp_path.glob("UP*")) == ["UP.NII.GZ", "UP.json", "UP.png"]
+    csv = _prompts(tmp_path / "p.csv", n=1)
+    assert_clean_error(_gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "o.nii.gz"), "without .nii")
+    assert not (tmp_path / "o.nii.gz").exists()

@@ -400,6 +400,16 @@ def test_a_vae_and_transformer_of_other_latent_channels_are_refused_at_load(pipe
         CTFlowPipeline.from_pretrained(tmp_path / "m")
 
 
+def test_the_weights_hash_is_computed_not_read_from_the_folder(pipe, tmp_path):
+    """A weights_hash written into model_index.json was trusted, and went into every sidecar."""
+    pipe.save_pretrained(tmp_path / "m")
+    real = CTFlowPipeline.from_pretrained(tmp_path / "m").weights_hash
+    index = json.loads((tmp_path / "m/model_index.json").read_text())
+    index["ctflow"]["weights_hash"] = "0000000000000000"
+    (tmp_path / "m/model_index.json").write_text(json.dumps(index))
+    assert CTFlowPipeline.from_pretrained(tmp_path / "m").weights_hash == real != "0000000000000000"
+
+
 def test_a_saved_copy_of_the_text_encoder_is_the_one_loaded(pipe, tmp_path):
     """A pipeline loaded with the packaged encoder and saved with include_text_encoder=True kept
     naming the packaged one, so its own copy was never read."""

@@ -57,10 +57,10 @@ class GenerationSettings:
 
 def output_paths(out: Path) -> dict[str, Path]:
     """The files one generation writes, from its NIfTI path."""
-    name = out.name
-    if not (name.endswith(".nii.gz") or name.endswith(".nii")):
+    name, lower = out.name, out.name.lower()  # CT.NII.GZ too, as the readers take it
+    if not (lower.endswith(".nii.gz") or lower.endswith(".nii")):
         raise CTFlowError(f"--out must be a .nii.gz or .nii path, got {out}")
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+    stem = name[: -len(".nii.gz")] if lower.endswith(".nii.gz") else name[: -len(".nii")]
     if not stem:
         raise CTFlowError(f"--out {out} has no name before its extension; give one, e.g. ct.nii.gz")
     return {"nifti": out, "preview": out.with_name(stem + ".png"), "sidecar": out.with_name(stem + ".json")}
@@ -335,6 +335,10 @@ def generate_prompts(
     skip finished ones; this process's share only. With ``settings.dicom`` each row also writes a
     DICOM series into ``settings.dicom / name``. ``progress(rows_done, rows_to_do)`` is called after
     each pipeline call."""
+    if out_dir.name.lower().endswith((".nii", ".nii.gz")):
+        raise CTFlowError(
+            f"with --prompts, --out is a folder for every row's files; give {out_dir} without .nii"
+        )
     rows = read_prompts(prompts)
     rank, world = process_rank()
     row_settings = [

@@ -242,7 +242,7 @@ class CTFlowPipeline:
                 f"transformer expects text width {transformer.config.text_dim} but the text encoder gives "
                 f"{text_encoder.config.hidden_size}; use the encoder it was trained with"
             )
-        config.setdefault("weights_hash", weights_hash(folder))
+        config["weights_hash"] = weights_hash(folder)  # of the files as they are, never a stored claim
         config.setdefault("name", index.get("name", folder.name))
         pipe = cls(vae, text_encoder, tokenizer, transformer, scheduler, config)
         pipe.check_config(folder / "model_index.json")

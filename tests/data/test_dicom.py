@@ -330,6 +330,12 @@ def test_existing_folder_untouched_without_overwrite(series):
     write_dicom_series(small, folder, overwrite=True)
     assert len(list(folder.iterdir())) == 3
     np.testing.assert_array_equal(read_dicom_series(folder).array, small.array)
+    (folder / "notes.txt").write_text("keep me")  # a folder with more than a series: replacing it deleted it
+    with pytest.raises(CTFlowError) as e:
+        write_dicom_series(vol, folder, overwrite=True)
+    assert "holds notes.txt, not only a DICOM series" in _err(e)
+    assert (folder / "notes.txt").read_text() == "keep me" and len(list(folder.glob("*.dcm"))) == 3
+    assert {str(pydicom.dcmread(p).PatientPosition) for p in folder.glob("*.dcm")} == {"HFS"}
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):

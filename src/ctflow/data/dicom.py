@@ -333,12 +333,22 @@ def _to_stored(array: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def check_series_folder(folder: str | Path) -> Path:
-    """Refuse a series folder named like a file (``ct.dcm``): a series is a folder of slices."""
+    """Refuse a series folder named like a file (``ct.dcm``): a series is a folder of slices; and a
+    folder holding anything but DICOM files, which replacing it (--overwrite) would delete."""
     folder = Path(folder)
     if folder.suffix.lower() in (".dcm", ".nii", ".gz"):
         raise CTFlowError(
             f"a DICOM series is written as a folder of slices; give {folder} without an extension"
         )
+    if folder.is_dir():
+        other = next(
+            (p for p in sorted(folder.iterdir()) if not (p.is_file() and p.suffix.lower() == ".dcm")), None
+        )
+        if other is not None:
+            raise CTFlowError(
+                f"{folder} holds {other.name}, not only a DICOM series: writing the series replaces the whole"
+                " folder; give the series a folder of its own"
+            )
     return folder
 
 
@@ -418,6 +428,7 @@ def write_dicom_series(
             ds.StudyDescription = series_description
             # General series
             ds.Modality = "CT"
+            ds.PatientPosition = "HFS"  # (type 2C in CT series) head first, supine: the axes written
             ds.SeriesInstanceUID = series_uid
             ds.SeriesNumber = 1
             ds.SeriesDescription = series_description
