@@ -289,6 +289,20 @@ def test_bare_ctflow_prints_the_help_without_a_traceback(run_cli):
     assert "generate" in result.out + result.err and "Traceback" not in result.err
 
 
+def test_main_gives_the_callers_sigterm_handler_back(run_cli):
+    import signal
+
+    def mine(*_):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        run_cli("info")  # a usage error: main returns early
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_sigterm_mid_write_leaves_no_temporary_file(tmp_path):
     """SIGTERM unwinds like Ctrl-C: the temporary NIfTI being written is removed (it was left behind)."""
     import os

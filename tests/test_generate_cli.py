@@ -158,7 +158,10 @@ def test_a_dicom_folder_holding_another_output_is_refused_before_generating(
     # nor the folder ctflow runs in, which --overwrite would replace with the series
     (tmp_path / "keep.txt").write_text("mine")
     r = _gen(run_cli, model, REPORT, "--out", "../x.nii.gz", "--dicom", ".", "--slices", 4, *flag)
-    assert_clean_error(r, "the folder ctflow runs in")
+    # (with --overwrite the folder's other files are found first)
+    assert_clean_error(
+        r, "holds keep.txt, not only a DICOM series" if overwrite else "the folder ctflow runs in"
+    )
     assert (tmp_path / "keep.txt").read_text() == "mine" and not (tmp_path.parent / "x.nii.gz").exists()
 
 
@@ -232,7 +235,8 @@ def _prompts(path, n=4):
 
 def test_prompts_csv_is_resumable(model, tmp_path, run_cli):
     csv = _prompts(tmp_path / "p.csv", n=3)
-    assert _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out").code == 0
+    r = _gen(run_cli, model, "--prompts", csv, "--out", tmp_path / "out")
+    assert r.code == 0 and "wrote" in r.err and "(rank" not in r.err  # one process: no rank to name
     done = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
     assert done == ["case0.json", "case1.json", "case2.json"]
     assert read_volume(tmp_path / "out/case2.nii.gz").num_slices == 6
@@ -298,6 +302,13 @@ def test_prompts_redo_a_finished_row_that_lost_a_file_and_refuse_changed_setting
     assert_clean_error(_gen(run_cli, model, *args, "--dtype", "bfloat16"), "dtype float32, not bfloat16")
     assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "out/case1.json").read_text())["max_slices"] is None
+    # a sidecar from before max_slices was recorded: not refused for it
+    for sidecar in (tmp_path / "out").glob("*.json"):
+        side = json.loads(sidecar.read_text())
+        del side["max_slices"]
+        sidecar.write_text(json.dumps(side))
+    r = _gen(run_cli, model, *args, "--max-slices", 24)
+    assert r.code == 0 and "skip case1" in r.err
 
 
 @pytest.mark.parametrize(
@@ -521,6 +532,7 @@ def test_prompt_errors_name_the_line_of_the_file_blank_lines_counted(tmp_path):
     [
         ('name,report\na,"Findings: clear.\n', "cannot parse"),  # an unclosed quote ate the rest
         ("name,report,report\na,Findings: x.,Findings: y.\n", "more than one 'report' column"),
+        ("name,report,,\r\na,Findings: x.,,\r\nb,Findings: y.,,\r\n", None),  # Excel's empty header cells
         ("name,report\na,Findings: a, b and c.\n", "line 2 has more fields than the header"),
         ("name,report\na,Findings: x.\nb,Findings: y.\na,Findings: z.\n", "duplicate names \\('a'\\)"),
         ("name,report,slices\na,Findings: x.,-5\n", "line 2: slices must be between 1 and"),
@@ -536,6 +548,9 @@ def test_malformed_prompt_files_are_refused_before_generating(tmp_path, text, wo
     from ctflow.generate import read_prompts
 
     (tmp_path / "p.csv").write_text(text)
+    if word is None:
+        assert [r["name"] for r in read_prompts(tmp_path / "p.csv")] == ["a", "b"]
+        return
     with pytest.raises(CTFlowError, match=word):
         read_prompts(tmp_path / "p.csv")
 
@@ -553,6 +568,19 @@ def test_a_write_that_fails_takes_back_the_volumes_other_files(model, tmp_path, 
     assert (
         _gen(run_cli, model, REPORT, "--out", tmp_path / "ct.nii.gz", "--dicom", tmp_path / "dcm").code == 0
     )
+    # with --overwrite the old files go too: a preview and sidecar of a volume no longer there stayed
+    import ctflow.data.preview
+
+    def broken(*a, **k):
+        raise CTFlowError("cannot write ct.png: No space left on device")
+
+    real, ctflow.data.preview.write_preview = ctflow.data.preview.write_preview, broken
+    try:
+        args = ("--out", tmp_path / "ct.nii.gz", "--dicom", tmp_path / "dcm", "--overwrite")
+        r = _gen(run_cli, model, REPORT, *args)
+    finally:
+        ctflow.data.preview.write_preview = real
+    assert r.code != 0 and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_an_output_folder_that_is_not_writable_is_refused_before_generating(tmp_path, monkeypatch):

@@ -253,6 +253,11 @@ def encode(
     text = ReportEncoder.from_pretrained(text_encoder)
     text.model.to(device)
     size = int(model.vae.config.sample_size)
+    # said, not silent: a VAE straight from FLUX's files has sample_size 1024, and would upsample CT-RATE
+    console.print(
+        f"slices are resized to {size}x{size} px, the VAE's sample_size (train-vae sets it to image_size)",
+        soft_wrap=True,
+    )
     with _progress() as bar:
         task = bar.add_task("encode", total=len(ds))
         cache = encode_dataset(
@@ -442,7 +447,15 @@ def generate(
             "--slices sets the count and --max-slices only stops a scan the model has not ended; pass one"
         )
     settings = GenerationSettings(
-        slices, max_slices, steps, guidance, seed, dicom, overwrite, finding_guidance=finding_guidance
+        slices,
+        max_slices,
+        steps,
+        guidance,
+        seed,
+        dicom,
+        overwrite,
+        finding_guidance=finding_guidance,
+        dicom_is_series=prompts is None,
     )
     settings.check()
     device, dtype = resolve_device(device), resolve_dtype(dtype)
@@ -644,8 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     usage, aborts = _exception_classes()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
@@ -660,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except usage as e:
         return _usage_error(e)
+    finally:
+        if main_thread and before is not None:  # the caller's handler back (tests and Python call main)
+            signal.signal(signal.SIGTERM, before)
     if rv == 130:  # typer >= 0.29 turns Ctrl-C into Exit(130), returned as the exit code
         console.print("aborted")
     return rv if isinstance(rv, int) else 0

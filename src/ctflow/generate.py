@@ -36,6 +36,7 @@ class GenerationSettings:
     dicom: Path | None = None
     overwrite: bool = False
     finding_guidance: float | None = None  # None: the same as guidance
+    dicom_is_series: bool = True  # False: --prompts' folder of one series folder per row
 
     def check(self) -> None:
         if self.num_slices is not None and not 1 <= self.num_slices <= MAX_SLICES:
@@ -52,7 +53,7 @@ class GenerationSettings:
         if self.dicom is not None:  # before generating, not after the NIfTI is written
             from ctflow.data.dicom import check_series_folder
 
-            check_series_folder(self.dicom)
+            check_series_folder(self.dicom, replacing=self.overwrite and self.dicom_is_series)
 
 
 def output_paths(out: Path) -> dict[str, Path]:
@@ -179,19 +180,25 @@ def generate_batch(
             **({"generated_with": len(reports)} if len(reports) > 1 else {}),  # volumes in the same call
             "files": sidecar_files(files, s.dicom),
         }
-        written = []
         try:  # all of a volume's files or none: a write that fails (or a stop) takes back the others
             write_nifti(volume, files["nifti"], overwrite=s.overwrite, synthetic=True)
-            written.append(files["nifti"])
             if s.dicom:
                 write_dicom_series(volume, s.dicom, overwrite=s.overwrite)
-                written.append(s.dicom)
             write_preview(volume, files["preview"], overwrite=s.overwrite)
-            written.append(files["preview"])
             write_text_atomic(files["sidecar"], json.dumps(sidecar, indent=1), overwrite=s.overwrite)
         except BaseException:
-            for path in written:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            # every output file of the volume goes: the new ones, and (with --overwrite) old ones that
+            # would describe a volume no longer there; a folder only if it holds a series alone (a
+            # folder standing where a file goes is the user's). Without --overwrite none existed before.
+            for path in every_output(files["nifti"], s.dicom):
+                if path.is_file() or path.is_symlink():
+                    path.unlink(missing_ok=True)
+                elif (
+                    path == s.dicom
+                    and path.is_dir()
+                    and all(p.suffix.lower() == ".dcm" for p in path.iterdir())
+                ):
+                    shutil.rmtree(path, ignore_errors=True)
             raise
         sidecars.append(sidecar)
     return sidecars
@@ -217,7 +224,8 @@ def read_prompts(path: Path) -> list[dict]:
         raise CTFlowError(f"cannot parse {path} as CSV: {e}") from None
     if "report" not in columns:
         raise CTFlowError(f"{path} needs a 'report' column (optional: name, slices, seed)")
-    if twice := sorted({c for c in columns if columns.count(c) > 1}):
+    named = [c for c in columns if c and c.strip()]  # Excel pads a header with empty cells
+    if twice := sorted({c for c in named if named.count(c) > 1}):
         raise CTFlowError(f"{path} has more than one {', '.join(map(repr, twice))} column; keep one of each")
     out = []
     for i, (line, row) in enumerate(rows):
@@ -290,6 +298,8 @@ def _finished(pipe, row: dict, out: Path, settings: GenerationSettings, prompts:
             "model_weights_sha256": pipe.weights_hash,
             "dtype": str(pipe.dtype).removeprefix("torch."),
         }
+        if "max_slices" not in side:  # sidecars before 2026-12-05 did not record it
+            wanted.pop("max_slices")
         for key, want in wanted.items():
             if side.get(key) != want:
                 raise CTFlowError(
@@ -348,6 +358,7 @@ def generate_prompts(
             num_slices=row["slices"] if row["slices"] is not None else settings.num_slices,
             seed=row["seed"] if row["seed"] is not None else (settings.seed or 0) + row["index"],
             dicom=settings.dicom / row["name"] if settings.dicom else None,  # a series folder per row
+            dicom_is_series=True,
         )
         for row in rows
     ]
@@ -378,7 +389,7 @@ def generate_prompts(
         for row, out, _ in batch:
             _pending(out).unlink()
             done.append(row["name"])
-            log(f"wrote {out} (rank {rank}/{world})")
+            log(f"wrote {out}" + (f" (rank {rank}/{world})" if world > 1 else ""))
         if progress is not None:
             progress(len(done), len(todo))
     return done

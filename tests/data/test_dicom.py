@@ -251,6 +251,7 @@ def test_a_damaged_file_without_a_dicom_name_or_mark_is_still_skipped(series):
     vol, folder = series
     (folder / "._slice_0000").write_bytes(b"\x00\x05\x16\x07" + bytes(200))  # a macOS resource fork
     (folder / "empty").write_bytes(b"")
+    (folder / "._slice_0001.dcm").write_bytes(b"\x00\x05\x16\x07" + bytes(200))  # macOS, on copied media
     np.testing.assert_array_equal(read_dicom_series(folder).array, vol.array)
 
 

@@ -235,3 +235,11 @@ def test_rescale_stored_falls_back_to_float32():
     assert precise.tolist() == [0.5]
     floats = rescale_stored(np.array([1.5], np.float16), 2.0, 0.0)
     assert floats.dtype == np.float32 and floats.tolist() == [3.0]
+
+
+def test_rescale_stored_never_wraps_and_leaves_the_callers_array_alone():
+    huge = rescale_stored(np.array([1, 2], np.int16), 2.0**63, 0)  # a whole slope past int64
+    assert huge.dtype == np.float32 and huge.tolist() == [2.0**63, 2.0**64]
+    assert rescale_stored(np.array([2**64 - 1], np.uint64), 1, 0).tolist() == [2.0**64]
+    mine = np.arange(3.0)
+    assert rescale_stored(mine, 2, 1).tolist() == [1.0, 3.0, 5.0] and mine.tolist() == [0.0, 1.0, 2.0]

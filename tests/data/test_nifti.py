@@ -449,3 +449,21 @@ def test_upper_case_extensions_are_written(tmp_path, name):
     write_volume(marker_volume(), tmp_path / name)
     assert np.array_equal(read_volume(tmp_path / name).array, marker_volume().array)
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_odd_headers_that_nibabel_reads_still_load(tmp_path):
+    """A qform nibabel cannot turn into an affine (the sform places the volume), and an undefined unit
+    code: they loaded before the orientation and unit checks, which must not turn them into tracebacks."""
+    from ctflow.errors import CTFlowWarning
+
+    data = np.zeros((7, 6, 5), np.int16)
+    path = save_raw(tmp_path, data, np.diag([0.7, 0.6, 2.5, 1.0]), "q.nii")
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<3f", raw, 256, 1.0, 1.0, 1.0)  # quatern_b, c, d: b^2 + c^2 + d^2 > 1
+    path.write_bytes(bytes(raw))
+    np.testing.assert_allclose(read_nifti(path).spacing, (2.5, 0.6, 0.7), rtol=1e-6)
+    img = nib.load(path)
+    img.header["xyzt_units"] = 6  # spatial code 6: not defined by NIfTI
+    nib.save(img, tmp_path / "u.nii")
+    with pytest.warns(CTFlowWarning, match="spatial unit code 6"):
+        np.testing.assert_allclose(read_nifti(tmp_path / "u.nii").spacing, (2.5, 0.6, 0.7), rtol=1e-6)

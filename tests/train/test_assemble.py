@@ -123,9 +123,7 @@ def test_a_training_runs_slips_are_named(parts, tmp_path):
     info = {"config": {"steps": 10}, "latents": fingerprint}
     save_checkpoint(run / "checkpoints", 10, {"model": torch.nn.Linear(1, 1)}, {}, info)
     assert assemble_pipeline(parts / "vae", run / "transformer", parts / "latents")
-    with pytest.raises(
-        CTFlowError, match=f"is a training run; pass its transformer folder, {run / 'transformer'}"
-    ):
+    with pytest.raises(CTFlowError, match="is a training run or model folder; pass its transformer folder"):
         assemble_pipeline(parts / "vae", run, parts / "latents")
     other = make_fake_cache(tmp_path / "other", channels=8, size=8, text_dim=384, n=5)
     with pytest.raises(CTFlowError, match="trained on another latent cache"):

@@ -117,6 +117,7 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
     args = ("--vae", DEFAULT_MODEL / "vae", "--out", tmp_path / "lat", "--shard-size", 1, "--report-variants")
     r = run_cli("encode", "--data", tmp_path / "ph", *args, 2)
     assert r.code == 0 and "encoded 2 volumes" in r.err  # (status lines go to stderr)
+    assert "slices are resized to 64x64 px, the VAE's sample_size" in r.err
     assert (tmp_path / "lat" / "shard_00000.safetensors").stat().st_mtime_ns == stamp
     assert len(LatentCache(tmp_path / "lat")) == 2
 
@@ -133,6 +134,9 @@ def test_a_shard_of_unreadable_volumes_is_skipped_and_a_resume_reads_the_data_by
     encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
     assert len(LatentCache(tmp_path / "lat")) == 1
     (tmp_path / "lat" / "index.json").unlink()  # as if stopped: a resume by another spelling of the path
+    stamp = json.loads((tmp_path / "lat" / "encoding.json").read_text())
+    del stamp["report tokenizer (sha256)"]  # and begun before the tokenizer was recorded
+    (tmp_path / "lat" / "encoding.json").write_text(json.dumps(stamp))
     other = CTRateDataset.open(tmp_path / "ph" / ".." / "ph")
     encode_dataset(other, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
     first = ds.volume_path(ds.records[0].name)

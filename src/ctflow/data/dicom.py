@@ -46,7 +46,10 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
 def _claims_dicom(path: Path) -> bool:
-    """Whether ``path`` says it is DICOM: by its extension or the "DICM" mark after the preamble."""
+    """Whether ``path`` says it is DICOM: by its extension or the "DICM" mark after the preamble. Hidden
+    files (macOS's ``._IM0001.dcm`` resource forks on copied media) do not."""
+    if path.name.startswith("."):
+        return False
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
@@ -332,15 +335,16 @@ def _to_stored(array: np.ndarray) -> tuple[np.ndarray, float, float]:
     return np.clip(stored, _INT16.min, _INT16.max).astype(np.int16), slope, intercept
 
 
-def check_series_folder(folder: str | Path) -> Path:
-    """Refuse a series folder named like a file (``ct.dcm``): a series is a folder of slices; and a
-    folder holding anything but DICOM files, which replacing it (--overwrite) would delete."""
+def check_series_folder(folder: str | Path, replacing: bool = False) -> Path:
+    """Refuse a series folder named like a file (``ct.dcm``): a series is a folder of slices; and, when
+    it is to be ``replacing``'d (--overwrite), a folder holding anything but DICOM files, which
+    replacing it would delete."""
     folder = Path(folder)
     if folder.suffix.lower() in (".dcm", ".nii", ".gz"):
         raise CTFlowError(
             f"a DICOM series is written as a folder of slices; give {folder} without an extension"
         )
-    if folder.is_dir():
+    if replacing and folder.is_dir():
         other = next(
             (p for p in sorted(folder.iterdir()) if not (p.is_file() and p.suffix.lower() == ".dcm")), None
         )
@@ -368,7 +372,7 @@ def write_dicom_series(
     ``SYNTHETIC`` in its SeriesDescription, even if ``series_description`` lacks
     it. Refuses to replace an existing folder unless ``overwrite``.
     """
-    folder = check_series_folder(folder)
+    folder = check_series_folder(folder, replacing=overwrite)
     array = np.asarray(volume.array)
     if array.ndim != 3:
         raise CTFlowError(f"cannot write a {array.ndim}D array as a DICOM series; expected (S, H, W)")

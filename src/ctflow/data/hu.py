@@ -60,7 +60,8 @@ def rescale_stored(stored: np.ndarray, slope, intercept) -> np.ndarray:
     slope, intercept = np.asarray(slope, np.float64), np.asarray(intercept, np.float64)
     shape = slope.shape + (1,) * (stored.ndim - slope.ndim)
     whole = np.all(slope == np.round(slope)) and np.all(intercept == np.round(intercept))
-    if stored.dtype.kind in "iu" and whole:
+    small = np.all(np.abs(slope) < 2**31) and np.all(np.abs(intercept) < 2**31)  # (int64 holds the ends)
+    if stored.dtype.kind in "iu" and stored.dtype != np.uint64 and whole and small:
         s, b = slope.astype(np.int64).reshape(shape), intercept.astype(np.int64).reshape(shape)
         if stored.size:
             axes = tuple(range(slope.ndim, stored.ndim))
@@ -79,11 +80,10 @@ def rescale_stored(stored: np.ndarray, slope, intercept) -> np.ndarray:
             return out.astype(np.int16)
     wide = stored.dtype == np.float64 or (stored.dtype.kind in "iu" and stored.dtype.itemsize >= 4)
     work = np.float64 if wide else np.float32
-    out = stored.astype(work)
-    if np.any(slope != 1):
-        out *= slope.astype(work).reshape(shape)
-    if np.any(intercept != 0):
-        out += intercept.astype(work).reshape(shape)
+    out = stored.astype(work, copy=False)  # float64 data as it is: no copy when nothing is scaled
+    for factor, scale, neutral in ((slope, np.multiply, 1), (intercept, np.add, 0)):
+        if np.any(factor != neutral):  # in place on our own copy, never on the caller's array
+            out = scale(out, factor.astype(work).reshape(shape), out=None if out is stored else out)
     return out.astype(np.float32, copy=False)
 
 

@@ -118,16 +118,17 @@ def _load(path: Path) -> nib.Nifti1Image:
         ) from None
 
 
-# xyzt_units' spatial unit in mm; "unknown" (0) is read as mm, as most tools write it
-_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+# mm per spatial unit of xyzt_units (its low 3 bits): 0 unknown (read as mm, as most tools mean it),
+# 1 metre, 2 mm, 3 micron
+_MM_PER_UNIT = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}
 
 
 def _mm_per_unit(header, path: Path) -> float:
     """How many mm the header's spatial unit (xyzt_units) is: its affine and spacing are in that unit."""
-    unit = header.get_xyzt_units()[0]
-    if unit not in _MM_PER_UNIT:
-        raise CTFlowError(f"{path}: spatial unit {unit!r} in xyzt_units is not a length; fix the header")
-    return _MM_PER_UNIT[unit]
+    code = int(np.asarray(header["xyzt_units"])) & 0x07
+    if code not in _MM_PER_UNIT:
+        warn(f"{path}: xyzt_units gives spatial unit code {code}, which NIfTI does not define; read as mm")
+    return _MM_PER_UNIT.get(code, 1.0)
 
 
 def _codes(affine) -> str:
@@ -136,7 +137,10 @@ def _codes(affine) -> str:
 
 def _check_orientation_codes(header, path: Path) -> None:
     """Warn when the header does not say how the voxels lie in the body, or says it two ways."""
-    qform, qcode = header.get_qform(coded=True)
+    try:
+        qform, qcode = header.get_qform(coded=True)
+    except ValueError:  # a quaternion nibabel cannot read (the sform places the volume): no qform
+        qform, qcode = None, 0
     sform, scode = header.get_sform(coded=True)
     if not qcode and not scode:
         warn(

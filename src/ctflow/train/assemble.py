@@ -77,14 +77,22 @@ def _check_transformer_run(transformer: Path, latents) -> None:
     from ctflow.train.checkpoint import list_checkpoints
     from ctflow.train.latents import LatentCache
 
-    if (transformer / "transformer").is_dir() or (transformer / "checkpoints").is_dir():
+    if not (transformer / "config.json").is_file() and (
+        (transformer / "transformer").is_dir() or (transformer / "checkpoints").is_dir()
+    ):
         raise CTFlowError(
-            f"{transformer} is a training run; pass its transformer folder, {transformer / 'transformer'}"
+            f"{transformer} is a training run or model folder; pass its transformer folder,"
+            f" {transformer / 'transformer'}"
         )
     checkpoints = list_checkpoints(transformer.parent / "checkpoints")
     if not checkpoints:
         return
-    info = json.loads((checkpoints[-1] / "state.json").read_text())
+    try:
+        info = json.loads((checkpoints[-1] / "state.json").read_text())
+    except ValueError:
+        raise CTFlowError(
+            f"{checkpoints[-1] / 'state.json'} is not valid JSON; the checkpoint is damaged"
+        ) from None
     if not (transformer / "config.json").is_file():
         steps = info.get("config", {}).get("steps", "?")
         raise CTFlowError(
@@ -119,10 +127,11 @@ def assemble_pipeline(
 
     settings = cache_settings(latents)
     latent_shape, text_dim = settings.pop("latent_shape"), settings.pop("text_dim")
-    _check_transformer_run(Path(transformer), latents)
     for part, path in (("VAE", vae), ("transformer", transformer)):
         if Path(path).is_file():
             raise CTFlowError(f"{part} {path} is a file; pass the folder that holds it with its config.json")
+    _check_transformer_run(Path(transformer), latents)
+    for part, path in (("VAE", vae), ("transformer", transformer)):
         if not Path(path, "config.json").is_file():
             raise CTFlowError(f"{part} folder {path} not found or has no config.json")
     slice_vae = SliceVAE.load(vae)

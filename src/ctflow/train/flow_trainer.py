@@ -471,9 +471,12 @@ def train_flow(
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip or float("inf"))
             # stop before the weights, a checkpoint or a log line hold it. The gradient norm is of the
             # all-reduced gradients, the same on every process; fp16 overflows are the scaler's to skip
-            if not torch.isfinite(loss.detach()) or (
-                accelerator.scaler is None and not torch.isfinite(grad_norm)
-            ):
+            bad = ~torch.isfinite(loss.detach())
+            if accelerator.scaler is not None and accelerator.num_processes > 1:  # fp16: every process
+                bad = (
+                    accelerator.reduce(bad.float(), "sum") > 0
+                )  # asks about every loss (the norm may be inf)
+            if bad or (accelerator.scaler is None and not torch.isfinite(grad_norm)):
                 raise CTFlowError(
                     f"the loss became {float(loss.detach())} (gradient norm {float(grad_norm)}) at step {step + 1};"
                     f" lower optim.lr, or --resume from the last checkpoint in {ckpt_dir}"

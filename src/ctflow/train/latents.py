@@ -164,6 +164,13 @@ def encoding_settings(dataset, vae, text, image_size, shard_size, report_variant
     }
 
 
+def _same_data_set(recorded: str, now: str) -> bool:
+    """Whether two "data set" records name the same data: the same folder, however spelled (caches
+    before 2026-12-05 recorded the path as given), and the same split, count and names."""
+    (a, _, rest_a), (b, _, rest_b) = recorded.rpartition(" ("), now.rpartition(" (")
+    return rest_a == rest_b and Path(a).resolve() == Path(b).resolve()
+
+
 def check_resumable(out: Path, settings: dict) -> None:
     """Refuse to add shards to an unfinished cache begun with other settings."""
     if not any(out.glob("shard_*.json")):
@@ -176,6 +183,10 @@ def check_resumable(out: Path, settings: dict) -> None:
         )
     begun = json.loads(stamp.read_text())
     for key, value in settings.items():
+        if key not in begun:  # a setting caches begun before it was recorded do not name
+            continue
+        if key == "data set" and _same_data_set(begun[key], value):
+            continue
         if begun.get(key) != value:
             raise CTFlowError(
                 f"{out} holds an unfinished cache encoded with a different {key} ({begun.get(key)} there,"
