@@ -79,6 +79,13 @@ def test_training_writes_a_vae_with_its_window_and_latent_stats_and_resumes_exac
     assert vae.scaling_factor != 1.0 and vae.shift_factor != 0.0  # set from latent statistics
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and "disc_loss" in log[-1]
+    # the rate each logged step took and its time (the log had neither)
+    from ctflow.train.utils import lr_lambda
+
+    cfg = _config()
+    rate = lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+    assert [r["lr"] for r in log] == pytest.approx([cfg.optim.lr * rate(1), cfg.optim.lr * rate(3)])
+    assert all(r["sec_per_step"] > 0 for r in log)
     with pytest.raises(CTFlowError, match="--resume"):
         train_vae(phantoms, _config(), tmp_path / "a", progress=False)
     # stopped after 2 steps, then resumed: the same weights as the uninterrupted run

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -204,6 +205,7 @@ def train_vae(
     bar = StepBar(progress, "train-vae", end, step)
     try:
         vae.train()
+        since, logged = time.perf_counter(), step  # the interval since the last log line
         while step < end:
             g = step_generator(config.seed, step)
             x = sample_batch(slices, config.batch_size, g).to(device)
@@ -221,6 +223,7 @@ def train_vae(
             if o.grad_clip > 0:  # the pixel-summed loss has large gradient norms; 0 turns clipping off
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), o.grad_clip)
             opt_g.step()
+            lr = sched.get_last_lr()[0]  # the rate this step took
             sched.step()
             opt_d.zero_grad(set_to_none=True)
             if step >= config.disc_start:
@@ -231,6 +234,9 @@ def train_vae(
             step += 1
             if step % config.log_every == 0 or step == end:
                 record = {"step": step, **{k: round(float(v), 6) for k, v in logs.items() if v.numel() == 1}}
+                now = time.perf_counter()
+                record.update(lr=lr, sec_per_step=round((now - since) / (step - logged), 4))
+                since, logged = now, step
                 append_jsonl(out / "log.jsonl", record)
                 bar.update(step, float(logs["l1_loss"]))
             if step % config.checkpoint_every == 0 or step == end:
