@@ -636,11 +636,15 @@ def _usage_error(e) -> int:
         return e.exit_code
     ctx = getattr(e, "ctx", None)
     where = f"; see {ctx.command_path} --help" if ctx is not None else "; see ctflow --help"
-    message = " ".join(e.format_message().split()).rstrip(".")
+    _print_error(" ".join(e.format_message().split()).rstrip(".") + where)
+    return e.exit_code
+
+
+def _print_error(message: str) -> None:
+    """``error: <message>`` on one line (the message is text, not rich markup)."""
     from rich.markup import escape
 
-    console.print(f"[red]error:[/red] {escape(message)}{where}", highlight=False, soft_wrap=True)
-    return e.exit_code
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _stop_on_sigterm(*_) -> None:
@@ -664,9 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
             rv = app(args=argv, standalone_mode=False, prog_name="ctflow")
     except CTFlowError as e:
-        from rich.markup import escape
-
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        _print_error(str(e))
         return 1
     except (*aborts, KeyboardInterrupt):
         console.print("aborted")

@@ -5,6 +5,7 @@ the fix. The CLI prints it as ``error: <message>`` and exits non-zero with no
 traceback; warnings as ``warning: <message>``.
 """
 
+import math
 import sys
 import warnings
 
@@ -41,6 +42,13 @@ def check_whole(name: str, value, low: int, high: int | None = None) -> None:
     if not whole or value < low or (high is not None and value > high):
         span = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise CTFlowError(f"{name} must be a whole number {span}, got {value!r}")
+
+
+def positive_number(value) -> bool:
+    """Whether ``value`` is a finite number (an int or float, not a bool) above 0."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def one_of(names) -> str:

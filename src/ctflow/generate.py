@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def generate_batch(
     (the other settings shared), and write each one's files; returns the sidecars. Each volume is
     the one its seed gives alone, up to rounding (one generator per report). ``progress`` and
     ``on_chunk`` go to the pipeline as its ``callback`` and ``on_chunk``."""
-    from ctflow.data.dicom import write_dicom_series
+    from ctflow.data.dicom import not_series, write_dicom_series
     from ctflow.data.nifti import write_nifti
     from ctflow.data.preview import write_preview
 
@@ -193,11 +194,7 @@ def generate_batch(
             for path in every_output(files["nifti"], s.dicom):
                 if path.is_file() or path.is_symlink():
                     path.unlink(missing_ok=True)
-                elif (
-                    path == s.dicom
-                    and path.is_dir()
-                    and all(p.suffix.lower() == ".dcm" for p in path.iterdir())
-                ):
+                elif path == s.dicom and path.is_dir() and not_series(path) is None:
                     shutil.rmtree(path, ignore_errors=True)
             raise
         sidecars.append(sidecar)
@@ -209,6 +206,11 @@ def warnings_of(pipe, result, i: int) -> str | None:
     text, cut = result.reports[i], result.truncated_tokens[i]
     notes = [pipe.untrained_count(text), pipe.text.truncation_note(text, cut) if cut else None]
     return "; ".join(n for n in notes if n) or None
+
+
+def _repeated(items) -> list[str]:
+    """The items that occur more than once, sorted."""
+    return sorted(k for k, n in Counter(items).items() if n > 1)
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -224,8 +226,7 @@ def read_prompts(path: Path) -> list[dict]:
         raise CTFlowError(f"cannot parse {path} as CSV: {e}") from None
     if "report" not in columns:
         raise CTFlowError(f"{path} needs a 'report' column (optional: name, slices, seed)")
-    named = [c for c in columns if c and c.strip()]  # Excel pads a header with empty cells
-    if twice := sorted({c for c in named if named.count(c) > 1}):
+    if twice := _repeated(c for c in columns if c and c.strip()):  # Excel pads a header with empty cells
         raise CTFlowError(f"{path} has more than one {', '.join(map(repr, twice))} column; keep one of each")
     out = []
     for i, (line, row) in enumerate(rows):
@@ -258,8 +259,7 @@ def read_prompts(path: Path) -> list[dict]:
         out.append({"index": i, "name": name, "report": row["report"], "slices": slices, "seed": seed})
     if not out:
         raise CTFlowError(f"{path} holds no prompts")
-    names = [r["name"] for r in out]
-    if twice := sorted({n for n in names if names.count(n) > 1}):
+    if twice := _repeated(r["name"] for r in out):
         listed = ", ".join(map(repr, twice[:3])) + (", ..." if len(twice) > 3 else "")
         raise CTFlowError(f"{path} has duplicate names ({listed}); each output needs its own name")
     return out

@@ -36,7 +36,7 @@ import torch
 
 from ctflow import __version__
 from ctflow.data.volume import Volume, canonical_affine
-from ctflow.errors import CTFlowError, check_whole, one_of, warn
+from ctflow.errors import CTFlowError, check_whole, one_of, positive_number, warn
 from ctflow.files import atomic_dir
 from ctflow.models.text import (
     DEFAULT_TEXT_ENCODER,
@@ -93,13 +93,6 @@ def _as_reports(report) -> list[str]:
         if not r.strip():
             raise CTFlowError("the report is empty; pass the Findings/Impressions text to generate from")
     return list(reports)
-
-
-def _positive_mm(value) -> bool:
-    """Whether ``value`` is a finite number (not a bool) above 0: a spacing in mm."""
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
 
 
 def _as_list(num_slices, reports: list[str]) -> list[int | None]:
@@ -265,26 +258,17 @@ class CTFlowPipeline:
         check_whole(f"{where}: default_max_slices", c["default_max_slices"], 1, MAX_SLICES)
         for key in ("pixel_spacing", "slice_spacing", "typical_extent_mm"):
             value = c.get(key)
-            if not (_positive_mm(value) or (key == "typical_extent_mm" and value is None)):
+            if not (positive_number(value) or (key == "typical_extent_mm" and value is None)):
                 raise CTFlowError(f"{where}: {key} must be a positive number of mm, got {value!r}")
-        spacings = c.get("training_spacing_mm")
-        if spacings is not None and not (
-            isinstance(spacings, list)
-            and len(spacings) == 2
-            and all(map(_positive_mm, spacings))
-            and spacings[0] <= spacings[1]
+        for key, item, what in (
+            ("training_spacing_mm", positive_number, "[smallest, largest] in mm"),
+            ("training_slices", lambda n: isinstance(n, int), "[fewest, most]"),
         ):
-            raise CTFlowError(
-                f"{where}: training_spacing_mm must be [smallest, largest] in mm, got {spacings!r}"
-            )
-        span = c.get("training_slices")
-        if span is not None and not (
-            isinstance(span, list)
-            and len(span) == 2
-            and all(isinstance(n, int) for n in span)
-            and span[0] <= span[1]
-        ):
-            raise CTFlowError(f"{where}: training_slices must be [fewest, most], got {span!r}")
+            pair = c.get(key)
+            if pair is not None and not (
+                isinstance(pair, list) and len(pair) == 2 and all(map(item, pair)) and pair[0] <= pair[1]
+            ):
+                raise CTFlowError(f"{where}: {key} must be {what}, got {pair!r}")
 
     def save_pretrained(
         self, folder: str | Path, overwrite: bool = False, include_text_encoder: bool | None = None
@@ -404,7 +388,7 @@ class CTFlowPipeline:
                 " pass torch.Generator().manual_seed(seed)"
             )
         if slice_spacing is not None and not (
-            _positive_mm(slice_spacing) and slice_spacing <= MAX_SPACING_MM
+            positive_number(slice_spacing) and slice_spacing <= MAX_SPACING_MM
         ):
             raise CTFlowError(
                 f"slice_spacing must be a number of mm above 0 and at most {MAX_SPACING_MM:g},"

@@ -335,6 +335,14 @@ def _to_stored(array: np.ndarray) -> tuple[np.ndarray, float, float]:
     return np.clip(stored, _INT16.min, _INT16.max).astype(np.int16), slope, intercept
 
 
+def not_series(folder: Path) -> Path | None:
+    """The first entry of ``folder`` that is not a ``.dcm`` file (None: it holds a series alone, which
+    writing a series may replace)."""
+    return next(
+        (p for p in sorted(folder.iterdir()) if not (p.is_file() and p.suffix.lower() == ".dcm")), None
+    )
+
+
 def check_series_folder(folder: str | Path, replacing: bool = False) -> Path:
     """Refuse a series folder named like a file (``ct.dcm``): a series is a folder of slices; and, when
     it is to be ``replacing``'d (--overwrite), a folder holding anything but DICOM files, which
@@ -345,10 +353,7 @@ def check_series_folder(folder: str | Path, replacing: bool = False) -> Path:
             f"a DICOM series is written as a folder of slices; give {folder} without an extension"
         )
     if replacing and folder.is_dir():
-        other = next(
-            (p for p in sorted(folder.iterdir()) if not (p.is_file() and p.suffix.lower() == ".dcm")), None
-        )
-        if other is not None:
+        if (other := not_series(folder)) is not None:
             raise CTFlowError(
                 f"{folder} holds {other.name}, not only a DICOM series: writing the series replaces the whole"
                 " folder; give the series a folder of its own"

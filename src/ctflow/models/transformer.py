@@ -119,7 +119,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ctflow.errors import CTFlowError, check_whole, one_of
+from ctflow.errors import CTFlowError, check_whole, one_of, positive_number
 
 TRANSFORMER_PRESETS: dict[str, dict] = {
     "ctflow-0.5b": {
@@ -476,8 +476,7 @@ class CTFlowTransformer(ModelMixin, ConfigMixin):
             )
         for value in patch_size:
             check_whole("patch_size", value, 1)
-        ratio = isinstance(mlp_ratio, int | float) and not isinstance(mlp_ratio, bool)
-        if not (ratio and math.isfinite(mlp_ratio) and mlp_ratio > 0):
+        if not positive_number(mlp_ratio):
             raise CTFlowError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
         patch_size = tuple(patch_size)
         _check_config(sample_size, chunk_slices, patch_size, hidden_size, num_heads, attention, context)

@@ -35,6 +35,7 @@ from ctflow.train.utils import (
     append_jsonl,
     check_run_folder,
     lr_lambda,
+    resume_note,
     step_generator,
     trim_log,
 )
@@ -448,10 +449,8 @@ def train_flow(
         trim_log(log_path, step)
     end = min(config.steps, stop_at) if stop_at is not None else config.steps
     start = step
-    if main and progress and start:
-        print(f"resuming from step {start} of {config.steps}", file=sys.stderr)
-    elif main and progress and resume:  # a mistyped --out would otherwise start a new run unnoticed
-        print(f"no checkpoint in {ckpt_dir}: starting from step 0", file=sys.stderr)
+    if main and progress and resume:
+        print(resume_note(start, config.steps, ckpt_dir), file=sys.stderr)
     bar = StepBar(progress and main, "train", end, step)
     try:
         data_time = compute_time = 0.0
@@ -472,10 +471,10 @@ def train_flow(
             # stop before the weights, a checkpoint or a log line hold it. The gradient norm is of the
             # all-reduced gradients, the same on every process; fp16 overflows are the scaler's to skip
             bad = ~torch.isfinite(loss.detach())
-            if accelerator.scaler is not None and accelerator.num_processes > 1:  # fp16: every process
-                bad = (
-                    accelerator.reduce(bad.float(), "sum") > 0
-                )  # asks about every loss (the norm may be inf)
+            if accelerator.scaler is not None and accelerator.num_processes > 1:
+                # fp16: the norm may be inf (the scaler skips such steps), so every process asks about
+                # every loss, and all stop together
+                bad = accelerator.reduce(bad.float(), "sum") > 0
             if bad or (accelerator.scaler is None and not torch.isfinite(grad_norm)):
                 raise CTFlowError(
                     f"the loss became {float(loss.detach())} (gradient norm {float(grad_norm)}) at step {step + 1};"
@@ -490,9 +489,10 @@ def train_flow(
             interval += 1
             t2 = time.perf_counter()
             data_time, compute_time = data_time + t1 - t0, compute_time + t2 - t1
-            if step % config.log_every == 0 or step == end:
+            logging = step % config.log_every == 0 or step == end
+            if logging:
                 loss = accelerator.reduce(loss.detach(), "mean")  # every process's batch, not rank 0's alone
-            if main and (step % config.log_every == 0 or step == end):
+            if main and logging:
                 record = {
                     "step": step,
                     "loss": round(loss.item(), 6),

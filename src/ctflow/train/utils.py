@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ctflow.errors import CTFlowError
 from ctflow.files import write_text_atomic
 
 
@@ -108,14 +109,20 @@ def machine() -> dict:
 
 def check_run_folder(out, resume: bool) -> Path:
     """A trainer's ``--out``: a folder, new or empty unless ``resume``."""
-    from ctflow.errors import CTFlowError
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CTFlowError(f"{out} is a file; --out names the run's folder")
     if out.exists() and any(out.iterdir()) and not resume:
         raise CTFlowError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
     return out
+
+
+def resume_note(step: int, total: int, checkpoints: Path) -> str:
+    """What a trainer says when ``--resume`` starts: the step it goes on from, or that there was no
+    checkpoint (a mistyped --out would otherwise start a new run unnoticed)."""
+    if step:
+        return f"resuming from step {step} of {total}"
+    return f"no checkpoint in {checkpoints}: starting from step 0"
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -145,15 +152,15 @@ class StepBar:
     end, where a bar would show nothing until the run was over."""
 
     def __init__(self, enabled: bool, name: str, total: int, start: int, every: float = 30.0):
-        self.progress = self.plain = None
+        self.progress, self.plain = None, False
         if not enabled:
             return
         from rich.console import Console
 
         console = Console(stderr=True)
         if not console.is_terminal and os.environ.get("CTFLOW_PROGRESS") != "1":
-            self.plain = {"name": name, "total": total, "start": start, "every": every}
-            self.plain["t0"] = self.plain["shown"] = time.monotonic()
+            self.plain, self.name, self.total, self.start, self.every = True, name, total, start, every
+            self.t0 = self.shown = time.monotonic()
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -171,16 +178,14 @@ class StepBar:
         self.progress.start()
 
     def update(self, step: int, loss: float) -> None:
+        now = time.monotonic()
         if self.progress:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
-        elif self.plain and (
-            time.monotonic() - self.plain["shown"] >= self.plain["every"] or step >= self.plain["total"]
-        ):
-            p, now = self.plain, time.monotonic()
-            p["shown"] = now
-            eta = (now - p["t0"]) / max(1, step - p["start"]) * (p["total"] - step)
+        elif self.plain and (now - self.shown >= self.every or step >= self.total):
+            self.shown = now
+            eta = (now - self.t0) / max(1, step - self.start) * (self.total - step)
             print(
-                f"{p['name']} step {step}/{p['total']} loss {loss:.4f} eta {eta / 60:.1f} min",
+                f"{self.name} step {step}/{self.total} loss {loss:.4f} eta {eta / 60:.1f} min",
                 file=sys.stderr,
                 flush=True,
             )

@@ -22,7 +22,15 @@ import torch
 from ctflow.errors import CTFlowError, warn
 from ctflow.train.checkpoint import clean_partial, list_checkpoints, restore, save_checkpoint
 from ctflow.train.config import VAETrainConfig, warn_changed_settings
-from ctflow.train.utils import StepBar, append_jsonl, check_run_folder, lr_lambda, step_generator, trim_log
+from ctflow.train.utils import (
+    StepBar,
+    append_jsonl,
+    check_run_folder,
+    lr_lambda,
+    resume_note,
+    step_generator,
+    trim_log,
+)
 
 WHITE_FRACTION = 0.02  # share of training slices that are all-white EOS slices
 SHAPE_KEYS = ("in_channels", "latent_channels", "block_out_channels", "layers_per_block")
@@ -133,8 +141,8 @@ def train_vae(
         from ctflow.models.vae import load_vae, preset_config
 
         # a folder brings its own config; a single FLUX file is read with the preset's layout
-        vae = SliceVAE(load_vae(config.init, config={**preset_config(config.preset), **config.vae}))
         preset = preset_config(config.preset)
+        vae = SliceVAE(load_vae(config.init, config={**preset, **config.vae}))
         differs = any(  # the chosen preset's shape against the folder's (JSON has lists, presets tuples)
             json.dumps(preset[k]) != json.dumps(vae.vae.config.get(k)) for k in SHAPE_KEYS
         )
@@ -192,12 +200,7 @@ def train_vae(
             warn_changed_settings(info, config, step)
             sched.last_epoch = step
         if progress:
-            print(
-                f"resuming from step {step} of {config.steps}"
-                if step
-                else f"no checkpoint in {ckpt_dir}: starting from step 0",
-                file=sys.stderr,
-            )
+            print(resume_note(step, config.steps, ckpt_dir), file=sys.stderr)
         trim_log(out / "log.jsonl", step)  # steps after the checkpoint are trained (and logged) again
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
