@@ -330,15 +330,16 @@ def train(
     ] = False,
 ):
     """Train the chunk flow transformer (runs under accelerate launch / torchrun too)."""
+    from ctflow.generate import process_rank
     from ctflow.train.config import FlowTrainConfig, load_config
     from ctflow.train.flow_trainer import train_flow
 
     cfg = load_config(config, FlowTrainConfig)
-    train_flow(latents, cfg, out, resume=resume, progress=True)
-    from ctflow.generate import process_rank
-
-    if process_rank()[0] == 0:  # only the main process writes it
-        console.print(f"wrote {out / 'transformer'}")
+    written = train_flow(latents, cfg, out, resume=resume, progress=True)
+    if written is not None:  # the main process, when it wrote the weights
+        console.print(f"wrote {written}")
+    elif resume and process_rank()[0] == 0:
+        console.print(f"{out} had finished its {cfg.steps} steps; {out / 'transformer'} is as it was")
 
 
 @app.command()

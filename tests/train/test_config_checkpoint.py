@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning
 from ctflow.train.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint
 from ctflow.train.config import FlowTrainConfig, VAETrainConfig, load_config
 
@@ -160,6 +160,9 @@ def test_optim_values_are_checked_and_a_vae_optim_section_keeps_the_vae_defaults
         (tmp_path / "c.yaml").write_text(f"optim:\n  {bad}\n")
         with pytest.raises(CTFlowError, match=rule):
             load_config(tmp_path / "c.yaml", FlowTrainConfig)
+    (tmp_path / "z.yaml").write_text("optim:\n  lr: 0\n")  # allowed, but never silently
+    with pytest.warns(CTFlowWarning, match="optim.lr is 0: .* weights do not change"):
+        assert load_config(tmp_path / "z.yaml", FlowTrainConfig).optim.lr == 0
     # optim: {lr} in a VAE config keeps the VAE's warm-up and ema_decay 0, not the flow defaults
     (tmp_path / "v.yaml").write_text("optim:\n  lr: 0.0005\n")
     optim = load_config(tmp_path / "v.yaml", VAETrainConfig).optim

@@ -889,3 +889,22 @@ def test_the_full_size_recipe_runs_at_tiny_width(tmp_path, fresh_accelerate_stat
     assert model.config.context == "tokens" and model.config.chunk_slices == 16
     losses = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_cli_resume_of_a_finished_run_says_nothing_was_rewritten(tmp_path, run_cli):
+    from dataclasses import asdict
+
+    cache = make_fake_cache(tmp_path / "c")
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(asdict(_config(steps=4, checkpoint_every=4))))  # JSON is YAML
+    args = ("train", "--latents", cache, "--config", config, "--out", tmp_path / "run")
+    first = run_cli(*args)
+    assert first.code == 0, first.err
+    assert f"wrote {tmp_path / 'run' / 'transformer'}" in " ".join(first.err.split())
+    weights = tmp_path / "run/transformer/diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = run_cli(*args, "--resume")
+    assert again.code == 0, again.err
+    said = " ".join(again.err.split())
+    assert "wrote" not in said and "had finished its 4 steps" in said
+    assert weights.stat().st_mtime_ns == before

@@ -51,6 +51,8 @@ class OptimConfig:
             if not ok:
                 rule = rules.get(key, "0 or more")
                 raise CTFlowError(f"config key optim.{key} must be {rule}, got {getattr(self, key)!r}")
+        if self.lr == 0:  # allowed (a run that only measures, or freezes what it loads), never by accident
+            warn("config key optim.lr is 0: training runs its steps but the weights do not change")
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16")

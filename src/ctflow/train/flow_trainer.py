@@ -376,10 +376,12 @@ def train_flow(
     resume: bool = False,
     stop_at: int | None = None,
     progress: bool = True,
-) -> Path:
+) -> Path | None:
     """Train and write ``out/transformer`` (EMA weights), ``out/checkpoints`` and ``out/log.jsonl``.
 
-    ``stop_at`` ends the run early at that step (as if interrupted) after checkpointing.
+    ``stop_at`` ends the run early at that step (as if interrupted) after checkpointing. Returns
+    ``out/transformer`` when this call wrote it (on the main process), else None: stopped early, a
+    resume of a run that had already finished and written it, or another process.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -540,11 +542,13 @@ def train_flow(
             },
         )
     saved = any((out / "transformer").glob("*.safetensors"))
+    written = None
     if main and step >= config.steps and (step > start or not saved):
         final = accelerator.unwrap_model(model)
         ema.copy_to(final)
         with atomic_dir(out / "transformer", overwrite=True) as tmp:  # whole or not there
             final.save_pretrained(tmp, safe_serialization=True)
+        written = out / "transformer"
     # all ranks tear the process group down together: a rank that left while rank 0 was still saving
     # sometimes died in gloo's teardown ("terminate called without an active exception", ~1 run in 8)
     accelerator.wait_for_everyone()
@@ -555,4 +559,4 @@ def train_flow(
         # about one full test run in three). Sleeping gives the GIL up so the workers finish first.
         time.sleep(0.5)
     accelerator.end_training()
-    return out
+    return written
