@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctflow.data.ctrate import CTRateDataset
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, CTFlowWarning
 from ctflow.models.text import ReportEncoder
 from ctflow.models.vae import SliceVAE
 from ctflow.pipeline import DEFAULT_MODEL
@@ -167,6 +167,13 @@ def test_a_report_cut_at_the_encoders_limit_is_named_once_by_its_volume(tmp_path
                        tmp_path / "lat", image_size=32, report_variants=2)  # fmt: skip
     cut = [str(w.message) for w in seen if "truncated" in str(w.message)]
     assert len(cut) == 1 and cut[0].startswith(f"{rows[1]['VolumeName']}: report truncated by")
+    assert not [w for w in seen if "upsampled" in str(w.message)]  # 32 px slices at image_size 32
+    with pytest.warns(CTFlowWarning) as seen:  # a VAE input larger than the slices: said, once
+        encode_dataset(ds, SliceVAE.load(DEFAULT_MODEL / "vae"), ReportEncoder.from_pretrained(),
+                       tmp_path / "up", image_size=64)  # fmt: skip
+    up = [str(w.message) for w in seen if "upsampled" in str(w.message)]
+    assert len(up) == 1
+    assert up[0].startswith(f"{rows[0]['VolumeName']} (32x32) and 1 more volumes were upsampled to 64x64 px")
 
 
 def test_encode_overwrite_encodes_again_with_the_new_vae_and_settings(tmp_path, run_cli):

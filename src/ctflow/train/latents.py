@@ -243,6 +243,7 @@ def encode_dataset(
         save_file({"eos": eos.contiguous()}, tmp)
     n = len(dataset)
     volumes = []
+    upsampled = []  # volumes smaller in-plane than the VAE's input (a raw FLUX VAE: 1024 px)
     for start in range(0, n, shard_size):
         shard = out / f"shard_{start // shard_size:05d}"
         if shard.with_suffix(".json").exists() and shard.with_suffix(".safetensors").exists():
@@ -264,6 +265,8 @@ def encode_dataset(
             except CTFlowError as e:
                 dataset.problems.append(f"{dataset.records[i].name}: {e}")
                 continue
+            if max(sample.volume.array.shape[1:]) < image_size:
+                upsampled.append(f"{sample.name} ({'x'.join(map(str, sample.volume.array.shape[1:]))})")
             x = prepare_slices(sample.volume.hu(), image_size, vae.hu_window)
             z = vae.encode_volume(x, batch_size=batch_size)  # [C,S,h,w]
             name = sample.name
@@ -319,6 +322,13 @@ def encode_dataset(
             save_file(tensors or {"_empty": torch.zeros(1)}, tmp)
         write_text_atomic(shard.with_suffix(".json"), json.dumps(rows, indent=1), overwrite=True)
         volumes += rows
+    if upsampled:
+        warn(
+            f"{upsampled[0]}{f' and {len(upsampled) - 1} more volumes' if len(upsampled) > 1 else ''} were"
+            f" upsampled to {image_size}x{image_size} px, the VAE's sample_size: the latents hold no detail"
+            " the slices had not, at more cost; a VAE trained at the data's size (train-vae's image_size)"
+            " encodes them as they are"
+        )
     if not volumes:
         raise CTFlowError(
             f"no volume of {dataset.root} could be encoded ({len(dataset.problems)} problems, e.g."
