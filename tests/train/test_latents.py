@@ -131,18 +131,18 @@ def test_a_shard_of_unreadable_volumes_is_skipped_and_a_resume_reads_the_data_by
     broken = ds.volume_path(ds.records[1].name)
     broken.write_bytes(broken.read_bytes()[:100])
     vae, text = SliceVAE.load(DEFAULT_MODEL / "vae"), ReportEncoder.from_pretrained()
-    encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
+    encode_dataset(ds, vae, text, tmp_path / "lat", image_size=32, shard_size=1)
     assert len(LatentCache(tmp_path / "lat")) == 1
     (tmp_path / "lat" / "index.json").unlink()  # as if stopped: a resume by another spelling of the path
     stamp = json.loads((tmp_path / "lat" / "encoding.json").read_text())
     del stamp["report tokenizer (sha256)"]  # and begun before the tokenizer was recorded
     (tmp_path / "lat" / "encoding.json").write_text(json.dumps(stamp))
     other = CTRateDataset.open(tmp_path / "ph" / ".." / "ph")
-    encode_dataset(other, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
+    encode_dataset(other, vae, text, tmp_path / "lat", image_size=32, shard_size=1)
     first = ds.volume_path(ds.records[0].name)
     first.write_bytes(first.read_bytes()[:100])
     with pytest.raises(CTFlowError, match="no volume of .* could be encoded"):
-        encode_dataset(CTRateDataset.open(tmp_path / "ph"), vae, text, tmp_path / "none", image_size=64)
+        encode_dataset(CTRateDataset.open(tmp_path / "ph"), vae, text, tmp_path / "none", image_size=32)
 
 
 def test_a_report_cut_at_the_encoders_limit_is_named_once_by_its_volume(tmp_path, run_cli):

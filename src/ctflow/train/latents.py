@@ -324,7 +324,7 @@ def encode_dataset(
         volumes += rows
     if upsampled:
         warn(
-            f"{upsampled[0]}{f' and {len(upsampled) - 1} more volumes' if len(upsampled) > 1 else ''} were"
+            f"{upsampled[0]}{f' and {len(upsampled) - 1} more volumes were' if len(upsampled) > 1 else ' was'}"
             f" upsampled to {image_size}x{image_size} px, the VAE's sample_size: the latents hold no detail"
             " the slices had not, at more cost; a VAE trained at the data's size (train-vae's image_size)"
             " encodes them as they are"
