@@ -185,6 +185,17 @@ def test_bad_ground_truth_raises():
         ("The heart is enlarged, without pericardial effusion.", {"cardiomegaly"}),
         ("A 6 mm nodule in the right upper lobe without calcification.", {"nodule"}),
         ("Left pleural effusion, no pneumothorax.", {"effusion_left"}),
+        # a negation reaches over a list after it (it used to stop at the first comma), not over a
+        # part that starts a statement of its own, nor back
+        ("Findings: No pleural effusion, nodule or consolidation.", set()),
+        ("There is no evidence of consolidation, emphysema, or pleural effusion.", set()),
+        ("No effusion, the heart is enlarged.", {"cardiomegaly"}),
+        ("No effusion, 6 mm nodule in the right upper lobe.", {"nodule"}),
+        ("Cardiomegaly, no pleural effusion.", {"cardiomegaly"}),
+        ("No consolidation, however there is a left pleural effusion.", {"effusion_left"}),
+        # a heading's colon does not cut its negation off; "none" and "excluded" negate
+        ("Nodule: none. Consolidation: absent. Cardiomegaly was excluded.", set()),
+        ("Impressions: Cardiomegaly. Left pleural effusion.", {"cardiomegaly", "effusion_left"}),
         ("Bilateral pleural and pericardial effusion.", {"effusion_left", "effusion_right"}),
         # the side of the clause that names the effusion
         ("Large right pleural effusion with mediastinal shift to the left.", {"effusion_right"}),

@@ -254,11 +254,20 @@ def phantom_report(ground_truth: dict, seed: int | None = None) -> dict[str, str
 
 # ---------------------------------------------------------------- reading reports
 _NEGATION = re.compile(
-    r"\b(no|not|without|absent|neither|nor|resolved|free of|negative for|ruled out)\b|n't", re.IGNORECASE
+    r"\b(no|not|none|without|absent|neither|nor|resolved|free of|negative for|ruled out|excluded)\b|n't",
+    re.IGNORECASE,
 )
 # where a negation's reach ends: "The heart is enlarged, without pericardial effusion." negates the
 # effusion, not the heart; "A 6 mm nodule without calcification." keeps the nodule
-_CLAUSE_BREAK = re.compile(r"[,;]|\b(?:but|while|whereas)\b|(?=\bwith(?:out)?\b)", re.IGNORECASE)
+_CLAUSE_BREAK = re.compile(
+    r";|\b(?:but|while|whereas|however|although)\b|(?=\bwith(?:out)?\b)", re.IGNORECASE
+)
+# a comma-separated part that starts a statement of its own, which a negation before it does not reach
+# ("No effusion, the heart is enlarged."); any other part goes on a negated list ("No pleural
+# effusion, nodule or consolidation.")
+_NEW_STATEMENT = re.compile(r"(?:a|an|the|there|it|this|these|those|which)\b|\d")
+# "Nodule: none." is one sentence (a colon ends a heading, not a negation's reach)
+_SENTENCE_END = re.compile(r"(?<=[.;])\s+|(?<=:)\s+(?!(?:no|none|not|absent|negative)\b)|\n+", re.IGNORECASE)
 
 
 _SIDE_OR_FINDING = re.compile(
@@ -286,12 +295,26 @@ def _effusion_sides(clause: str) -> str:
 
 
 def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", text) if s.strip()]
+    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
 
 
 def _clauses(text: str) -> list[str]:
-    """Lower-cased clauses of a report: sentences cut where a negation's reach ends."""
-    return [c.strip() for s in _sentences(text.lower()) for c in _CLAUSE_BREAK.split(s) if c and c.strip()]
+    """Lower-cased clauses of a report: sentences cut where a negation's reach ends. A part after a
+    comma that continues a negated list is given the negation ("no pleural effusion, nodule or
+    consolidation" -> "no pleural effusion", "no nodule or consolidation")."""
+    out = []
+    for sentence in _sentences(text.lower()):
+        for clause in _CLAUSE_BREAK.split(sentence):
+            negated = False
+            for part in (clause or "").split(","):
+                part = part.strip()
+                if not part:
+                    continue
+                if negated and _positive(part) and not _NEW_STATEMENT.match(part):
+                    part = f"no {part}"
+                negated = not _positive(part)
+                out.append(part)
+    return out
 
 
 def _positive(clause: str) -> bool:
@@ -308,7 +331,7 @@ def attributes_from_report(text: str) -> dict:
 
     A finding counts when a clause names it without a negation ("No pleural effusion was detected."
     is negative; "The heart is enlarged, without pericardial effusion." names an enlarged heart and
-    no effusion). Pericardial effusion is not pleural; a side is read from the clause that names the
+    no effusion; "No pleural effusion, nodule or consolidation." negates all three; "Nodule: none."). Pericardial effusion is not pleural; a side is read from the clause that names the
     effusion ("Right pleural effusion with mediastinal shift to the left." is right), from the side
     words that go with it ("Bilateral lower lobe consolidation and a left pleural effusion." is left).
     """
