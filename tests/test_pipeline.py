@@ -233,8 +233,14 @@ def test_batched_generation_returns_one_volume_per_report(pipe):
         ({"num_slices": "8"}, "num_slices must be a whole number"),
         ({"num_slices": [8, "8"]}, "num_slices has 2 counts for 1 reports"),
         ({"num_inference_steps": 1.5}, "num_inference_steps must be a whole number at least 1, got 1.5"),
-        ({"guidance_scale": None}, "guidance_scale must be a finite number >= 0, got None"),
+        ({"guidance_scale": None}, "guidance_scale must be a number from 0 to 100, got None"),
+        ({"guidance_scale": 1e38}, "guidance_scale must be a number from 0 to 100"),  # NaN volumes, silently
+        ({"num_slices": torch.tensor(16)}, "num_slices must be a whole number"),  # a TypeError deep inside
         ({"generator": 0}, "generator must be a torch.Generator"),
+        (
+            {"report": [REPORT, REPORT], "generator": [None, torch.Generator()]},
+            r"None only as the batch's one",
+        ),
         ({"generator": [torch.Generator(), torch.Generator()]}, "2 generators for 1 reports"),
         ({"slice_spacing": "2"}, "slice_spacing must be a number of mm"),
         # a meta line the model would read as plain words while the volume took the defaults
@@ -252,8 +258,14 @@ def test_bad_arguments_are_refused(pipe, kwargs, match):
 
 
 def test_counts_may_be_numpy_integers(pipe):
-    out = pipe(REPORT, num_slices=np.int64(5), num_inference_steps=np.int32(1), guidance_scale=np.float32(1))
-    assert out.volumes[0].num_slices == 5
+    out = pipe(
+        REPORT,
+        num_slices=np.int64(5),
+        num_inference_steps=np.int32(1),
+        guidance_scale=np.float32(1),
+        slice_spacing=np.float32(2.5),
+    )
+    assert out.volumes[0].num_slices == 5 and out.volumes[0].spacing[0] == 2.5
 
 
 def test_a_meta_line_count_past_the_default_limit_raises_the_limit(pipe, monkeypatch):
@@ -299,6 +311,15 @@ def test_save_and_load_round_trip_generates_the_same_volume(pipe, tmp_path):
     assert len(loaded.weights_hash) == 16
     with pytest.raises(CTFlowError, match="exists"):
         pipe.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "README.md").write_text("card")  # a model folder's own parts: replaced whole
+    pipe.save_pretrained(tmp_path / "m", overwrite=True)
+    assert not (tmp_path / "m" / "README.md").exists() and (tmp_path / "m" / "model_index.json").exists()
+    # a folder holding anything else is refused, not emptied
+    (tmp_path / "models" / "other_model").mkdir(parents=True)
+    (tmp_path / "models" / "notes.txt").write_text("x")
+    with pytest.raises(CTFlowError, match=r"more than a model folder's parts \(notes.txt, other_model\)"):
+        pipe.save_pretrained(tmp_path / "models", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["notes.txt", "other_model"]
 
 
 def test_the_saved_sampler_is_the_one_loaded(pipe, tmp_path):

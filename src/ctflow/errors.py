@@ -6,6 +6,7 @@ traceback; warnings as ``warning: <message>``.
 """
 
 import math
+import numbers
 import sys
 import warnings
 
@@ -36,18 +37,18 @@ def warn(message: str) -> None:
 
 
 def check_whole(name: str, value, low: int, high: int | None = None) -> None:
-    """Refuse ``value`` unless it is a whole number (an int or numpy integer, not a bool) from ``low``
-    to ``high`` (no upper bound when None), naming it ``name``."""
-    whole = hasattr(value, "__index__") and not isinstance(value, bool)
+    """Refuse ``value`` unless it is a whole number (an int or numpy integer, not a bool or a tensor)
+    from ``low`` to ``high`` (no upper bound when None), naming it ``name``."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not whole or value < low or (high is not None and value > high):
         span = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise CTFlowError(f"{name} must be a whole number {span}, got {value!r}")
 
 
 def positive_number(value) -> bool:
-    """Whether ``value`` is a finite number (an int or float, not a bool) above 0."""
+    """Whether ``value`` is a finite number (an int or float, numpy's too, not a bool) above 0."""
     return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     )
 
 

@@ -24,7 +24,7 @@ from ctflow import __version__
 from ctflow.errors import CTFlowError, warn
 from ctflow.files import check_output, write_text_atomic
 from ctflow.models.text import clean_report, parse_meta, strip_meta
-from ctflow.pipeline import MAX_SLICES, report_problem
+from ctflow.pipeline import MAX_GUIDANCE, MAX_SLICES, report_problem
 
 
 @dataclass
@@ -47,8 +47,8 @@ class GenerationSettings:
         if self.steps < 1 or self.steps > 1000:
             raise CTFlowError(f"--steps must be between 1 and 1000, got {self.steps}")
         for option, scale in (("--guidance", self.guidance), ("--finding-guidance", self.finding_guidance)):
-            if scale is not None and not 0 <= scale <= 100:
-                raise CTFlowError(f"{option} must be between 0 and 100, got {scale}")
+            if scale is not None and not 0 <= scale <= MAX_GUIDANCE:
+                raise CTFlowError(f"{option} must be between 0 and {MAX_GUIDANCE}, got {scale}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise CTFlowError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.dicom is not None:  # before generating, not after the NIfTI is written

@@ -50,7 +50,21 @@ from ctflow.models.text import (
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "ctflow-phantom-tiny"
 END_EOS, END_COUNT, END_LIMIT = "eos", "num_slices", "max_slices"
 MAX_SLICES = 2048  # the most slices one volume may have, in the library and the CLI
+MAX_GUIDANCE = 100  # the largest guidance scale taken (far past it the ODE overflows to NaN)
 MAX_SPACING_MM = 100.0  # mm: the widest slice spacing a report or a caller may give, or a volume get
+# what a model folder may hold: save_pretrained(overwrite=True) replaces only such a folder
+MODEL_FOLDER_ENTRIES = frozenset(
+    {
+        "model_index.json",
+        "vae",
+        "transformer",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "README.md",
+        "timings.json",
+    }
+)
 MIN_SCAN_SLICES = 8  # white slices before this depth are not read as the end of the scan
 EOS_THRESHOLD = 0.5  # a decoded slice whose mean (in [-1, 1]) exceeds this is white: end of scan
 
@@ -273,7 +287,19 @@ class CTFlowPipeline:
     def save_pretrained(
         self, folder: str | Path, overwrite: bool = False, include_text_encoder: bool | None = None
     ):
-        """Write the diffusers-style folder (safetensors only), atomically."""
+        """Write the diffusers-style folder (safetensors only), atomically.
+
+        ``overwrite`` replaces a model folder whole (its model card and timings describe the old
+        weights, so they go too); a folder holding anything else is refused, not deleted."""
+        folder = Path(folder)
+        if overwrite and folder.is_dir():
+            foreign = sorted(p.name for p in folder.iterdir() if p.name not in MODEL_FOLDER_ENTRIES)
+            if foreign:
+                raise CTFlowError(
+                    f"{folder} holds more than a model folder's parts ({', '.join(foreign[:3])}"
+                    f"{' and more' if len(foreign) > 3 else ''}), which overwriting it would delete;"
+                    " save into a new or empty folder"
+                )
         if include_text_encoder is None:
             include_text_encoder = self.config.get("text_encoder_source") is None
         config = {k: v for k, v in self.config.items() if k != "weights_hash"}
@@ -377,14 +403,16 @@ class CTFlowPipeline:
             if scale is None and name == "finding_guidance":
                 continue
             number = isinstance(scale, int | float | np.integer | np.floating) and not isinstance(scale, bool)
-            if not number or scale < 0 or not math.isfinite(scale):
-                raise CTFlowError(f"{name} must be a finite number >= 0, got {scale!r}")
-        generators = list(generator) if isinstance(generator, list | tuple) else [generator] * len(reports)
+            if not number or not 0 <= scale <= MAX_GUIDANCE:
+                raise CTFlowError(f"{name} must be a number from 0 to {MAX_GUIDANCE}, got {scale!r}")
+        one = not isinstance(generator, list | tuple)
+        generators = [generator] * len(reports) if one else list(generator)
         if len(generators) != len(reports):
             raise CTFlowError(f"{len(generators)} generators for {len(reports)} reports; give one each")
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+        if not all((one and g is None) or isinstance(g, torch.Generator) for g in generators):
             raise CTFlowError(
-                "generator must be a torch.Generator or a list of them, one per report; for a seed,"
+                "generator must be a torch.Generator or a list of them, one per report (None only as the"
+                " batch's one: torch's global generator); for a seed,"
                 " pass torch.Generator().manual_seed(seed)"
             )
         if slice_spacing is not None and not (
