@@ -93,6 +93,23 @@ def test_on_chunk_gives_each_volume_as_it_grows_trimmed_as_the_volume_is(pipe, m
         assert np.array_equal(np.concatenate(shown[item]), out.volumes[item].hu())
 
 
+def test_on_chunk_is_not_called_for_a_chunk_that_adds_no_slice(pipe, monkeypatch):
+    import ctflow.pipeline as module
+
+    _scripted_decoder(pipe, monkeypatch, white_from=None)
+    calls = []
+
+    def latent_end(latents, eos, max_mse):  # the third chunk (slices 8-11) is the end from its first slice
+        calls.append(None)
+        return torch.full((latents.shape[1],), len(calls) == 3, dtype=torch.bool)
+
+    monkeypatch.setattr(module, "eos_latent_slices", latent_end)
+    shown = []
+    out = pipe(REPORT, max_slices=40, num_inference_steps=1, on_chunk=lambda item, s: shown.append(len(s)))
+    assert out.end_reasons == [END_EOS] and out.volumes[0].num_slices == 8
+    assert shown == [4, 4]  # not [4, 4, 0]
+
+
 def test_generators_may_come_as_a_tuple_and_an_empty_batch_is_named(pipe):
     run = {"num_slices": 4, "num_inference_steps": 1}
     pair = (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
@@ -441,6 +458,15 @@ def test_a_saved_copy_of_the_text_encoder_is_the_one_loaded(pipe, tmp_path):
     (tmp_path / "m/text_encoder/model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CTFlowError, match="cannot load text encoder"):  # it is read, not skipped
         CTFlowPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_a_pipeline_saved_in_bfloat16_loads_in_float32_throughout(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m", include_text_encoder=True)
+    half = CTFlowPipeline.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)
+    half.save_pretrained(tmp_path / "half", include_text_encoder=True)
+    loaded = CTFlowPipeline.from_pretrained(tmp_path / "half")
+    dtypes = {loaded.transformer.dtype, loaded.vae.vae.dtype, loaded.text.model.dtype}
+    assert dtypes == {torch.float32}  # the text encoder came back in bfloat16 alone
 
 
 def test_loading_leaves_the_transformers_progress_bar_setting_alone(pipe, tmp_path):

@@ -570,7 +570,7 @@ class CTFlowPipeline:
                 outputs[item].append(
                     self.vae.denormalize(slices[:keep].numpy()).astype(np.float32, copy=False)
                 )
-                if on_chunk is not None:
+                if on_chunk is not None and keep:  # (a scan that ends on a chunk's first slice adds none)
                     on_chunk(item, outputs[item][-1])
                 counts[item] += keep
                 if ends[item] is None and counts[item] >= limits[item]:

@@ -175,8 +175,14 @@ def load_text_encoder(path: str | Path | None = None, tokenizer_path: str | Path
             tokenizer = AutoTokenizer.from_pretrained(
                 tokenizer_path, local_files_only=True, trust_remote_code=False
             )
+            # float32 whatever the files were saved in, as the VAE and the transformer load (a pipeline
+            # saved in bfloat16 came back with its text encoder alone in bfloat16); pipe.to casts
             model = AutoModel.from_pretrained(
-                path, local_files_only=True, use_safetensors=True, trust_remote_code=False
+                path,
+                local_files_only=True,
+                use_safetensors=True,
+                trust_remote_code=False,
+                dtype=torch.float32,
             )
     except (OSError, ValueError, SafetensorError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
