@@ -153,13 +153,24 @@ def test_ct_small_stacked_into_series(tmp_path):
 # --- refusals --------------------------------------------------------------------------------
 
 
-def test_ct_small_single_file_refused(tmp_path):
+def test_a_one_slice_series_takes_its_depth_from_the_slice_thickness(tmp_path):
+    """ctflow writes one-slice series (--slices 1 --dicom) and read them back as an error."""
     folder = tmp_path / "one"
     folder.mkdir()
     shutil.copy(get_testdata_file("CT_small.dcm"), folder / "CT_small.dcm")
+    vol = read_dicom_series(folder)
+    assert vol.shape == (1, 128, 128)
+    np.testing.assert_allclose(vol.spacing, (5.0, 0.661468, 0.661468), rtol=1e-5)  # SliceThickness 5
+    written = write_volume(Volume(vol.hu(), (2.5, 0.8, 0.8)), tmp_path / "mine")
+    again = read_volume(written)
+    assert again.shape == (1, 128, 128) and np.allclose(again.spacing, (2.5, 0.8, 0.8))
+    np.testing.assert_array_equal(again.hu(), np.round(vol.hu()))
+    ds = pydicom.dcmread(folder / "CT_small.dcm")  # no depth at all: a 2D image, refused
+    del ds.SliceThickness, ds.SpacingBetweenSlices
+    ds.save_as(folder / "CT_small.dcm")
     with pytest.raises(CTFlowError) as e:
         read_dicom_series(folder)
-    assert "single DICOM slice" in _err(e) and "2D" in _err(e)
+    assert "single DICOM slice" in _err(e) and "no depth" in _err(e)
     with pytest.raises(CTFlowError) as e:
         read_dicom_series(folder / "CT_small.dcm")
     assert "folder" in _err(e)

@@ -29,7 +29,7 @@ from pydicom.valuerep import format_number_as_ds
 from ctflow.data.hu import rescale_stored
 from ctflow.data.orientation import axcodes, reorient_to_canonical, spacing_from_affine
 from ctflow.data.volume import Volume
-from ctflow.errors import CTFlowError, warn
+from ctflow.errors import CTFlowError, positive_number, warn
 from ctflow.files import atomic_dir
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -148,6 +148,60 @@ def _value(ds: Dataset, keyword: str, default: float, path: Path) -> float:
     return value
 
 
+def _slice_thickness(ds: Dataset) -> float | None:
+    """SpacingBetweenSlices, else SliceThickness, in mm: the depth of a one-slice series (None: neither
+    is a number above 0)."""
+    for key in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            value = float(getattr(ds, key))
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if positive_number(value):
+            return value
+    return None
+
+
+def check_stack(folder, slices, along, positions, pixel_spacing) -> None:
+    """Refuse a sorted stack of two or more slices that is not one even, straight series: duplicate
+    positions, missing slices, uneven steps, or a slice off the line through the others."""
+    steps = np.diff(along)
+    dup = np.flatnonzero(steps < DUPLICATE_TOLERANCE_MM)
+    if dup.size:
+        i = int(dup[0])
+        raise CTFlowError(
+            f"{folder}: {dup.size} duplicate slice position(s), e.g. {slices[i][0].name} and"
+            f" {slices[i + 1][0].name} are both at {along[i]:.3f} mm; remove duplicate files or split"
+            " the series (it may hold several acquisitions)"
+        )
+    median = float(np.median(steps))
+    gaps = np.flatnonzero(steps > MAX_GAP_RATIO * median)
+    if gaps.size:
+        i = int(gaps[0])
+        more = f" ({gaps.size} such steps)" if gaps.size > 1 else ""
+        raise CTFlowError(
+            f"{folder}: missing slices or a change of spacing: a {steps[i]:.3f} mm step between positions"
+            f" {along[i]:.3f} and {along[i + 1]:.3f} mm where the usual step is {median:.3f} mm{more};"
+            " re-export the complete series, or resample it to even spacing"
+        )
+    uneven = np.flatnonzero(np.abs(steps - median) > MAX_STEP_DEVIATION * median)
+    if uneven.size:
+        raise CTFlowError(
+            f"{folder}: inconsistent slice spacing (steps from {steps.min():.3f} to {steps.max():.3f} mm,"
+            f" more than {MAX_STEP_DEVIATION:.0%} apart); resample the series to even spacing first"
+        )
+
+    # every slice on the straight line from the first to the last (as the affine will place it)
+    share = (along - along[0]) / (along[-1] - along[0])
+    off = np.linalg.norm(positions - (positions[0] + share[:, None] * (positions[-1] - positions[0])), axis=1)
+    if off.max() > OFF_LINE_PIXELS * min(pixel_spacing):
+        i = int(np.argmax(off))
+        raise CTFlowError(
+            f"{folder}: {slices[i][0].name} lies {off[i]:.2f} mm off the line through the other slices'"
+            " ImagePositionPatient; the slices do not form one straight stack: re-export the series, or"
+            " resample it first"
+        )
+
+
 def read_dicom_series(folder: str | os.PathLike) -> Volume:
     """Read the single CT series in ``folder`` into a canonical :class:`Volume`.
 
@@ -187,11 +241,14 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
             " pass a folder holding only one series (sort the files into one folder per series first)"
         )
     (slices,) = series.values()
-    if len(slices) < 2:
-        raise CTFlowError(
-            f"{folder} holds a single DICOM slice ({slices[0][0].name}), which is a 2D image;"
-            " ctflow needs a 3D series of at least 2 slices"
-        )
+    thickness = None  # a one-slice series' spacing, which no second position gives
+    if len(slices) == 1:
+        thickness = _slice_thickness(slices[0][1])
+        if thickness is None:
+            raise CTFlowError(
+                f"{folder} holds a single DICOM slice ({slices[0][0].name}) without a SliceThickness or"
+                " SpacingBetweenSlices, so it has no depth; a 2D image is not read as a CT volume"
+            )
 
     p0, ds0 = slices[0]
     for key in _REQUIRED:
@@ -228,46 +285,15 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     along, positions = along[order], positions[order]
     slices = [slices[i] for i in order]
 
-    steps = np.diff(along)
-    dup = np.flatnonzero(steps < DUPLICATE_TOLERANCE_MM)
-    if dup.size:
-        i = int(dup[0])
-        raise CTFlowError(
-            f"{folder}: {dup.size} duplicate slice position(s), e.g. {slices[i][0].name} and"
-            f" {slices[i + 1][0].name} are both at {along[i]:.3f} mm; remove duplicate files or split"
-            " the series (it may hold several acquisitions)"
-        )
-    median = float(np.median(steps))
-    gaps = np.flatnonzero(steps > MAX_GAP_RATIO * median)
-    if gaps.size:
-        i = int(gaps[0])
-        more = f" ({gaps.size} such steps)" if gaps.size > 1 else ""
-        raise CTFlowError(
-            f"{folder}: missing slices or a change of spacing: a {steps[i]:.3f} mm step between positions"
-            f" {along[i]:.3f} and {along[i + 1]:.3f} mm where the usual step is {median:.3f} mm{more};"
-            " re-export the complete series, or resample it to even spacing"
-        )
-    uneven = np.flatnonzero(np.abs(steps - median) > MAX_STEP_DEVIATION * median)
-    if uneven.size:
-        raise CTFlowError(
-            f"{folder}: inconsistent slice spacing (steps from {steps.min():.3f} to {steps.max():.3f} mm,"
-            f" more than {MAX_STEP_DEVIATION:.0%} apart); resample the series to even spacing first"
-        )
-
-    # every slice on the straight line from the first to the last (as the affine will place it)
-    share = (along - along[0]) / (along[-1] - along[0])
-    off = np.linalg.norm(positions - (positions[0] + share[:, None] * (positions[-1] - positions[0])), axis=1)
-    if off.max() > OFF_LINE_PIXELS * min(pixel_spacing):
-        i = int(np.argmax(off))
-        raise CTFlowError(
-            f"{folder}: {slices[i][0].name} lies {off[i]:.2f} mm off the line through the other slices'"
-            " ImagePositionPatient; the slices do not form one straight stack: re-export the series, or"
-            " resample it first"
-        )
+    if thickness is None:
+        check_stack(folder, slices, along, positions, pixel_spacing)
+        step = (positions[-1] - positions[0]) / (len(slices) - 1)
+    else:
+        step = normal * thickness
 
     # LPS affine of the (slice, row, column) array in sorted order.
     lps = np.eye(4)
-    lps[:3, 0] = (positions[-1] - positions[0]) / (len(slices) - 1)
+    lps[:3, 0] = step
     lps[:3, 1] = col_dir * pixel_spacing[0]  # rows advance along the column direction
     lps[:3, 2] = row_dir * pixel_spacing[1]  # columns advance along the row direction
     lps[:3, 3] = positions[0]
