@@ -424,6 +424,13 @@ def test_invalid_specs_raise_one_line_errors():
         _spec(seed=-1),
         _spec(size=4),
         _spec(slice_spacing=0.0),
+        # rendered as 10 slices of 40 px while the ground truth recorded 10.7 and 40.5
+        _spec(num_slices=10.7),
+        _spec(size=40.5),
+        _spec(seed=True),
+        _spec(noise_hu="15"),
+        _spec(findings=[{"type": "nodule", "lobe": "left upper", "size_mm": "big"}]),  # a bare ValueError
+        _spec(findings=[{"type": "effusion", "side": "left", "depth_mm": 5}]),
     ):
         with pytest.raises(CTFlowError) as e:
             make_phantom(bad)
@@ -471,7 +478,7 @@ def test_a_given_effusion_depth_is_the_depth_recorded_whatever_the_body_scale():
     for scale in (0.9, 1.0, 1.2):
         spec = _spec(body_scale=scale, findings=[{"type": "effusion", "side": "left", "depth_mm": 55}])
         assert make_phantom(spec)[1]["findings"][0]["depth_mm"] == 55.0, scale
-    with pytest.raises(CTFlowError, match="depth_mm must be 10..120"):
+    with pytest.raises(CTFlowError, match="depth_mm must be a number from 10 to 120 mm"):
         _spec(findings=[{"type": "effusion", "side": "left", "depth_mm": 500}]).validate()
 
 

@@ -28,6 +28,7 @@ gives a bit-identical array.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from ctflow.data.labels import CTRATE_LABELS
 from ctflow.data.volume import Volume, canonical_affine
-from ctflow.errors import CTFlowError, one_of
+from ctflow.errors import CTFlowError, check_whole, one_of, positive_number
 
 MAX_SLICE_SPACING = 6.0  # mm: a stack of fewer slices than the body's length needs stops short
 # the slices that cover 95% of the longest body sample_spec draws (350 mm x body scale 1.12) at that
@@ -130,19 +131,18 @@ class PhantomSpec:
 
     def validate(self) -> None:
         """Raise :class:`CTFlowError` when the spec cannot be rendered."""
-        if not isinstance(self.seed, int | np.integer) or self.seed < 0:
-            raise CTFlowError(f"phantom seed must be a non-negative integer; got {self.seed!r}")
-        if not 16 <= int(self.size) <= 1024:
-            raise CTFlowError(f"phantom size must be 16..1024 pixels; got {self.size}")
-        if not 1 <= int(self.num_slices) <= 2048:
-            raise CTFlowError(f"phantom num_slices must be 1..2048; got {self.num_slices}")
-        for name in ("slice_spacing", "pixel_spacing", "body_scale"):
-            v = float(getattr(self, name))
-            if not (math.isfinite(v) and v > 0):
-                raise CTFlowError(f"phantom {name} must be a positive number; got {v}")
+        for name, low, high in (("seed", 0, None), ("size", 16, 1024), ("num_slices", 1, 2048)):
+            check_whole(f"phantom {name}", getattr(self, name), low, high)  # 10.7 slices: not 10 silently
+        for name in ("slice_spacing", "pixel_spacing", "body_scale", "start_level", "noise_hu"):
+            v = getattr(self, name)
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)):
+                raise CTFlowError(f"phantom {name} must be a number; got {v!r}")
+        for name in ("slice_spacing", "pixel_spacing"):
+            if not positive_number(getattr(self, name)):
+                raise CTFlowError(f"phantom {name} must be a positive number; got {getattr(self, name)}")
         if not 0.5 <= self.body_scale <= 2.0:
             raise CTFlowError(f"phantom body_scale must be 0.5..2.0; got {self.body_scale}")
-        if not (math.isfinite(float(self.noise_hu)) and self.noise_hu >= 0):
+        if self.noise_hu < 0:
             raise CTFlowError(f"phantom noise_hu must be >= 0; got {self.noise_hu}")
         for f in self.findings:
             _check_finding(f)
@@ -154,14 +154,17 @@ def _check_finding(f: Any) -> None:
     t = f["type"]
     if t in ("nodule", "consolidation") and f.get("lobe") not in LOBES:
         raise CTFlowError(f"{t} lobe must be {one_of(LOBES)}; got {f.get('lobe')!r}")
-    if t == "nodule":
-        size = float(f.get("size_mm", 10.0))
-        if not 2.0 <= size <= 60.0:
-            raise CTFlowError(f"nodule size_mm must be 2..60 mm; got {size}")
+    for key, kind, default, low, high in (
+        ("size_mm", "nodule", 10.0, 2.0, 60.0),
+        ("depth_mm", "effusion", 45.0, 10.0, 120.0),
+    ):
+        if t == kind:
+            v = f.get(key, default)
+            number = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            if not (number and low <= v <= high):
+                raise CTFlowError(f"{kind} {key} must be a number from {low:g} to {high:g} mm; got {v!r}")
     if t == "effusion" and f.get("side") not in EFFUSION_SIDES:
         raise CTFlowError(f"effusion side must be {one_of(EFFUSION_SIDES)}; got {f.get('side')!r}")
-    if t == "effusion" and "depth_mm" in f and not 10.0 <= float(f["depth_mm"]) <= 120.0:
-        raise CTFlowError(f"effusion depth_mm must be 10..120 mm; got {f['depth_mm']}")
 
 
 # ----------------------------------------------------------------------------- sampling
