@@ -469,6 +469,19 @@ def test_a_pipeline_saved_in_bfloat16_loads_in_float32_throughout(pipe, tmp_path
     assert dtypes == {torch.float32}  # the text encoder came back in bfloat16 alone
 
 
+def test_to_takes_the_clis_device_and_dtype_names_and_refuses_others_clearly(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    loaded = CTFlowPipeline.from_pretrained(tmp_path / "m", torch_dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16 and loaded.text.model.dtype == torch.bfloat16
+    with pytest.raises(CTFlowError, match="no CUDA GPU"):  # torch's AssertionError before
+        loaded.to("cuda")  # (the CPU build of torch these tests run on)
+    with pytest.raises(CTFlowError, match="not a device"):
+        loaded.to("gpu")
+    with pytest.raises(CTFlowError, match="dtype must be a torch.dtype"):
+        loaded.to(dtype=16)
+    assert loaded.to("cpu", "float32").dtype == torch.float32
+
+
 def test_loading_leaves_the_transformers_progress_bar_setting_alone(pipe, tmp_path):
     from transformers.utils import logging as hf_logging
 

@@ -36,6 +36,7 @@ import torch
 
 from ctflow import __version__
 from ctflow.data.volume import Volume, canonical_affine
+from ctflow.device import resolve_device, resolve_dtype
 from ctflow.errors import CTFlowError, check_whole, one_of, positive_number, warn
 from ctflow.files import atomic_dir
 from ctflow.models.text import (
@@ -346,10 +347,17 @@ class CTFlowPipeline:
         on its own device (CPU by default, so a seed gives the same noise on every device), and the
         volumes come back in CPU memory. Casting is in place: weights cast to bfloat16 and back have
         lost their low bits, so load the model again for float32. ``pipe.to(torch.bfloat16)`` casts
-        without moving.
+        without moving. A plain ``"cuda"`` under ``torchrun`` or ``accelerate launch`` is this
+        process's GPU (``LOCAL_RANK``), as the CLI's ``--device``.
         """
         if isinstance(device, torch.dtype):
             device, dtype = None, device
+        if device is not None:  # a plain "cuda" under torchrun: this process's GPU, as the CLI's --device
+            device = resolve_device(str(device))
+        if isinstance(dtype, str):  # "bfloat16", as the CLI's --dtype
+            dtype = resolve_dtype(dtype)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise CTFlowError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
         for module in (self.vae.vae, self.text.model, self.transformer):
             # torch's own ``to``: diffusers' override warns about fp32-only modules, and ours have none
             torch.nn.Module.to(module, device=device, dtype=dtype)
