@@ -334,7 +334,7 @@ def test_save_and_load_round_trip_generates_the_same_volume(pipe, tmp_path):
     # a folder holding anything else is refused, not emptied
     (tmp_path / "models" / "other_model").mkdir(parents=True)
     (tmp_path / "models" / "notes.txt").write_text("x")
-    with pytest.raises(CTFlowError, match=r"more than a model folder's parts \(notes.txt, other_model\)"):
+    with pytest.raises(CTFlowError, match=r"more than a model folder's files \(notes.txt, other_model\)"):
         pipe.save_pretrained(tmp_path / "models", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["notes.txt", "other_model"]
 

@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ctflow.errors import CTFlowError
@@ -32,6 +32,35 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
         nearest = nearest.parent
     if nearest.is_dir() and not os.access(nearest, os.W_OK | os.X_OK):
         raise CTFlowError(f"cannot write {path}: {nearest} is not writable; write somewhere else")
+    return path
+
+
+def check_folder_output(
+    path: str | os.PathLike,
+    overwrite: bool,
+    belongs: Callable[[Path], bool],
+    inputs=(),
+    what: str = "an output",
+) -> Path:
+    """:func:`check_output` for a folder written whole (:func:`atomic_dir`), which replacing deletes:
+    refuse a ``path`` that is, or holds, one of the ``inputs`` it is made from, and an existing folder
+    holding an entry that does not ``belong`` in such an ``what`` folder."""
+    path = check_output(path, overwrite)
+    target = path.resolve()
+    for given in inputs:
+        given = Path(given).resolve()
+        if given == target or target in given.parents:
+            raise CTFlowError(
+                f"{path} holds the input {given}, which writing it would delete; write to a new folder"
+            )
+    if path.is_dir():
+        foreign = sorted(p.name for p in path.iterdir() if not belongs(p))
+        if foreign:
+            raise CTFlowError(
+                f"{path} holds more than {what} folder's files ({', '.join(foreign[:3])}"
+                f"{' and more' if len(foreign) > 3 else ''}), which replacing it would delete;"
+                " write to a new or empty folder"
+            )
     return path
 
 

@@ -38,7 +38,7 @@ from ctflow import __version__
 from ctflow.data.volume import Volume, canonical_affine
 from ctflow.device import resolve_device, resolve_dtype
 from ctflow.errors import CTFlowError, check_whole, one_of, positive_number, warn
-from ctflow.files import atomic_dir
+from ctflow.files import atomic_dir, check_folder_output
 from ctflow.models.text import (
     DEFAULT_TEXT_ENCODER,
     ReportEncoder,
@@ -292,15 +292,9 @@ class CTFlowPipeline:
 
         ``overwrite`` replaces a model folder whole (its model card and timings describe the old
         weights, so they go too); a folder holding anything else is refused, not deleted."""
-        folder = Path(folder)
-        if overwrite and folder.is_dir():
-            foreign = sorted(p.name for p in folder.iterdir() if p.name not in MODEL_FOLDER_ENTRIES)
-            if foreign:
-                raise CTFlowError(
-                    f"{folder} holds more than a model folder's parts ({', '.join(foreign[:3])}"
-                    f"{' and more' if len(foreign) > 3 else ''}), which overwriting it would delete;"
-                    " save into a new or empty folder"
-                )
+        folder = check_folder_output(
+            folder, overwrite, lambda p: p.name in MODEL_FOLDER_ENTRIES, what="a model"
+        )
         if include_text_encoder is None:
             include_text_encoder = self.config.get("text_encoder_source") is None
         config = {k: v for k, v in self.config.items() if k != "weights_hash"}

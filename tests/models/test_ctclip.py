@@ -46,10 +46,40 @@ def test_convert_ctclip_cli_refuses_a_checkpoint_without_text_tower(tmp_path, ru
 
 def test_convert_ctclip_refuses_pickled_objects(tmp_path, run_cli):
     torch.save({"a": Arbitrary()}, tmp_path / "e.pt")  # an arbitrary object, not tensors
-    assert_clean_error(
-        run_cli("convert", "ctclip", tmp_path / "e.pt", "--out", tmp_path / "o"), "weights-only"
-    )
+    result = run_cli("convert", "ctclip", tmp_path / "e.pt", "--out", tmp_path / "o")
+    assert_clean_error(result, "weights-only", "never unpickles")
+    assert "weights_only" not in result.error_line  # not torch's advice to load it unsafely
     assert not (tmp_path / "o").exists()
+
+
+def test_convert_ctclip_overwrite_never_deletes_its_inputs_or_other_files(tmp_path, run_cli):
+    _fake_ctclip(tmp_path / "ctclip.pt")
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    (tok / "pytorch_model.bin").write_bytes(b"the user's other weights")
+    for out, named in ((tmp_path / "ctclip.pt", "ctclip.pt"), (tok, "tok"), (tmp_path, "ctclip.pt")):
+        args = ("convert", "ctclip", tmp_path / "ctclip.pt", "--tokenizer", tok, "--out", out)
+        assert_clean_error(
+            run_cli(*args, "--num-attention-heads", 1, "--overwrite"), "holds the input", named
+        )
+    assert (tmp_path / "ctclip.pt").is_file() and (tok / "pytorch_model.bin").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    args = ("convert", "ctclip", tmp_path / "ctclip.pt", "--out", other, "--num-attention-heads", 1)
+    assert_clean_error(run_cli(*args), "already exists")  # said before the checkpoint is read
+    assert_clean_error(
+        run_cli(*args, "--overwrite"), "more than a converted text encoder folder's", "notes.txt"
+    )
+    assert (other / "notes.txt").exists()
+    done = tmp_path / "done"
+    assert (
+        run_cli("convert", "ctclip", tmp_path / "ctclip.pt", "--out", done, "--num-attention-heads", 1).code
+        == 0
+    )
+    assert run_cli("convert", "ctclip", tmp_path / "ctclip.pt", "--out", done, "--num-attention-heads", 1,
+                   "--overwrite").code == 0  # fmt: skip
 
 
 def test_a_converted_text_tower_without_its_tokenizer_is_refused_when_loaded(tmp_path):

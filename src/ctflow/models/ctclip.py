@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ctflow.errors import CTFlowError, check_whole
-from ctflow.files import atomic_dir
+from ctflow.files import atomic_dir, check_folder_output
 
 PREFIX = "text_transformer."
 
@@ -29,10 +29,12 @@ def _load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported the same way
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        if "Weights only load failed" in detail:  # torch's own advice, to unpickle it, is not ctflow's
+            detail = "it holds Python objects besides tensors, which ctflow never unpickles"
         raise CTFlowError(
-            f"cannot read {checkpoint} as a weights-only checkpoint ({type(e).__name__}:"
-            f" {str(e).splitlines()[0] if str(e) else 'no detail'}); pass CT-CLIP's own .pt file,"
-            " as downloaded"
+            f"cannot read {checkpoint} as a weights-only checkpoint ({type(e).__name__}: {detail});"
+            " pass CT-CLIP's own .pt file, as downloaded"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -45,6 +47,14 @@ def _load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
             f"{checkpoint}: {odd[0]} is a {type(obj[odd[0]]).__name__}, not a tensor; is this a CT-CLIP checkpoint?"
         )
     return obj
+
+
+def _converted_file(path: Path) -> bool:
+    """Whether ``path`` is one of the files a conversion writes (so --overwrite may replace it)."""
+    return path.is_file() and (
+        path.name in ("config.json", "model.safetensors")
+        or path.name.startswith(("tokenizer", "vocab", "special_tokens"))
+    )
 
 
 def _tokenizer_files(tokenizer: str | Path | None) -> list[Path]:
@@ -108,7 +118,9 @@ def convert_ctclip(
     """Write CT-CLIP's text transformer as a transformers BertModel folder."""
     from transformers import BertConfig, BertModel
 
-    tokenizer_files = _tokenizer_files(tokenizer)  # checked before any work
+    tokenizer_files = _tokenizer_files(tokenizer)  # checked before any work, as --out is
+    inputs = [checkpoint, *([tokenizer] if tokenizer is not None else [])]
+    check_folder_output(out, overwrite, _converted_file, inputs, what="a converted text encoder")
     state = _load_state_dict(Path(checkpoint))
     text = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     if not text:
