@@ -509,7 +509,14 @@ def generate(
 
 @app.command()
 def evaluate(
-    real: Annotated[Path, typer.Option("--real", help="Reference data set in the CT-RATE layout.")],
+    real: Annotated[
+        Path,
+        typer.Option(
+            "--real",
+            help="Reference data set in the CT-RATE layout; every split in it is pooled (give one holding"
+            " only held-out volumes).",
+        ),
+    ],
     fake: Annotated[
         Path, typer.Option("--fake", help="Folder of generated .nii.gz files with JSON sidecars.")
     ],

@@ -126,6 +126,33 @@ def test_evaluate_names_bad_inputs(sets, tmp_path):
     # --train is checked, and named, before the slow loading of the other sets
     with pytest.raises(CTFlowError, match="--train data set .*nothere not found"):
         evaluate(real, fake, tmp_path / "o11", train_dir=tmp_path / "nothere")
+    with pytest.raises(CTFlowError, match="--train .*fake is not a data set in the CT-RATE layout"):
+        evaluate(real, fake, tmp_path / "o12", train_dir=fake)
+    # a data set passed as --fake was blamed on DICOM
+    with pytest.raises(
+        CTFlowError, match="is a data set in the CT-RATE layout, not generated volumes; pass it as --real"
+    ):
+        evaluate(real, real, tmp_path / "o13")
+
+
+def test_evaluate_reads_upper_case_names_and_skips_hidden_files(sets, tmp_path):
+    """`ctflow generate --out CT.NII.GZ` writes such names; a run killed mid-write leaves a hidden
+    temporary file (and macOS `._` files), which evaluate named as volumes without sidecars."""
+    import shutil
+
+    _, real, fake = sets
+    folder = tmp_path / "fake"
+    folder.mkdir()
+    shutil.copy(fake / "gen_1.nii.gz", folder / "CT.NII.GZ")
+    shutil.copy(fake / "gen_1.json", folder / "CT.json")
+    shutil.copy(fake / "gen_2.nii.gz", folder / "b.nii.gz")
+    shutil.copy(fake / "gen_2.json", folder / "b.json")
+    (folder / ".c.nii.gz.k3j2h1.tmp.nii.gz").write_bytes(b"half")
+    (folder / "._b.nii.gz").write_bytes(b"resource fork")
+    lines = []
+    res = evaluate(real, folder, tmp_path / "out", log=lines.append)
+    assert res["n_generated"] == 2
+    assert any("not reading 2 hidden file(s)" in line for line in lines)
 
 
 def test_evaluate_names_every_real_volume_it_skips_and_records_them(sets, tmp_path):
@@ -221,3 +248,18 @@ def test_the_clip_score_reads_the_text_the_model_was_given(sets, tmp_path, monke
         seen[0][1] == side["conditioning_text"]
         and seen[0][0] == json.loads((copy / "gen_0.json").read_text())["report"]
     )
+
+
+def test_evaluate_says_when_it_pools_several_splits_of_the_real_set(sets, tmp_path):
+    import shutil
+
+    _, real, fake = sets
+    both = shutil.copytree(real, tmp_path / "real")
+    writer = CTRateWriter(both, "valid")
+    vol, gt = make_phantom(sample_spec(33_200, size=64, slice_range=(40, 48)))
+    writer.add(0, vol, phantom_report(gt, 33_200), gt["labels"])
+    writer.close()
+    lines = []
+    res = evaluate(both, fake, tmp_path / "out", log=lines.append)
+    assert res["n_real"] == 5
+    assert any("5 volumes from every split (train, valid), pooled" in line for line in lines)

@@ -95,14 +95,14 @@ def _read_attributes(volume) -> dict:
 # ----------------------------------------------------------------------------- loading
 
 
-def _splits(root: Path) -> list[str]:
+def _splits(root: Path, option: str = "") -> list[str]:
     from ctflow.data.ctrate import tables_folder
 
     reports = tables_folder(root) / "radiology_text_reports"
     if not reports.is_dir():
         raise CTFlowError(
-            f"{root} is not a data set in the CT-RATE layout (no radiology_text_reports/ folder);"
-            " make one with `ctflow phantoms`"
+            f"{option + ' ' if option else ''}{root} is not a data set in the CT-RATE layout (no"
+            " radiology_text_reports/ folder); make one with `ctflow phantoms`"
         )
     splits = sorted(p.name[: -len("_reports.csv")] for p in reports.glob("*_reports.csv"))
     if not splits:
@@ -116,7 +116,7 @@ def check_data_set(folder: str | Path, option: str) -> Path:
     root = Path(folder)
     if not root.is_dir():
         raise CTFlowError(f"{option} data set {root} not found; pass a folder `ctflow phantoms` wrote")
-    _splits(root)
+    _splits(root, option)
     return root
 
 
@@ -136,7 +136,8 @@ def load_real(
 
     root = check_data_set(real_dir, option)
     items = []
-    for split in _splits(root):
+    splits = _splits(root)
+    for split in splits:
         ds = CTRateDataset.open(root, split)
         for sample in ds:
             hu = sample.volume.hu()
@@ -158,12 +159,14 @@ def load_real(
                 skipped.append(f"{split}: {problem}")
     if not items:
         raise CTFlowError(f"no readable volumes in {option} {root}")
+    if len(splits) > 1 and log is not None:  # e.g. a whole CT-RATE download: its train split too
+        log(f"{option} {root}: {len(items)} volumes from every split ({', '.join(splits)}), pooled")
     return items
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+    name = path.name  # upper-case names too (`ctflow generate --out CT.NII.GZ` writes CT.json beside it)
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
 
 
 def fake_paths(fake_dir: str | Path, log=None) -> list[Path]:
@@ -175,7 +178,12 @@ def fake_paths(fake_dir: str | Path, log=None) -> list[Path]:
     if not root.is_dir():
         raise CTFlowError(f"generated-volume folder {root} not found")
     entries = sorted(root.iterdir())
-    paths = [p for p in entries if p.name.endswith((".nii.gz", ".nii"))]
+    # hidden files are not volumes: a run killed mid-write leaves `.NAME.XXXX.tmp.nii.gz`, macOS `._NAME`
+    hidden = [p.name for p in entries if p.name.startswith(".")]
+    entries = [p for p in entries if not p.name.startswith(".")]
+    if hidden and log is not None:
+        log(f"{root}: not reading {len(hidden)} hidden file(s) ({', '.join(hidden[:3])})")
+    paths = [p for p in entries if p.name.lower().endswith((".nii.gz", ".nii"))]
     for p in paths:
         if not p.is_file():
             raise CTFlowError(
@@ -188,6 +196,13 @@ def fake_paths(fake_dir: str | Path, log=None) -> list[Path]:
         )
     folders = [p.name for p in entries if p.is_dir()]
     if not paths:
+        from ctflow.data.ctrate import tables_folder
+
+        if (tables_folder(root) / "radiology_text_reports").is_dir():
+            raise CTFlowError(
+                f"--fake {root} is a data set in the CT-RATE layout, not generated volumes; pass it as --real"
+                " (or --train), and --fake the folder `ctflow generate --prompts` wrote"
+            )
         dicom = " (DICOM files or series folders are not read: `ctflow generate` writes a NIfTI beside each)"
         found = dicom if folders or any(p.suffix.lower() == ".dcm" for p in entries) else ""
         raise CTFlowError(f"{root} holds no generated volumes (*.nii.gz / *.nii){found}")
