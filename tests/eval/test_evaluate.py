@@ -263,3 +263,29 @@ def test_evaluate_says_when_it_pools_several_splits_of_the_real_set(sets, tmp_pa
     res = evaluate(both, fake, tmp_path / "out", log=lines.append)
     assert res["n_real"] == 5
     assert any("5 volumes from every split (train, valid), pooled" in line for line in lines)
+
+
+def test_a_volume_without_lungs_is_counted_wrong_on_every_attribute_and_named(sets, tmp_path):
+    """A blank volume under a normal report read as normal: 100% attribute accuracy."""
+    import numpy as np
+
+    from ctflow.data.volume import Volume
+
+    _, real, _ = sets
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    normal = "Findings: No pleural effusion. Heart size is normal. Impressions: Normal chest."
+    write_nifti(Volume(np.full((40, 64, 64), -1000, np.int16), (5.0, 5.0, 5.0)), fake / "blank.nii.gz")
+    (fake / "blank.json").write_text(json.dumps({"report": normal}))
+    write_nifti(Volume(np.full((2, 64, 64), -1000, np.int16), (5.0, 5.0, 5.0)), fake / "blank2.nii.gz")
+    (fake / "blank2.json").write_text(json.dumps({"report": normal}))
+    res = evaluate(real, fake, tmp_path / "out")
+    assert res["no_lungs"] == {"generated": ["blank", "blank2"], "real": []}
+    assert res["attribute_accuracy"]["generated_mean"] == 0.0
+    assert res["per_volume"][0]["has_lungs"] is False
+    assert res["fid_slices"]["generated"] == 16 + 2  # the 2-slice volume's axial slices, not 16 repeats
+    report = (tmp_path / "out/report.md").read_text()
+    assert (
+        "2 generated volume(s) without recognisable lungs, counted wrong on every attribute: `blank`"
+        in report
+    )

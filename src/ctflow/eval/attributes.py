@@ -559,6 +559,7 @@ def attributes_from_scores(scores: dict[str, float], nodule_score: str = "nodule
             "emphysema": False,
             "consolidation": False,
             "lung_volume_ml": scores.get("lung_volume_ml", 0.0),
+            "has_lungs": False,
         }
     right = scores["effusion_right_ml"] >= EFFUSION_ML
     left = scores["effusion_left_ml"] >= EFFUSION_ML
@@ -570,6 +571,7 @@ def attributes_from_scores(scores: dict[str, float], nodule_score: str = "nodule
         "emphysema": bool(scores["lung_median_hu"] < EMPHYSEMA_MEDIAN_HU),
         "consolidation": bool(scores["consolidation_ml"] >= CONSOLIDATION_ML),
         "lung_volume_ml": round(float(scores["lung_volume_ml"]), 1),
+        "has_lungs": True,
     }
 
 
@@ -578,8 +580,9 @@ def read_attributes(volume, spacing=None, params: dict | None = None) -> dict:
     ``spacing``, which an array needs).
 
     Returns ``{"effusion": "none"|"left"|"right"|"bilateral", "cardiomegaly": bool,
-    "nodule": bool, "emphysema": bool, "consolidation": bool, "lung_volume_ml": float}``.
-    A volume without recognisable lungs reads as normal. ``params``: the reader's parameters
+    "nodule": bool, "emphysema": bool, "consolidation": bool, "lung_volume_ml": float,
+    "has_lungs": bool}``. A volume without recognisable lungs (``has_lungs`` False) reads as normal;
+    ``ctflow evaluate`` counts it wrong on every attribute. ``params``: the reader's parameters
     (default: the shipped ones, :func:`reader_params`).
     """
     return attributes_from_scores(attribute_scores(volume, spacing, params))

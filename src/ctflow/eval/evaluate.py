@@ -282,7 +282,7 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
     """All metrics for loaded sets (see the module docstring); the memorisation audit is against
     ``train`` when given, else ``real``."""
     from ctflow.eval.attributes import ATTRIBUTE_KEYS, attribute_accuracy, attributes_from_report
-    from ctflow.eval.features import load_features
+    from ctflow.eval.features import load_features, plane_indices
     from ctflow.eval.metrics import FID_SLICES, clip_score, fid_planes, fvd, memorization
 
     model = load_features()
@@ -290,17 +290,29 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
     results: dict = {"n_real": len(real), "n_generated": len(fake)}
     results["fid"] = fid_planes(rv, fv, model=model)
     results["fid_mean"] = float(np.mean(list(results["fid"].values())))
-    results["fid_slices"] = {"real": FID_SLICES * len(real), "generated": FID_SLICES * len(fake)}
+    # distinct slices in the plane with fewest (a short volume's axial slices repeat to make up FID_SLICES)
+    results["fid_slices"] = {
+        side: sum(min(len(plane_indices(n, FID_SLICES)) for n in i.hu.shape) for i in items)
+        for side, items in (("real", real), ("generated", fake))
+    }
     results["fvd"] = fvd(rv, fv, model=model) if len(real) >= 2 and len(fake) >= 2 else None
     results["clip_score"] = {
         "generated": clip_score(fv, [i.conditioning_text for i in fake], model=model),
         "real": clip_score(rv, [i.conditioning_text for i in real], model=model),
     }
     targets = [attributes_from_report(i.report) for i in fake]
-    acc = attribute_accuracy([i.attributes for i in fake], targets)
-    real_acc = attribute_accuracy(
-        [i.attributes for i in real], [attributes_from_report(i.report) for i in real]
-    )
+
+    def scored(item: _Item) -> dict:
+        # a volume the reader finds no lungs in shows neither its report's findings nor their absence:
+        # wrong on every attribute (a blank volume was 100% right under a normal report)
+        return item.attributes if item.attributes.get("has_lungs", True) else dict.fromkeys(ATTRIBUTE_KEYS)
+
+    acc = attribute_accuracy([scored(i) for i in fake], targets)
+    real_acc = attribute_accuracy([scored(i) for i in real], [attributes_from_report(i.report) for i in real])
+    results["no_lungs"] = {
+        side: [i.name for i in items if not i.attributes.get("has_lungs", True)]
+        for side, items in (("generated", fake), ("real", real))
+    }
     results["attribute_accuracy"] = {
         "generated": acc,
         "generated_mean": float(np.mean([acc[k] for k in ATTRIBUTE_KEYS])),
@@ -351,6 +363,7 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
             "requested_slices": requested_slices(item),
             "continuity": _finite(item.continuity),
             "attributes": {k: item.attributes[k] for k in ATTRIBUTE_KEYS},
+            "has_lungs": bool(item.attributes.get("has_lungs", True)),
             "prompt_attributes": targets[n],
             "nearest": against[mem["nearest_correlation_index"][n]].name,
             "nearest_correlation": mem["nearest_correlation"][n],
@@ -361,9 +374,9 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
 
 
 def _chunk_of(items: list[_Item]) -> int:
-    """The chunk size most of the generated volumes were made with."""
+    """The chunk size most of the generated volumes were made with (on a tie, the smallest)."""
     chunks = [i.chunk for i in items]
-    return max(set(chunks), key=chunks.count) if chunks else CHUNK_SLICES
+    return max(sorted(set(chunks)), key=chunks.count) if chunks else CHUNK_SLICES
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -429,6 +442,13 @@ def markdown_report(results: dict) -> str:
         *[f"| {name} | {_fmt(value)} | {note} |" for name, value, note in rows],
         "",
     ]
+    for side, names in results.get("no_lungs", {}).items():
+        if names:
+            lines += [
+                f"{len(names)} {side} volume(s) without recognisable lungs, counted wrong on every attribute:"
+                f" {', '.join(f'`{n}`' for n in names[:5])}{' and more' if len(names) > 5 else ''}.",
+                "",
+            ]
     flagged = mem["flagged"]
     if flagged:
         lines += [f"Possible copies of volumes of {against.split(' (')[0]}:", ""]

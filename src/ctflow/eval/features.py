@@ -92,6 +92,12 @@ def volume_tensor(volume) -> torch.Tensor:
     return _unit(x[0])
 
 
+def plane_indices(length: int, n: int = 16, margin: float = 0.1) -> np.ndarray:
+    """The distinct indices of :func:`plane_slices` along an axis of ``length`` (fewer than ``n`` on a
+    short axis)."""
+    return np.unique(np.rint(np.linspace(margin * (length - 1), (1 - margin) * (length - 1), n)).astype(int))
+
+
 def plane_slices(volume, plane: str, n: int = 16, margin: float = 0.1) -> torch.Tensor:
     """``n`` evenly spaced slices of ``plane`` (central ``1 - 2 * margin`` of the axis): ``(n, 1, 64, 64)`` in [0, 1].
 
@@ -101,9 +107,7 @@ def plane_slices(volume, plane: str, n: int = 16, margin: float = 0.1) -> torch.
         raise CTFlowError(f"plane must be {one_of(PLANES)}; got {plane!r}")
     arr = _hu_array(volume)
     axis = PLANES.index(plane)
-    length = arr.shape[axis]
-    idx = np.unique(np.rint(np.linspace(margin * (length - 1), (1 - margin) * (length - 1), n)).astype(int))
-    idx = np.resize(idx, n)  # short axes repeat slices so every volume contributes n
+    idx = np.resize(plane_indices(arr.shape[axis], n, margin), n)  # short axes repeat slices: n from each
     sl = np.take(arr, idx, axis=axis)  # e.g. (n, H, W) axial
     sl = np.moveaxis(sl, axis, 0)
     x = torch.from_numpy(np.ascontiguousarray(sl))[:, None]
