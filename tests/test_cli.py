@@ -49,6 +49,16 @@ def test_info_says_when_the_values_look_stored_not_hu(tmp_path, run_cli):
     assert "may be stored values, not HU" in json.loads(run_cli("info", tmp_path / "raw.nii.gz").out)["note"]
 
 
+def test_info_prints_valid_json_for_huge_values(tmp_path, run_cli):
+    """The float32 mean of 3e38s overflowed: "hu_mean": Infinity, which is not JSON."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), 3e38, np.float32), affine), tmp_path / "huge.nii.gz")
+    result = run_cli("info", tmp_path / "huge.nii.gz")
+    assert result.code == 0 and "overflow" not in result.err
+    facts = json.loads(result.out, parse_constant=lambda c: pytest.fail(f"{c} in info's JSON"))
+    assert facts["hu_mean"] == pytest.approx(3e38, rel=1e-6)
+
+
 def test_info_prints_geometry_and_synthetic_flag(nifti, run_cli, tmp_path):
     r = run_cli("info", nifti)
     facts = json.loads(r.out)

@@ -190,7 +190,7 @@ def info(volume: Annotated[Path, typer.Argument(help="NIfTI file or DICOM series
         "orientation": "".join(vol.metadata.get("original_axcodes") or nib.aff2axcodes(vol.affine)),
         "hu_min": float(hu.min()),
         "hu_max": float(hu.max()),
-        "hu_mean": round(float(hu.mean()), 2),
+        "hu_mean": round(float(hu.mean(dtype=np.float64)), 2),  # a float32 sum overflows past ~1e34
         "synthetic": vol.synthetic,
     }
     # a chest CT's air and lungs put many voxels near -1000 HU; values with almost none there are
