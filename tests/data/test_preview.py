@@ -33,6 +33,13 @@ def test_preview_and_gif_are_written_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.gif", "p.png"]
 
 
+def test_gif_frames_have_square_pixels_as_the_png_does(tmp_path):
+    hu = _volume().hu()
+    write_gif(Volume(hu, (2.0, 2.0, 1.0)), tmp_path / "wide.gif")  # rows 2 mm apart, columns 1 mm
+    frames = iio.imread(tmp_path / "wide.gif", index=None)
+    assert frames.shape[1:3] == (64, 40)  # 32 rows stretched to 64: was 32 x 40, squashed
+
+
 def test_preview_of_a_large_volume_is_not_enlarged(tmp_path):
     vol = Volume(np.zeros((200, 256, 256), np.float32), (1.0, 1.0, 1.0))
     write_preview(vol, tmp_path / "p.png")

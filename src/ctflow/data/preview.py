@@ -86,6 +86,9 @@ def write_gif(
     import imageio.v3 as iio
 
     frames = apply_window(volume.hu(), window)
+    _, dh, dw = volume.spacing
+    if abs(dh / dw - 1.0) > 1e-3:  # square pixels, as the PNG preview's axial panel
+        frames = ndimage.zoom(frames, (1.0, max(dh / dw, 1 / frames.shape[1]), 1.0), order=1)
     with atomic_path(path, overwrite) as tmp:
         iio.imwrite(tmp, frames, extension=".gif", is_batch=True, duration=1000.0 / fps, loop=0)
     return Path(path)
