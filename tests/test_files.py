@@ -19,8 +19,15 @@ def test_atomic_outputs_get_the_mode_of_a_plain_write_not_the_temp_files_0600(tm
         tmp.write_bytes(b"x")
     with atomic_dir(tmp_path / "series") as tmp:
         (tmp / "a.dcm").write_bytes(b"x")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "model.safetensors").write_bytes(b"x")  # as a library writes it: a 0600 temp, renamed
+        os.chmod(tmp / "sub" / "model.safetensors", 0o600)
+        (tmp / "key").write_bytes(b"x")
+        os.chmod(tmp / "key", 0o400)  # a mode set on purpose is kept
     assert stat.S_IMODE((tmp_path / "ct.nii.gz").stat().st_mode) == 0o640  # 0666 & ~027
     assert stat.S_IMODE((tmp_path / "series").stat().st_mode) == 0o750  # 0777 & ~027
+    assert stat.S_IMODE((tmp_path / "series/sub/model.safetensors").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "series/key").stat().st_mode) == 0o400
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "series"]  # no temp left behind
 
 

@@ -164,6 +164,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         except OSError as e:
             raise _cannot_write(path, e) from None
         _publish_mode(tmp, directory=True)
+        for inner in tmp.rglob("*"):  # what libraries wrote through temporary files of their own (0600)
+            if inner.is_file() and not inner.is_symlink() and inner.stat().st_mode & 0o777 == 0o600:
+                _publish_mode(inner)
         if path.exists():
             if not overwrite:  # it appeared while this one was written (another run)
                 raise CTFlowError(
