@@ -117,7 +117,7 @@ class FakePipe:
 def test_generate_endpoint_streams_and_writes_files(tiny_app, tmp_path):
     _, url = tiny_app
     job = client(url, tmp_path).submit(REPORT, 10, 2, 2.0, 7, api_name="/generate")
-    preview, nifti, status = job.result(timeout=60)
+    preview, nifti, status, sidecar = job.result(timeout=60)
     updates = job.outputs()
     partial_previews = [o[0] for o in updates[:-1] if isinstance(o[0], str) and o[0].endswith(".png")]
     assert len(partial_previews) >= 2, updates  # 10 slices = 3 chunks of 4: a preview after each
@@ -126,6 +126,9 @@ def test_generate_endpoint_streams_and_writes_files(tiny_app, tmp_path):
     volume = read_volume(nifti)
     assert volume.num_slices == 10 and volume.synthetic
     assert "SYNTHETIC" in status and "10 slices" in status and "seed 7" in status
+    # an API client gets the sidecar too (it was handed out only to the page), naming this NIfTI
+    record = json.loads(Path(sidecar).read_text())
+    assert record["seed"] == 7 and record["num_slices"] == 10 and record["files"]["nifti"] == Path(nifti).name
 
 
 def test_bad_input_is_a_clear_error_not_a_crash(tiny_app, tmp_path):
@@ -142,11 +145,11 @@ def test_bad_input_is_a_clear_error_not_a_crash(tiny_app, tmp_path):
     for slices, seed in ((4.5, 0), (4, 1.5)):  # were rounded to 4 (or 5) and 2 without a word
         with pytest.raises(AppError, match="must be a whole number"):
             c.predict(REPORT, slices, 2, 2.0, seed, api_name="/generate")
-    preview, nifti, status = c.predict(REPORT, 4, 1, 1.0, None, api_name="/generate")  # still serving
+    preview, nifti, status, _ = c.predict(REPORT, 4, 1, 1.0, None, api_name="/generate")  # still serving
     assert read_volume(nifti).num_slices == 4 and "SYNTHETIC" in status and "truncated" not in status
     # a report longer than the encoder reads is generated, and the status line says so, once
     with pytest.warns(UserWarning, match="report truncated by"):  # (the server's log says it too)
-        _, _, status = c.predict(REPORT + " The lungs are clear." * 80, 4, 1, 1.0, 0, api_name="/generate")
+        _, _, status, _ = c.predict(REPORT + " The lungs are clear." * 80, 4, 1, 1.0, 0, api_name="/generate")
     assert status.count("truncated by") == 1 and "to the encoder limit of" in status
     # a meta line the model would read as words, or one asking past the app's limit, is refused
     # before the job starts (the limit held only for the slices box)
@@ -174,12 +177,13 @@ def test_eight_concurrent_clients_get_their_own_results(tiny_app, tmp_path):
         t.join(120)
     assert not errors, errors
     assert sorted(results) == list(range(1, 9))
-    for i, (_preview, nifti, status) in results.items():
+    for i, (_preview, nifti, status, _sidecar) in results.items():
         volume = read_volume(nifti)
         assert volume.num_slices == i, (i, nifti, status)
         assert f"{i} slices" in status and f"seed {100 + i}" in status and "SYNTHETIC" in status
-        assert Path(nifti).name == f"ctflow-seed{100 + i}.nii.gz"
+        assert Path(nifti).name.startswith(f"ctflow-seed{100 + i}-") and nifti.endswith(".nii.gz")
     assert len({r[1] for r in results.values()}) == 8
+    assert len({Path(r[1]).name for r in results.values()}) == 8  # each download named apart
 
 
 def test_cancelled_generation_frees_the_model(tiny_app, tmp_path):
@@ -194,22 +198,18 @@ def test_cancelled_generation_frees_the_model(tiny_app, tmp_path):
     while demo.ctflow_service.lock.locked() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not demo.ctflow_service.lock.locked()  # the worker stopped at its next step
-    _, nifti, _ = c.predict(REPORT, 2, 1, 1.0, 5, api_name="/generate")
+    _, nifti, _, _ = c.predict(REPORT, 2, 1, 1.0, 5, api_name="/generate")
     assert read_volume(nifti).num_slices == 2
 
 
 def test_ui_helpers_scroll_axial_slices(tiny_app, tmp_path):
     demo, url = tiny_app
     service = demo.ctflow_service
-    _, nifti, _ = client(url, tmp_path).predict(REPORT, 6, 1, 1.0, 3, api_name="/generate")
-    jobs = sorted(service.out_root.glob("job-*/ctflow-seed3.nii.gz"), key=lambda p: p.stat().st_mtime)
+    _, nifti, _, sidecar = client(url, tmp_path).predict(REPORT, 6, 1, 1.0, 3, api_name="/generate")
+    jobs = sorted(service.out_root.glob("job-*/ctflow-seed3-*.nii.gz"), key=lambda p: p.stat().st_mtime)
     folder = jobs[-1].parent
-    result = {
-        "num_slices": 6,
-        "axial": str(folder / "axial.npy"),
-        "sidecar": str(folder / "ctflow-seed3.json"),
-    }
-    slider, image, sidecar = service.show_result(result, "lung")
+    result = {"num_slices": 6, "axial": str(folder / "axial.npy")}
+    slider, image = service.show_result(result, "lung")
     assert slider["maximum"] == 6 and slider["value"] == 3
     assert image.shape == (32, 32) and image.dtype == np.uint8
     assert json.loads(Path(sidecar).read_text())["num_slices"] == 6
@@ -217,9 +217,32 @@ def test_ui_helpers_scroll_axial_slices(tiny_app, tmp_path):
     last = service.axial_slice(result, 99, "mediastinal")  # clamped to the last slice
     assert last.shape == (32, 32)
     assert service.axial_slice(None, 1, "lung") is None
+    image, status = service.scroll(result, 2, "lung")
+    assert image.shape == (32, 32) and status == gr.skip()
     shutil.rmtree(folder)  # as the hourly clean-up removes an old job's folder
     with pytest.raises(gr.Error, match="this result has expired; generate it again"):
         service.axial_slice(result, 1, "lung")
+    # the page shows no error from the slider's quick event: the status line says it
+    assert service.scroll(result, 1, "lung") == (
+        None,
+        "This result has expired (results are kept an hour); generate it again",
+    )
+
+
+def test_a_refused_form_clears_the_last_result_and_says_why(tmp_path):
+    """The refusal's toast faded and the last volume's status and NIfTI stayed, as if for this form."""
+    service = build_app(FakePipe(), out_dir=tmp_path / "out").ctflow_service
+    updates = []
+    with pytest.raises(gr.Error, match="slices must be between"):
+        for update in service.generate(REPORT, 9999, 1, 1.0, 0, progress=lambda *a, **k: None):
+            updates.append(update)
+    assert updates == [(None, None, "Refused: slices must be between 1 and 512, got 9999", None, None)]
+
+
+def test_a_meta_line_at_the_apps_limit_stops_there():
+    """Left to the model, a scan asked for 512 slices may run a chunk past: the app's limit holds."""
+    assert parse_inputs("Volume: 512 slices. " + REPORT, None, 1, 1.0, 0)[1].max_slices == 512
+    assert parse_inputs(REPORT, 40, 1, 1.0, 0)[1].max_slices is None  # a count given: it is the limit
 
 
 def test_a_failed_generation_says_so_in_the_status_line(tmp_path):
@@ -322,6 +345,7 @@ def test_parse_inputs():
         (("x", 0, 20, 2.0, 0), "slices must be between"),
         (("x", 4, 20, float("nan"), 0), "guidance"),
         (("x", 4, 20, -1, 0), "guidance"),
+        (("x", 4, 20, 11, 0), "guidance must be a number from 0 to 10"),  # the slider's range, not 100
         (("x", 4, None, 2.0, 0), "steps is required"),
         (("x", 4, 20, 2.0, -1), "seed"),
         (("x" * 30_000, 4, 20, 2.0, 0), "too long"),
@@ -332,6 +356,14 @@ def test_parse_inputs():
 
 def test_cli_app_errors(run_cli, monkeypatch):
     assert_clean_error(run_cli("app", "--port", "70000"), "port")
+    # each address problem named as itself (gradio calls every one "cannot find empty port")
+    assert_clean_error(run_cli("app", "--host", "nonexistent.invalid"), "--host nonexistent.invalid is not")
+    assert_clean_error(run_cli("app", "--host", "::1"), "IPv6")  # a traceback from gradio's check
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_clean_error(run_cli("app", "--port", port), f"port {port} on 127.0.0.1 is in use")
     assert_clean_error(run_cli("app", "--device", "cuda"), "no CUDA GPU")
     assert_clean_error(run_cli("app", "--dtype", "half"), "--dtype")
     import importlib.util

@@ -56,6 +56,7 @@ log = logging.getLogger("ctflow.app")
 DISCLAIMER = "SYNTHETIC — not for clinical use"
 APP_MAX_SLICES = 512  # per request; the CLI allows more
 APP_MAX_STEPS = 100  # the steps slider's range
+APP_MAX_GUIDANCE = 10  # the guidance slider's range (the CLI and the library take up to 100)
 MAX_REPORT_CHARS = 20_000
 MAX_SEED = 2**32 - 1
 JOB_MAX_AGE_S = 3600
@@ -129,13 +130,23 @@ def parse_inputs(report, slices, steps, guidance, seed) -> tuple[str, Generation
     try:
         scale = float(guidance)
     except (TypeError, ValueError):
-        raise CTFlowError(f"guidance must be a number from 0 to 100, got {guidance!r}") from None
-    if not math.isfinite(scale) or not 0 <= scale <= 100:
-        raise CTFlowError(f"guidance must be a number from 0 to 100, got {guidance!r}")
+        raise CTFlowError(
+            f"guidance must be a number from 0 to {APP_MAX_GUIDANCE}, got {guidance!r}"
+        ) from None
+    if not math.isfinite(scale) or not 0 <= scale <= APP_MAX_GUIDANCE:
+        raise CTFlowError(f"guidance must be a number from 0 to {APP_MAX_GUIDANCE}, got {guidance!r}")
     seed_value = _whole(seed, "seed", 0, MAX_SEED, optional=True)
     if seed_value is None:
         seed_value = secrets.randbelow(2**31)
-    settings = GenerationSettings(num_slices=num_slices, steps=num_steps, guidance=scale, seed=seed_value)
+    settings = GenerationSettings(
+        num_slices=num_slices,
+        # where a scan the model has not ended stops: a report's meta line may ask for APP_MAX_SLICES,
+        # and the pipeline's own limit then lies a chunk past it
+        max_slices=APP_MAX_SLICES if num_slices is None else None,
+        steps=num_steps,
+        guidance=scale,
+        seed=seed_value,
+    )
     settings.check()
     return report.strip(), settings
 
@@ -166,7 +177,9 @@ class Job:
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.folder = service.new_job_folder()
-        self.out = self.folder / f"ctflow-seed{settings.seed}.nii.gz"
+        # the job's own name beside the seed: a browser renames a second download of the same name,
+        # and the sidecar's record of its NIfTI would then name another volume
+        self.out = self.folder / f"ctflow-seed{settings.seed}-{self.folder.name.removeprefix('job-')}.nii.gz"
         self.thread = threading.Thread(target=self._work, name="ctflow-generate", daemon=True)
 
     def start(self) -> Job:
@@ -256,10 +269,12 @@ class GenerationService:
 
     # -- the gradio handlers
     def generate(self, report, slices, steps, guidance, seed, progress=gr.Progress()):  # noqa: B008
-        """Stream (preview image, NIfTI file, status, result state) while generating."""
+        """Stream (preview image, NIfTI file, status, JSON sidecar, result state) while generating."""
         try:
             report, settings = parse_inputs(report, slices, steps, guidance, seed)
         except CTFlowError as e:
+            # the toast fades: the status says it, and no earlier result stays as if it were this form's
+            yield None, None, f"Refused: {e}", None, None
             raise gr.Error(str(e), print_exception=False) from None
         job = Job(self, report, settings).start()
         expected = self.pipe.expected_chunks(report, settings.num_slices)  # for the progress bar
@@ -267,7 +282,7 @@ class GenerationService:
         limit = settings.num_slices
         last_status, shown = 0.0, 0
         try:
-            yield None, None, "Starting…", None
+            yield None, None, "Starting…", None, None
             while True:
                 try:
                     events = [job.events.get(timeout=1.0)]
@@ -276,7 +291,7 @@ class GenerationService:
                         raise gr.Error("generation stopped unexpectedly", print_exception=False) from None
                     # hand control back while nothing happens (waiting for the lock, decoding, writing):
                     # a visitor's cancel reaches this generator only when it yields
-                    yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                     continue
                 while True:
                     try:
@@ -291,9 +306,15 @@ class GenerationService:
                     elif event[0] == "step":
                         step = event[1:]
                     elif event[0] == "waiting":
-                        yield gr.skip(), gr.skip(), "Waiting for another generation to finish…", gr.skip()
+                        yield (
+                            gr.skip(),
+                            gr.skip(),
+                            "Waiting for another generation to finish…",
+                            gr.skip(),
+                            gr.skip(),
+                        )
                     elif event[0] == "started":
-                        yield gr.skip(), gr.skip(), "Generating…", gr.skip()
+                        yield gr.skip(), gr.skip(), "Generating…", gr.skip(), gr.skip()
                     elif event[0] in ("done", "error", "cancelled"):
                         final = event
                 if final is not None:
@@ -305,13 +326,13 @@ class GenerationService:
                 if new_chunk and (volume := partial_volume(self.pipe, chunks, report, limit)) is not None:
                     shown = volume.num_slices
                     text = f"Generating… {shown} slices so far" + (f" of {limit}" if limit else "")
-                    yield triplanar_image(volume), gr.skip(), f"{text} · {DISCLAIMER}", gr.skip()
+                    yield triplanar_image(volume), gr.skip(), f"{text} · {DISCLAIMER}", gr.skip(), gr.skip()
                     last_status = time.monotonic()
                 elif step is not None and time.monotonic() - last_status > 0.5:
                     text = f"Generating chunk {chunk + 1}, step {k + 1}/{total}"
                     if shown:
                         text += f" · {shown} slices so far"
-                    yield gr.skip(), gr.skip(), text, gr.skip()
+                    yield gr.skip(), gr.skip(), text, gr.skip(), gr.skip()
                     last_status = time.monotonic()
             if final[0] == "error":
                 error = final[1]
@@ -320,7 +341,13 @@ class GenerationService:
                     if isinstance(error, CTFlowError)
                     else f"generation failed: {str(error) or type(error).__name__}"
                 )
-                yield gr.skip(), gr.skip(), f"Failed: {message}", gr.skip()  # the toast fades; this stays
+                yield (
+                    gr.skip(),
+                    gr.skip(),
+                    f"Failed: {message}",
+                    gr.skip(),
+                    gr.skip(),
+                )  # the toast fades; this stays
                 raise gr.Error(message, print_exception=False)
             if final[0] == "cancelled":
                 raise gr.Error("generation was cancelled", print_exception=False)
@@ -331,12 +358,9 @@ class GenerationService:
                 + (f" · {note}" if (note := sidecar.get("warning")) else "")  # a cut report among them
                 + f" · {DISCLAIMER}"
             )
-            result = {
-                "num_slices": sidecar["num_slices"],
-                "axial": files["axial"],
-                "sidecar": files["sidecar"],
-            }
-            yield files["preview"], files["nifti"], status, result
+            result = {"num_slices": sidecar["num_slices"], "axial": files["axial"]}
+            # the sidecar is an output of the API too: a client's NIfTI comes with its record
+            yield files["preview"], files["nifti"], status, files["sidecar"], result
         finally:
             job.cancel()
 
@@ -352,14 +376,22 @@ class GenerationService:
         i = min(max(int(index or 1), 1), volume.shape[0]) - 1
         return apply_window(np.asarray(volume[i], dtype=np.float32), WINDOWS.get(window, LUNG_WINDOW))
 
+    def scroll(self, result, index, window):
+        """The slider or the window moved: (the axial slice, the status), the status saying when the
+        result has expired (an error raised by these quick events is not shown on the page)."""
+        try:
+            return self.axial_slice(result, index, window), gr.skip()
+        except gr.Error:
+            return None, "This result has expired (results are kept an hour); generate it again"
+
     def show_result(self, result, window):
-        """After a generation: set up the slice scroller and the sidecar download."""
+        """After a generation: set up the slice scroller."""
         if not result:
-            return gr.update(), None, None
+            return gr.update(), None
         n = int(result["num_slices"])
         middle = (n + 1) // 2
         slider = gr.update(minimum=1, maximum=max(n, 2), value=middle, interactive=n > 1)
-        return slider, self.axial_slice(result, middle, window), result["sidecar"]
+        return slider, self.axial_slice(result, middle, window)
 
 
 # ------------------------------------------------------------------------- the page
@@ -404,14 +436,14 @@ def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None)
                         elem_id="ctflow-slices",
                     )
                     seed = gr.Number(
-                        label="Seed (blank: random)", value=0, precision=None, elem_id="ctflow-seed"
+                        label="Seed (blank: random)", value=None, precision=None, elem_id="ctflow-seed"
                     )
                 with gr.Row():
                     steps = gr.Slider(
                         1, APP_MAX_STEPS, value=20, step=1, label="Steps per chunk", elem_id="ctflow-steps"
                     )
                     guidance = gr.Slider(
-                        0, 10, value=2.0, step=0.1, label="Guidance", elem_id="ctflow-guidance"
+                        0, APP_MAX_GUIDANCE, value=2.0, step=0.1, label="Guidance", elem_id="ctflow-guidance"
                     )
                 button = gr.Button("Generate", variant="primary", elem_id="ctflow-generate")
                 gr.Examples(EXAMPLE_REPORTS, inputs=[report], label="Example reports")
@@ -455,7 +487,7 @@ def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None)
         event = button.click(
             service.generate,
             inputs=[report, slices, steps, guidance, seed],
-            outputs=[preview, nifti, status, result],
+            outputs=[preview, nifti, status, sidecar, result],
             api_name="generate",
             show_progress="full",
             show_progress_on=[status],
@@ -463,16 +495,16 @@ def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None)
         event.success(
             service.show_result,
             inputs=[result, window],
-            outputs=[slider, axial, sidecar],
+            outputs=[slider, axial],
             api_visibility="private",
             show_progress="hidden",
             queue=False,
         )
         for trigger in (slider.input, window.input):
             trigger(
-                service.axial_slice,
+                service.scroll,
                 inputs=[result, slider, window],
-                outputs=[axial],
+                outputs=[axial, status],
                 api_visibility="private",
                 show_progress="hidden",
                 trigger_mode="always_last",
@@ -483,12 +515,44 @@ def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None)
     return demo
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the app cannot serve on, naming what is wrong: a host that is not a name or
+    an address of this machine, a port in use, an IPv6 address (gradio's start-up check cannot reach
+    one: it ended in a traceback)."""
+    import errno
+    import socket
+
+    if ":" in host:
+        raise CTFlowError(
+            f"--host {host}: IPv6 addresses are not served; use 127.0.0.1, 0.0.0.0 or a host name"
+        )
+    try:
+        address = socket.getaddrinfo(host or "127.0.0.1", port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+    except (socket.gaierror, UnicodeError) as e:
+        raise CTFlowError(
+            f"--host {host} is not an address or host name this machine knows ({getattr(e, 'strerror', e)});"
+            " use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+        ) from None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise CTFlowError(f"port {port} on {host} is in use; pick another --port") from None
+            raise CTFlowError(
+                f"cannot serve on {host}:{port}: {e.strerror}; use an address of this machine (127.0.0.1,"
+                " 0.0.0.0) and a free --port"
+            ) from None
+
+
 def launch(
     host: str = "127.0.0.1", port: int = 7860, model=None, share: bool = False, device=None, dtype=None
 ):
     """Load the model once (on ``device``, its weights in ``dtype``) and serve the app until interrupted."""
     if not 1 <= int(port) <= 65535:
         raise CTFlowError(f"--port must be between 1 and 65535, got {port}")
+    check_address(host, int(port))  # before the model loads; gradio calls every failure "no empty port"
     from ctflow.pipeline import CTFlowPipeline
 
     pipe = CTFlowPipeline.from_pretrained(model).to(device, dtype)
