@@ -196,6 +196,9 @@ def test_bad_ground_truth_raises():
         # a heading's colon does not cut its negation off; "none" and "excluded" negate
         ("Nodule: none. Consolidation: absent. Cardiomegaly was excluded.", set()),
         ("Impressions: Cardiomegaly. Left pleural effusion.", {"cardiomegaly", "effusion_left"}),
+        # a finding that cannot be excluded is kept; words that start with "not" are not negations
+        ("A nodule cannot be excluded. Consolidation can't be ruled out.", {"nodule", "consolidation"}),
+        ("A nodule is noted. A notable left pleural effusion.", {"nodule", "effusion_left"}),
         ("Bilateral pleural and pericardial effusion.", {"effusion_left", "effusion_right"}),
         # the side of the clause that names the effusion
         ("Large right pleural effusion with mediastinal shift to the left.", {"effusion_right"}),

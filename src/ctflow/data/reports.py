@@ -254,7 +254,10 @@ def phantom_report(ground_truth: dict, seed: int | None = None) -> dict[str, str
 
 # ---------------------------------------------------------------- reading reports
 _NEGATION = re.compile(
-    r"\b(no|not|none|without|absent|neither|nor|resolved|free of|negative for|ruled out|excluded)\b|n't",
+    # "ruled out" and "excluded" negate, but "cannot be ruled out" / "can't be excluded" keep the finding
+    r"\b(no|none|without|absent|neither|nor|resolved|free of|negative for)\b"
+    r"|(?:\bnot\b|n't)(?! be (?:excluded|ruled out)\b)"
+    r"|(?<!cannot be )(?<!can't be )(?<!not be )\b(?:ruled out|excluded)\b",
     re.IGNORECASE,
 )
 # where a negation's reach ends: "The heart is enlarged, without pericardial effusion." negates the
