@@ -681,8 +681,9 @@ def test_training_a_findings_model_learns_and_saves_it(tmp_path):
     cache_dir = _findings_cache(tmp_path / "lat")
     transformer = {**TINY_TRANSFORMER, "num_findings": 6}
     cfg = _config(transformer=transformer, finding_dropout=0.2, steps=4, checkpoint_every=4)
-    out = train_flow(cache_dir, cfg, tmp_path / "run", progress=False)
-    model = CTFlowTransformer.from_pretrained(out / "transformer")
+    written = train_flow(cache_dir, cfg, tmp_path / "run", progress=False)
+    assert written == tmp_path / "run" / "transformer"
+    model = CTFlowTransformer.from_pretrained(written)
     assert model.config.num_findings == 6
     torch.manual_seed(cfg.seed)  # the weights the run started from
     initial = build_transformer(cfg, LatentCache(cache_dir))
@@ -884,8 +885,10 @@ def test_the_full_size_recipe_runs_at_tiny_width(tmp_path, fresh_accelerate_stat
         checkpoint_every=2,
         optim=dataclasses.replace(cfg.optim, warmup_steps=1),
     )
-    run = train_flow(make_fake_cache(tmp_path / "c"), cfg, tmp_path / "run", progress=False)
-    model = CTFlowTransformer.from_pretrained(run / "transformer")
+    run = tmp_path / "run"
+    model = CTFlowTransformer.from_pretrained(
+        train_flow(make_fake_cache(tmp_path / "c"), cfg, run, progress=False)
+    )
     assert model.config.context == "tokens" and model.config.chunk_slices == 16
     losses = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
