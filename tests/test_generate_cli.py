@@ -537,6 +537,10 @@ def test_prompt_errors_name_the_line_of_the_file_blank_lines_counted(tmp_path):
         ("name,report\na,Findings: x.\nb,Findings: y.\na,Findings: z.\n", "duplicate names \\('a'\\)"),
         ("name,report,slices\na,Findings: x.,-5\n", "line 2: slices must be between 1 and"),
         ("name,report,seed\na,Findings: x.,-1\n", "line 2: seed must be between 0 and"),
+        ("name,report,slices\na,Findings: x.,8.5\n", "line 2: slices and seed must be whole numbers"),
+        # the header found, and why it may not have been read
+        ("name;report\na;Findings: x.\n", "its header has 'name;report' \\(columns separated by ';'"),
+        ("name,text\na,Findings: x.\n", "needs a 'report' column .*its header has 'name', 'text'"),
         # a meta line that cannot be used is found before any row is generated, not when its row comes
         (
             'name,report\na,Findings: x.\nb,"Volume: 40 slices, 0 mm spacing. Findings: x."\n',
@@ -553,6 +557,20 @@ def test_malformed_prompt_files_are_refused_before_generating(tmp_path, text, wo
         return
     with pytest.raises(CTFlowError, match=word):
         read_prompts(tmp_path / "p.csv")
+
+
+def test_prompt_headers_are_read_as_people_type_them_and_spreadsheet_numbers_taken(tmp_path):
+    from ctflow.generate import read_prompts
+
+    (tmp_path / "p.csv").write_text("Name, Report, Slices\na,Findings: x.,96.0\nb,Findings: y.,\n")
+    rows = read_prompts(tmp_path / "p.csv")
+    assert [(r["name"], r["report"], r["slices"]) for r in rows] == [
+        ("a", "Findings: x.", 96),
+        ("b", "Findings: y.", None),
+    ]
+    (tmp_path / "latin1.csv").write_bytes("name,report\na,Findings: épanchement.\n".encode("latin-1"))
+    with pytest.raises(CTFlowError, match="is not UTF-8 text; save it as 'CSV UTF-8'"):
+        read_prompts(tmp_path / "latin1.csv")
 
 
 def test_a_write_that_fails_takes_back_the_volumes_other_files(model, tmp_path, run_cli):

@@ -213,6 +213,21 @@ def _repeated(items) -> list[str]:
     return sorted(k for k, n in Counter(items).items() if n > 1)
 
 
+def _whole_cell(cell: str | None) -> int | None:
+    """A CSV cell as a whole number ("96", or "96.0" as a spreadsheet writes it), None when empty;
+    ValueError otherwise ("96.5", "eight")."""
+    text = (cell or "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)  # ValueError for words
+        if not number.is_integer():
+            raise
+        return int(number)
+
+
 def read_prompts(path: Path) -> list[dict]:
     """Rows of a prompts CSV: a ``report`` column, optional ``name``, ``slices`` and ``seed``."""
     if not path.is_file():
@@ -221,11 +236,24 @@ def read_prompts(path: Path) -> list[dict]:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, strict=True)  # an unclosed quote is an error, not the rest of the file
             rows = [(reader.line_num, row) for row in reader]  # the file's line, blank lines counted
-            columns = reader.fieldnames or []
-    except (UnicodeDecodeError, csv.Error) as e:
+            header = reader.fieldnames or []
+    except UnicodeDecodeError:
+        raise CTFlowError(f"{path} is not UTF-8 text; save it as 'CSV UTF-8' (Excel) or convert it") from None
+    except csv.Error as e:
         raise CTFlowError(f"cannot parse {path} as CSV: {e}") from None
+    # header names as people type them: "Report", "name, report" (a space after the comma)
+    columns = [c.strip().lower() if c else c for c in header]
+    rows = [(line, {(k.strip().lower() if k else k): v for k, v in row.items()}) for line, row in rows]
     if "report" not in columns:
-        raise CTFlowError(f"{path} needs a 'report' column (optional: name, slices, seed)")
+        found = ", ".join(repr(c) for c in header[:5]) or "nothing"
+        other = (
+            " (columns separated by ';' or tabs? use commas)"
+            if any(";" in c or "\t" in c for c in header if c)
+            else ""
+        )
+        raise CTFlowError(
+            f"{path} needs a 'report' column (optional: name, slices, seed); its header has {found}{other}"
+        )
     if twice := _repeated(c for c in columns if c and c.strip()):  # Excel pads a header with empty cells
         raise CTFlowError(f"{path} has more than one {', '.join(map(repr, twice))} column; keep one of each")
     out = []
@@ -246,8 +274,7 @@ def read_prompts(path: Path) -> list[dict]:
         if name.lower().endswith((".nii", ".nii.gz", ".gz", ".dcm")):
             raise CTFlowError(f"{path} line {line}: give the name {name!r} without its extension")
         try:
-            slices = int(row["slices"]) if (row.get("slices") or "").strip() else None
-            seed = int(row["seed"]) if (row.get("seed") or "").strip() else None
+            slices, seed = (_whole_cell(row.get(key)) for key in ("slices", "seed"))
         except ValueError:
             raise CTFlowError(f"{path} line {line}: slices and seed must be whole numbers") from None
         if slices is not None and not 1 <= slices <= MAX_SLICES:

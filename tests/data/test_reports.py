@@ -199,6 +199,35 @@ def test_bad_ground_truth_raises():
         # a finding that cannot be excluded is kept; words that start with "not" are not negations
         ("A nodule cannot be excluded. Consolidation can't be ruled out.", {"nodule", "consolidation"}),
         ("A nodule is noted. A notable left pleural effusion.", {"nodule", "effusion_left"}),
+        # free-text wording users type (a probe of 334 such sentences: 153 misread before, 34 after)
+        ("No pleural effusion, mild cardiomegaly.", {"cardiomegaly"}),
+        ("No mediastinal lymphadenopathy, cardiomegaly is present.", {"cardiomegaly"}),
+        ("No pleural effusion, nodule or consolidation is seen.", set()),
+        ("Mild cardiomegaly and no pleural effusion.", {"cardiomegaly"}),
+        ("A small left pleural effusion cannot be totally excluded.", {"effusion_left"}),
+        ("No significant change in the 6 mm nodule.", {"nodule"}),
+        ("Interval resolution of the left pleural effusion. The consolidation has cleared.", set()),
+        ("Absence of pleural effusion. Nodules: nil. Lack of consolidation.", set()),
+        ("The heart isn\u2019t enlarged.", set()),  # a curly apostrophe, as pasted from a word processor
+        ("Heart: enlarged. Pleural effusion: left.", {"cardiomegaly", "effusion_left"}),
+        (
+            "Enlarged cardiac silhouette. Scattered micronodules. Consolidative opacity.",
+            {"cardiomegaly", "nodule", "consolidation"},
+        ),
+        ("Heart size is normal and the main pulmonary artery is enlarged.", set()),
+        ("Subcutaneous emphysema in the right chest wall. A 10 mm nodule in the left thyroid lobe.", set()),
+        ("Left pleural effusion and mediastinal shift to the right.", {"effusion_left"}),
+        ("On the left, there is a small pleural effusion. Pleural effusion - none.", {"effusion_left"}),
+        ("Small pleural effusions.", {"effusion_left", "effusion_right"}),
+        ("Moderate left hydrothorax.", {"effusion_left"}),
+        ("Indication: rule out pneumonia or pleural effusion. Findings: Cardiomegaly.", {"cardiomegaly"}),
+        ("FINDINGS: No pleural effusion IMPRESSION: Cardiomegaly", {"cardiomegaly"}),
+        ("- No pleural effusion - Cardiomegaly", {"cardiomegaly"}),
+        ("Findings:\n- No pleural effusion\n- Cardiomegaly\n- Emphysema", {"cardiomegaly", "emphysema"}),
+        (
+            "Pericardial effusion was not observed, bilateral pleural effusion was observed.",
+            {"effusion_left", "effusion_right"},
+        ),
         ("Bilateral pleural and pericardial effusion.", {"effusion_left", "effusion_right"}),
         # the side of the clause that names the effusion
         ("Large right pleural effusion with mediastinal shift to the left.", {"effusion_right"}),

@@ -59,6 +59,44 @@ def test_meta_lines_are_read_as_people_write_them(report, meta):
 
 
 @pytest.mark.parametrize(
+    "report",
+    [
+        # the spacing was dropped without a word and the volume took the model's own
+        "Volume: 96 slices 2.5 mm spacing. Findings: x",
+        "Volume: 96 slices at 2.5 mm spacing. Findings: x",
+        # "slice": the line was read as plain words and the volume took the default count
+        "Volume: 40 slice, 2.5 mm spacing. Findings: x",
+    ],
+)
+def test_meta_lines_that_would_lose_a_value_are_refused(report):
+    assert "is not in the form 'Volume: N slices, d mm spacing.'" in meta_problem(report)
+
+
+def test_a_meta_line_followed_by_a_size_in_mm_is_fine_and_invisible_characters_are_dropped():
+    assert meta_problem("Volume: 96 slices. 5 mm nodule in the right upper lobe.") is None
+    assert parse_meta("\u200bVolume: 40 slices. Findings: x") == (40, None)  # was "put it first"
+    assert meta_problem("\u200bVolume: 40 slices. Findings: x") is None
+
+
+def test_clean_report_keeps_the_sentences_of_a_report_typed_line_by_line():
+    """A bulleted report was joined into one sentence, and its first "No" negated every finding."""
+    from ctflow.models.text import clean_report
+
+    assert clean_report("Findings:\n- No pleural effusion\n- Cardiomegaly") == (
+        "Findings: - No pleural effusion. - Cardiomegaly"
+    )
+    assert (
+        clean_report("No effusion\r\nCardiomegaly\n1. Emphysema") == "No effusion. Cardiomegaly. 1. Emphysema"
+    )
+    assert (
+        clean_report("There is a small left pleural\neffusion.") == "There is a small left pleural effusion."
+    )
+    assert (
+        clean_report("Findings:\nNormal.\n\nImpressions:\nClear.") == "Findings: Normal. Impressions: Clear."
+    )
+
+
+@pytest.mark.parametrize(
     ("report", "problem"),
     [
         ("Volume: 80 slices; spacing 2.5 mm. Findings: x", "is not in the form"),

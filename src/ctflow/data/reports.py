@@ -253,36 +253,73 @@ def phantom_report(ground_truth: dict, seed: int | None = None) -> dict[str, str
 
 
 # ---------------------------------------------------------------- reading reports
+# wording that names a finding as possible or unchanged, which a negation test would read as absent:
+# "cannot be (entirely) excluded", "is not ruled out", "no significant change in the effusion"
+_HEDGE = re.compile(
+    r"\b(?:cannot|can't|could not|can not|may not|not)\s+be\s+(?:\w+ly\s+)?(?:excluded|ruled out)\b"
+    r"|\b(?:is|are|was|were)\s+not\s+(?:\w+ly\s+)?(?:excluded|ruled out)\b"
+    r"|\bno\s+(?:significant\s+|interval\s+|appreciable\s+|substantial\s+)?change\b"
+    r"|\bnot\s+(?:significantly\s+)?changed\b"
+)
 _NEGATION = re.compile(
-    # "ruled out" and "excluded" negate, but "cannot be ruled out" / "can't be excluded" keep the finding
-    r"\b(no|none|without|absent|neither|nor|resolved|free of|negative for)\b"
-    r"|(?:\bnot\b|n't)(?! be (?:excluded|ruled out)\b)"
-    r"|(?<!cannot be )(?<!can't be )(?<!not be )\b(?:ruled out|excluded)\b",
-    re.IGNORECASE,
+    r"\b(?:no|not|none|nil|without|absent|absence of|lack of|neither|nor|resolved|resolution of"
+    r"|disappeared|cleared|free of|clear of|negative|ruled out|excluded)\b|n't"
+    r"|\bcannot be (?:seen|identified|detected|demonstrated|visualized)\b"
 )
 # where a negation's reach ends: "The heart is enlarged, without pericardial effusion." negates the
-# effusion, not the heart; "A 6 mm nodule without calcification." keeps the nodule
+# effusion, not the heart; "A 6 mm nodule without calcification." keeps the nodule; "Mild
+# cardiomegaly and no pleural effusion." keeps the heart
 _CLAUSE_BREAK = re.compile(
-    r";|\b(?:but|while|whereas|however|although)\b|(?=\bwith(?:out)?\b)", re.IGNORECASE
+    r";|\b(?:but|while|whereas|however|although)\b|(?=\bwith(?:out)?\b)"
+    r"|\band\b(?=\s+(?:there\s+(?:is|are)\s+)?(?:no|not|without)\b)"
 )
 # a comma-separated part that starts a statement of its own, which a negation before it does not reach
-# ("No effusion, the heart is enlarged."); any other part goes on a negated list ("No pleural
-# effusion, nodule or consolidation.")
-_NEW_STATEMENT = re.compile(r"(?:a|an|the|there|it|this|these|those|which)\b|\d")
-# "Nodule: none." is one sentence (a colon ends a heading, not a negation's reach)
-_SENTENCE_END = re.compile(r"(?<=[.;])\s+|(?<=:)\s+(?!(?:no|none|not|absent|negative)\b)|\n+", re.IGNORECASE)
-
+# ("No effusion, the heart is enlarged."; "No pleural effusion, mild cardiomegaly."); any other part
+# goes on a negated list ("No pleural effusion, nodule or consolidation.")
+_NEW_STATEMENT = re.compile(
+    r"(?:a|an|the|there|it|this|these|those|which|small|mild|moderate|large|massive|trace|minimal|slight"
+    r"|left|right|bilateral|multiple|several|scattered|few|numerous|centrilobular|paraseptal|panlobular"
+    r"|heart|cardiac)\b|\d"
+)
+# a part with a verb of its own states something ("No lymphadenopathy, cardiomegaly is present."),
+# unless it is a list's "or" ("No pleural effusion, nodule or consolidation is seen.")
+_STATEMENT_VERB = re.compile(r"\b(?:is|are|was|were|present|seen|noted|observed|identified)\b")
+_LIST_OR = re.compile(r"\b(?:or|nor)\b")
+# sentence ends; a heading's colon is dropped with the heading, another colon does not end the
+# sentence ("Nodule: none.", "Pleural effusion: left.")
+# a bullet or a list number typed on one line ends a sentence too ("- No effusion - Cardiomegaly")
+_SENTENCE_END = re.compile(
+    r"(?<=[.;!?])\s+|\n+|\s*\u2022\s*|\s+-\s+(?!(?:no|none|not|nil|absent|negative)\b)|\s+\d{1,2}\)\s+"
+)
+_HEADING = re.compile(r"\b(?:findings|impressions?|conclusions?)\s*:\s*")
+# sections that say why the scan was made, not what it shows ("Indication: rule out effusion.")
+_NOT_FINDINGS = re.compile(
+    r"^(?:indications?|clinical (?:information|history)|history|reason for (?:exam|examination|study)"
+    r"|comparison|technique)\s*:"
+)
 
 _SIDE_OR_FINDING = re.compile(
-    r"\b(?P<side>left|right|bilateral|both sides)\b|\b(?P<finding>effusions?|consolidations?|nodul\w*|emphysem\w*"
-    r"|cardiomegaly|atelectasis|opacit\w*|mass)\b"
+    r"\b(?P<side>left|right|bilateral(?:ly)?|bilat|b/l|both sides|both hemithora\w*)(?!\w)|\b(?P<finding>"
+    r"effusions?|hydrothorax|fluid|consolidations?|(?:micro)?nodul\w*|emphysem\w*|cardiomegaly|atelectasis|opacit\w*|mass"
+    r"|pneumothorax|thickening|lymphadenopathy|tube|shift)\b"
 )
+_CARDIOMEGALY = re.compile(
+    r"\bcardiomegaly\b|\b(?:heart|cardiac)\b(?:\W+\w+){0,3}?\W+(?:enlarged|increased|enlargement)\b"
+    r"|\b(?:enlarged|increased)\s+(?:heart|cardiac)\b"
+)
+_NODULE = re.compile(r"\b(?:micro)?nodul")
+# a nodule of another organ named in a clause that names no lung
+_OTHER_ORGAN = re.compile(r"\b(?:thyroid|adrenal|liver|hepatic|renal|kidney|spleen|splenic|breast)\b")
+_LUNG = re.compile(r"\b(?:lung|pulmonary|lingula)|\b(?:upper|middle|lower) lobe")
+# gas in soft tissue, not lung emphysema
+_OTHER_EMPHYSEMA = re.compile(r"\b(?:subcutaneous|mediastinal|soft[- ]tissue|surgical)\s+emphysema")
 
 
 def _effusion_sides(clause: str) -> str:
     """The side words of a clause that go with its effusion: each side word belongs to the next finding
     named after it, or to the last one before it when none follows ("Bilateral lower lobe consolidation
-    and a left pleural effusion." is left; "Pleural effusion is seen on the left side." is left)."""
+    and a left pleural effusion." is left; "Pleural effusion is seen on the left side." is left).
+    "bilaterally" and "both hemithoraces" are given as "bilateral"."""
     found: list[tuple[str, str]] = []  # (kind, word) in order
     for m in _SIDE_OR_FINDING.finditer(clause):
         found.append(("side", m["side"]) if m["side"] else ("finding", m["finding"]))
@@ -292,13 +329,20 @@ def _effusion_sides(clause: str) -> str:
             continue
         after = next((w for k, w in found[i + 1 :] if k == "finding"), None)
         before = next((w for k, w in reversed(found[:i]) if k == "finding"), None)
-        if (after or before or "").startswith("effusion"):
-            words.append(word)
+        if (after or before or "").startswith(("effusion", "hydrothorax", "fluid")):
+            words.append("bilateral" if word.startswith(("bilat", "b/l", "both hemithora")) else word)
     return " ".join(words)
 
 
 def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+    """Lower-cased sentences, headings ("Findings:") dropped and the reasons for the scan left out."""
+    out = []
+    text = _HEADING.sub(". ", text.lower().replace("\u2019", "'"))  # a heading mid-line starts a sentence
+    for s in _SENTENCE_END.split(text):
+        s = s.strip(" .")
+        if s and not _NOT_FINDINGS.match(s):
+            out.append(s)
+    return out
 
 
 def _clauses(text: str) -> list[str]:
@@ -306,27 +350,46 @@ def _clauses(text: str) -> list[str]:
     comma that continues a negated list is given the negation ("no pleural effusion, nodule or
     consolidation" -> "no pleural effusion", "no nodule or consolidation")."""
     out = []
-    for sentence in _sentences(text.lower()):
+    for sentence in _sentences(text):
         for clause in _CLAUSE_BREAK.split(sentence):
             negated = False
-            for part in (clause or "").split(","):
+            for part in _side_parts_joined((clause or "").split(",")):
                 part = part.strip()
                 if not part:
                     continue
-                if negated and _positive(part) and not _NEW_STATEMENT.match(part):
+                states = _STATEMENT_VERB.search(part) and not _LIST_OR.search(part)
+                if negated and _positive(part) and not _NEW_STATEMENT.match(part) and not states:
                     part = f"no {part}"
                 negated = not _positive(part)
                 out.append(part)
     return out
 
 
+def _side_parts_joined(parts: list[str]) -> list[str]:
+    """Comma-separated parts, a part that names a side but no finding joined to the next (or, last,
+    to the one before): "On the left, there is a small pleural effusion."; "Pleural effusion, right."."""
+    out: list[str] = []
+    waiting = ""
+    for part in parts:
+        found = {("side" if m["side"] else "finding") for m in _SIDE_OR_FINDING.finditer(part)}
+        if found == {"side"}:
+            waiting += part + " "
+            continue
+        out.append(waiting + part)
+        waiting = ""
+    if waiting:
+        out = [*out[:-1], (out[-1] + " " if out else "") + waiting.strip()]
+    return out
+
+
 def _positive(clause: str) -> bool:
-    return _NEGATION.search(clause) is None
+    return _NEGATION.search(_HEDGE.sub(" ", clause)) is None
 
 
 def _pleural_effusion(low: str) -> bool:
     # a lower-cased clause that names a pleural effusion (not only a pericardial one) without negating it
-    return "effusion" in low and ("pleural" in low or "pericardial" not in low) and _positive(low)
+    named = "effusion" in low or "hydrothorax" in low or ("fluid" in low and "pleura" in low)
+    return named and ("pleura" in low or "pericardi" not in low) and _positive(low)
 
 
 def attributes_from_report(text: str) -> dict:
@@ -334,9 +397,13 @@ def attributes_from_report(text: str) -> dict:
 
     A finding counts when a clause names it without a negation ("No pleural effusion was detected."
     is negative; "The heart is enlarged, without pericardial effusion." names an enlarged heart and
-    no effusion; "No pleural effusion, nodule or consolidation." negates all three; "Nodule: none."). Pericardial effusion is not pleural; a side is read from the clause that names the
-    effusion ("Right pleural effusion with mediastinal shift to the left." is right), from the side
-    words that go with it ("Bilateral lower lobe consolidation and a left pleural effusion." is left).
+    no effusion; "No pleural effusion, nodule or consolidation." negates all three, "No pleural
+    effusion, mild cardiomegaly." only the effusion; "Nodule: none."; "A nodule cannot be excluded."
+    keeps it). Pericardial effusion is not pleural, subcutaneous emphysema is not the lungs', a
+    thyroid nodule not a lung nodule; the reasons for the scan ("Indication: ...") are not findings.
+    A side is read from the clause that names the effusion ("Right pleural effusion with mediastinal
+    shift to the left." is right), from the side words that go with it ("Bilateral lower lobe
+    consolidation and a left pleural effusion." is left).
     """
     if not isinstance(text, str):
         raise CTFlowError(f"attributes_from_report needs report text; got {type(text).__name__}")
@@ -358,13 +425,15 @@ def attributes_from_report(text: str) -> dict:
                 left = True
             elif "right" in side:
                 right = True
-        if pos and ("cardiomegaly" in low or ("heart" in low and "enlarged" in low)):
+            elif re.search(r"\beffusions\b", low):  # "Small pleural effusions.": one on each side
+                right = left = True
+        if pos and _CARDIOMEGALY.search(low):
             out["cardiomegaly"] = True
-        if pos and re.search(r"\bnodul", low):
+        if pos and _NODULE.search(low) and not (_OTHER_ORGAN.search(low) and not _LUNG.search(low)):
             out["nodule"] = True
-        if pos and "emphysem" in low:
+        if pos and "emphysem" in _OTHER_EMPHYSEMA.sub(" ", low):
             out["emphysema"] = True
-        if pos and "consolidation" in low:
+        if pos and "consolidat" in low:
             out["consolidation"] = True
     out["effusion"] = "bilateral" if right and left else "right" if right else "left" if left else "none"
     return out
@@ -373,8 +442,9 @@ def attributes_from_report(text: str) -> dict:
 def finding_vector(text: str) -> list[float]:
     """The findings a report names, as :data:`FINDING_NAMES` flags (1 named, 0 not).
 
-    A bilateral effusion sets both sides. An effusion named without a side sets both to 0.5 (present,
-    side unknown); phantom reports always name the side, so a model trained on them has not seen it.
+    A bilateral effusion sets both sides, as do "pleural effusions" (plural) without a side word. An
+    effusion named without a side sets both to 0.5 (present, side unknown); phantom reports always
+    name the side, so a model trained on them has not seen it.
     """
     a = attributes_from_report(text)
     side = a["effusion"]

@@ -29,8 +29,15 @@ META_PATTERN = re.compile(
     r"^Volume:\s*(\d+)\s+slices(?:,\s*(\d+(?:[.,]\d+)?)\s*mm\s*spacing)?(?:\.|(?=\s)|$)", re.IGNORECASE
 )
 # what a meta line looks like: at the start, "Volume:" and "slices" soon after; later, with a number
-META_START = re.compile(r"^volume\s*:.{0,40}?\bslices\b", re.IGNORECASE)
-META_LIKE = re.compile(r"\bvolume\s*:\s*\d[\d.,]*\s*slices\b", re.IGNORECASE)
+META_START = re.compile(r"^volume\s*:.{0,40}?\bslices?\b", re.IGNORECASE)  # "40 slice" too: not words
+META_LIKE = re.compile(r"\bvolume\s*:\s*\d[\d.,]*\s*slices?\b", re.IGNORECASE)
+# a spacing after a meta line's count that its form does not take ("96 slices 2.5 mm spacing."): it
+# was dropped, and the volume took the model's spacing
+META_LOST_SPACING = re.compile(r"\s*,?\s*(?:at\s+)?\d+(?:[.,]\d+)?\s*mm\b", re.IGNORECASE)
+# a line break that ends a sentence without a full stop: before a capital, a bullet or a list number
+# ("Findings:\n- No effusion\n- Cardiomegaly"); a wrapped line ("left pleural\neffusion") joins as before
+LINE_SENTENCE = re.compile(r"(?<![.;:,!?\s])[ \t]*\r?\n\s*(?=[A-Z]|[-*\u2022]\s|\d{1,2}[.)]\s)")
+INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b\u200c\u200d\u2060"), " ")  # BOM, zero-width spaces
 
 
 def default_text_encoder_path() -> Path:
@@ -70,8 +77,10 @@ def format_report(
 
 
 def clean_report(report: str) -> str:
-    """``report`` on one line: a byte-order mark dropped, every run of whitespace one space."""
-    return " ".join(report.replace("\ufeff", " ").split())
+    """``report`` on one line: a byte-order mark and zero-width spaces dropped, a line that ends a
+    sentence without a full stop given one (a bulleted or line-per-finding report keeps its sentences
+    apart), every run of whitespace one space."""
+    return " ".join(LINE_SENTENCE.sub(".\n", report.translate(INVISIBLE)).split())
 
 
 def parse_meta(report: str) -> tuple[int | None, float | None]:
@@ -88,7 +97,8 @@ def meta_problem(report: str) -> str | None:
     volume took the model's default count and spacing."""
     text = clean_report(report)
     first = META_PATTERN.match(text) or META_START.match(text)
-    if first and not META_PATTERN.match(text):
+    lost = first and not first.group().endswith(".") and META_LOST_SPACING.match(text, first.end())
+    if first and (not META_PATTERN.match(text) or lost):
         start = text[: first.end() + 20]
         return f"the report's meta line {start!r}... is not in the form 'Volume: N slices, d mm spacing.'"
     later = [m for m in META_LIKE.finditer(text) if not first or m.start() >= first.end()]
