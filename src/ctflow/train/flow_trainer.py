@@ -406,7 +406,8 @@ def train_flow(
     one_pass = model.config.context != "tokens"  # see chunk_loss
     o = config.optim
     # fused: one kernel over all parameters, not a Python loop over its tensors (on the phantom model
-    # 0.28x the time, 12 ms of a 0.45 s step: benchmarks/train_throughput.py); the same update up to rounding
+    # 0.30x the time, 6.4 ms less a step on the faster Xeon, 0.36x and 9.9 ms on the slower AMD kind:
+    # benchmarks/results/train_throughput*.json); the same update up to rounding
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=True
     )
