@@ -308,7 +308,7 @@ def train_vae_cmd(
             )
         cfg.init = str(init)
     # problems quote file names and CSV cells: text, not rich markup
-    train_vae(
+    written = train_vae(
         data,
         cfg,
         out,
@@ -317,7 +317,10 @@ def train_vae_cmd(
         device=device,
         log=lambda t: console.print(t, markup=False),
     )
-    console.print(f"wrote {out / 'vae'}")
+    if written is not None:
+        console.print(f"wrote {written}")
+    else:
+        console.print(f"{out} had finished its {cfg.steps} steps; {out / 'vae'} is as it was")
 
 
 @app.command()

@@ -894,6 +894,20 @@ def test_the_full_size_recipe_runs_at_tiny_width(tmp_path, fresh_accelerate_stat
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.parametrize(("key", "value"), [("sample_size", 16), ("in_channels", 16)])
+def test_a_transformer_shape_that_does_not_fit_the_cache_is_refused_before_the_run_folder(
+    tmp_path, key, value
+):
+    """Found at the first step, after config.json was written: the fixed rerun was then refused."""
+    cache = make_fake_cache(tmp_path / "c")  # 4 channels of 8 x 8
+    cfg = _config(transformer={**TINY_TRANSFORMER, key: value})
+    with pytest.raises(
+        CTFlowError, match=f"transformer.{key} is 16 but the latent cache's latents are 4 channels of 8x8"
+    ):
+        train_flow(cache, cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_resume_of_a_finished_run_says_nothing_was_rewritten(tmp_path, run_cli):
     from dataclasses import asdict
 

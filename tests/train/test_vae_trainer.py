@@ -71,7 +71,7 @@ def test_slices_are_normalised_with_the_configured_window(phantoms):
 def test_training_writes_a_vae_with_its_window_and_latent_stats_and_resumes_exactly(phantoms, tmp_path):
     from ctflow.models.vae import SliceVAE
 
-    train_vae(phantoms, _config(), tmp_path / "a", progress=False)
+    assert train_vae(phantoms, _config(), tmp_path / "a", progress=False) == tmp_path / "a" / "vae"
     vae = SliceVAE.load(tmp_path / "a" / "vae")
     assert vae.hu_window == SOFT
     # the slice size it trained at, which encode resizes to (the tiny preset's own is 64)
@@ -88,6 +88,10 @@ def test_training_writes_a_vae_with_its_window_and_latent_stats_and_resumes_exac
     assert all(r["sec_per_step"] > 0 for r in log)
     with pytest.raises(CTFlowError, match="--resume"):
         train_vae(phantoms, _config(), tmp_path / "a", progress=False)
+    # a resume of the finished run rewrites nothing: its latent statistics came from its own data
+    written = (tmp_path / "a" / "vae" / "config.json").read_bytes()
+    assert train_vae(phantoms, _config(), tmp_path / "a", progress=False, resume=True) is None
+    assert (tmp_path / "a" / "vae" / "config.json").read_bytes() == written
     # stopped after 2 steps, then resumed: the same weights as the uninterrupted run
     train_vae(phantoms, _config(), tmp_path / "b", progress=False, stop_at=2)
     assert not (tmp_path / "b" / "vae").exists()

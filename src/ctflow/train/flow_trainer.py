@@ -360,6 +360,13 @@ def build_transformer(config: FlowTrainConfig, cache: LatentCache):
             f" encoded {cache.index['text_dim']} wide; encode them with the matching report encoder"
             " (`ctflow encode --text-encoder`) or drop text_dim from the config"
         )
+    # before the run folder is written: found at the first step, the failed run blocked the fixed one
+    for key, value in (("in_channels", c), ("sample_size", h)):
+        if spec[key] != value:
+            raise CTFlowError(
+                f"the config's transformer.{key} is {spec[key]} but the latent cache's latents are"
+                f" {c} channels of {h}x{h}; drop {key} from the config (it follows the cache)"
+            )
     try:
         model = CTFlowTransformer.from_preset(preset, **spec)
     except TypeError as e:

@@ -126,8 +126,10 @@ def train_vae(
     slices: SliceSet | torch.Tensor | None = None,
     device: torch.device | str | None = None,
     log=None,
-) -> Path:
-    """Train and write ``out/vae`` (a diffusers folder), ``out/checkpoints`` and ``out/log.jsonl``.
+) -> Path | None:
+    """Train and write ``out/vae`` (a diffusers folder), ``out/checkpoints`` and ``out/log.jsonl``;
+    return ``out/vae`` when this call wrote it, None when it did not (stopped early, or a resume of a
+    run that had already finished and written it).
 
     The VAE and the discriminator train on ``device`` (None: the CPU); the slices stay in CPU memory
     and each batch is drawn there (the same draws on every device) and moved. ``log`` hears about the
@@ -205,6 +207,7 @@ def train_vae(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     end = min(config.steps, stop_at) if stop_at is not None else config.steps
+    start = step
     bar = StepBar(progress, "train-vae", end, step)
     try:
         vae.train()
@@ -248,9 +251,13 @@ def train_vae(
                 )
     finally:
         bar.close()  # a stop mid-run too: the terminal gets its cursor back
-    if step >= config.steps:
+    saved = (out / "vae" / "config.json").exists()
+    # a resume of a finished run writes nothing: its latent statistics would be taken again from
+    # whatever --data is given now, and every cache encoded with the VAE would then be another VAE's
+    if step >= config.steps and (step > start or not saved):
         vae.eval()
         mean, std = latent_stats(vae, slices, seed=config.seed)
         vae.set_latent_stats(1.0 / std, mean)
         vae.save(out / "vae", overwrite=True)
-    return out
+        return out / "vae"
+    return None
