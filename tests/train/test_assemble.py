@@ -133,6 +133,37 @@ def test_a_training_runs_slips_are_named(parts, tmp_path):
         assemble_pipeline(parts / "vae", run / "transformer", parts / "latents")
 
 
+def test_a_transformer_records_its_cache_and_step_wherever_it_is_copied(parts, tmp_path):
+    """A transformer copied out of its run assembled with any cache; a run resumed past its transformer/
+    (a fine-tune) and stopped assembled the older weights."""
+    import shutil
+
+    from ctflow.train.checkpoint import save_checkpoint
+    from ctflow.train.flow_trainer import write_training_record
+    from ctflow.train.latents import LatentCache
+
+    fingerprint = LatentCache(parts / "latents").fingerprint
+    shipped = tmp_path / "shipped" / "transformer"
+    shutil.copytree(parts / "transformer", shipped)
+    write_training_record(shipped, fingerprint, 10, 10)
+    assert assemble_pipeline(parts / "vae", shipped, parts / "latents")
+    other = make_fake_cache(tmp_path / "other", channels=8, size=8, text_dim=384, n=5)
+    with pytest.raises(CTFlowError, match="was trained on another latent cache"):
+        assemble_pipeline(parts / "vae", shipped, other)
+    # its run went on to step 14 of a 20-step fine-tune and stopped
+    run = tmp_path / "run"
+    shutil.copytree(shipped, run / "transformer")
+    info = {"config": {"steps": 20}, "latents": fingerprint}
+    save_checkpoint(run / "checkpoints", 14, {"model": torch.nn.Linear(1, 1)}, {}, info)
+    with pytest.raises(
+        CTFlowError, match="is older than its run: the run is at step 14 of 20, its transformer from step 10"
+    ):
+        assemble_pipeline(parts / "vae", run / "transformer", parts / "latents")
+    (run / "transformer" / "training.json").unlink()  # a folder from before the record: the run unfinished
+    with pytest.raises(CTFlowError, match="is older than its run: the run is at step 14 of 20; finish it"):
+        assemble_pipeline(parts / "vae", run / "transformer", parts / "latents")
+
+
 def test_encode_records_the_pixel_spacing_after_the_resize(tmp_path, run_cli):
     from ctflow.pipeline import DEFAULT_MODEL
 

@@ -683,6 +683,8 @@ def test_training_a_findings_model_learns_and_saves_it(tmp_path):
     cfg = _config(transformer=transformer, finding_dropout=0.2, steps=4, checkpoint_every=4)
     written = train_flow(cache_dir, cfg, tmp_path / "run", progress=False)
     assert written == tmp_path / "run" / "transformer"
+    record = json.loads((written / "training.json").read_text())  # what assemble checks, wherever it goes
+    assert record == {"latents": LatentCache(cache_dir).fingerprint, "step": cfg.steps, "steps": cfg.steps}
     model = CTFlowTransformer.from_pretrained(written)
     assert model.config.num_findings == 6
     torch.manual_seed(cfg.seed)  # the weights the run started from

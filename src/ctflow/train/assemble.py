@@ -71,6 +71,24 @@ def cache_settings(latents: str | Path) -> dict:
     }
 
 
+def _training_record(transformer: Path) -> dict:
+    """What a transformer folder records of its training (the trainer's training.json; an exported
+    checkpoint's trained_steps.txt for the step), or {} for a folder from before either."""
+    from ctflow.train.flow_trainer import TRAINING_RECORD
+
+    try:
+        record = json.loads((transformer / TRAINING_RECORD).read_text())
+    except FileNotFoundError:
+        record = {}
+    except ValueError:
+        raise CTFlowError(
+            f"{transformer / TRAINING_RECORD} is not valid JSON; the folder is damaged"
+        ) from None
+    if "step" not in record and (transformer / "trained_steps.txt").is_file():
+        record["step"] = int((transformer / "trained_steps.txt").read_text().strip() or 0)
+    return record if isinstance(record, dict) else {}
+
+
 def _check_transformer_run(transformer: Path, latents) -> None:
     """Name the usual slips with a ``ctflow train`` run: its folder given for its transformer/, a run
     not yet finished, and a cache other than the one it trained on (its checkpoints record that)."""
@@ -83,6 +101,13 @@ def _check_transformer_run(transformer: Path, latents) -> None:
         raise CTFlowError(
             f"{transformer} is a training run or model folder; pass its transformer folder,"
             f" {transformer / 'transformer'}"
+        )
+    given = LatentCache(latents).fingerprint
+    record = _training_record(transformer)
+    if record.get("latents") and record["latents"] != given:  # wherever the folder was copied to
+        raise CTFlowError(
+            f"these parts were not trained together: {transformer} was trained on another latent cache"
+            f" (fingerprint {record['latents']}; {latents}: {given}); pass its own --latents"
         )
     checkpoints = list_checkpoints(transformer.parent / "checkpoints")
     if not checkpoints:
@@ -99,7 +124,19 @@ def _check_transformer_run(transformer: Path, latents) -> None:
             f"{transformer} is not written yet: the run is at step {info.get('step')} of {steps}; finish it"
             " with ctflow train --resume"
         )
-    trained_on, given = info.get("latents"), LatentCache(latents).fingerprint
+    # a run resumed past its transformer/ (a fine-tune) and stopped: transformer/ holds older weights
+    newest, steps = info.get("step"), info.get("config", {}).get("steps")
+    written_at = record.get("step")
+    if isinstance(newest, int) and (
+        (written_at is not None and newest > written_at)
+        or (written_at is None and isinstance(steps, int) and newest < steps)
+    ):
+        raise CTFlowError(
+            f"{transformer} is older than its run: the run is at step {newest} of {steps}"
+            f"{f', its transformer from step {written_at}' if written_at is not None else ''}; finish it with"
+            " ctflow train --resume"
+        )
+    trained_on = info.get("latents")
     if trained_on and trained_on != given:
         raise CTFlowError(
             f"these parts were not trained together: {transformer.parent} trained on another latent cache"

@@ -56,14 +56,16 @@ def stage(name: str, timings: dict, output: Path | None = None):
 def export_checkpoint(latents: Path, config, run: Path) -> Path:
     """Write ``run/transformer`` from the EMA weights of the run's latest checkpoint."""
     from ctflow.train.checkpoint import list_checkpoints, load_checkpoint
-    from ctflow.train.flow_trainer import build_transformer
+    from ctflow.train.flow_trainer import build_transformer, write_training_record
     from ctflow.train.latents import LatentCache
 
     latest = list_checkpoints(run / "checkpoints")[-1]
     groups, info = load_checkpoint(latest)
-    model = build_transformer(config, LatentCache(latents))
+    cache = LatentCache(latents)
+    model = build_transformer(config, cache)
     model.load_state_dict(groups["ema"])
     model.save_pretrained(run / "transformer", safe_serialization=True)
+    write_training_record(run / "transformer", cache.fingerprint, info["step"], config.steps)
     (run / "transformer" / "trained_steps.txt").write_text(f"{info['step']}\n")
     print(f"exported EMA weights of {latest.name}")
     return run / "transformer"

@@ -345,6 +345,16 @@ def chunk_loss(
     return total
 
 
+TRAINING_RECORD = "training.json"  # beside a run's transformer weights: what they were trained on
+
+
+def write_training_record(folder: Path, latents: str, step: int, steps: int) -> None:
+    """Record in a transformer folder the latent cache (its fingerprint) and the step its weights are
+    from, so `ctflow assemble` can check them wherever the folder is copied."""
+    record = {"latents": latents, "step": int(step), "steps": int(steps)}
+    (Path(folder) / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
+
+
 def build_transformer(config: FlowTrainConfig, cache: LatentCache):
     from ctflow.models.transformer import CTFlowTransformer
 
@@ -556,6 +566,7 @@ def train_flow(
         ema.copy_to(final)
         with atomic_dir(out / "transformer", overwrite=True) as tmp:  # whole or not there
             final.save_pretrained(tmp, safe_serialization=True)
+            write_training_record(tmp, cache.fingerprint, step, config.steps)
         written = out / "transformer"
     # all ranks tear the process group down together: a rank that left while rank 0 was still saving
     # sometimes died in gloo's teardown ("terminate called without an active exception", ~1 run in 8)
