@@ -110,6 +110,11 @@ def test_encode_writes_a_resumable_cache_with_both_report_variants(tmp_path, run
         encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=1)
     with pytest.raises(CTFlowError, match=r"shard size \(1 there, 2 now\)"):
         encode_dataset(ds, vae, text, tmp_path / "lat", image_size=64, shard_size=2, report_variants=2)
+    # the same names with other contents (phantoms made again between the stop and the resume)
+    changed = CTRateDataset.open(tmp_path / "ph")
+    changed.records[1].findings += " A new sentence."
+    with pytest.raises(CTFlowError, match=r"different data set contents \(sha256\)"):
+        encode_dataset(changed, vae, text, tmp_path / "lat", image_size=64, shard_size=1, report_variants=2)
     r = run_cli(
         "encode", "--data", tmp_path / "ph", "--vae", DEFAULT_MODEL / "vae", "--out", tmp_path / "lat"
     )

@@ -148,12 +148,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
 
+def data_set_fingerprint(dataset) -> str:
+    """A short hash of what a data set's volumes are: each record's report, spacing, rescale and file
+    size (not the pixels: reading every volume would double an encode)."""
+    h = hashlib.sha256()
+    for r in dataset.records:
+        try:
+            size = Path(r.path).stat().st_size
+        except OSError:
+            size = -1
+        fields = (r.name, r.findings, r.impressions, r.xy_spacing, r.z_spacing, r.slope, r.intercept, size)
+        h.update(repr(fields).encode())
+    return h.hexdigest()[:16]
+
+
 def encoding_settings(dataset, vae, text, image_size, shard_size, report_variants, finding_masks) -> dict:
     """What a cache's shards depend on; a resume must match it entry for entry."""
     names = "\n".join(r.name for r in dataset.records)
     return {
         "data set": f"{Path(dataset.root).resolve()} ({dataset.split}, {len(dataset)} volumes, names sha256"
         f" {hashlib.sha256(names.encode()).hexdigest()[:16]})",
+        # the reports, spacings and file sizes: phantoms made again under the same names between a stop
+        # and a resume gave one cache of two data sets
+        "data set contents (sha256)": data_set_fingerprint(dataset),
         "VAE (weights sha256)": vae_fingerprint(vae),
         "report encoder (weights sha256)": module_fingerprint(text.model)[:16],
         "report tokenizer (sha256)": tokenizer_fingerprint(text.tokenizer),
