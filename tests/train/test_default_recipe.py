@@ -29,6 +29,22 @@ def test_a_stage_done_earlier_keeps_its_recorded_time_and_a_new_one_is_timed(tmp
     assert 0 <= timings["train"] < 1
 
 
+def test_a_stopped_stage_is_saved_and_its_next_attempt_adds_to_it(tmp_path):
+    """A stopped run recorded nothing: its rerun said "done earlier (? s)" for every finished stage,
+    kept the rerun's machine and totalled the resumed part alone."""
+    timings, saved = {"train-vae": 40.0}, []
+    with (
+        pytest.raises(KeyboardInterrupt),
+        stage("train", timings, tmp_path / "missing", lambda: saved.append(dict(timings))),
+    ):
+        raise KeyboardInterrupt
+    assert saved and "train" in saved[-1] and timings["train"] >= 0
+    timings["train"] = 100.0  # as if stopped after 100 s
+    with stage("train", timings, tmp_path / "missing", lambda: saved.append(dict(timings))) as todo:
+        assert todo
+    assert 100.0 <= timings["train"] < 101 and saved[-1]["train"] == timings["train"]
+
+
 def test_the_recipe_encodes_finding_masks_only_when_the_flow_config_weights_findings(tmp_path):
     args = encode_args(tmp_path / "d", tmp_path / "v", tmp_path / "l", FlowTrainConfig())
     assert args[:2] == ["encode", "--data"] and "--report-variants" in args and "--finding-masks" not in args

@@ -37,19 +37,26 @@ REPORT_VARIANTS = 4  # shortened versions of each report in the latent cache (sh
 
 
 @contextlib.contextmanager
-def stage(name: str, timings: dict, output: Path | None = None):
+def stage(name: str, timings: dict, output: Path | None = None, save=None):
     """Time one stage of the recipe into ``timings``; yields whether the stage has work to do.
 
-    A stage whose ``output`` already exists is skipped and keeps the time recorded when it ran.
+    A stage whose ``output`` already exists is skipped and keeps the time recorded when it ran. The
+    time is recorded, and ``save()`` called, when the stage ends or is stopped; a stage stopped and
+    run again adds the new time to the old (a resumed training run's time is both attempts').
     """
     if output is not None and output.exists():
         print(f"== {name}: done earlier ({timings.get(name, '?')} s)", flush=True)
         yield False
         return
+    before = timings.get(name, 0.0) if isinstance(timings.get(name), int | float) else 0.0
     start = time.perf_counter()
-    print(f"== {name}", flush=True)
-    yield True
-    timings[name] = round(time.perf_counter() - start, 1)
+    print(f"== {name}" + (f" (again: {before} s spent on it before)" if before else ""), flush=True)
+    try:
+        yield True
+    finally:
+        timings[name] = round(before + time.perf_counter() - start, 1)
+        if save is not None:
+            save()
     print(f"== {name}: {timings[name]} s", flush=True)
 
 
@@ -445,6 +452,11 @@ def main(argv=None) -> None:
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     timings.setdefault("machine", machine())  # the first run's machine: a resumed run may be on another
     built_on = timings["machine"]
+
+    def save() -> None:  # after every stage, and when one is stopped: a rerun then knows what ran where
+        timings_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(timings_path, json.dumps(timings, indent=1), overwrite=True)
+
     print(
         f"machine: {built_on['cpu']}, {built_on['cpu_count']} cores, fp32 matmul {built_on['matmul_gflops_fp32']}"
         ' GFLOP/s (docs/results.md, "Training time": how long the recipe took on which machine)',
@@ -462,18 +474,18 @@ def main(argv=None) -> None:
             f" {flow_cfg.steps}; raise its steps or pass --finetune-config none"
         )
 
-    with stage("phantoms", timings, data) as todo:
+    with stage("phantoms", timings, data, save) as todo:
         if todo:
             assert cli(phantom_args(data, args.n, vae_cfg.image_size, args.side_twins, args.clear_twins)) == 0
-    with stage("train-vae", timings, vae_run / "vae") as todo:
+    with stage("train-vae", timings, vae_run / "vae", save) as todo:
         if todo:
             # the N phantoms alone: their twins (written after them) repeat the same anatomy
             slices = load_slices(data, vae_cfg.image_size, window=vae_cfg.hu_window, max_volumes=args.n)
             train_vae(data, vae_cfg, vae_run, resume=vae_run.exists(), slices=slices)
-    with stage("encode", timings, latents / "index.json") as todo:
+    with stage("encode", timings, latents / "index.json", save) as todo:
         if todo:
             assert cli(encode_args(data, vae_run / "vae", latents, flow_cfg, finetune_cfg)) == 0
-    with stage("train", timings, flow_run / "transformer") as todo:
+    with stage("train", timings, flow_run / "transformer", save) as todo:
         if todo:
             if args.from_checkpoint and not finetune_cfg:
                 export_checkpoint(latents, flow_cfg, flow_run)
@@ -482,7 +494,7 @@ def main(argv=None) -> None:
     final_run = flow_run
     if finetune_cfg:
         final_run = finetune_run
-        with stage("finetune", timings, finetune_run / "transformer") as todo:
+        with stage("finetune", timings, finetune_run / "transformer", save) as todo:
             if todo:
                 finetune_start(flow_run, finetune_run)
                 if args.from_checkpoint:
@@ -492,7 +504,7 @@ def main(argv=None) -> None:
                         warnings.filterwarnings("ignore", "resuming from step", CTFlowWarning)
                         train_flow(latents, finetune_cfg, finetune_run, resume=True)
     marker = final_run / "transformer" / "trained_steps.txt"  # --from-checkpoint: the step exported
-    with stage("assemble", timings):
+    with stage("assemble", timings, save=save):
         pipe = assemble_pipeline(
             vae_run / "vae",
             final_run / "transformer",
