@@ -50,6 +50,13 @@ def _progress(transient: bool = False):
         TimeRemainingColumn,
     )
 
+    from ctflow.generate import process_rank
+    from ctflow.progress import PlainProgress, show_bar
+
+    # one process's progress under torchrun (each process's bar overwrote the others' on one line)
+    quiet = process_rank()[0] != 0
+    if not show_bar() and not quiet:
+        return PlainProgress()  # a job's log: a line every 30 s, not a bar shown only at the end
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -59,7 +66,7 @@ def _progress(transient: bool = False):
         TimeRemainingColumn(),
         console=console,
         transient=transient,
-        disable=not sys.stderr.isatty() and os.environ.get("CTFLOW_PROGRESS") != "1",
+        disable=quiet,
     )
 
 

@@ -157,8 +157,10 @@ class StepBar:
             return
         from rich.console import Console
 
+        from ctflow.progress import show_bar
+
         console = Console(stderr=True)
-        if not console.is_terminal and os.environ.get("CTFLOW_PROGRESS") != "1":
+        if not show_bar():
             self.plain, self.name, self.total, self.start, self.every = True, name, total, start, every
             self.t0 = self.shown = time.monotonic()
             return
