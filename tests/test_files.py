@@ -81,3 +81,21 @@ def test_the_folder_ctflow_runs_in_is_never_an_output(tmp_path, monkeypatch):
         with pytest.raises(CTFlowError, match="the folder ctflow runs in"):
             check_output(path, overwrite=True)
     assert check_output(tmp_path / "a" / "other", overwrite=True) == tmp_path / "a" / "other"
+
+
+def test_remove_temporaries_takes_what_a_killed_writer_left_and_nothing_else(tmp_path):
+    from ctflow.files import remove_temporaries
+
+    (tmp_path / ".transformer.k3j2.tmp").mkdir()  # atomic_dir's, killed before its finally
+    (tmp_path / ".transformer.k3j2.tmp" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".shard_00001.x8.tmp.safetensors").write_bytes(b"half")  # atomic_path's
+    (tmp_path / ".vae.old").mkdir()
+    for keep in ("log.jsonl", "config.json", ".hidden"):
+        (tmp_path / keep).write_text("x")
+    assert remove_temporaries(tmp_path) == [
+        ".shard_00001.x8.tmp.safetensors",
+        ".transformer.k3j2.tmp",
+        ".vae.old",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "config.json", "log.jsonl"]
+    assert remove_temporaries(tmp_path / "missing") == []

@@ -64,6 +64,22 @@ def check_folder_output(
     return path
 
 
+def remove_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Remove what :func:`atomic_path` / :func:`atomic_dir` left in ``folder`` when a process was
+    killed before its ``finally`` (``.NAME.XXXX.tmp...``, ``.NAME.old``); returns their names. Only
+    for folders ctflow owns whole (a latent cache, a training run), on resuming them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    left = sorted({*folder.glob(".*.tmp*"), *folder.glob(".*.old")})
+    for p in left:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return [p.name for p in left]
+
+
 def _umask() -> int:
     """The process umask, read without changing it where Linux shows it (os.umask swaps it)."""
     with contextlib.suppress(OSError, ValueError, StopIteration):

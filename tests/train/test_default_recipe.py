@@ -349,3 +349,30 @@ def test_model_card_quotes_the_consolidation_probe(tmp_path):
     card = write_model_card(tmp_path, results).read_text()
     assert "under 7 of the 8 that name an effusion, in 6 a region on the reported side, 5 within" in card
     assert "(median 31.8 HU" in card and "under 4 of the 30 that name neither" in card
+
+
+def test_the_finetune_seed_copy_is_whole_or_not_there(tmp_path, monkeypatch):
+    """A copy stopped half way was taken for done, and the fine-tune resumed from whatever it held."""
+    import shutil
+
+    from ctflow.train import default
+
+    for step in ("step_0000010", "step_0000020"):
+        (tmp_path / "flow" / "checkpoints" / step).mkdir(parents=True)
+        (tmp_path / "flow" / "checkpoints" / step / "state.json").write_text("{}")
+    real = shutil.copytree
+
+    def stopped(src, dst, **kw):
+        real(src / "step_0000010", dst / "step_0000010")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(default.shutil, "copytree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        default.finetune_start(tmp_path / "flow", tmp_path / "ft")
+    assert not (tmp_path / "ft" / "checkpoints").exists() and not list((tmp_path / "ft").iterdir())
+    monkeypatch.setattr(default.shutil, "copytree", real)
+    default.finetune_start(tmp_path / "flow", tmp_path / "ft")
+    assert sorted(p.name for p in (tmp_path / "ft" / "checkpoints").iterdir()) == [
+        "step_0000010",
+        "step_0000020",
+    ]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ctflow.errors import CTFlowError
-from ctflow.files import atomic_dir
+from ctflow.files import atomic_dir, remove_temporaries
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 
@@ -131,8 +131,10 @@ def restore(path, modules: dict, optimizers: dict) -> dict:
 
 
 def clean_partial(folder: str | Path) -> None:
-    """Remove temporary folders left by a killed run."""
+    """Remove temporary folders left by a killed run: half-written checkpoints, and beside them, in the
+    run folder, a half-written transformer/ or vae/."""
     folder = Path(folder)
     if folder.is_dir():
         for p in folder.glob(".step_*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
+    remove_temporaries(folder.parent)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ctflow.errors import CTFlowWarning
-from ctflow.files import write_text_atomic
+from ctflow.files import atomic_dir, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
@@ -121,9 +121,13 @@ def flow_stages(config: dict) -> str:
 
 
 def finetune_start(flow_run: Path, finetune_run: Path) -> None:
-    """Seed the fine-tune run with the first stage's checkpoints (once), so it resumes from its last."""
+    """Seed the fine-tune run with the first stage's checkpoints (once), so it resumes from its last.
+    The copy is whole or not there: a copy stopped half way was taken for done, and the fine-tune
+    resumed from whatever it held."""
     if not (finetune_run / "checkpoints").exists():
-        shutil.copytree(flow_run / "checkpoints", finetune_run / "checkpoints")
+        finetune_run.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(finetune_run / "checkpoints") as tmp:
+            shutil.copytree(flow_run / "checkpoints", tmp, dirs_exist_ok=True)
 
 
 def _signed(value) -> str:

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from ctflow.data.ctrate import sidecar_path
 from ctflow.errors import CTFlowError, CTFlowWarning, warn
-from ctflow.files import atomic_path, write_text_atomic
+from ctflow.files import atomic_path, remove_temporaries, write_text_atomic
 from ctflow.models.text import META_PATTERN, ReportEncoder, strip_meta
 
 
@@ -254,6 +254,7 @@ def encode_dataset(
             stale.unlink(missing_ok=True)
     else:
         check_resumable(out, settings)
+        remove_temporaries(out)  # a shard a killed run was writing
     write_text_atomic(out / "encoding.json", json.dumps(settings, indent=1), overwrite=True)
     eos = vae.eos_latent(image_size).float().cpu()  # [C,h,w]
     with atomic_path(out / "eos.safetensors", overwrite=True) as tmp:
