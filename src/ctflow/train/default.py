@@ -130,6 +130,14 @@ def finetune_start(flow_run: Path, finetune_run: Path) -> None:
             shutil.copytree(flow_run / "checkpoints", tmp, dirs_exist_ok=True)
 
 
+def _measured_on(env: dict | None) -> str:
+    """`` (on CPU, N cores, fp32 matmul G GFLOP/s, DATE)`` from a result's environment, or ``""``."""
+    if not env or "cpu" not in env:
+        return ""
+    rate = f", fp32 matmul {env['matmul_gflops_fp32']:g} GFLOP/s" if env.get("matmul_gflops_fp32") else ""
+    return f" (on {env['cpu']}, {env.get('cpu_count', '?')} cores{rate}, {str(env.get('date', ''))[:10]})"
+
+
 def _signed(value) -> str:
     return "n/a" if value is None else f"{value:+}"
 
@@ -251,7 +259,7 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
             f"- slice count within one chunk (8 slices) of the meta line: {quality['slice_count_within_one_chunk']:.0%}",
             f"- generation ended by the model's own EOS: {quality['ended_by_eos']:.0%}",
             f"- mean absolute slice-count error: {quality['mean_abs_slice_error']} slices",
-            f"- seconds per volume: {quality['seconds_per_volume']}",
+            f"- seconds per volume: {quality['seconds_per_volume']}{_measured_on(quality.get('environment'))}",
         ]
         majority = quality.get("attribute_majority_baseline", {})
         found = quality.get("findings_found", {})
