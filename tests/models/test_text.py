@@ -74,6 +74,8 @@ def test_meta_lines_that_would_lose_a_value_are_refused(report):
 
 def test_a_meta_line_followed_by_a_size_in_mm_is_fine_and_invisible_characters_are_dropped():
     assert meta_problem("Volume: 96 slices. 5 mm nodule in the right upper lobe.") is None
+    assert meta_problem("Volume: 96 slices, 2.5 mm spacing\n3 mm nodule in the right upper lobe.") is None
+    assert meta_problem("Volume: 96 slices\n5 mm nodule in the right upper lobe.") is None
     assert parse_meta("\u200bVolume: 40 slices. Findings: x") == (40, None)  # was "put it first"
     assert meta_problem("\u200bVolume: 40 slices. Findings: x") is None
 
@@ -94,6 +96,9 @@ def test_clean_report_keeps_the_sentences_of_a_report_typed_line_by_line():
     assert (
         clean_report("Findings:\nNormal.\n\nImpressions:\nClear.") == "Findings: Normal. Impressions: Clear."
     )
+    # a line that ends in "or", "the" ... goes on in the next, whatever its first letter
+    assert clean_report("No pleural effusion or\nConsolidation.") == "No pleural effusion or Consolidation."
+    assert clean_report("A nodule in the\nRUL.") == "A nodule in the RUL."
 
 
 @pytest.mark.parametrize(

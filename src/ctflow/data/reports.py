@@ -289,7 +289,8 @@ _LIST_OR = re.compile(r"\b(?:or|nor)\b")
 # sentence ("Nodule: none.", "Pleural effusion: left.")
 # a bullet or a list number typed on one line ends a sentence too ("- No effusion - Cardiomegaly")
 _SENTENCE_END = re.compile(
-    r"(?<=[.;!?])\s+|\n+|\s*\u2022\s*|\s+-\s+(?!(?:no|none|not|nil|absent|negative)\b)|\s+\d{1,2}\)\s+"
+    r"(?<=[.;!?])\s+|\n+|(?<!\s)\s*\u2022\s*"
+    r"|(?<!\s)\s+-\s+(?!(?:no|none|nil|absent|negative|not\s+\w+)\s*(?:[.;]|$))|(?<!\s)\s+\d{1,2}\)\s+"
 )
 _HEADING = re.compile(r"\b(?:findings|impressions?|conclusions?)\s*:\s*")
 # sections that say why the scan was made, not what it shows ("Indication: rule out effusion.")
@@ -303,8 +304,13 @@ _SIDE_OR_FINDING = re.compile(
     r"effusions?|hydrothorax|fluid|consolidations?|(?:micro)?nodul\w*|emphysem\w*|cardiomegaly|atelectasis|opacit\w*|mass"
     r"|pneumothorax|thickening|lymphadenopathy|tube|shift)\b"
 )
+_SIDE_ONLY = re.compile(
+    r"(?:(?:on|in|at)\s+)?(?:the\s+)?(?:left|right|bilateral(?:ly)?|bilat\.?|b/l|both sides|both hemithora\w*)"
+    r"(?:[\s-]+(?:side|sided|hemithorax|base))?"
+)
 _CARDIOMEGALY = re.compile(
-    r"\bcardiomegaly\b|\b(?:heart|cardiac)\b(?:\W+\w+){0,3}?\W+(?:enlarged|increased|enlargement)\b"
+    r"\bcardiomegaly\b|\b(?:heart|cardiac)\b(?:\W+(?!(?:and|or|with|normal)\b)\w+){0,3}?\W+"
+    r"(?:enlarged|increased|enlargement)\b"
     r"|\b(?:enlarged|increased)\s+(?:heart|cardiac)\b"
 )
 _NODULE = re.compile(r"\b(?:micro)?nodul")
@@ -366,13 +372,13 @@ def _clauses(text: str) -> list[str]:
 
 
 def _side_parts_joined(parts: list[str]) -> list[str]:
-    """Comma-separated parts, a part that names a side but no finding joined to the next (or, last,
-    to the one before): "On the left, there is a small pleural effusion."; "Pleural effusion, right."."""
+    """Comma-separated parts, a part that is a side phrase alone joined to the next (or, last, to the
+    one before): "On the left, there is a small pleural effusion."; "Pleural effusion, right.". A part
+    that says something of the side ("right lung is clear") stays apart."""
     out: list[str] = []
     waiting = ""
     for part in parts:
-        found = {("side" if m["side"] else "finding") for m in _SIDE_OR_FINDING.finditer(part)}
-        if found == {"side"}:
+        if _SIDE_ONLY.fullmatch(part.strip()):
             waiting += part + " "
             continue
         out.append(waiting + part)

@@ -33,10 +33,14 @@ META_START = re.compile(r"^volume\s*:.{0,40}?\bslices?\b", re.IGNORECASE)  # "40
 META_LIKE = re.compile(r"\bvolume\s*:\s*\d[\d.,]*\s*slices?\b", re.IGNORECASE)
 # a spacing after a meta line's count that its form does not take ("96 slices 2.5 mm spacing."): it
 # was dropped, and the volume took the model's spacing
-META_LOST_SPACING = re.compile(r"\s*,?\s*(?:at\s+)?\d+(?:[.,]\d+)?\s*mm\b", re.IGNORECASE)
+META_LOST_SPACING = re.compile(
+    r"\s*,?\s*(?:at\s+)?\d+(?:[.,]\d+)?\s*mm\s*(?:spacing\b|[.;,]|$)", re.IGNORECASE
+)
 # a line break that ends a sentence without a full stop: before a capital, a bullet or a list number
 # ("Findings:\n- No effusion\n- Cardiomegaly"); a wrapped line ("left pleural\neffusion") joins as before
 LINE_SENTENCE = re.compile(r"(?<![.;:,!?\s])[ \t]*\r?\n\s*(?=[A-Z]|[-*\u2022]\s|\d{1,2}[.)]\s)")
+# a line ending in one of these words goes on in the next, capital or not ("No effusion or\nConsolidation.")
+LINE_GOES_ON = re.compile(r"\b(?:and|or|nor|of|in|on|at|to|the|a|an|with|without|for|by|from|no|not)$", re.I)
 INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b\u200c\u200d\u2060"), " ")  # BOM, zero-width spaces
 
 
@@ -80,7 +84,9 @@ def clean_report(report: str) -> str:
     """``report`` on one line: a byte-order mark and zero-width spaces dropped, a line that ends a
     sentence without a full stop given one (a bulleted or line-per-finding report keeps its sentences
     apart), every run of whitespace one space."""
-    return " ".join(LINE_SENTENCE.sub(".\n", report.translate(INVISIBLE)).split())
+    text = report.translate(INVISIBLE)
+    ends = LINE_SENTENCE.sub(lambda m: "\n" if LINE_GOES_ON.search(text, 0, m.start()) else ".\n", text)
+    return " ".join(ends.split())
 
 
 def parse_meta(report: str) -> tuple[int | None, float | None]:
@@ -97,7 +103,9 @@ def meta_problem(report: str) -> str | None:
     volume took the model's default count and spacing."""
     text = clean_report(report)
     first = META_PATTERN.match(text) or META_START.match(text)
-    lost = first and not first.group().endswith(".") and META_LOST_SPACING.match(text, first.end())
+    read = META_PATTERN.match(text)
+    lost = read and read.group(2) is None and not read.group().endswith(".")
+    lost = lost and META_LOST_SPACING.match(text, read.end())
     if first and (not META_PATTERN.match(text) or lost):
         start = text[: first.end() + 20]
         return f"the report's meta line {start!r}... is not in the form 'Volume: N slices, d mm spacing.'"
@@ -185,14 +193,8 @@ def load_text_encoder(path: str | Path | None = None, tokenizer_path: str | Path
             tokenizer = AutoTokenizer.from_pretrained(
                 tokenizer_path, local_files_only=True, trust_remote_code=False
             )
-            # float32 whatever the files were saved in, as the VAE and the transformer load (a pipeline
-            # saved in bfloat16 came back with its text encoder alone in bfloat16); pipe.to casts
             model = AutoModel.from_pretrained(
-                path,
-                local_files_only=True,
-                use_safetensors=True,
-                trust_remote_code=False,
-                dtype=torch.float32,
+                path, local_files_only=True, use_safetensors=True, trust_remote_code=False
             )
     except (OSError, ValueError, SafetensorError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
@@ -203,7 +205,10 @@ def load_text_encoder(path: str | Path | None = None, tokenizer_path: str | Path
             f"the tokenizer in {tokenizer_path} knows {len(tokenizer)} tokens, the model {vocab}; they do"
             " not belong together"
         )
-    return model.eval().requires_grad_(False), tokenizer
+    # float32 whatever the files were saved in, as the VAE and the transformer load (a pipeline saved in
+    # bfloat16 came back with its text encoder alone in bfloat16); pipe.to casts. (Not from_pretrained's
+    # dtype keyword: transformers before 4.56 passes it on to the model and fails.)
+    return model.float().eval().requires_grad_(False), tokenizer
 
 
 class ReportEncoder(nn.Module):
