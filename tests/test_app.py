@@ -82,6 +82,11 @@ class FakePipe:
     def finding_flags(self, text):  # a model that reads no finding flags
         return None
 
+    def scan_limit(self, report):  # as the pipeline's: a chunk of 4 past a meta line's count, else 160
+        from ctflow.models.text import parse_meta
+
+        return max(160, (parse_meta(report)[0] or 0) + 4)
+
     def expected_chunks(self, report, num_slices=None):
         return 1
 
@@ -239,10 +244,22 @@ def test_a_refused_form_clears_the_last_result_and_says_why(tmp_path):
     assert updates == [(None, None, "Refused: slices must be between 1 and 512, got 9999", None, None)]
 
 
-def test_a_meta_line_at_the_apps_limit_stops_there():
-    """Left to the model, a scan asked for 512 slices may run a chunk past: the app's limit holds."""
-    assert parse_inputs("Volume: 512 slices. " + REPORT, None, 1, 1.0, 0)[1].max_slices == 512
-    assert parse_inputs(REPORT, 40, 1, 1.0, 0)[1].max_slices is None  # a count given: it is the limit
+def test_a_meta_line_at_the_apps_limit_stops_there(tmp_path):
+    """Left to the model, a scan asked for 512 slices may run a chunk past: the app's limit holds; a
+    scan without a count keeps the model's own limit (not 512 for every form)."""
+    seen = []
+
+    class Recording(FakePipe):
+        def __call__(self, report, num_slices=None, **kw):
+            seen.append(kw.get("max_slices"))
+            return super().__call__(report, num_slices=num_slices, **kw)
+
+    pipe = Recording()
+    pipe.release.set()
+    service = build_app(pipe, out_dir=tmp_path / "out").ctflow_service
+    for report, slices in (("Volume: 512 slices. " + REPORT, None), (REPORT, None), (REPORT, 6)):
+        list(service.generate(report, slices, 1, 1.0, 0, progress=lambda *a, **k: None))
+    assert seen == [512, 160, None]
 
 
 def test_a_failed_generation_says_so_in_the_status_line(tmp_path):

@@ -89,7 +89,8 @@ def test_remove_temporaries_takes_what_a_killed_writer_left_and_nothing_else(tmp
     (tmp_path / ".transformer.k3j2.tmp").mkdir()  # atomic_dir's, killed before its finally
     (tmp_path / ".transformer.k3j2.tmp" / "model.safetensors").write_bytes(b"half")
     (tmp_path / ".shard_00001.x8.tmp.safetensors").write_bytes(b"half")  # atomic_path's
-    (tmp_path / ".vae.old").mkdir()
+    (tmp_path / ".vae.old").mkdir()  # beside the finished vae/ that replaced it
+    (tmp_path / "vae").mkdir()
     for keep in ("log.jsonl", "config.json", ".hidden"):
         (tmp_path / keep).write_text("x")
     assert remove_temporaries(tmp_path) == [
@@ -97,5 +98,11 @@ def test_remove_temporaries_takes_what_a_killed_writer_left_and_nothing_else(tmp
         ".transformer.k3j2.tmp",
         ".vae.old",
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "config.json", "log.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "config.json", "log.jsonl", "vae"]
+    (tmp_path / "vae").rmdir()
     assert remove_temporaries(tmp_path / "missing") == []
+    # killed between atomic_dir's two renames: the old copy is the only finished one, and comes back
+    (tmp_path / ".vae.old").mkdir()
+    (tmp_path / ".vae.old" / "config.json").write_text("{}")
+    assert remove_temporaries(tmp_path) == [".vae.old"]
+    assert (tmp_path / "vae" / "config.json").exists() and not (tmp_path / ".vae.old").exists()

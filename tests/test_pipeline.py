@@ -477,6 +477,8 @@ def test_to_takes_the_clis_device_and_dtype_names_and_refuses_others_clearly(pip
         loaded.to("cuda")  # (the CPU build of torch these tests run on)
     with pytest.raises(CTFlowError, match="not a device"):
         loaded.to("gpu")
+    with pytest.raises(CTFlowError, match="cuda:0: this torch .* sees no CUDA GPU"):  # torch's int for cuda:0
+        loaded.to(0)
     with pytest.raises(CTFlowError, match="dtype must be a torch.dtype"):
         loaded.to(dtype=16)
     assert loaded.to("cpu", "float32").dtype == torch.float32

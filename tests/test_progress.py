@@ -12,6 +12,14 @@ def test_plain_progress_prints_a_line_at_each_interval_and_at_the_end(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("encode 1/4, ") and ", eta " in lines[0]
     assert lines[1].startswith("encode all 4/4, ") and "eta" not in lines[1] and len(lines) == 2
+    grown = PlainProgress(every=0.0)  # the scan ran past the chunks expected: the total grows, lines go on
+    task = grown.add_task("generate", total=2)
+    for done, total in ((2, 2), (3, 3)):
+        grown.update(task, completed=done, total=total)
+    assert [line.split(",")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "generate 2/2",
+        "generate 3/3",
+    ]
     quiet = PlainProgress(every=3600.0)
     task = quiet.add_task("generate", total=None)
     quiet.update(task, completed=3, total=10)  # mid-way, before the interval: silent

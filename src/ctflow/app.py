@@ -138,15 +138,7 @@ def parse_inputs(report, slices, steps, guidance, seed) -> tuple[str, Generation
     seed_value = _whole(seed, "seed", 0, MAX_SEED, optional=True)
     if seed_value is None:
         seed_value = secrets.randbelow(2**31)
-    settings = GenerationSettings(
-        num_slices=num_slices,
-        # where a scan the model has not ended stops: a report's meta line may ask for APP_MAX_SLICES,
-        # and the pipeline's own limit then lies a chunk past it
-        max_slices=APP_MAX_SLICES if num_slices is None else None,
-        steps=num_steps,
-        guidance=scale,
-        seed=seed_value,
-    )
+    settings = GenerationSettings(num_slices=num_slices, steps=num_steps, guidance=scale, seed=seed_value)
     settings.check()
     return report.strip(), settings
 
@@ -272,6 +264,8 @@ class GenerationService:
         """Stream (preview image, NIfTI file, status, JSON sidecar, result state) while generating."""
         try:
             report, settings = parse_inputs(report, slices, steps, guidance, seed)
+            if settings.num_slices is None:  # the pipeline's own limit lies a chunk past a meta line's count
+                settings.max_slices = min(APP_MAX_SLICES, self.pipe.scan_limit(report))
         except CTFlowError as e:
             # the toast fades: the status says it, and no earlier result stays as if it were this form's
             yield None, None, f"Refused: {e}", None, None

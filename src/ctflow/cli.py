@@ -368,10 +368,10 @@ def assemble(
     overwrite: Overwrite = False,
 ):
     """Assemble a model folder from trained parts, with the settings their latent cache implies."""
-    from ctflow.files import check_output
+    from ctflow.pipeline import check_model_output
     from ctflow.train.assemble import assemble_pipeline
 
-    check_output(out, overwrite)
+    check_model_output(out, overwrite)  # before the parts load, not after
     pipe = assemble_pipeline(vae, transformer, latents, text_encoder=text_encoder, name=name)
     pipe.save_pretrained(out, overwrite=overwrite)
     console.print(f"wrote {out}")

@@ -73,7 +73,10 @@ def remove_temporaries(folder: str | os.PathLike) -> list[str]:
         return []
     left = sorted({*folder.glob(".*.tmp*"), *folder.glob(".*.old")})
     for p in left:
-        if p.is_dir() and not p.is_symlink():
+        original = folder / p.name[1 : -len(".old")] if p.name.endswith(".old") else None
+        if original is not None and not original.exists():  # killed between atomic_dir's two renames:
+            os.replace(p, original)  # the old copy is the only finished one
+        elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)

@@ -66,7 +66,17 @@ MODEL_FOLDER_ENTRIES = frozenset(
         "timings.json",
     }
 )
-MIN_SCAN_SLICES = 8  # white slices before this depth are not read as the end of the scan
+MIN_SCAN_SLICES = 8
+
+
+def check_model_output(folder: str | Path, overwrite: bool) -> Path:
+    """Refuse a model folder output that exists (without ``overwrite``) or holds more than a model
+    folder's parts, which replacing it would delete."""
+    return check_folder_output(
+        folder, overwrite, lambda p: p.name in MODEL_FOLDER_ENTRIES, what="a model"
+    )  # white slices before this depth are not read as the end of the scan
+
+
 EOS_THRESHOLD = 0.5  # a decoded slice whose mean (in [-1, 1]) exceeds this is white: end of scan
 
 
@@ -292,9 +302,7 @@ class CTFlowPipeline:
 
         ``overwrite`` replaces a model folder whole (its model card and timings describe the old
         weights, so they go too); a folder holding anything else is refused, not deleted."""
-        folder = check_folder_output(
-            folder, overwrite, lambda p: p.name in MODEL_FOLDER_ENTRIES, what="a model"
-        )
+        folder = check_model_output(folder, overwrite)
         if include_text_encoder is None:
             include_text_encoder = self.config.get("text_encoder_source") is None
         config = {k: v for k, v in self.config.items() if k != "weights_hash"}
@@ -347,7 +355,7 @@ class CTFlowPipeline:
         if isinstance(device, torch.dtype):
             device, dtype = None, device
         if device is not None:  # a plain "cuda" under torchrun: this process's GPU, as the CLI's --device
-            device = resolve_device(str(device))
+            device = resolve_device(f"cuda:{device}" if isinstance(device, int) else str(device))
         if isinstance(dtype, str):  # "bfloat16", as the CLI's --dtype
             dtype = resolve_dtype(dtype)
         if dtype is not None and not isinstance(dtype, torch.dtype):
@@ -428,6 +436,12 @@ class CTFlowPipeline:
     def encode_prompt(self, reports: list[str]) -> TextEmbedding:
         return self.text(reports)
 
+    def scan_limit(self, report: str) -> int:
+        """Where a scan the model does not end stops when no max_slices is given: the model's default
+        limit, raised for a report whose meta line asks for more to a chunk past that count."""
+        asked = parse_meta(report)[0] or 0
+        return min(MAX_SLICES, max(self.config["default_max_slices"], asked + self.chunk_slices))
+
     def text_condition(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """The transformer's report inputs for ``texts`` (reports with their meta line): token features,
         mask, pooled features, the slice count each asks for and, for a ``num_findings`` transformer, the
@@ -502,12 +516,7 @@ class CTFlowPipeline:
         # where the model's own scans stop: max_slices, else the model's default limit, raised for a
         # report whose meta line asks for more to a chunk past that count (the model ends the scan)
         in_report = [parse_meta(r)[0] for r in reports]  # the meta lines' counts
-        caps = [
-            max_slices
-            if max_slices is not None
-            else min(MAX_SLICES, max(self.config["default_max_slices"], (m or 0) + self.chunk_slices))
-            for m in in_report
-        ]
+        caps = [max_slices if max_slices is not None else self.scan_limit(r) for r in reports]
         for m, n in zip(in_report, requested, strict=True):
             if n is None and max_slices is not None and (m or 0) > max_slices:
                 warn(f"the report asks for {m} slices but max_slices {max_slices} stops it there")

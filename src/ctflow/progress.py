@@ -59,6 +59,8 @@ class PlainProgress:
         **_,
     ) -> None:
         t = self.tasks[task]
+        if total is not None and t.total is not None and total > t.total:
+            t.ended = False  # the work grew past what was expected (a scan running on): it goes on
         t.total = t.total if total is None else total
         t.completed = t.completed if completed is None else completed
         t.description = t.description if description is None else description

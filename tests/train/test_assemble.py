@@ -159,6 +159,9 @@ def test_a_transformer_records_its_cache_and_step_wherever_it_is_copied(parts, t
         CTFlowError, match="is older than its run: the run is at step 14 of 20, its transformer from step 10"
     ):
         assemble_pipeline(parts / "vae", run / "transformer", parts / "latents")
+    (run / "transformer" / "training.json").write_text("[]")
+    with pytest.raises(CTFlowError, match="training record is damaged"):
+        assemble_pipeline(parts / "vae", run / "transformer", parts / "latents")
     (run / "transformer" / "training.json").unlink()  # a folder from before the record: the run unfinished
     with pytest.raises(CTFlowError, match="is older than its run: the run is at step 14 of 20; finish it"):
         assemble_pipeline(parts / "vae", run / "transformer", parts / "latents")

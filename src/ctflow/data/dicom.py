@@ -247,7 +247,7 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
         if thickness is None:
             raise CTFlowError(
                 f"{folder} holds a single DICOM slice ({slices[0][0].name}) without a SliceThickness or"
-                " SpacingBetweenSlices, so it has no depth; a 2D image is not read as a CT volume"
+                " SpacingBetweenSlices above 0, so it has no depth; a 2D image is not read as a CT volume"
             )
 
     p0, ds0 = slices[0]
@@ -288,8 +288,8 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     if thickness is None:
         check_stack(folder, slices, along, positions, pixel_spacing)
         step = (positions[-1] - positions[0]) / (len(slices) - 1)
-    else:
-        step = normal * thickness
+    else:  # a unit normal: with a slightly skewed orientation the cross product is shorter
+        step = normal / np.linalg.norm(normal) * thickness
 
     # LPS affine of the (slice, row, column) array in sorted order.
     lps = np.eye(4)

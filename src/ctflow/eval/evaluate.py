@@ -284,6 +284,7 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
     from ctflow.eval.attributes import ATTRIBUTE_KEYS, attribute_accuracy, attributes_from_report
     from ctflow.eval.features import load_features, plane_indices
     from ctflow.eval.metrics import FID_SLICES, clip_score, fid_planes, fvd, memorization
+    from ctflow.models.text import clean_report
 
     model = load_features()
     rv, fv = [i.hu for i in real], [i.hu for i in fake]
@@ -300,7 +301,8 @@ def score(real: list[_Item], fake: list[_Item], train: list[_Item] | None = None
         "generated": clip_score(fv, [i.conditioning_text for i in fake], model=model),
         "real": clip_score(rv, [i.conditioning_text for i in real], model=model),
     }
-    targets = [attributes_from_report(i.report) for i in fake]
+    # the reports as the model read them (clean_report: a line break read as it was then)
+    targets = [attributes_from_report(clean_report(i.report)) for i in fake]
 
     def scored(item: _Item) -> dict:
         # a volume the reader finds no lungs in shows neither its report's findings nor their absence:

@@ -76,17 +76,21 @@ def _training_record(transformer: Path) -> dict:
     checkpoint's trained_steps.txt for the step), or {} for a folder from before either."""
     from ctflow.train.flow_trainer import TRAINING_RECORD
 
+    damaged = CTFlowError(f"{transformer}'s training record is damaged; export the run's transformer again")
     try:
         record = json.loads((transformer / TRAINING_RECORD).read_text())
     except FileNotFoundError:
         record = {}
     except ValueError:
-        raise CTFlowError(
-            f"{transformer / TRAINING_RECORD} is not valid JSON; the folder is damaged"
-        ) from None
+        raise damaged from None
+    if not isinstance(record, dict):
+        raise damaged
     if "step" not in record and (transformer / "trained_steps.txt").is_file():
-        record["step"] = int((transformer / "trained_steps.txt").read_text().strip() or 0)
-    return record if isinstance(record, dict) else {}
+        try:
+            record["step"] = int((transformer / "trained_steps.txt").read_text().strip())
+        except ValueError:
+            raise damaged from None
+    return record
 
 
 def _check_transformer_run(transformer: Path, latents) -> None:

@@ -134,7 +134,7 @@ def clean_partial(folder: str | Path) -> None:
     """Remove temporary folders left by a killed run: half-written checkpoints, and beside them, in the
     run folder, a half-written transformer/ or vae/."""
     folder = Path(folder)
-    if folder.is_dir():
+    if folder.is_dir():  # a run's checkpoints: the folder above is a run ctflow owns
         for p in folder.glob(".step_*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
-    remove_temporaries(folder.parent)
+        remove_temporaries(folder.parent)

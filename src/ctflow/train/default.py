@@ -71,9 +71,10 @@ def export_checkpoint(latents: Path, config, run: Path) -> Path:
     cache = LatentCache(latents)
     model = build_transformer(config, cache)
     model.load_state_dict(groups["ema"])
-    model.save_pretrained(run / "transformer", safe_serialization=True)
-    write_training_record(run / "transformer", cache.fingerprint, info["step"], config.steps)
-    (run / "transformer" / "trained_steps.txt").write_text(f"{info['step']}\n")
+    with atomic_dir(run / "transformer", overwrite=True) as tmp:  # whole or not there, as train_flow's
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_training_record(tmp, cache.fingerprint, info["step"], config.steps)
+        (tmp / "trained_steps.txt").write_text(f"{info['step']}\n")
     print(f"exported EMA weights of {latest.name}")
     return run / "transformer"
 

@@ -254,7 +254,8 @@ def encode_dataset(
             stale.unlink(missing_ok=True)
     else:
         check_resumable(out, settings)
-        remove_temporaries(out)  # a shard a killed run was writing
+        if (out / "encoding.json").is_file():  # a cache begun earlier: a shard a killed run was writing
+            remove_temporaries(out)
     write_text_atomic(out / "encoding.json", json.dumps(settings, indent=1), overwrite=True)
     eos = vae.eos_latent(image_size).float().cpu()  # [C,h,w]
     with atomic_path(out / "eos.safetensors", overwrite=True) as tmp:
