@@ -68,6 +68,7 @@ WEIGHTS_PATH = Path(__file__).parent / "weights" / "attribute_reader.safetensors
 
 # decision thresholds (calibrated on phantom seeds 0-399; see benchmarks/attribute_reader.py)
 EMPHYSEMA_MEDIAN_HU = -885.0
+NO_LUNGS_ML = 100.0  # at most this much lung read: no recognisable lungs (ctflow evaluate: wrong)
 EFFUSION_ML = 10.0
 FLUID_HU = (-15.0, 22.0)  # pleural fluid, after a 3^3 median
 CARDIO_RATIO = 0.67
@@ -183,7 +184,7 @@ class _Scan:
         self.lung = _lung_mask(self.hu, self.sp)
         area = self.lung.sum((1, 2)) * self.sp[1] * self.sp[2]
         ks = np.nonzero(area >= 1500.0)[0]
-        self.has_lungs = len(ks) > 0 and self.lung.sum() * self.voxel_ml > 100.0
+        self.has_lungs = len(ks) > 0 and self.lung.sum() * self.voxel_ml > NO_LUNGS_ML
         if not self.has_lungs:
             return
         self.apex = int(ks[0])

@@ -160,7 +160,13 @@ def _data_line(config: dict) -> str:
 def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
     """(Re)write ``folder/README.md`` from the recipe's timings, configs and the measured quality in
     ``results`` (``embedded_quality.json`` and ``text_use.json`` from ``benchmarks/``)."""
-    from ctflow.eval.attributes import FLUID_HU, finding_counts
+    from ctflow.eval.attributes import (
+        ATTRIBUTE_KEYS,
+        FLUID_HU,
+        NO_LUNGS_ML,
+        attribute_accuracy,
+        finding_counts,
+    )
 
     timings = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
     index = json.loads((folder / "model_index.json").read_text())
@@ -272,6 +278,16 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
                 + (f" ({'; '.join(extra)})" if extra else "")
             )
         rows = quality.get("rows", [])
+        lungless = [r for r in rows if r["pred"].get("lung_volume_ml", NO_LUNGS_ML + 1) <= NO_LUNGS_ML]
+        if lungless:  # read as normal above; ctflow evaluate counts them wrong on every attribute
+            preds = [dict.fromkeys(ATTRIBUTE_KEYS) if r in lungless else r["pred"] for r in rows]
+            strict = attribute_accuracy(preds, [r["truth"] for r in rows])
+            lines.append(
+                f"- volumes without recognisable lungs (at most {NO_LUNGS_ML:g} ml): {len(lungless)} of"
+                f" {len(rows)}; the accuracies above read them as normal, `ctflow evaluate` counts them"
+                f" wrong on every attribute (mean accuracy {sum(strict.values()) / len(strict):.0%} that way,"
+                f" {sum(quality['attribute_accuracy'].values()) / len(strict):.0%} as above)"
+            )
         counts = finding_counts([r["pred"] for r in rows], [r["truth"] for r in rows])
         (drawn, named), (side, _) = counts["effusion_any_side"], counts["found"]["effusion"]
         if named:
