@@ -199,7 +199,7 @@ def test_bad_ground_truth_raises():
         # a finding that cannot be excluded is kept; words that start with "not" are not negations
         ("A nodule cannot be excluded. Consolidation can't be ruled out.", {"nodule", "consolidation"}),
         ("A nodule is noted. A notable left pleural effusion.", {"nodule", "effusion_left"}),
-        # free-text wording users type (benchmarks/report_reading.py: 161 of 334 misread before, 34 after)
+        # free-text wording users type (benchmarks/report_reading.py: 161 of 334 misread before, 33 after)
         ("No pleural effusion, mild cardiomegaly.", {"cardiomegaly"}),
         ("No mediastinal lymphadenopathy, cardiomegaly is present.", {"cardiomegaly"}),
         ("No pleural effusion, nodule or consolidation is seen.", set()),
@@ -222,7 +222,7 @@ def test_bad_ground_truth_raises():
         ("Moderate left hydrothorax.", {"effusion_left"}),
         ("Indication: rule out pneumonia or pleural effusion. Findings: Cardiomegaly.", {"cardiomegaly"}),
         ("FINDINGS: No pleural effusion IMPRESSION: Cardiomegaly", {"cardiomegaly"}),
-        ("- No pleural effusion - Cardiomegaly", {"cardiomegaly"}),
+        ("\u2022 No pleural effusion \u2022 Cardiomegaly", {"cardiomegaly"}),
         ("Findings:\n- No pleural effusion\n- Cardiomegaly\n- Emphysema", {"cardiomegaly", "emphysema"}),
         (
             "Pericardial effusion was not observed, bilateral pleural effusion was observed.",
@@ -232,7 +232,20 @@ def test_bad_ground_truth_raises():
         ("Right lung is clear, left pleural effusion.", {"effusion_left"}),
         ("Pleural effusion on the right, left lung clear.", {"effusion_right"}),
         ("Heart size normal and increased interstitial markings.", set()),
-        ("- Cardiomegaly - No pleural effusion", {"cardiomegaly"}),
+        ("\u2022 Cardiomegaly \u2022 No pleural effusion", {"cardiomegaly"}),
+        # what a first version of this reader broke (a differential probe against the one before)
+        ("Pleural effusion - left. Heart size - enlarged.", {"effusion_left", "cardiomegaly"}),
+        ("Pleural effusion (image 80) is noted on the left.", {"effusion_left"}),
+        ("THE HEART IS\nENLARGED. THERE IS NO PLEURAL\nEFFUSION.", {"cardiomegaly"}),
+        ("Right pleural thickening and effusion.", {"effusion_right"}),
+        ("Left pleural effusion and right pneumothorax.", {"effusion_left"}),
+        ("Partial resolution of the right pleural effusion.", {"effusion_right"}),
+        ("None of the previously described nodules shows growth.", {"nodule"}),
+        ("A 7 mm PET-negative nodule in the right upper lobe.", {"nodule"}),
+        ("No pneumothorax, consolidation in the right lower lobe.", {"consolidation"}),
+        ("The heart appears to be mildly enlarged.", {"cardiomegaly"}),
+        ("Comparison: CT of 2021, the right pleural effusion has increased.", {"effusion_right"}),
+        ("Paraseptal and subcutaneous emphysema.", {"emphysema"}),
         ("Bilateral pleural and pericardial effusion.", {"effusion_left", "effusion_right"}),
         # the side of the clause that names the effusion
         ("Large right pleural effusion with mediastinal shift to the left.", {"effusion_right"}),

