@@ -357,13 +357,16 @@ def _effusion_sides(clause: str) -> str:
     found: list[tuple[str, str]] = []  # (kind, word) in order
     for m in _SIDE_OR_FINDING.finditer(clause):
         found.append(("side", m["side"]) if m["side"] else ("finding", m["finding"]))
-    words = []
+    # the finding named after and before each place, in one pass each way (a scan per side word was
+    # quadratic in a long run of them)
+    after: list[str | None] = [None] * (len(found) + 1)
+    for i in range(len(found) - 1, -1, -1):
+        after[i] = found[i][1] if found[i][0] == "finding" else after[i + 1]
+    words, before = [], None
     for i, (kind, word) in enumerate(found):
-        if kind != "side":
-            continue
-        after = next((w for k, w in found[i + 1 :] if k == "finding"), None)
-        before = next((w for k, w in reversed(found[:i]) if k == "finding"), None)
-        if (after or before or "").startswith(EFFUSION_WORDS):
+        if kind == "finding":
+            before = word
+        elif (after[i + 1] or before or "").startswith(EFFUSION_WORDS):
             words.append(word)
     if not words:  # a side shared with a finding named first: "Right pleural thickening and effusion."
         first = next(
