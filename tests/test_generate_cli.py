@@ -248,6 +248,36 @@ def test_prompts_csv_is_resumable(model, tmp_path, run_cli):
     assert (tmp_path / "out/case1.json").stat().st_mtime_ns == stamp
 
 
+def test_a_prompts_file_saved_again_with_other_line_ends_resumes(model, tmp_path, run_cli):
+    """A quoted multi-line report keeps its CRLF in the cell: the same file saved with LF was refused."""
+    rows = 'name,report,slices,seed\r\nr1,"Findings:\r\n- No pleural effusion\r\n- Cardiomegaly",6,5\r\n'
+    (tmp_path / "crlf.csv").write_bytes(rows.encode())
+    (tmp_path / "lf.csv").write_bytes(rows.replace("\r\n", "\n").encode())
+    assert _gen(run_cli, model, "--prompts", tmp_path / "crlf.csv", "--out", tmp_path / "out").code == 0
+    stamp = (tmp_path / "out/r1.json").stat().st_mtime_ns
+    r = _gen(run_cli, model, "--prompts", tmp_path / "lf.csv", "--out", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert (tmp_path / "out/r1.json").stat().st_mtime_ns == stamp  # finished, not redone
+
+
+def test_report_files_and_prompts_in_utf16_are_named(tmp_path):
+    from ctflow.generate import read_prompts, read_report_file
+
+    (tmp_path / "bom.txt").write_bytes("Left pleural effusion.".encode("utf-16"))
+    (tmp_path / "le.txt").write_bytes(
+        "Left pleural effusion.".encode("utf-16-le")
+    )  # read as letters and NULs
+    for name in ("bom.txt", "le.txt"):
+        with pytest.raises(CTFlowError, match="is not UTF-8 text"):
+            read_report_file(tmp_path / name)
+    (tmp_path / "p.csv").write_bytes("name,report\na,Findings: x.\n".encode("utf-16-le"))
+    with pytest.raises(CTFlowError, match="is not UTF-8 text \\(UTF-16\\?\\)"):
+        read_prompts(tmp_path / "p.csv")
+    (tmp_path / "seed.csv").write_text("name,report,seed\na,Findings: x.,12345678901234567.0\n")
+    with pytest.raises(CTFlowError, match="whole numbers"):  # past 2**53 a float has lost the digits
+        read_prompts(tmp_path / "seed.csv")
+
+
 def test_prompts_redo_a_row_stopped_half_way_and_never_replace_other_files(
     model, tmp_path, run_cli, monkeypatch
 ):

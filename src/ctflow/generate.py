@@ -98,10 +98,14 @@ def read_report_file(path: Path) -> str:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad) would hide the meta line
     except FileNotFoundError:
         raise CTFlowError(f"report file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise CTFlowError(f"report file {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
         raise CTFlowError(f"cannot read report file {path}: {e}") from None
     if not text.strip():
         raise CTFlowError(f"report file {path} is empty")
+    if "\x00" in text:  # UTF-16 without its byte-order mark reads as letters between NULs
+        raise CTFlowError(f"report file {path} is not UTF-8 text (UTF-16?); save it as UTF-8")
     return text
 
 
@@ -213,6 +217,11 @@ def _repeated(items) -> list[str]:
     return sorted(k for k, n in Counter(items).items() if n > 1)
 
 
+def _lines(text):
+    """A report with its line ends as "\\n" (a CSV saved on Windows keeps "\\r\\n" in a quoted cell)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if isinstance(text, str) else text
+
+
 def _whole_cell(cell: str | None) -> int | None:
     """A CSV cell as a whole number ("96", or "96.0" as a spreadsheet writes it), None when empty;
     ValueError otherwise ("96.5", "eight")."""
@@ -223,7 +232,7 @@ def _whole_cell(cell: str | None) -> int | None:
         return int(text)
     except ValueError:
         number = float(text)  # ValueError for words
-        if not number.is_integer():
+        if not number.is_integer() or abs(number) > 2**53:  # past 2**53 a float has lost the digits
             raise
         return int(number)
 
@@ -241,6 +250,8 @@ def read_prompts(path: Path) -> list[dict]:
         raise CTFlowError(f"{path} is not UTF-8 text; save it as 'CSV UTF-8' (Excel) or convert it") from None
     except csv.Error as e:
         raise CTFlowError(f"cannot parse {path} as CSV: {e}") from None
+    if any("\x00" in (c or "") for c in header):  # UTF-16 without its byte-order mark
+        raise CTFlowError(f"{path} is not UTF-8 text (UTF-16?); save it as 'CSV UTF-8' (Excel) or convert it")
     # header names as people type them: "Report", "name, report" (a space after the comma)
     columns = [c.strip().lower() if c else c for c in header]
     rows = [(line, {(k.strip().lower() if k else k): v for k, v in row.items()}) for line, row in rows]
@@ -310,7 +321,7 @@ def _finished(pipe, row: dict, out: Path, settings: GenerationSettings, prompts:
             side = side if isinstance(side, dict) else {}
         except ValueError:
             side = {}
-        if side.get("report") != row["report"]:
+        if _lines(side.get("report")) != _lines(row["report"]):  # a CSV saved again with other line ends
             raise CTFlowError(
                 f"{sidecar} is not the output of {prompts}'s row {row['name']!r} (another report); pass"
                 " --overwrite to generate it again"

@@ -236,7 +236,15 @@ def test_bad_ground_truth_raises():
         # what a first version of this reader broke (a differential probe against the one before)
         ("Pleural effusion - left. Heart size - enlarged.", {"effusion_left", "cardiomegaly"}),
         ("Pleural effusion (image 80) is noted on the left.", {"effusion_left"}),
-        ("THE HEART IS\nENLARGED. THERE IS NO PLEURAL\nEFFUSION.", {"cardiomegaly"}),
+        # a hard-wrapped paragraph joins its lines; a report typed line by line keeps them apart
+        (
+            "THE HEART IS ENLARGED AND THE MEDIASTINAL VASCULAR STRUCTURES ARE OF\nNORMAL WIDTH. THERE IS NO"
+            " PLEURAL EFFUSION OR PERICARDIAL THICKENING IN\nEITHER HEMITHORAX.",
+            {"cardiomegaly"},
+        ),
+        ("No pleural effusion\n3 mm nodule in the right upper lobe", {"nodule"}),
+        ("NO PLEURAL EFFUSION\nCARDIOMEGALY", {"cardiomegaly"}),
+        ("no consolidation\nemphysema", {"emphysema"}),
         ("Right pleural thickening and effusion.", {"effusion_right"}),
         ("Left pleural effusion and right pneumothorax.", {"effusion_left"}),
         ("Partial resolution of the right pleural effusion.", {"effusion_right"}),

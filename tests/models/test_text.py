@@ -64,8 +64,6 @@ def test_meta_lines_are_read_as_people_write_them(report, meta):
         # the spacing was dropped without a word and the volume took the model's own
         "Volume: 96 slices 2.5 mm spacing. Findings: x",
         "Volume: 96 slices at 2.5 mm spacing. Findings: x",
-        # "slice": the line was read as plain words and the volume took the default count
-        "Volume: 40 slice, 2.5 mm spacing. Findings: x",
     ],
 )
 def test_meta_lines_that_would_lose_a_value_are_refused(report):
@@ -76,6 +74,10 @@ def test_a_meta_line_followed_by_a_size_in_mm_is_fine_and_invisible_characters_a
     assert meta_problem("Volume: 96 slices. 5 mm nodule in the right upper lobe.") is None
     assert meta_problem("Volume: 96 slices, 2.5 mm spacing\n3 mm nodule in the right upper lobe.") is None
     assert meta_problem("Volume: 96 slices\n5 mm nodule in the right upper lobe.") is None
+    assert meta_problem("Volume: 96 slices\n2 mm, right upper lobe nodule.") is None
+    # "slice" is read, not taken for words while the volume took the default count
+    assert parse_meta("Volume: 1 slice. Findings: x") == (1, None)
+    assert parse_meta("Volume: 40 slice, 2.5 mm spacing. Findings: x") == (40, 2.5)
     assert parse_meta("\u200bVolume: 40 slices. Findings: x") == (40, None)  # was "put it first"
     assert meta_problem("\u200bVolume: 40 slices. Findings: x") is None
 
@@ -90,9 +92,14 @@ def test_clean_report_keeps_the_sentences_of_a_report_typed_line_by_line():
     assert (
         clean_report("No effusion\r\nCardiomegaly\n1. Emphysema") == "No effusion. Cardiomegaly. 1. Emphysema"
     )
-    assert (
-        clean_report("There is a small left pleural\neffusion.") == "There is a small left pleural effusion."
+    # a hard-wrapped paragraph (lines near the longest, 40 characters or more) joins its lines
+    wrapped = (
+        "There is a small left pleural effusion and a 5 mm nodule in the\nright upper lobe. No consolidation."
     )
+    assert clean_report(wrapped) == " ".join(wrapped.split())
+    # a short line is an item of its own, whatever the case of the next ("a) ...", all caps, a number)
+    assert clean_report("No pleural effusion\n3 mm nodule") == "No pleural effusion. 3 mm nodule"
+    assert clean_report("NO EFFUSION\nCARDIOMEGALY") == "NO EFFUSION. CARDIOMEGALY"
     assert (
         clean_report("Findings:\nNormal.\n\nImpressions:\nClear.") == "Findings: Normal. Impressions: Clear."
     )

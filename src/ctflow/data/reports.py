@@ -253,27 +253,45 @@ def phantom_report(ground_truth: dict, seed: int | None = None) -> dict[str, str
 
 
 # ---------------------------------------------------------------- reading reports
-# a line break that ends a sentence without a full stop: before a capitalised word (not an all-caps
-# report's wrapped line), a bullet or a list number
-# ("Findings:\n- No effusion\n- Cardiomegaly"); a wrapped line ("left pleural\neffusion") joins as before
-LINE_SENTENCE = re.compile(r"(?<![.;:,!?\s])[ \t]*\r?\n\s*(?=[A-Z][a-z]|[-*\u2022]\s|\d{1,2}[.)]\s)")
-# a line ending in one of these words goes on in the next, capital or not ("No effusion or\nConsolidation.")
-LINE_GOES_ON = re.compile(r"\b(?:and|or|nor|of|in|on|at|to|the|a|an|with|without|for|by|from|no|not)$", re.I)
+# a line that ends in one of these words goes on in the next ("No effusion or\nConsolidation.", "The
+# heart is\nenlarged.", "a small left pleural\neffusion"), as does a line that starts with one of the first
+LINE_GOES_ON = re.compile(
+    r"\b(?:and|or|nor|of|in|on|at|to|the|a|an|with|without|for|by|from|is|are|was|were|be|been|has"
+    r"|have|had|appears?|seems?|pleural|pulmonary|small|large|mild|moderate|severe|suspicious|left|right"
+    r"|bilateral|upper|middle|lower|very|mildly|slightly|markedly)$",
+    re.I,
+)
+LINE_GOES_ON_NEXT = re.compile(r"(?:or|and|nor|with|without|of|in)\b", re.I)
 INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b\u200c\u200d\u2060"), " ")  # BOM, zero-width spaces
+WRAPPED_LINE = 40  # characters: a line at least this long and near the longest is a paragraph's wrap
 
 
 def one_line(report: str) -> str:
-    """``report`` on one line: a byte-order mark and zero-width spaces dropped, a line that ends a
-    sentence without a full stop given one (a bulleted or line-per-finding report keeps its sentences
-    apart), every run of whitespace one space."""
-    text = report.translate(INVISIBLE)
-    ends = LINE_SENTENCE.sub(  # (the words before the break only: a search from 0 was quadratic)
-        lambda m: "\n" if LINE_GOES_ON.search(text, max(0, m.start() - 12), m.start()) else ".\n", text
-    )
-    return " ".join(ends.split())
+    """``report`` on one line: a byte-order mark and zero-width spaces dropped, every run of whitespace
+    one space, and a line break that ends a line without punctuation given a full stop, so a report
+    typed line by line ("Findings:\nNo pleural effusion\nCardiomegaly") keeps its sentences apart
+    and one line's "No" does not reach the next. A break is a wrap, not a sentence end, after a word
+    that goes on ("or", "the", ...) or after a line as long as a hard-wrapped paragraph's (at least
+    WRAPPED_LINE characters and 80% of the longest line)."""
+    lines = report.translate(INVISIBLE).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    longest = max(len(line.strip()) for line in lines)
+    parts, prev = [], ""
+    for line in map(str.strip, lines):
+        if not line:
+            continue
+        if prev:
+            ended = prev[-1] in ".;:,!?"
+            wrapped = (
+                LINE_GOES_ON.search(prev[-12:])
+                or LINE_GOES_ON_NEXT.match(line)
+                or len(prev) >= max(WRAPPED_LINE, 0.8 * longest)
+            )
+            parts.append(" " if ended or wrapped else ". ")
+        parts.append(line)
+        prev = line
+    return " ".join("".join(parts).split())
 
 
-# wording that names a finding as possible or unchanged, which a negation test would read as absent:
 # "cannot be (entirely) excluded", "is not ruled out", "no significant change in the effusion"
 _HEDGE = re.compile(
     r"\b(?:cannot|can't|could not|can not|may not|not)\s+be\s+(?:\w+ly\s+)?(?:excluded|ruled out)\b"

@@ -27,15 +27,15 @@ DEFAULT_MAX_LENGTH = 256
 # the meta line: "Volume: N slices, d mm spacing." (the spacing optional; the full stop too at a line's end,
 # a decimal comma read as a point)
 META_PATTERN = re.compile(
-    r"^Volume:\s*(\d+)\s+slices(?:,\s*(\d+(?:[.,]\d+)?)\s*mm\s*spacing)?(?:\.|(?=\s)|$)", re.IGNORECASE
+    r"^Volume:\s*(\d+)\s+slices?(?:,\s*(\d+(?:[.,]\d+)?)\s*mm\s*spacing)?(?:\.|(?=\s)|$)", re.IGNORECASE
 )
 # what a meta line looks like: at the start, "Volume:" and "slices" soon after; later, with a number
-META_START = re.compile(r"^volume\s*:.{0,40}?\bslices?\b", re.IGNORECASE)  # "40 slice" too: not words
+META_START = re.compile(r"^volume\s*:.{0,40}?\bslices?\b", re.IGNORECASE)
 META_LIKE = re.compile(r"\bvolume\s*:\s*\d[\d.,]*\s*slices?\b", re.IGNORECASE)
 # a spacing after a meta line's count that its form does not take ("96 slices 2.5 mm spacing."): it
 # was dropped, and the volume took the model's spacing
 META_LOST_SPACING = re.compile(
-    r"\s*,?\s*(?:at\s+)?\d+(?:[.,]\d+)?\s*mm\s*(?:spacing\b|[.;,]|$)", re.IGNORECASE
+    r"\s*,?\s*(?:at\s+)?\d+(?:[.,]\d+)?\s*mm\s*(?:spacing\b|\.(?:\s|$)|$)", re.IGNORECASE
 )
 
 
