@@ -278,6 +278,17 @@ def test_a_failed_generation_says_so_in_the_status_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- queue and lock
+def test_an_untouched_form_lets_the_model_decide_and_draws_a_seed_per_page():
+    """gradio's empty number box shows and sends 0: an untouched form was refused (0 slices) and every
+    visitor who kept the seed box got seed 0."""
+    assert parse_inputs("x", 0, 20, 2.0, 5)[1].num_slices is None  # 0: the model decides
+    config = build_app(FakePipe()).config
+    seed = next(c for c in config["components"] if c["props"].get("elem_id") == "ctflow-seed")
+    # drawn again at each page load (a load event), not a fixed 0
+    assert isinstance(seed["props"]["value"], int)
+    assert any(target[1] == "load" for d in config["dependencies"] for target in d.get("targets") or [])
+
+
 def test_queue_limits_are_configured():
     demo = build_app(FakePipe(), max_queue=5, concurrency=2)
     assert demo._queue.max_size == 5
@@ -359,7 +370,7 @@ def test_parse_inputs():
     for args, words in [
         (("", 4, 20, 2.0, 0), "report is empty"),
         (("x", 2.5, 20, 2.0, 0), "whole number"),
-        (("x", 0, 20, 2.0, 0), "slices must be between"),
+        (("x", -1, 20, 2.0, 0), "slices must be between"),
         (("x", 4, 20, float("nan"), 0), "guidance"),
         (("x", 4, 20, -1, 0), "guidance"),
         (("x", 4, 20, 11, 0), "guidance must be a number from 0 to 10"),  # the slider's range, not 100
@@ -376,6 +387,7 @@ def test_cli_app_errors(run_cli, monkeypatch):
     # each address problem named as itself (gradio calls every one "cannot find empty port")
     assert_clean_error(run_cli("app", "--host", "nonexistent.invalid"), "--host nonexistent.invalid is not")
     assert_clean_error(run_cli("app", "--host", "::1"), "IPv6")  # a traceback from gradio's check
+    assert_clean_error(run_cli("app", "--host", "127.0.0.1:80"), "the port with --port")  # was "IPv6"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -118,6 +118,10 @@ def test_browser_generates_and_shows_preview(tmp_path):
         report = wait.until(ec.element_to_be_clickable(("css selector", "#ctflow-report textarea")))
         report.clear()
         report.send_keys(REPORT)
+        # the seed box holds a seed drawn for this page (an empty box showed and sent 0: seed 0 for all)
+        assert wait.until(
+            lambda d: d.find_element("css selector", "#ctflow-seed input").get_attribute("value") != "0"
+        )
         set_field(driver, "#ctflow-slices input", slices)
         set_field(driver, "#ctflow-steps input[type=number]", steps)
         set_field(driver, "#ctflow-seed input", "1")

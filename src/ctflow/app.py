@@ -17,7 +17,7 @@ works offline: analytics are off and nothing is fetched from the internet.
   job folders older than an hour are deleted.
 * API: the ``generate`` endpoint (``gradio_client.Client(url).predict(report,
   slices, steps, guidance, seed, api_name="/generate")``) returns the preview
-  PNG path, the NIfTI path and the status line.
+  PNG path, the NIfTI path, the status line and the JSON sidecar's path.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import atexit  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import queue  # noqa: E402
+import re  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -118,7 +119,8 @@ def parse_inputs(report, slices, steps, guidance, seed) -> tuple[str, Generation
         raise CTFlowError("the report is empty; type the Findings/Impressions text to generate from")
     if len(report) > MAX_REPORT_CHARS:
         raise CTFlowError(f"the report is too long ({len(report)} characters; at most {MAX_REPORT_CHARS})")
-    num_slices = _whole(slices, "slices", 1, APP_MAX_SLICES, optional=True)
+    # 0 is blank: gradio's number box shows and sends 0 when left empty
+    num_slices = _whole(None if slices in (0, "0") else slices, "slices", 1, APP_MAX_SLICES, optional=True)
     if problem := meta_problem(report):  # before the job starts, as the form's own values are
         raise CTFlowError(problem)
     asked = parse_meta(report)[0]
@@ -424,13 +426,17 @@ def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None)
                 )
                 with gr.Row():
                     slices = gr.Number(
-                        label="Slices (blank: the model decides)",
+                        label="Slices (0 or blank: the model decides)",  # an empty box shows and sends 0
                         value=None,
                         precision=None,  # not rounded: parse_inputs refuses 40.5 rather than make 40
                         elem_id="ctflow-slices",
                     )
                     seed = gr.Number(
-                        label="Seed (blank: random)", value=None, precision=None, elem_id="ctflow-seed"
+                        label="Seed (a new one each time the page loads; blank: random)",
+                        # drawn at each page load: an empty box shows and sends 0, seed 0 for every visitor
+                        value=lambda: secrets.randbelow(2**31),
+                        precision=None,
+                        elem_id="ctflow-seed",
                     )
                 with gr.Row():
                     steps = gr.Slider(
@@ -477,7 +483,13 @@ def build_app(pipe=None, max_queue: int = 8, concurrency: int = 1, out_dir=None)
                         )
         result = gr.State(None)
 
-        button.click(lambda: (None, None), outputs=[axial, sidecar], queue=False, api_visibility="private")
+        # a new request clears the last result's slice view (its slider too, which went on over the old range)
+        button.click(
+            lambda: (None, None, gr.update(value=1, maximum=2, interactive=False)),
+            outputs=[axial, sidecar, slider],
+            queue=False,
+            api_visibility="private",
+        )
         event = button.click(
             service.generate,
             inputs=[report, slices, steps, guidance, seed],
@@ -516,6 +528,8 @@ def check_address(host: str, port: int) -> None:
     import errno
     import socket
 
+    if re.fullmatch(r"[^:]+:\d+", host):  # "127.0.0.1:7860"
+        raise CTFlowError(f"--host {host}: give the host alone and the port with --port")
     if ":" in host:
         raise CTFlowError(
             f"--host {host}: IPv6 addresses are not served; use 127.0.0.1, 0.0.0.0 or a host name"
