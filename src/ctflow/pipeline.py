@@ -66,18 +66,14 @@ MODEL_FOLDER_ENTRIES = frozenset(
         "timings.json",
     }
 )
-MIN_SCAN_SLICES = 8
+MIN_SCAN_SLICES = 8  # white slices before this depth are not read as the end of the scan
+EOS_THRESHOLD = 0.5  # a decoded slice whose mean (in [-1, 1]) exceeds this is white: end of scan
 
 
 def check_model_output(folder: str | Path, overwrite: bool) -> Path:
     """Refuse a model folder output that exists (without ``overwrite``) or holds more than a model
     folder's parts, which replacing it would delete."""
-    return check_folder_output(
-        folder, overwrite, lambda p: p.name in MODEL_FOLDER_ENTRIES, what="a model"
-    )  # white slices before this depth are not read as the end of the scan
-
-
-EOS_THRESHOLD = 0.5  # a decoded slice whose mean (in [-1, 1]) exceeds this is white: end of scan
+    return check_folder_output(folder, overwrite, lambda p: p.name in MODEL_FOLDER_ENTRIES, what="a model")
 
 
 @dataclass
