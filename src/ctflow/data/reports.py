@@ -342,15 +342,16 @@ _NOT_FINDINGS = re.compile(
     r"|technique)\s*:"
 )
 
+# the side words, as a finding's side and as a comma part of their own ("Pleural effusion, right.")
+_SIDES = r"left|right|bilateral(?:ly)?|bilat\.?|b/l|both sides|both hemithora\w*"
 _SIDE_OR_FINDING = re.compile(
-    r"\b(?P<side>left|right|bilateral(?:ly)?|bilat|b/l|both sides|both hemithora\w*)(?!\w)|\b(?P<finding>"
+    rf"\b(?P<side>{_SIDES})(?!\w)|\b(?P<finding>"
     r"effusions?|hydrothorax|fluid|consolidations?|(?:micro)?nodul\w*|emphysem\w*|cardiomegaly|atelectasis|opacit\w*|mass"
     r"|pneumothorax|thickening|lymphadenopathy|tube|shift)\b"
 )
 EFFUSION_WORDS = ("effusion", "hydrothorax", "fluid")
 _SIDE_ONLY = re.compile(
-    r"(?:(?:on|in|at)\s+)?(?:the\s+)?(?:left|right|bilateral(?:ly)?|bilat\.?|b/l|both sides|both hemithora\w*)"
-    r"(?:[\s-]+(?:side|sided|hemithorax|base))?"
+    rf"(?:(?:on|in|at)\s+)?(?:the\s+)?(?:{_SIDES})(?:[\s-]+(?:side|sided|hemithorax|base))?"
 )
 _CARDIOMEGALY = re.compile(
     r"\bcardiomegaly\b|\b(?:heart|cardiac)\b(?:\W+(?!(?:or|with|normal)\b)\w+){0,5}?\W+"
@@ -417,10 +418,12 @@ def _clauses(text: str) -> list[str]:
                 part = part.strip()
                 if not part:
                     continue
+                positive = _positive(part)
                 states = _STATEMENT_VERB.search(part) and not _LIST_OR.search(part)
-                if negated and _positive(part) and not _NEW_STATEMENT.match(part) and not states:
+                if negated and positive and not _NEW_STATEMENT.match(part) and not states:
                     part = f"no {part}"
-                negated = not _positive(part)
+                    positive = _positive(part)
+                negated = not positive
                 out.append(part)
     return out
 
@@ -465,6 +468,12 @@ def attributes_from_report(text: str) -> dict:
     shift to the left." is right), from the side words that go with it ("Bilateral lower lobe
     consolidation and a left pleural effusion." is left).
     """
+    return _read(text)[0]
+
+
+def _read(text: str) -> tuple[dict, bool]:
+    """:func:`attributes_from_report`'s findings, and whether any clause names a pleural effusion (a
+    side or not), from one reading of the report."""
     if not isinstance(text, str):
         raise CTFlowError(f"attributes_from_report needs report text; got {type(text).__name__}")
     out = {
@@ -474,10 +483,11 @@ def attributes_from_report(text: str) -> dict:
         "emphysema": False,
         "consolidation": False,
     }
-    right = left = False
+    right = left = named = False
     for low in _clauses(text):
         pos = _positive(low)
         if _pleural_effusion(low):
+            named = True
             side = _effusion_sides(low)
             if "bilateral" in side or "both sides" in side or ("left" in side and "right" in side):
                 right = left = True
@@ -496,7 +506,7 @@ def attributes_from_report(text: str) -> dict:
         if pos and "consolidat" in low:
             out["consolidation"] = True
     out["effusion"] = "bilateral" if right and left else "right" if right else "left" if left else "none"
-    return out
+    return out, named
 
 
 def finding_vector(text: str) -> list[float]:
@@ -506,10 +516,10 @@ def finding_vector(text: str) -> list[float]:
     effusion named without a side sets both to 0.5 (present, side unknown); phantom reports always
     name the side, so a model trained on them has not seen it.
     """
-    a = attributes_from_report(text)
+    a, named = _read(text)
     side = a["effusion"]
     left = float(side in ("left", "bilateral"))
     right = float(side in ("right", "bilateral"))
-    if side == "none" and any(_pleural_effusion(c) for c in _clauses(text)):
+    if side == "none" and named:
         left = right = 0.5  # named, but no sentence that names it says a side (else side != "none")
     return [left, right, *(float(a[k]) for k in ("cardiomegaly", "nodule", "emphysema", "consolidation"))]

@@ -96,11 +96,11 @@ def meta_problem(report: str) -> str | None:
     ``Volume: N slices, d mm spacing.``), or None: such a line would be read as plain words while the
     volume took the model's default count and spacing."""
     text = clean_report(report)
-    first = META_PATTERN.match(text) or META_START.match(text)
     read = META_PATTERN.match(text)
+    first = read or META_START.match(text)
     lost = read and read.group(2) is None and not read.group().endswith(".")
     lost = lost and META_LOST_SPACING.match(text, read.end())
-    if first and (not META_PATTERN.match(text) or lost):
+    if first and (not read or lost):
         start = text[: first.end() + 20]
         return f"the report's meta line {start!r}... is not in the form 'Volume: N slices, d mm spacing.'"
     later = [m for m in META_LIKE.finditer(text) if not first or m.start() >= first.end()]
