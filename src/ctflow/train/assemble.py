@@ -107,12 +107,16 @@ def _check_transformer_run(transformer: Path, latents) -> None:
             f" {transformer / 'transformer'}"
         )
     given = LatentCache(latents).fingerprint
+
+    def same_cache(trained_on: str | None, trained: str, own: str) -> None:
+        if trained_on and trained_on != given:
+            raise CTFlowError(
+                f"these parts were not trained together: {trained} on another latent cache (fingerprint"
+                f" {trained_on}; {latents}: {given}); pass {own} --latents"
+            )
+
     record = _training_record(transformer)
-    if record.get("latents") and record["latents"] != given:  # wherever the folder was copied to
-        raise CTFlowError(
-            f"these parts were not trained together: {transformer} was trained on another latent cache"
-            f" (fingerprint {record['latents']}; {latents}: {given}); pass its own --latents"
-        )
+    same_cache(record.get("latents"), f"{transformer} was trained", "its own")  # wherever it was copied
     checkpoints = list_checkpoints(transformer.parent / "checkpoints")
     if not checkpoints:
         return
@@ -122,14 +126,13 @@ def _check_transformer_run(transformer: Path, latents) -> None:
         raise CTFlowError(
             f"{checkpoints[-1] / 'state.json'} is not valid JSON; the checkpoint is damaged"
         ) from None
+    newest, steps = info.get("step"), info.get("config", {}).get("steps")
     if not (transformer / "config.json").is_file():
-        steps = info.get("config", {}).get("steps", "?")
         raise CTFlowError(
-            f"{transformer} is not written yet: the run is at step {info.get('step')} of {steps}; finish it"
+            f"{transformer} is not written yet: the run is at step {newest} of {steps or '?'}; finish it"
             " with ctflow train --resume"
         )
     # a run resumed past its transformer/ (a fine-tune) and stopped: transformer/ holds older weights
-    newest, steps = info.get("step"), info.get("config", {}).get("steps")
     written_at = record.get("step")
     if isinstance(newest, int) and (
         (written_at is not None and newest > written_at)
@@ -140,12 +143,7 @@ def _check_transformer_run(transformer: Path, latents) -> None:
             f"{f', its transformer from step {written_at}' if written_at is not None else ''}; finish it with"
             " ctflow train --resume"
         )
-    trained_on = info.get("latents")
-    if trained_on and trained_on != given:
-        raise CTFlowError(
-            f"these parts were not trained together: {transformer.parent} trained on another latent cache"
-            f" (fingerprint {trained_on}; {latents}: {given}); pass the run's own --latents"
-        )
+    same_cache(info.get("latents"), f"{transformer.parent} trained", "the run's own")
 
 
 def assemble_pipeline(

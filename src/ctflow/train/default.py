@@ -278,12 +278,15 @@ def write_model_card(folder: Path, results: Path = RESULTS) -> Path:
                 + (f" ({'; '.join(extra)})" if extra else "")
             )
         rows = quality.get("rows", [])
-        lungless = [r for r in rows if r["pred"].get("lung_volume_ml", NO_LUNGS_ML + 1) <= NO_LUNGS_ML]
-        if lungless:  # read as normal above; ctflow evaluate counts them wrong on every attribute
-            preds = [dict.fromkeys(ATTRIBUTE_KEYS) if r in lungless else r["pred"] for r in rows]
+        lungless = [r["pred"].get("lung_volume_ml", NO_LUNGS_ML + 1) <= NO_LUNGS_ML for r in rows]
+        if any(lungless):  # read as normal above; ctflow evaluate counts them wrong on every attribute
+            preds = [
+                dict.fromkeys(ATTRIBUTE_KEYS) if no else r["pred"]
+                for r, no in zip(rows, lungless, strict=True)
+            ]
             strict = attribute_accuracy(preds, [r["truth"] for r in rows])
             lines.append(
-                f"- volumes without recognisable lungs (at most {NO_LUNGS_ML:g} ml): {len(lungless)} of"
+                f"- volumes without recognisable lungs (at most {NO_LUNGS_ML:g} ml): {sum(lungless)} of"
                 f" {len(rows)}; the accuracies above read them as normal, `ctflow evaluate` counts them"
                 f" wrong on every attribute (mean accuracy {sum(strict.values()) / len(strict):.0%} that way,"
                 f" {sum(quality['attribute_accuracy'].values()) / len(strict):.0%} as above)"
@@ -551,7 +554,7 @@ def main(argv=None) -> None:
         pipe.save_pretrained(model, overwrite=True, include_text_encoder=False)
     timings.pop("total", None)
     timings["total"] = round(sum(v for v in timings.values() if isinstance(v, int | float)), 1)
-    timings_path.write_text(json.dumps(timings, indent=1))
+    save()
     print(json.dumps(timings, indent=1))
     if args.result:
         print(f"wrote {write_result(args.result, timings, argv if argv is not None else sys.argv[1:])}")

@@ -34,6 +34,7 @@ from ctflow.train.utils import (
     StepBar,
     append_jsonl,
     check_run_folder,
+    final_weights_due,
     lr_lambda,
     resume_note,
     step_generator,
@@ -559,9 +560,8 @@ def train_flow(
                 "replicas_identical": bool(torch.all(sums == sums[0])),
             },
         )
-    saved = any((out / "transformer").glob("*.safetensors"))
     written = None
-    if main and step >= config.steps and (step > start or not saved):
+    if main and final_weights_due(out / "transformer", step, start, config.steps):
         final = accelerator.unwrap_model(model)
         ema.copy_to(final)
         with atomic_dir(out / "transformer", overwrite=True) as tmp:  # whole or not there

@@ -117,6 +117,13 @@ def check_run_folder(out, resume: bool) -> Path:
     return out
 
 
+def final_weights_due(folder: Path, step: int, start: int, steps: int) -> bool:
+    """Whether a trainer writes its final weights into ``folder``: this call took the run to its last
+    step, or an earlier one did without leaving them (a stop mid-write). A resume of a finished run
+    writes nothing."""
+    return step >= steps and (step > start or not any(Path(folder).glob("*.safetensors")))
+
+
 def resume_note(step: int, total: int, checkpoints: Path) -> str:
     """What a trainer says when ``--resume`` starts: the step it goes on from, or that there was no
     checkpoint (a mistyped --out would otherwise start a new run unnoticed)."""

@@ -26,6 +26,7 @@ from ctflow.train.utils import (
     StepBar,
     append_jsonl,
     check_run_folder,
+    final_weights_due,
     lr_lambda,
     resume_note,
     step_generator,
@@ -251,10 +252,9 @@ def train_vae(
                 )
     finally:
         bar.close()  # a stop mid-run too: the terminal gets its cursor back
-    saved = (out / "vae" / "config.json").exists()
     # a resume of a finished run writes nothing: its latent statistics would be taken again from
     # whatever --data is given now, and every cache encoded with the VAE would then be another VAE's
-    if step >= config.steps and (step > start or not saved):
+    if final_weights_due(out / "vae", step, start, config.steps):
         vae.eval()
         mean, std = latent_stats(vae, slices, seed=config.seed)
         vae.set_latent_stats(1.0 / std, mean)
