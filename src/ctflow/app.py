@@ -163,6 +163,11 @@ def temp_folder(prefix: str) -> str:
     return path
 
 
+def _status(text):
+    """A generate update that changes the status line alone (the preview, files and result stay)."""
+    return gr.skip(), gr.skip(), text, gr.skip(), gr.skip()
+
+
 class Job:
     """One generation, run in a worker thread; its events arrive on ``self.events``."""
 
@@ -287,7 +292,7 @@ class GenerationService:
                         raise gr.Error("generation stopped unexpectedly", print_exception=False) from None
                     # hand control back while nothing happens (waiting for the lock, decoding, writing):
                     # a visitor's cancel reaches this generator only when it yields
-                    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    yield _status(gr.skip())
                     continue
                 while True:
                     try:
@@ -302,15 +307,9 @@ class GenerationService:
                     elif event[0] == "step":
                         step = event[1:]
                     elif event[0] == "waiting":
-                        yield (
-                            gr.skip(),
-                            gr.skip(),
-                            "Waiting for another generation to finish…",
-                            gr.skip(),
-                            gr.skip(),
-                        )
+                        yield _status("Waiting for another generation to finish…")
                     elif event[0] == "started":
-                        yield gr.skip(), gr.skip(), "Generating…", gr.skip(), gr.skip()
+                        yield _status("Generating…")
                     elif event[0] in ("done", "error", "cancelled"):
                         final = event
                 if final is not None:
@@ -328,7 +327,7 @@ class GenerationService:
                     text = f"Generating chunk {chunk + 1}, step {k + 1}/{total}"
                     if shown:
                         text += f" · {shown} slices so far"
-                    yield gr.skip(), gr.skip(), text, gr.skip(), gr.skip()
+                    yield _status(text)
                     last_status = time.monotonic()
             if final[0] == "error":
                 error = final[1]
@@ -337,13 +336,7 @@ class GenerationService:
                     if isinstance(error, CTFlowError)
                     else f"generation failed: {str(error) or type(error).__name__}"
                 )
-                yield (
-                    gr.skip(),
-                    gr.skip(),
-                    f"Failed: {message}",
-                    gr.skip(),
-                    gr.skip(),
-                )  # the toast fades; this stays
+                yield _status(f"Failed: {message}")  # the toast fades; this stays
                 raise gr.Error(message, print_exception=False)
             if final[0] == "cancelled":
                 raise gr.Error("generation was cancelled", print_exception=False)

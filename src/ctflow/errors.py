@@ -45,11 +45,14 @@ def check_whole(name: str, value, low: int, high: int | None = None) -> None:
         raise CTFlowError(f"{name} must be a whole number {span}, got {value!r}")
 
 
+def is_number(value) -> bool:
+    """Whether ``value`` is a real number (an int or float, numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def positive_number(value) -> bool:
     """Whether ``value`` is a finite number (an int or float, numpy's too, not a bool) above 0."""
-    return (
-        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
+    return is_number(value) and math.isfinite(value) and value > 0
 
 
 def one_of(names) -> str:

@@ -28,7 +28,6 @@ gives a bit-identical array.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -36,7 +35,7 @@ import numpy as np
 
 from ctflow.data.labels import CTRATE_LABELS
 from ctflow.data.volume import Volume, canonical_affine
-from ctflow.errors import CTFlowError, check_whole, one_of, positive_number
+from ctflow.errors import CTFlowError, check_whole, is_number, one_of, positive_number
 
 MAX_SLICE_SPACING = 6.0  # mm: a stack of fewer slices than the body's length needs stops short
 # the slices that cover 95% of the longest body sample_spec draws (350 mm x body scale 1.12) at that
@@ -135,7 +134,7 @@ class PhantomSpec:
             check_whole(f"phantom {name}", getattr(self, name), low, high)  # 10.7 slices: not 10 silently
         for name in ("slice_spacing", "pixel_spacing", "body_scale", "start_level", "noise_hu"):
             v = getattr(self, name)
-            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)):
+            if not (is_number(v) and math.isfinite(v)):
                 raise CTFlowError(f"phantom {name} must be a number; got {v!r}")
         for name in ("slice_spacing", "pixel_spacing"):
             if not positive_number(getattr(self, name)):
@@ -160,8 +159,7 @@ def _check_finding(f: Any) -> None:
     ):
         if t == kind:
             v = f.get(key, default)
-            number = isinstance(v, numbers.Real) and not isinstance(v, bool)
-            if not (number and low <= v <= high):
+            if not (is_number(v) and low <= v <= high):
                 raise CTFlowError(f"{kind} {key} must be a number from {low:g} to {high:g} mm; got {v!r}")
     if t == "effusion" and f.get("side") not in EFFUSION_SIDES:
         raise CTFlowError(f"effusion side must be {one_of(EFFUSION_SIDES)}; got {f.get('side')!r}")
