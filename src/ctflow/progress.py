@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 PLAIN_EVERY_S = 30.0
 
 
-def show_bar() -> bool:
-    """Whether stderr is a terminal a bar can redraw (or ``CTFLOW_PROGRESS=1`` asks for one)."""
-    from rich.console import Console
+def show_bar(console=None) -> bool:
+    """Whether stderr (``console``'s file, when one is given) is a terminal a bar can redraw, or
+    ``CTFLOW_PROGRESS=1`` asks for one."""
+    if console is None:
+        from rich.console import Console
 
-    return Console(stderr=True).is_terminal or os.environ.get("CTFLOW_PROGRESS") == "1"
+        console = Console(stderr=True)
+    return console.is_terminal or os.environ.get("CTFLOW_PROGRESS") == "1"
 
 
 @dataclass

@@ -167,7 +167,7 @@ class StepBar:
         from ctflow.progress import show_bar
 
         console = Console(stderr=True)
-        if not show_bar():
+        if not show_bar(console):
             self.plain, self.name, self.total, self.start, self.every = True, name, total, start, every
             self.t0 = self.shown = time.monotonic()
             return
